@@ -1,0 +1,404 @@
+//! [`Database`]: the handle applications keep.
+
+use std::fmt;
+use std::future::Future;
+use std::ops::{Deref, DerefMut};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use diesel::QueryableByName;
+use diesel_async::{AsyncPgConnection, RunQueryDsl};
+
+use crate::config::{Config, ConnectTarget, TargetSessionAttrs};
+use crate::error::Error;
+use crate::migrate::{MigrationReport, Migrator};
+use crate::pool::{Conn, Manager, Opener, ServerRole, TargetPool};
+
+/// An async closure over a connection whose future is `Send`.
+///
+/// Implemented for every `async |conn| { … }` closure; it exists because the
+/// future type of `AsyncFnOnce` cannot be bounded on stable Rust. You never
+/// implement it yourself.
+pub trait ConnFn<T, R>: AsyncFnOnce(T) -> R + FnOnce(T) -> <Self as ConnFn<T, R>>::Fut {
+    /// The future the closure returns.
+    type Fut: Future<Output = R>;
+}
+
+impl<F, T, Fut, R> ConnFn<T, R> for F
+where
+    F: AsyncFnOnce(T) -> R + FnOnce(T) -> Fut,
+    Fut: Future<Output = R>,
+{
+    type Fut = Fut;
+}
+
+/// A connection checked out of one of the [`Database`]'s pools. It goes back to
+/// the pool when dropped (or is discarded, when it is no longer usable).
+pub struct PooledConn {
+    inner: bb8::PooledConnection<'static, Manager>,
+}
+
+impl fmt::Debug for PooledConn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.inner.fmt(f)
+    }
+}
+
+impl Deref for PooledConn {
+    type Target = Conn;
+    fn deref(&self) -> &Conn {
+        &self.inner
+    }
+}
+
+impl DerefMut for PooledConn {
+    fn deref_mut(&mut self) -> &mut Conn {
+        &mut self.inner
+    }
+}
+
+/// A snapshot of one pool.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolStatus {
+    /// `primary`, or the replica's host and port.
+    pub name: String,
+    /// Connections open (idle + in use).
+    pub connections: u32,
+    /// Idle connections.
+    pub idle: u32,
+    /// The pool's maximum.
+    pub max_size: u32,
+    /// Checkouts served since the pool was built.
+    pub gets: u64,
+    /// Checkouts that had to wait.
+    pub gets_waited: u64,
+    /// Checkouts that timed out.
+    pub gets_timed_out: u64,
+    /// Connections opened.
+    pub connections_created: u64,
+    /// Connections closed because they were broken.
+    pub connections_closed_broken: u64,
+}
+
+/// The state of one replica, as seen at [`Database::replica_report`].
+#[derive(Debug, Clone)]
+pub struct ReplicaReport {
+    /// The replica's URL (password redacted).
+    pub target: String,
+    /// Whether a connection could be opened.
+    pub reachable: bool,
+    /// Whether it is in recovery (a standby), when reachable.
+    pub role: Option<ServerRole>,
+    /// Whether its WAL receiver is streaming.
+    pub streaming: bool,
+    /// WAL bytes between the primary's current position and the replica's replay.
+    pub lag_bytes: Option<u64>,
+    /// Time since the last replayed transaction committed on the primary; `None`
+    /// before any replay (meaningless on an idle primary, so read it with the bytes).
+    pub replay_delay: Option<Duration>,
+    /// The error, when unreachable.
+    pub error: Option<String>,
+}
+
+/// Builds a [`Database`]: pools, and migrations at boot.
+#[must_use = "a builder does nothing until `connect` is called"]
+pub struct DatabaseBuilder {
+    config: Config,
+    migrator: Option<Migrator>,
+}
+
+impl fmt::Debug for DatabaseBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DatabaseBuilder")
+            .field("config", &self.config)
+            .field("migrator", &self.migrator)
+            .finish()
+    }
+}
+
+impl DatabaseBuilder {
+    /// Runs these migrations at boot, before the pools serve. Defaults to none.
+    pub fn migrations(mut self, migrator: Migrator) -> Self {
+        self.migrator = Some(migrator);
+        self
+    }
+
+    /// Validates the config, runs the migrations (if any) on a dedicated
+    /// connection, opens the first primary connection (so a wrong password or an
+    /// unreachable server fails here, with its SQLSTATE), and builds the pools.
+    pub async fn connect(self) -> Result<Database, Error> {
+        let started = Instant::now();
+        self.config.validate()?;
+        let config = Arc::new(self.config);
+        let migrations = match &self.migrator {
+            Some(m) => Some(m.run(&config).await?),
+            None => None,
+        };
+        let opener = Opener::new(
+            config.primary.clone(),
+            config.clone(),
+            TargetSessionAttrs::ReadWrite,
+        )?;
+        let first = opener.open().await?;
+        let primary = TargetPool::build("primary", opener, config.pool.max_size, &config);
+        if let Err(e) = primary.pool.add(first) {
+            drop(e);
+        }
+        let mut replicas = Vec::new();
+        for target in &config.replicas {
+            let opener = Opener::new(target.clone(), config.clone(), TargetSessionAttrs::Any)?;
+            let name = replica_name(target);
+            replicas.push(TargetPool::build(
+                &name,
+                opener,
+                config.replica_pool_max_size,
+                &config,
+            ));
+        }
+        Ok(Database {
+            inner: Arc::new(Inner {
+                config,
+                primary,
+                replicas,
+                migrations,
+                boot_time: started.elapsed(),
+            }),
+        })
+    }
+}
+
+fn replica_name(t: &ConnectTarget) -> String {
+    t.hosts()
+        .iter()
+        .map(|(h, p)| format!("{h}:{p}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+struct Inner {
+    config: Arc<Config>,
+    primary: TargetPool,
+    replicas: Vec<TargetPool>,
+    migrations: Option<MigrationReport>,
+    boot_time: Duration,
+}
+
+/// The handle applications keep: cheap to clone, `Send + Sync`.
+///
+/// # Example
+/// ```no_run
+/// use diesel_async::RunQueryDsl;
+/// use diesel_migrations::{embed_migrations, EmbeddedMigrations};
+/// const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
+///
+/// # async fn app() -> Result<(), railyard::Error> {
+/// let db = railyard::Database::builder(railyard::Config::from_env()?)
+///     .migrations(railyard::Migrator::new(MIGRATIONS))
+///     .connect()
+///     .await?;
+/// let n: i64 = db
+///     .with_primary(async |conn| {
+///         diesel::select(diesel::dsl::sql::<diesel::sql_types::BigInt>("1"))
+///             .get_result(conn)
+///             .await
+///             .map_err(railyard::Error::from)
+///     })
+///     .await?;
+/// assert_eq!(n, 1);
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct Database {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for Database {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Database")
+            .field("config", &self.inner.config)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(QueryableByName)]
+struct ReplicaProbe {
+    #[diesel(sql_type = diesel::sql_types::Bool)]
+    in_recovery: bool,
+    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Text>)]
+    replay_lsn: Option<String>,
+    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Text>)]
+    receiver: Option<String>,
+    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Double>)]
+    delay_secs: Option<f64>,
+}
+
+#[derive(QueryableByName)]
+struct Lsn {
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    lsn: String,
+}
+
+/// Parses a `pg_lsn` text (`16/B374D848`) into its 64-bit position.
+pub(crate) fn parse_lsn(s: &str) -> Option<u64> {
+    let (hi, lo) = s.split_once('/')?;
+    Some((u64::from_str_radix(hi, 16).ok()? << 32) | u64::from_str_radix(lo, 16).ok()?)
+}
+
+impl Database {
+    /// Starts building a database handle from a config.
+    pub fn builder(config: Config) -> DatabaseBuilder {
+        DatabaseBuilder {
+            config,
+            migrator: None,
+        }
+    }
+
+    /// Builds the pools without running migrations. See [`DatabaseBuilder::connect`].
+    pub async fn connect(config: Config) -> Result<Database, Error> {
+        Database::builder(config).connect().await
+    }
+
+    /// The configuration in use.
+    pub fn config(&self) -> &Config {
+        &self.inner.config
+    }
+
+    /// What the boot's migration run did, when migrations were configured.
+    pub fn migration_report(&self) -> Option<&MigrationReport> {
+        self.inner.migrations.as_ref()
+    }
+
+    /// How long [`DatabaseBuilder::connect`] took (migrations included).
+    pub fn boot_time(&self) -> Duration {
+        self.inner.boot_time
+    }
+
+    /// Checks out a primary connection.
+    pub async fn primary(&self) -> Result<PooledConn, Error> {
+        Ok(PooledConn {
+            inner: self.inner.primary.get_owned().await?,
+        })
+    }
+
+    /// Checks out a connection to replica `index` (in configuration order).
+    /// Routing between replicas and the primary comes with the routing layer; this
+    /// is the raw access.
+    pub async fn replica(&self, index: usize) -> Result<PooledConn, Error> {
+        let pool = self.inner.replicas.get(index).ok_or_else(|| {
+            Error::Config(crate::error::ConfigError::new(
+                "replica index",
+                index.to_string(),
+                format!("{} replicas are configured", self.inner.replicas.len()),
+            ))
+        })?;
+        Ok(PooledConn {
+            inner: pool.get_owned().await?,
+        })
+    }
+
+    /// Runs `f` on a pooled primary connection (autocommit; each statement is its
+    /// own transaction unless `f` opens one).
+    pub async fn with_primary<R, E, F>(&self, f: F) -> Result<R, E>
+    where
+        F: for<'r> AsyncFnOnce(&'r mut AsyncPgConnection) -> Result<R, E>
+            + for<'r> ConnFn<&'r mut AsyncPgConnection, Result<R, E>, Fut: Send>
+            + Send,
+        E: From<Error> + Send,
+        R: Send,
+    {
+        let mut conn = self.inner.primary.get().await.map_err(E::from)?;
+        f(&mut conn).await
+    }
+
+    /// Snapshots of the primary pool and each replica pool.
+    pub fn pool_status(&self) -> Vec<PoolStatus> {
+        std::iter::once(&self.inner.primary)
+            .chain(&self.inner.replicas)
+            .map(|p| {
+                let s = p.pool.state();
+                PoolStatus {
+                    name: p.name.clone(),
+                    connections: s.connections,
+                    idle: s.idle_connections,
+                    max_size: p.pool.config().max_size,
+                    gets: s.statistics.get_direct + s.statistics.get_waited,
+                    gets_waited: s.statistics.get_waited,
+                    gets_timed_out: s.statistics.get_timed_out,
+                    connections_created: s.statistics.connections_created,
+                    connections_closed_broken: s.statistics.connections_closed_broken,
+                }
+            })
+            .collect()
+    }
+
+    /// Probes each replica: reachable, in recovery, streaming, and its lag.
+    pub async fn replica_report(&self) -> Vec<ReplicaReport> {
+        let primary_lsn = match self.inner.primary.get().await {
+            Ok(mut c) => diesel::sql_query("SELECT pg_current_wal_lsn()::text AS lsn")
+                .get_result::<Lsn>(&mut **c)
+                .await
+                .ok()
+                .and_then(|l| parse_lsn(&l.lsn)),
+            Err(_) => None,
+        };
+        let mut out = Vec::new();
+        for (pool, target) in self.inner.replicas.iter().zip(&self.inner.config.replicas) {
+            let probe = async {
+                let mut c = pool.get().await?;
+                let p: ReplicaProbe = diesel::sql_query(
+                    "SELECT pg_is_in_recovery() AS in_recovery, pg_last_wal_replay_lsn()::text AS replay_lsn, \
+                     (SELECT status FROM pg_stat_wal_receiver LIMIT 1) AS receiver, \
+                     extract(epoch FROM now() - pg_last_xact_replay_timestamp())::float8 AS delay_secs",
+                )
+                .get_result(&mut **c)
+                .await?;
+                Ok::<_, Error>(p)
+            };
+            out.push(match probe.await {
+                Ok(p) => ReplicaReport {
+                    target: target.to_string(),
+                    reachable: true,
+                    role: Some(if p.in_recovery {
+                        ServerRole::Standby
+                    } else {
+                        ServerRole::Primary
+                    }),
+                    streaming: p.receiver.as_deref() == Some("streaming"),
+                    lag_bytes: match (primary_lsn, p.replay_lsn.as_deref().and_then(parse_lsn)) {
+                        (Some(a), Some(b)) => Some(a.saturating_sub(b)),
+                        _ => None,
+                    },
+                    replay_delay: p.delay_secs.map(|s| Duration::from_secs_f64(s.max(0.0))),
+                    error: None,
+                },
+                Err(e) => ReplicaReport {
+                    target: target.to_string(),
+                    reachable: false,
+                    role: None,
+                    streaming: false,
+                    lag_bytes: None,
+                    replay_delay: None,
+                    error: Some(e.to_string()),
+                },
+            });
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lsns_parse_to_positions() {
+        assert_eq!(parse_lsn("0/0"), Some(0));
+        assert_eq!(parse_lsn("16/B374D848"), Some((0x16 << 32) | 0xB374D848));
+        assert_eq!(parse_lsn("nonsense"), None);
+    }
+
+    fn _handles_are_send_and_sync() {
+        fn check<T: Send + Sync + Clone>() {}
+        check::<Database>();
+    }
+}

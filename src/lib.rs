@@ -1,0 +1,64 @@
+//! # Railyard
+//!
+//! A production data layer for applications built on **Diesel + PostgreSQL**, and
+//! a test harness that runs against real PostgreSQL.
+//!
+//! One call takes an application from `main()` to a database handle: typed
+//! configuration from a URL or the environment (secrets never printed), a bb8
+//! pool of diesel-async connections over rustls TLS, and embedded migrations run
+//! at boot under an advisory lock with checksums.
+//!
+//! ```no_run
+//! use diesel_async::RunQueryDsl;
+//! use diesel_migrations::{embed_migrations, EmbeddedMigrations};
+//!
+//! const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
+//!
+//! #[tokio::main]
+//! async fn main() -> Result<(), railyard::Error> {
+//!     let db = railyard::Database::builder(railyard::Config::from_env()?)
+//!         .migrations(railyard::Migrator::new(MIGRATIONS))
+//!         .connect()
+//!         .await?;
+//!     let mut conn = db.primary().await?;
+//!     diesel::sql_query("SELECT 1").execute(&mut **conn).await?;
+//!     Ok(())
+//! }
+//! ```
+//!
+//! | module | what it gives |
+//! |---|---|
+//! | [`Config`] | typed configuration: URL (several hosts), replicas, pools, TLS, timeouts |
+//! | [`tls_client_config`] | rustls from `sslmode`/`sslrootcert`, libpq's meanings |
+//! | [`Database`] | the handle: pools of [`Conn`]s to the primary and replicas |
+//! | [`Migrator`] | boot-time migrations: lock, checksums, status, verify, revert |
+//! | [`LocalCluster`] | a private primary + streaming replica from the machine's PostgreSQL |
+//! | [`WireState`] | what the protocol tap observed on a connection |
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
+
+mod config;
+mod database;
+mod error;
+mod local;
+mod migrate;
+mod pool;
+mod tls;
+mod wire;
+
+pub use config::{
+    Config, ConnectTarget, Credentials, Host, PoolConfig, Secret, SslMode, TargetSessionAttrs,
+    parse_duration,
+};
+pub use database::{ConnFn, Database, DatabaseBuilder, PoolStatus, PooledConn, ReplicaReport};
+pub use error::{ConfigError, ConnectError, ConnectStage, Error, MigrationError};
+pub use local::{
+    Binaries, LocalCluster, LocalClusterBuilder, StartKind, default_cluster_dir, stop_dir,
+};
+pub use migrate::{
+    AppliedMigration, ChecksumState, MigrationReport, MigrationState, MigrationStatus, Migrator,
+};
+pub use pool::{Conn, ConnInfo, ServerRole};
+pub use tls::tls_client_config;
+pub use wire::{Socket, Tapped, WireState};

@@ -1,0 +1,1003 @@
+//! A private PostgreSQL cluster from the server binaries on this machine
+//! (DESIGN.md D8): the default for `cargo run` and the tests.
+//!
+//! [`LocalCluster::shared`] starts, or joins, one primary and one streaming replica
+//! under `$RAILYARD_LOCAL_DIR` (default `/tmp/railyard-local-<uid>`): `initdb`
+//! with scram-sha-256 and a generated password, TLS with a CA and a server
+//! certificate generated at first start, `pg_basebackup -R` with a replication slot,
+//! both servers on free loopback ports. Concurrent processes share it through a
+//! lock file; the servers outlive the process that started them (stop them with
+//! `scripts/local stop`). As root, the servers run as the `postgres` user (or
+//! `nobody`), since PostgreSQL refuses to run as root.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), railyard::Error> {
+//! let cluster = railyard::LocalCluster::shared().await?;
+//! let config = cluster.config(); // verify-full TLS, primary + replica
+//! let db = railyard::Database::connect(config).await?;
+//! # Ok(()) }
+//! ```
+
+use std::fmt;
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+use rand::distr::Alphanumeric;
+
+use crate::config::{Config, ConnectTarget, Host, Secret, SslMode};
+use crate::error::Error;
+
+const USER: &str = "railyard";
+const DBNAME: &str = "railyard";
+const SLOT: &str = "railyard_replica";
+
+/// How a cluster came to be running.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartKind {
+    /// Another process had it running; this one joined.
+    Joined,
+    /// The data directories existed; the servers were started.
+    Warm,
+    /// Created from scratch: initdb, certificates, base backup.
+    Cold,
+}
+
+/// Where the PostgreSQL server binaries are.
+#[derive(Debug, Clone)]
+pub struct Binaries {
+    dir: PathBuf,
+}
+
+impl Binaries {
+    /// Finds `initdb`, `pg_ctl` and `pg_basebackup`: in `$PATH`, in
+    /// `pg_config --bindir`, or in the newest `/usr/lib/postgresql/<version>/bin`.
+    pub fn find() -> Result<Self, Error> {
+        let has_all = |d: &Path| {
+            ["initdb", "pg_ctl", "pg_basebackup", "postgres"]
+                .iter()
+                .all(|b| d.join(b).is_file())
+        };
+        if let Ok(dir) = std::env::var("RAILYARD_PG_BINDIR") {
+            let d = PathBuf::from(dir);
+            if has_all(&d) {
+                return Ok(Binaries { dir: d });
+            }
+        }
+        if let Some(path) = std::env::var_os("PATH") {
+            for d in std::env::split_paths(&path) {
+                if has_all(&d) {
+                    return Ok(Binaries { dir: d });
+                }
+            }
+        }
+        if let Ok(out) = Command::new("pg_config").arg("--bindir").output()
+            && out.status.success()
+        {
+            let d = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+            if has_all(&d) {
+                return Ok(Binaries { dir: d });
+            }
+        }
+        let mut versions: Vec<(u32, PathBuf)> = fs::read_dir("/usr/lib/postgresql")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| {
+                let v: u32 = e.file_name().to_str()?.parse().ok()?;
+                Some((v, e.path().join("bin")))
+            })
+            .filter(|(_, d)| has_all(d))
+            .collect();
+        versions.sort();
+        if let Some((_, d)) = versions.pop() {
+            return Ok(Binaries { dir: d });
+        }
+        Err(Error::Local(
+            "no PostgreSQL server binaries found (looked for initdb, pg_ctl, pg_basebackup and postgres in $PATH, `pg_config --bindir` and /usr/lib/postgresql/*/bin). Install them: `apt-get install postgresql` on Debian/Ubuntu, `dnf install postgresql-server` on Fedora, `brew install postgresql` on macOS; or set RAILYARD_PG_BINDIR, or point DATABASE_URL / TEST_DATABASE_URL at a running server".into(),
+        ))
+    }
+
+    /// The directory holding the binaries.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn bin(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+}
+
+/// The unprivileged account the servers run as.
+#[derive(Debug, Clone)]
+struct RunAs {
+    ids: Option<(u32, u32)>,
+}
+
+impl RunAs {
+    fn detect() -> Result<Self, Error> {
+        let euid = fs::metadata("/proc/self")
+            .map(|m| m.uid())
+            .unwrap_or(u32::MAX);
+        if euid != 0 {
+            return Ok(RunAs { ids: None });
+        }
+        let passwd = fs::read_to_string("/etc/passwd")
+            .map_err(|e| Error::io("reading /etc/passwd to find an unprivileged user", e))?;
+        for wanted in ["postgres", "nobody"] {
+            for line in passwd.lines() {
+                let f: Vec<&str> = line.split(':').collect();
+                if f.len() >= 4
+                    && f[0] == wanted
+                    && let (Ok(uid), Ok(gid)) = (f[2].parse(), f[3].parse())
+                {
+                    tracing::debug!(target: "railyard::local", user = wanted, "running the servers as an unprivileged user");
+                    return Ok(RunAs {
+                        ids: Some((uid, gid)),
+                    });
+                }
+            }
+        }
+        Err(Error::Local(
+            "running as root, and neither a `postgres` nor a `nobody` user exists to run the servers as (PostgreSQL refuses to run as root); create one with `useradd --system postgres`".into(),
+        ))
+    }
+
+    fn command(&self, program: &Path, cwd: &Path) -> Command {
+        let mut c = Command::new(program);
+        c.current_dir(cwd).stdin(Stdio::null());
+        // LANG/LC_* of the caller may name locales the server does not have.
+        c.env("LC_ALL", "C");
+        if let Some((uid, gid)) = self.ids {
+            c.uid(uid).gid(gid);
+            c.env("HOME", cwd);
+        }
+        c
+    }
+
+    fn own(&self, path: &Path) -> Result<(), Error> {
+        if let Some((uid, gid)) = self.ids {
+            std::os::unix::fs::chown(path, Some(uid), Some(gid))
+                .map_err(|e| Error::io(format!("chown {}", path.display()), e))?;
+        }
+        Ok(())
+    }
+}
+
+/// The saved facts about a cluster, shared by every process that joins it.
+#[derive(Clone, PartialEq, Eq)]
+struct State {
+    primary_port: u16,
+    replica_port: Option<u16>,
+    password: Secret,
+}
+
+impl State {
+    fn render(&self) -> String {
+        format!(
+            "primary_port={}\nreplica_port={}\npassword={}\n",
+            self.primary_port,
+            self.replica_port.map(|p| p.to_string()).unwrap_or_default(),
+            self.password.expose()
+        )
+    }
+
+    fn parse(s: &str) -> Option<State> {
+        let mut primary_port = None;
+        let mut replica_port = None;
+        let mut password = None;
+        for line in s.lines() {
+            match line.split_once('=') {
+                Some(("primary_port", v)) => primary_port = v.parse().ok(),
+                Some(("replica_port", v)) => replica_port = v.parse().ok(),
+                Some(("password", v)) => password = Some(Secret::new(v)),
+                _ => {}
+            }
+        }
+        Some(State {
+            primary_port: primary_port?,
+            replica_port,
+            password: password?,
+        })
+    }
+}
+
+/// Options for starting a cluster.
+#[derive(Debug, Clone)]
+#[must_use = "a builder does nothing until `start` is called"]
+pub struct LocalClusterBuilder {
+    dir: PathBuf,
+    replica: bool,
+}
+
+impl LocalClusterBuilder {
+    /// The directory holding the cluster. Defaults to `$RAILYARD_LOCAL_DIR`, else
+    /// `/tmp/railyard-local-<uid>`.
+    pub fn dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.dir = dir.into();
+        self
+    }
+
+    /// Whether to run a streaming replica beside the primary. Defaults to `true`.
+    pub fn replica(mut self, on: bool) -> Self {
+        self.replica = on;
+        self
+    }
+
+    /// Starts the cluster, or joins it when another process already runs it.
+    pub async fn start(self) -> Result<LocalCluster, Error> {
+        let handle = tokio::runtime::Handle::current();
+        tokio::task::spawn_blocking(move || start_blocking(&self, &handle))
+            .await
+            .map_err(|e| Error::Local(format!("start task failed: {e}")))?
+    }
+}
+
+/// A running local cluster: a primary and, usually, one streaming replica.
+#[derive(Clone)]
+pub struct LocalCluster {
+    dir: PathBuf,
+    state: State,
+    started: StartKind,
+    start_time: Duration,
+    bindir: PathBuf,
+}
+
+impl fmt::Debug for LocalCluster {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LocalCluster")
+            .field("dir", &self.dir)
+            .field("primary_port", &self.state.primary_port)
+            .field("replica_port", &self.state.replica_port)
+            .field("started", &self.started)
+            .field("start_time", &self.start_time)
+            .finish()
+    }
+}
+
+fn default_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("RAILYARD_LOCAL_DIR") {
+        return PathBuf::from(d);
+    }
+    let uid = fs::metadata("/proc/self").map(|m| m.uid()).unwrap_or(0);
+    std::env::temp_dir().join(format!("railyard-local-{uid}"))
+}
+
+impl LocalCluster {
+    /// Options for a cluster; use this for a private cluster in its own directory
+    /// (tests that stop or promote servers must not touch the shared one).
+    pub fn builder() -> LocalClusterBuilder {
+        LocalClusterBuilder {
+            dir: default_dir(),
+            replica: true,
+        }
+    }
+
+    /// Starts or joins the shared cluster (primary + replica) in the default directory.
+    pub async fn shared() -> Result<LocalCluster, Error> {
+        LocalCluster::builder().start().await
+    }
+
+    /// Reads the state of a cluster without starting anything; `None` when it is
+    /// not running.
+    pub async fn running(dir: Option<PathBuf>) -> Result<Option<LocalCluster>, Error> {
+        let dir = dir.unwrap_or_else(default_dir);
+        let Ok(text) = fs::read_to_string(dir.join("state")) else {
+            return Ok(None);
+        };
+        let Some(state) = State::parse(&text) else {
+            return Ok(None);
+        };
+        let bins = Binaries::find()?;
+        let primary_up = pg_running(&bins, &dir.join("pg/primary"));
+        if !primary_up {
+            return Ok(None);
+        }
+        Ok(Some(LocalCluster {
+            dir,
+            state,
+            started: StartKind::Joined,
+            start_time: Duration::ZERO,
+            bindir: bins.dir,
+        }))
+    }
+
+    /// How this process got the cluster running.
+    pub fn started(&self) -> StartKind {
+        self.started
+    }
+
+    /// How long starting (or joining) took.
+    pub fn start_time(&self) -> Duration {
+        self.start_time
+    }
+
+    /// The cluster's directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The CA certificate that signed the servers' certificate.
+    pub fn ca_cert(&self) -> PathBuf {
+        self.dir.join("ca.crt")
+    }
+
+    /// The directory of the servers' Unix sockets.
+    pub fn socket_dir(&self) -> PathBuf {
+        self.dir.join("pg/sockets")
+    }
+
+    /// The primary's port on 127.0.0.1.
+    pub fn primary_port(&self) -> u16 {
+        self.state.primary_port
+    }
+
+    /// The replica's port, when there is a replica.
+    pub fn replica_port(&self) -> Option<u16> {
+        self.state.replica_port
+    }
+
+    /// The superuser's password.
+    pub fn password(&self) -> &Secret {
+        &self.state.password
+    }
+
+    /// The server binaries in use.
+    pub fn bindir(&self) -> &Path {
+        &self.bindir
+    }
+
+    fn target(&self, port: u16, dbname: &str) -> ConnectTarget {
+        let url = format!(
+            "postgres://{USER}@localhost:{port}/{dbname}?sslmode=verify-full&sslrootcert={}",
+            self.ca_cert().display()
+        );
+        url.parse::<ConnectTarget>()
+            .expect("the local cluster's URL is well formed")
+            .with_password(Some(self.state.password.clone()))
+    }
+
+    /// The primary's URL (TLS verify-full against the cluster's CA) for a database.
+    pub fn primary_target(&self, dbname: &str) -> ConnectTarget {
+        self.target(self.state.primary_port, dbname)
+    }
+
+    /// The replica's URL for a database.
+    pub fn replica_target(&self, dbname: &str) -> Option<ConnectTarget> {
+        self.state.replica_port.map(|p| self.target(p, dbname))
+    }
+
+    /// A Unix-socket URL for the primary (no TLS on sockets).
+    pub fn primary_socket_target(&self, dbname: &str) -> ConnectTarget {
+        ConnectTarget {
+            hosts: vec![(Host::Unix(self.socket_dir()), self.state.primary_port)],
+            user: Some(USER.into()),
+            password: Some(self.state.password.clone()),
+            dbname: Some(dbname.into()),
+            params: crate::config::Params {
+                ssl_mode: Some(SslMode::Disable),
+                ..Default::default()
+            },
+        }
+    }
+
+    /// A [`Config`] for the `railyard` database: primary and replica.
+    pub fn config(&self) -> Config {
+        self.config_for(DBNAME)
+    }
+
+    /// A [`Config`] for another database of this cluster.
+    pub fn config_for(&self, dbname: &str) -> Config {
+        let mut c = Config::new(self.primary_target(dbname));
+        if let Some(r) = self.replica_target(dbname) {
+            c = c.replica(r);
+        }
+        c
+    }
+
+    /// `DATABASE_URL=…` and `DATABASE_REPLICA_URLS=…` lines (with the password:
+    /// for `eval` in a shell or a `.env` file, never for logs).
+    pub fn env_lines(&self) -> String {
+        let mut s = format!(
+            "DATABASE_URL={}\n",
+            self.primary_target(DBNAME).expose_url()
+        );
+        if let Some(r) = self.replica_target(DBNAME) {
+            s.push_str(&format!("DATABASE_REPLICA_URLS={}\n", r.expose_url()));
+        }
+        s
+    }
+
+    /// Creates a database (owned by the cluster's user) if it does not exist.
+    pub async fn create_database(&self, name: &str) -> Result<(), Error> {
+        let client = admin_client(self, "postgres").await?;
+        let exists = client
+            .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&name])
+            .await
+            .map_err(|e| Error::Local(format!("checking database {name}: {e}")))?;
+        if exists.is_none() {
+            let sql = format!("CREATE DATABASE \"{}\"", name.replace('"', "\"\""));
+            if let Err(e) = client.batch_execute(&sql).await {
+                // Another process may have created it in between.
+                if e.code() != Some(&tokio_postgres::error::SqlState::DUPLICATE_DATABASE) {
+                    return Err(Error::Local(format!("creating database {name}: {e}")));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Stops the servers (replica first). The data directories are kept, so the
+    /// next start is warm.
+    pub fn stop(&self) -> Result<(), Error> {
+        stop_dir(&self.dir)
+    }
+
+    /// Stops only the replica (for tests of replica failure).
+    pub fn stop_replica(&self) -> Result<(), Error> {
+        let bins = Binaries::find()?;
+        let run_as = RunAs::detect()?;
+        pg_ctl(
+            &bins,
+            &run_as,
+            &self.dir.join("pg"),
+            &["stop", "-m", "fast", "-w", "-D", "replica"],
+        )
+    }
+
+    /// Starts the replica again after [`LocalCluster::stop_replica`].
+    pub fn start_replica(&self) -> Result<(), Error> {
+        let bins = Binaries::find()?;
+        let run_as = RunAs::detect()?;
+        let pg = self.dir.join("pg");
+        pg_ctl(
+            &bins,
+            &run_as,
+            &pg,
+            &[
+                "start",
+                "-w",
+                "-t",
+                "60",
+                "-D",
+                "replica",
+                "-l",
+                "replica.log",
+            ],
+        )
+    }
+
+    /// Removes the cluster's directory after stopping it.
+    pub fn destroy(&self) -> Result<(), Error> {
+        let _ = self.stop();
+        fs::remove_dir_all(&self.dir)
+            .map_err(|e| Error::io(format!("removing {}", self.dir.display()), e))
+    }
+}
+
+/// Stops the cluster in `dir` (default directory when `None`).
+pub fn stop_dir(dir: &Path) -> Result<(), Error> {
+    let bins = Binaries::find()?;
+    let run_as = RunAs::detect()?;
+    let pg = dir.join("pg");
+    let _lock = lock(dir)?;
+    for d in ["replica", "primary"] {
+        if pg_running(&bins, &pg.join(d)) {
+            pg_ctl(&bins, &run_as, &pg, &["stop", "-m", "fast", "-w", "-D", d])?;
+        }
+    }
+    Ok(())
+}
+
+/// The default directory of the shared cluster.
+pub fn default_cluster_dir() -> PathBuf {
+    default_dir()
+}
+
+fn lock(dir: &Path) -> Result<fs::File, Error> {
+    fs::create_dir_all(dir).map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+    let f = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join("lock"))
+        .map_err(|e| Error::io("opening the cluster lock file", e))?;
+    f.lock()
+        .map_err(|e| Error::io("locking the cluster lock file", e))?;
+    Ok(f)
+}
+
+fn pg_running(bins: &Binaries, data: &Path) -> bool {
+    if !data.join("PG_VERSION").exists() {
+        return false;
+    }
+    Command::new(bins.bin("pg_ctl"))
+        .args(["status", "-D"])
+        .arg(data)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+fn run(mut c: Command, what: &str) -> Result<(), Error> {
+    let out = c
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .output()
+        .map_err(|e| Error::io(format!("running {what}"), e))?;
+    if !out.status.success() {
+        return Err(Error::Local(format!(
+            "{what} failed ({}): {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim(),
+            String::from_utf8_lossy(&out.stdout).trim()
+        )));
+    }
+    Ok(())
+}
+
+fn pg_ctl(bins: &Binaries, run_as: &RunAs, pg: &Path, args: &[&str]) -> Result<(), Error> {
+    let mut c = run_as.command(&bins.bin("pg_ctl"), pg);
+    c.args(args);
+    let out = c
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .output()
+        .map_err(|e| Error::io("running pg_ctl", e))?;
+    if !out.status.success() {
+        let log = args
+            .windows(2)
+            .find(|w| w[0] == "-D")
+            .map(|w| pg.join(format!("{}.log", w[1])))
+            .and_then(|p| fs::read_to_string(p).ok())
+            .map(|l| {
+                let lines: Vec<&str> = l.lines().collect();
+                lines[lines.len().saturating_sub(15)..].join("\n")
+            })
+            .unwrap_or_default();
+        return Err(Error::Local(format!(
+            "pg_ctl {} failed: {}\n{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim(),
+            log
+        )));
+    }
+    Ok(())
+}
+
+fn free_port() -> Result<u16, Error> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0")
+        .map_err(|e| Error::io("finding a free loopback port", e))?;
+    Ok(l.local_addr()
+        .map_err(|e| Error::io("finding a free loopback port", e))?
+        .port())
+}
+
+fn port_free(port: u16) -> bool {
+    std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
+}
+
+fn write_file(
+    path: &Path,
+    contents: &[u8],
+    mode: u32,
+    run_as: Option<&RunAs>,
+) -> Result<(), Error> {
+    let tmp = path.with_extension("tmp");
+    {
+        let mut f = fs::File::create(&tmp)
+            .map_err(|e| Error::io(format!("writing {}", tmp.display()), e))?;
+        f.set_permissions(fs::Permissions::from_mode(mode))
+            .map_err(|e| Error::io(format!("chmod {}", tmp.display()), e))?;
+        f.write_all(contents)
+            .map_err(|e| Error::io(format!("writing {}", tmp.display()), e))?;
+    }
+    if let Some(r) = run_as {
+        r.own(&tmp)?;
+    }
+    fs::rename(&tmp, path).map_err(|e| Error::io(format!("renaming to {}", path.display()), e))
+}
+
+fn generate_certs(dir: &Path, pg: &Path, run_as: &RunAs) -> Result<(), Error> {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
+    let err = |e: rcgen::Error| Error::Local(format!("generating certificates: {e}"));
+    let ca_key = KeyPair::generate().map_err(err)?;
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).map_err(err)?;
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "railyard local CA");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let ca = ca_params.self_signed(&ca_key).map_err(err)?;
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+
+    let server_key = KeyPair::generate().map_err(err)?;
+    let mut params = CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
+        .map_err(err)?;
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "localhost");
+    let server = params.signed_by(&server_key, &issuer).map_err(err)?;
+
+    write_file(&dir.join("ca.crt"), ca.pem().as_bytes(), 0o644, None)?;
+    write_file(
+        &pg.join("server.crt"),
+        server.pem().as_bytes(),
+        0o644,
+        Some(run_as),
+    )?;
+    write_file(
+        &pg.join("server.key"),
+        server_key.serialize_pem().as_bytes(),
+        0o600,
+        Some(run_as),
+    )?;
+    Ok(())
+}
+
+fn server_conf(pg: &Path, port: u16) -> String {
+    format!(
+        "# written by railyard at every start\n\
+         port = {port}\n\
+         listen_addresses = '127.0.0.1'\n\
+         unix_socket_directories = '{sockets}'\n\
+         ssl = on\n\
+         ssl_cert_file = '{pg}/server.crt'\n\
+         ssl_key_file = '{pg}/server.key'\n\
+         password_encryption = 'scram-sha-256'\n\
+         max_connections = 300\n\
+         shared_buffers = 64MB\n\
+         wal_level = replica\n\
+         max_wal_senders = 10\n\
+         max_replication_slots = 10\n\
+         hot_standby = on\n\
+         hot_standby_feedback = on\n\
+         wal_keep_size = 256MB\n\
+         fsync = off\n\
+         synchronous_commit = off\n\
+         full_page_writes = off\n\
+         max_locks_per_transaction = 256\n\
+         logging_collector = off\n\
+         log_min_messages = warning\n",
+        sockets = pg.join("sockets").display(),
+        pg = pg.display(),
+    )
+}
+
+const HBA: &str = "# written by railyard: TLS + scram over TCP, scram over the Unix socket\n\
+local   all          all                 scram-sha-256\n\
+local   replication  all                 scram-sha-256\n\
+hostssl all          all   127.0.0.1/32  scram-sha-256\n\
+hostssl replication  all   127.0.0.1/32  scram-sha-256\n";
+
+async fn admin_client(cluster: &LocalCluster, db: &str) -> Result<tokio_postgres::Client, Error> {
+    admin_client_port(
+        &cluster.dir,
+        cluster.state.primary_port,
+        &cluster.state.password,
+        db,
+    )
+    .await
+}
+
+async fn admin_client_port(
+    dir: &Path,
+    port: u16,
+    password: &Secret,
+    db: &str,
+) -> Result<tokio_postgres::Client, Error> {
+    let mut c = tokio_postgres::Config::new();
+    c.host_path(dir.join("pg/sockets"))
+        .port(port)
+        .user(USER)
+        .password(password.expose())
+        .dbname(db)
+        .application_name("railyard-local");
+    let (client, conn) = c.connect(tokio_postgres::NoTls).await.map_err(|e| {
+        Error::Local(format!(
+            "connecting to the local server on port {port}: {e}"
+        ))
+    })?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(client)
+}
+
+fn start_blocking(
+    b: &LocalClusterBuilder,
+    handle: &tokio::runtime::Handle,
+) -> Result<LocalCluster, Error> {
+    let started = Instant::now();
+    let bins = Binaries::find()?;
+    let run_as = RunAs::detect()?;
+    let dir = &b.dir;
+    let _lock = lock(dir)?;
+    let pg = dir.join("pg");
+    let primary = pg.join("primary");
+    let replica = pg.join("replica");
+    let saved = fs::read_to_string(dir.join("state"))
+        .ok()
+        .and_then(|s| State::parse(&s));
+
+    let primary_up = pg_running(&bins, &primary);
+    let replica_up = !b.replica || pg_running(&bins, &replica);
+    if let Some(state) = &saved
+        && primary_up
+        && replica_up
+        && (state.replica_port.is_some() || !b.replica)
+    {
+        return Ok(LocalCluster {
+            dir: dir.clone(),
+            state: state.clone(),
+            started: StartKind::Joined,
+            start_time: started.elapsed(),
+            bindir: bins.dir,
+        });
+    }
+
+    let cold = saved.is_none() || !primary.join("PG_VERSION").exists();
+    let kind = if cold {
+        StartKind::Cold
+    } else {
+        StartKind::Warm
+    };
+    if cold {
+        // Start over: a half-made directory from a failed start is of no use.
+        if pg.exists() {
+            for d in ["replica", "primary"] {
+                if pg_running(&bins, &pg.join(d)) {
+                    let _ = pg_ctl(
+                        &bins,
+                        &run_as,
+                        &pg,
+                        &["stop", "-m", "immediate", "-w", "-D", d],
+                    );
+                }
+            }
+            fs::remove_dir_all(&pg)
+                .map_err(|e| Error::io(format!("clearing {}", pg.display()), e))?;
+        }
+        let _ = fs::remove_file(dir.join("state"));
+    }
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o755))
+        .map_err(|e| Error::io(format!("chmod {}", dir.display()), e))?;
+    fs::create_dir_all(pg.join("sockets"))
+        .map_err(|e| Error::io(format!("creating {}", pg.display()), e))?;
+    run_as.own(&pg)?;
+    run_as.own(&pg.join("sockets"))?;
+
+    let mut state = match (&saved, cold) {
+        (Some(s), false) => s.clone(),
+        _ => State {
+            primary_port: 0,
+            replica_port: None,
+            password: Secret::new(
+                rand::rng()
+                    .sample_iter(&Alphanumeric)
+                    .take(32)
+                    .map(char::from)
+                    .collect::<String>(),
+            ),
+        },
+    };
+
+    if cold {
+        generate_certs(dir, &pg, &run_as)?;
+        let pwfile = pg.join("pwfile");
+        write_file(
+            &pwfile,
+            state.password.expose().as_bytes(),
+            0o600,
+            Some(&run_as),
+        )?;
+        let mut c = run_as.command(&bins.bin("initdb"), &pg);
+        c.arg("-D")
+            .arg(&primary)
+            .args([
+                "-U",
+                USER,
+                "--auth=scram-sha-256",
+                "-E",
+                "UTF8",
+                "--locale=C",
+                "--no-sync",
+                "--no-instructions",
+            ])
+            .arg(format!("--pwfile={}", pwfile.display()));
+        let r = run(c, "initdb");
+        let _ = fs::remove_file(&pwfile);
+        r?;
+        let mut conf = fs::OpenOptions::new()
+            .append(true)
+            .open(primary.join("postgresql.conf"))
+            .map_err(|e| Error::io("opening postgresql.conf", e))?;
+        conf.write_all(b"\ninclude_if_exists = 'railyard.conf'\n")
+            .map_err(|e| Error::io("writing postgresql.conf", e))?;
+        write_file(
+            &primary.join("pg_hba.conf"),
+            HBA.as_bytes(),
+            0o600,
+            Some(&run_as),
+        )?;
+    }
+
+    // The primary: reuse its port when still free.
+    if !primary_up {
+        if state.primary_port == 0 || !port_free(state.primary_port) {
+            state.primary_port = free_port()?;
+        }
+        write_file(
+            &primary.join("railyard.conf"),
+            server_conf(&pg, state.primary_port).as_bytes(),
+            0o600,
+            Some(&run_as),
+        )?;
+        pg_ctl(
+            &bins,
+            &run_as,
+            &pg,
+            &[
+                "start",
+                "-w",
+                "-t",
+                "60",
+                "-D",
+                "primary",
+                "-l",
+                "primary.log",
+            ],
+        )?;
+    }
+
+    let password = state.password.clone();
+    let primary_port = state.primary_port;
+    if cold {
+        handle.block_on(async {
+            let client = admin_client_port(dir, primary_port, &password, "postgres").await?;
+            client
+                .batch_execute(&format!("CREATE DATABASE {DBNAME}"))
+                .await
+                .map_err(|e| Error::Local(format!("creating database {DBNAME}: {e}")))
+        })?;
+    }
+
+    if b.replica {
+        let needs_backup = !replica.join("PG_VERSION").exists();
+        if needs_backup {
+            let _ = fs::remove_dir_all(&replica);
+            // The slot may be left from an earlier, failed backup.
+            let _ = handle.block_on(async {
+                let client = admin_client_port(dir, primary_port, &password, "postgres").await?;
+                client
+                    .batch_execute(&format!(
+                        "SELECT pg_drop_replication_slot('{SLOT}') FROM pg_replication_slots WHERE slot_name = '{SLOT}'"
+                    ))
+                    .await
+                    .map_err(|e| Error::Local(e.to_string()))
+            });
+            let mut c = run_as.command(&bins.bin("pg_basebackup"), &pg);
+            c.arg("-D")
+                .arg(&replica)
+                .args([
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    &primary_port.to_string(),
+                    "-U",
+                    USER,
+                ])
+                .args([
+                    "-R",
+                    "-X",
+                    "stream",
+                    "-C",
+                    "-S",
+                    SLOT,
+                    "--no-sync",
+                    "-c",
+                    "fast",
+                ])
+                .env("PGPASSWORD", password.expose())
+                .env("PGSSLMODE", "verify-full")
+                .env("PGSSLROOTCERT", dir.join("ca.crt"))
+                .env("PGAPPNAME", "railyard_replica");
+            run(c, "pg_basebackup")?;
+            // -R wrote primary_conninfo into postgresql.auto.conf; we keep it in
+            // railyard.conf instead, rewritten with the primary's port at each start.
+            let auto = replica.join("postgresql.auto.conf");
+            let text = fs::read_to_string(&auto).unwrap_or_default();
+            let kept: String = text
+                .lines()
+                .filter(|l| {
+                    !l.starts_with("primary_conninfo") && !l.starts_with("primary_slot_name")
+                })
+                .map(|l| format!("{l}\n"))
+                .collect();
+            write_file(&auto, kept.as_bytes(), 0o600, Some(&run_as))?;
+        }
+        if !pg_running(&bins, &replica) {
+            if state
+                .replica_port
+                .is_none_or(|p| !port_free(p) || p == primary_port)
+            {
+                state.replica_port = Some(free_port()?);
+            }
+            let port = state.replica_port.expect("set just above");
+            let conninfo = format!(
+                "host=127.0.0.1 port={primary_port} user={USER} password={} sslmode=verify-full sslrootcert={} application_name=railyard_replica",
+                password.expose(),
+                dir.join("ca.crt").display()
+            );
+            let conf = format!(
+                "{}primary_conninfo = '{}'\nprimary_slot_name = '{SLOT}'\n",
+                server_conf(&pg, port),
+                conninfo.replace('\'', "''")
+            );
+            write_file(
+                &replica.join("railyard.conf"),
+                conf.as_bytes(),
+                0o600,
+                Some(&run_as),
+            )?;
+            pg_ctl(
+                &bins,
+                &run_as,
+                &pg,
+                &[
+                    "start",
+                    "-w",
+                    "-t",
+                    "60",
+                    "-D",
+                    "replica",
+                    "-l",
+                    "replica.log",
+                ],
+            )?;
+        }
+        // Wait until the replica streams.
+        handle.block_on(async {
+            let client = admin_client_port(dir, primary_port, &password, "postgres").await?;
+            let deadline = Instant::now() + Duration::from_secs(60);
+            loop {
+                let row = client
+                    .query_one(
+                        "SELECT count(*) FROM pg_stat_replication WHERE application_name = 'railyard_replica' AND state = 'streaming'",
+                        &[],
+                    )
+                    .await
+                    .map_err(|e| Error::Local(format!("checking replication: {e}")))?;
+                if row.get::<_, i64>(0) > 0 {
+                    return Ok(());
+                }
+                if Instant::now() > deadline {
+                    return Err(Error::Local(
+                        "the replica did not start streaming within 60 s; see pg/replica.log".into(),
+                    ));
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })?;
+    } else {
+        state.replica_port = None;
+    }
+
+    write_file(&dir.join("state"), state.render().as_bytes(), 0o600, None)?;
+    let elapsed = started.elapsed();
+    tracing::info!(target: "railyard::local", ?kind, ?elapsed, dir = %dir.display(), "local cluster running");
+    Ok(LocalCluster {
+        dir: dir.clone(),
+        state,
+        started: kind,
+        start_time: elapsed,
+        bindir: bins.dir,
+    })
+}

@@ -1,0 +1,304 @@
+//! The reference application (a small trading ledger) and Railyard's CLI.
+//!
+//! `cargo run --features cli` with no `DATABASE_URL` starts (or joins) the local
+//! cluster, boots (migrations included) and prints a boot report.
+
+use std::process::ExitCode;
+use std::time::Instant;
+
+use clap::{Parser, Subcommand};
+use diesel::prelude::*;
+use diesel_async::RunQueryDsl;
+use diesel_migrations::{EmbeddedMigrations, embed_migrations};
+use railyard::{ChecksumState, Config, Database, LocalCluster, MigrationState, Migrator};
+
+mod schema;
+
+/// The ledger's migrations, embedded in the binary.
+const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
+
+#[derive(Parser)]
+#[command(
+    name = "railyard",
+    about = "Railyard reference application: a trading ledger on Diesel + PostgreSQL"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Boot (start the local cluster when DATABASE_URL is unset, migrate) and print a report.
+    Boot,
+    /// Manage the ledger's migrations.
+    Migrate {
+        #[command(subcommand)]
+        action: MigrateAction,
+    },
+    /// Manage the local PostgreSQL cluster.
+    Local {
+        #[command(subcommand)]
+        action: LocalAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum MigrateAction {
+    /// List every version: applied (with checksum state), pending, unknown.
+    Status,
+    /// Apply pending migrations.
+    Run,
+    /// Revert the most recently applied migration.
+    Revert,
+    /// Check applied migrations against the binary without running anything.
+    Verify,
+}
+
+#[derive(Subcommand)]
+enum LocalAction {
+    /// Start (or join) the cluster and print its URLs (passwords redacted).
+    Start,
+    /// Stop the cluster's servers (data is kept: the next start is warm).
+    Stop,
+    /// Say whether the cluster runs, and where.
+    Status,
+    /// Print DATABASE_URL and DATABASE_REPLICA_URLS lines, for `eval` or a .env file.
+    Env,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    tracing_init();
+    let cli = Cli::parse();
+    match run(cli.command.unwrap_or(Command::Boot)).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            let mut source = std::error::Error::source(&e);
+            while let Some(s) = source {
+                eprintln!("  caused by: {s}");
+                source = s.source();
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn tracing_init() {
+    // Plain stderr output of warnings; RUST_LOG is honoured when set.
+    let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into());
+    let _ = tracing_subscriber_init(&filter);
+}
+
+fn tracing_subscriber_init(filter: &str) -> Result<(), String> {
+    use tracing_subscriber::EnvFilter;
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_new(filter).map_err(|e| e.to_string())?)
+        .with_writer(std::io::stderr)
+        .try_init()
+        .map_err(|e| e.to_string())
+}
+
+/// The config from the environment, or the local cluster's when DATABASE_URL is unset.
+async fn config() -> Result<(Config, Option<LocalCluster>), railyard::Error> {
+    if std::env::var_os("DATABASE_URL").is_some() {
+        return Ok((Config::from_env()?, None));
+    }
+    let cluster = LocalCluster::shared().await?;
+    Ok((cluster.config(), Some(cluster)))
+}
+
+async fn run(command: Command) -> Result<(), railyard::Error> {
+    match command {
+        Command::Boot => boot().await,
+        Command::Migrate { action } => migrate(action).await,
+        Command::Local { action } => local(action).await,
+    }
+}
+
+async fn boot() -> Result<(), railyard::Error> {
+    let started = Instant::now();
+    let (config, cluster) = config().await?;
+    if let Some(c) = &cluster {
+        println!(
+            "local cluster     {:?} in {:.2?} ({})",
+            c.started(),
+            c.start_time(),
+            c.dir().display()
+        );
+    }
+    println!("primary           {}", config.primary());
+    let db = Database::builder(config)
+        .migrations(Migrator::new(MIGRATIONS))
+        .connect()
+        .await?;
+    let info = {
+        let conn = db.primary().await?;
+        conn.info().clone()
+    };
+    println!("server            PostgreSQL {}", info.server_version);
+    println!(
+        "connection        {}:{} pid {} ({:?}), TLS {}",
+        info.host,
+        info.port,
+        info.backend_pid,
+        info.role,
+        if info.tls { "on" } else { "off" }
+    );
+    if let Some(report) = db.migration_report() {
+        println!(
+            "migrations        {} applied now, {} already applied; lock wait {:.2?}, run {:.2?}",
+            report.applied.len(),
+            report.already_applied,
+            report.lock_wait,
+            report.total
+        );
+        for m in &report.applied {
+            println!("  applied         {} in {:.2?}", m.name, m.duration);
+        }
+        for v in &report.adopted {
+            println!("  adopted         {v} (applied earlier without a checksum)");
+        }
+    }
+    let mut conn = db.primary().await?;
+    let users: i64 = schema::users::table.count().get_result(&mut **conn).await?;
+    let accounts: i64 = schema::accounts::table
+        .count()
+        .get_result(&mut **conn)
+        .await?;
+    drop(conn);
+    println!("ledger            {users} users, {accounts} accounts");
+    for p in db.pool_status() {
+        println!(
+            "pool {:<12} {} open ({} idle) of {}, {} checkouts",
+            p.name, p.connections, p.idle, p.max_size, p.gets
+        );
+    }
+    for r in db.replica_report().await {
+        if r.reachable {
+            println!(
+                "replica           {} {:?}, {}, lag {} bytes{}",
+                r.target,
+                r.role.expect("reachable replicas report a role"),
+                if r.streaming {
+                    "streaming"
+                } else {
+                    "NOT streaming"
+                },
+                r.lag_bytes
+                    .map(|b| b.to_string())
+                    .unwrap_or_else(|| "unknown".into()),
+                r.replay_delay
+                    .map(|d| format!(", last replayed commit {d:.1?} ago"))
+                    .unwrap_or_default()
+            );
+        } else {
+            println!(
+                "replica           {} unreachable: {}",
+                r.target,
+                r.error.unwrap_or_default()
+            );
+        }
+    }
+    println!(
+        "boot              {:.2?} (database handle {:.2?})",
+        started.elapsed(),
+        db.boot_time()
+    );
+    Ok(())
+}
+
+async fn migrate(action: MigrateAction) -> Result<(), railyard::Error> {
+    let (config, _cluster) = config().await?;
+    let migrator = Migrator::new(MIGRATIONS);
+    match action {
+        MigrateAction::Status => {
+            for row in migrator.status(&config).await? {
+                let state = match row.state {
+                    MigrationState::Applied { checksum, duration } => format!(
+                        "applied ({}){}",
+                        match checksum {
+                            ChecksumState::Verified => "checksum ok",
+                            ChecksumState::Edited => "EDITED since applied",
+                            ChecksumState::Unrecorded => "no checksum yet",
+                        },
+                        duration.map(|d| format!(" in {d:.2?}")).unwrap_or_default()
+                    ),
+                    MigrationState::Pending => "pending".into(),
+                    MigrationState::Unknown => "UNKNOWN to this binary".into(),
+                };
+                println!("{:<16} {:<45} {state}", row.version, row.name);
+            }
+        }
+        MigrateAction::Run => {
+            let report = migrator.run(&config).await?;
+            for m in &report.applied {
+                println!("applied {} in {:.2?}", m.name, m.duration);
+            }
+            println!(
+                "{} applied, {} already applied ({:.2?})",
+                report.applied.len(),
+                report.already_applied,
+                report.total
+            );
+        }
+        MigrateAction::Revert => match migrator.revert_last(&config).await? {
+            Some(v) => println!("reverted {v}"),
+            None => println!("nothing to revert"),
+        },
+        MigrateAction::Verify => {
+            let pending = migrator.verify(&config).await?;
+            println!(
+                "applied migrations match this binary; {} pending{}",
+                pending.len(),
+                if pending.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {}", pending.join(", "))
+                }
+            );
+        }
+    }
+    Ok(())
+}
+
+async fn local(action: LocalAction) -> Result<(), railyard::Error> {
+    match action {
+        LocalAction::Start => {
+            let c = LocalCluster::shared().await?;
+            println!(
+                "{:?} in {:.2?} ({})",
+                c.started(),
+                c.start_time(),
+                c.dir().display()
+            );
+            println!("primary  {}", c.primary_target("railyard"));
+            if let Some(r) = c.replica_target("railyard") {
+                println!("replica  {r}");
+            }
+        }
+        LocalAction::Stop => {
+            railyard::stop_dir(&railyard::default_cluster_dir())?;
+            println!("stopped");
+        }
+        LocalAction::Status => match LocalCluster::running(None).await? {
+            Some(c) => {
+                println!("running in {}", c.dir().display());
+                println!("primary  {}", c.primary_target("railyard"));
+                if let Some(r) = c.replica_target("railyard") {
+                    println!("replica  {r}");
+                }
+            }
+            None => println!(
+                "not running ({})",
+                railyard::default_cluster_dir().display()
+            ),
+        },
+        LocalAction::Env => {
+            let c = LocalCluster::shared().await?;
+            print!("{}", c.env_lines());
+        }
+    }
+    Ok(())
+}

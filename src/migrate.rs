@@ -1,0 +1,638 @@
+//! Boot-time migrations that are safe with many instances (DESIGN.md D5).
+//!
+//! [`Migrator::run`] opens a dedicated connection to the primary and:
+//!
+//! 1. takes a session advisory lock with `pg_try_advisory_lock`, polled until the
+//!    lock timeout (a blocking waiter would deadlock with `CREATE INDEX
+//!    CONCURRENTLY`); on timeout the error names the holder's backend pid;
+//! 2. re-reads the applied set *after* taking the lock;
+//! 3. refuses to go on when an applied migration's SHA-256 (of its up and down
+//!    SQL) differs from the embedded one, or when the database holds a version the
+//!    binary does not know — naming the version;
+//! 4. runs each pending migration through diesel's [`Migration`] trait in its own
+//!    transaction, together with its rows in diesel's `__diesel_schema_migrations`
+//!    and in Railyard's `railyard_schema_migrations` (checksums, duration), so a
+//!    failing migration leaves nothing behind;
+//! 5. releases the lock, also on failure.
+//!
+//! diesel's harness is synchronous: the work runs on a blocking thread through
+//! diesel-async's `AsyncConnectionWrapper`, which works on both runtime flavours.
+//!
+//! Migrations applied earlier by the diesel CLI have no checksum row; the first
+//! boot records the embedded checksum for them ("adopted").
+
+use std::any::Any;
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use diesel::connection::{BoxableConnection, Connection, SimpleConnection};
+use diesel::migration::{Migration, MigrationSource};
+use diesel::pg::Pg;
+use diesel::sql_types::{Double, Nullable, Text};
+use diesel::{QueryableByName, RunQueryDsl};
+use diesel_async::AsyncPgConnection;
+use diesel_async::async_connection_wrapper::AsyncConnectionWrapper;
+use sha2::{Digest, Sha256};
+
+use crate::config::{Config, TargetSessionAttrs};
+use crate::error::{Error, MigrationError};
+use crate::pool::Opener;
+
+/// The advisory lock key: the first 8 bytes of SHA-256("railyard.migrations").
+const LOCK_KEY: i64 = 0x5241_494c_5941_5244; // "RAILYARD" in ASCII
+
+type Source = Arc<dyn MigrationSource<Pg> + Send + Sync>;
+type SyncConn = AsyncConnectionWrapper<AsyncPgConnection>;
+
+/// Runs, checks and reverts a set of migrations (usually
+/// `diesel_migrations::embed_migrations!()`).
+///
+/// # Example
+/// ```no_run
+/// use diesel_migrations::{embed_migrations, EmbeddedMigrations};
+/// const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
+///
+/// # async fn boot() -> Result<(), railyard::Error> {
+/// let config = railyard::Config::from_env()?;
+/// let report = railyard::Migrator::new(MIGRATIONS).run(&config).await?;
+/// println!("applied {} migrations", report.applied.len());
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct Migrator {
+    source: Source,
+    lock_timeout: Option<Duration>,
+}
+
+impl fmt::Debug for Migrator {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Migrator")
+            .field("lock_timeout", &self.lock_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One migration applied by a run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AppliedMigration {
+    /// The migration version (digits of its directory name's prefix).
+    pub version: String,
+    /// The directory name.
+    pub name: String,
+    /// How long its SQL took.
+    pub duration: Duration,
+}
+
+/// What a run did.
+#[derive(Debug, Clone, Default)]
+pub struct MigrationReport {
+    /// Migrations applied by this run, in order.
+    pub applied: Vec<AppliedMigration>,
+    /// How many were already applied.
+    pub already_applied: usize,
+    /// Versions applied earlier without a checksum (by the diesel CLI) whose
+    /// checksum this run recorded.
+    pub adopted: Vec<String>,
+    /// Time spent waiting for the lock.
+    pub lock_wait: Duration,
+    /// Wall time of the whole run, connection included.
+    pub total: Duration,
+}
+
+/// Whether an applied migration still matches the binary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChecksumState {
+    /// The recorded checksum equals the embedded one.
+    Verified,
+    /// The embedded SQL differs from what was applied.
+    Edited,
+    /// Applied without a checksum (by the diesel CLI); recorded at the next boot.
+    Unrecorded,
+}
+
+/// The state of one version.
+#[derive(Debug, Clone, PartialEq)]
+pub enum MigrationState {
+    /// Applied to the database.
+    Applied {
+        /// Checksum comparison with the embedded SQL.
+        checksum: ChecksumState,
+        /// Recorded duration, when Railyard applied it.
+        duration: Option<Duration>,
+    },
+    /// Embedded but not applied yet.
+    Pending,
+    /// Applied to the database but unknown to this binary.
+    Unknown,
+}
+
+/// One row of [`Migrator::status`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct MigrationStatus {
+    /// The version.
+    pub version: String,
+    /// The directory name (empty for unknown versions).
+    pub name: String,
+    /// Applied, pending or unknown.
+    pub state: MigrationState,
+}
+
+struct Known {
+    version: String,
+    name: String,
+    up_sha: String,
+    down_sha: String,
+    migration: Box<dyn Migration<Pg>>,
+}
+
+/// A connection that records the SQL a migration sends instead of running it:
+/// how the checksums of embedded migrations are computed without access to
+/// their private fields.
+struct Recorder(Vec<String>);
+
+impl SimpleConnection for Recorder {
+    fn batch_execute(&mut self, query: &str) -> diesel::QueryResult<()> {
+        self.0.push(query.to_owned());
+        Ok(())
+    }
+}
+
+impl BoxableConnection<Pg> for Recorder {
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+    fn as_any_mut(&mut self) -> &mut dyn Any {
+        self
+    }
+}
+
+fn sha_hex(parts: &[String]) -> String {
+    let mut h = Sha256::new();
+    for p in parts {
+        h.update(p.as_bytes());
+        h.update([0u8]);
+    }
+    hex::encode(h.finalize())
+}
+
+#[derive(QueryableByName)]
+struct AppliedRow {
+    #[diesel(sql_type = Text)]
+    version: String,
+    #[diesel(sql_type = Nullable<Text>)]
+    up_sha256: Option<String>,
+    #[diesel(sql_type = Nullable<Text>)]
+    down_sha256: Option<String>,
+    #[diesel(sql_type = Nullable<Double>)]
+    duration_ms: Option<f64>,
+}
+
+#[derive(QueryableByName)]
+struct Flag {
+    #[diesel(sql_type = diesel::sql_types::Bool)]
+    ok: bool,
+}
+
+#[derive(QueryableByName)]
+struct Pid {
+    #[diesel(sql_type = diesel::sql_types::Integer)]
+    pid: i32,
+}
+
+const CREATE_OURS: &str = "CREATE TABLE IF NOT EXISTS railyard_schema_migrations (
+    version VARCHAR(50) PRIMARY KEY,
+    name TEXT NOT NULL,
+    up_sha256 TEXT NOT NULL,
+    down_sha256 TEXT NOT NULL,
+    duration_ms DOUBLE PRECISION,
+    applied_at TIMESTAMPTZ NOT NULL DEFAULT now()
+)";
+
+fn q(e: diesel::result::Error) -> Error {
+    Error::Migration(MigrationError::Bookkeeping(e.to_string()))
+}
+
+impl Migrator {
+    /// A migrator for a migration source, usually the constant produced by
+    /// `diesel_migrations::embed_migrations!()`.
+    pub fn new(source: impl MigrationSource<Pg> + Send + Sync + 'static) -> Self {
+        Migrator {
+            source: Arc::new(source),
+            lock_timeout: None,
+        }
+    }
+
+    /// How long to wait for another instance's lock. Defaults to the config's
+    /// `migration_lock_timeout` (60 s).
+    #[must_use]
+    pub fn lock_timeout(mut self, d: Duration) -> Self {
+        self.lock_timeout = Some(d);
+        self
+    }
+
+    /// Versions and names of the embedded migrations, in order.
+    pub fn versions(&self) -> Result<Vec<(String, String)>, Error> {
+        Ok(self
+            .load()?
+            .into_iter()
+            .map(|k| (k.version, k.name))
+            .collect())
+    }
+
+    fn load(&self) -> Result<Vec<Known>, Error> {
+        load(&self.source)
+    }
+
+    async fn connect(config: &Config) -> Result<AsyncPgConnection, Error> {
+        let opener = Opener::new(
+            config.primary.clone(),
+            Arc::new(config.clone()),
+            TargetSessionAttrs::ReadWrite,
+        )?;
+        Ok(opener.open().await?.into_inner())
+    }
+
+    /// Connects to the primary and applies pending migrations under the lock.
+    pub async fn run(&self, config: &Config) -> Result<MigrationReport, Error> {
+        let started = Instant::now();
+        let conn = Self::connect(config).await?;
+        let lock_timeout = self.lock_timeout.unwrap_or(config.migration_lock_timeout);
+        let mut report = self.run_on(conn, lock_timeout).await?;
+        report.total = started.elapsed();
+        Ok(report)
+    }
+
+    /// Applies pending migrations on the given connection (it is closed afterwards).
+    pub async fn run_on(
+        &self,
+        conn: AsyncPgConnection,
+        lock_timeout: Duration,
+    ) -> Result<MigrationReport, Error> {
+        let started = Instant::now();
+        let source = self.source.clone();
+        let mut report = blocking(conn, move |c| {
+            let known = load(&source)?;
+            with_lock(c, lock_timeout, |c, lock_wait| {
+                let mut report = apply_pending(c, &known)?;
+                report.lock_wait = lock_wait;
+                Ok(report)
+            })
+        })
+        .await?;
+        report.total = started.elapsed();
+        Ok(report)
+    }
+
+    /// Lists every version: applied (with its checksum state), pending or unknown.
+    /// Reads only; takes no lock.
+    pub async fn status(&self, config: &Config) -> Result<Vec<MigrationStatus>, Error> {
+        let conn = Self::connect(config).await?;
+        let source = self.source.clone();
+        blocking(conn, move |c| {
+            let known = load(&source)?;
+            status(c, &known)
+        })
+        .await
+    }
+
+    /// Checks without running anything: errors when an applied migration was
+    /// edited or is unknown; returns the pending versions otherwise.
+    pub async fn verify(&self, config: &Config) -> Result<Vec<String>, Error> {
+        let rows = self.status(config).await?;
+        check(&rows)?;
+        Ok(rows
+            .into_iter()
+            .filter(|r| r.state == MigrationState::Pending)
+            .map(|r| r.version)
+            .collect())
+    }
+
+    /// Reverts the most recently applied migration under the lock; returns its
+    /// version, or `None` when nothing is applied.
+    pub async fn revert_last(&self, config: &Config) -> Result<Option<String>, Error> {
+        let conn = Self::connect(config).await?;
+        let source = self.source.clone();
+        let lock_timeout = self.lock_timeout.unwrap_or(config.migration_lock_timeout);
+        blocking(conn, move |c| {
+            let known = load(&source)?;
+            with_lock(c, lock_timeout, |c, _| revert_last(c, &known))
+        })
+        .await
+    }
+}
+
+fn load(source: &Source) -> Result<Vec<Known>, Error> {
+    let list = source
+        .migrations()
+        .map_err(|e| Error::Migration(MigrationError::Bookkeeping(e.to_string())))?;
+    let mut known = Vec::with_capacity(list.len());
+    for m in list {
+        let mut up = Recorder(Vec::new());
+        m.run(&mut up)
+            .map_err(|e| Error::Migration(MigrationError::Bookkeeping(e.to_string())))?;
+        let mut down = Recorder(Vec::new());
+        // A migration without down.sql reports an error here: its checksum is of "no SQL".
+        let _ = m.revert(&mut down);
+        known.push(Known {
+            version: m.name().version().to_string(),
+            name: m.name().to_string(),
+            up_sha: sha_hex(&up.0),
+            down_sha: sha_hex(&down.0),
+            migration: m,
+        });
+    }
+    known.sort_by(|a, b| a.version.cmp(&b.version));
+    Ok(known)
+}
+
+/// Runs `f` with a synchronous diesel connection on a blocking thread.
+async fn blocking<T: Send + 'static>(
+    conn: AsyncPgConnection,
+    f: impl FnOnce(&mut SyncConn) -> Result<T, Error> + Send + 'static,
+) -> Result<T, Error> {
+    tokio::task::spawn_blocking(move || {
+        // Created here, so the wrapper uses this runtime's handle from a thread
+        // where blocking is allowed.
+        let mut c: SyncConn = AsyncConnectionWrapper::from(conn);
+        f(&mut c)
+    })
+    .await
+    .map_err(|e| {
+        Error::Migration(MigrationError::Bookkeeping(format!(
+            "migration task failed: {e}"
+        )))
+    })?
+}
+
+fn with_lock<T>(
+    c: &mut SyncConn,
+    timeout: Duration,
+    f: impl FnOnce(&mut SyncConn, Duration) -> Result<T, Error>,
+) -> Result<T, Error> {
+    let started = Instant::now();
+    let mut delay = Duration::from_millis(20);
+    loop {
+        let got: Flag = diesel::sql_query("SELECT pg_try_advisory_lock($1) AS ok")
+            .bind::<diesel::sql_types::BigInt, _>(LOCK_KEY)
+            .get_result(c)
+            .map_err(q)?;
+        if got.ok {
+            break;
+        }
+        if started.elapsed() >= timeout {
+            let holder: Option<Pid> = diesel::sql_query(
+                "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted \
+                 AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+                 AND classid = ($1 >> 32)::bigint::oid AND objid = ($1 & 4294967295)::bigint::oid AND objsubid = 1 LIMIT 1",
+            )
+            .bind::<diesel::sql_types::BigInt, _>(LOCK_KEY)
+            .get_result(c)
+            .ok();
+            return Err(Error::Migration(MigrationError::LockTimeout {
+                waited: started.elapsed(),
+                holder_pid: holder.map(|h| h.pid),
+            }));
+        }
+        std::thread::sleep(delay.min(timeout.saturating_sub(started.elapsed())));
+        delay = (delay * 2).min(Duration::from_millis(250));
+    }
+    let lock_wait = started.elapsed();
+    let result = f(c, lock_wait);
+    let unlock = diesel::sql_query("SELECT pg_advisory_unlock($1) AS ok")
+        .bind::<diesel::sql_types::BigInt, _>(LOCK_KEY)
+        .get_result::<Flag>(c);
+    if let Err(e) = unlock {
+        // The connection is dropped right after, which releases the lock anyway.
+        tracing::warn!(error = %e, "could not release the migration lock explicitly");
+    }
+    result
+}
+
+fn ensure_tables(c: &mut SyncConn) -> Result<(), Error> {
+    c.batch_execute(diesel::migration::CREATE_MIGRATIONS_TABLE)
+        .map_err(q)?;
+    c.batch_execute(CREATE_OURS).map_err(q)
+}
+
+fn read_applied(c: &mut SyncConn) -> Result<Vec<AppliedRow>, Error> {
+    let exists: Flag =
+        diesel::sql_query("SELECT to_regclass('__diesel_schema_migrations') IS NOT NULL AS ok")
+            .get_result(c)
+            .map_err(q)?;
+    if !exists.ok {
+        return Ok(Vec::new());
+    }
+    let ours: Flag =
+        diesel::sql_query("SELECT to_regclass('railyard_schema_migrations') IS NOT NULL AS ok")
+            .get_result(c)
+            .map_err(q)?;
+    let sql = if ours.ok {
+        "SELECT d.version::text AS version, r.up_sha256, r.down_sha256, r.duration_ms \
+         FROM __diesel_schema_migrations d LEFT JOIN railyard_schema_migrations r USING (version) ORDER BY d.version"
+    } else {
+        "SELECT version::text AS version, NULL::text AS up_sha256, NULL::text AS down_sha256, NULL::float8 AS duration_ms \
+         FROM __diesel_schema_migrations ORDER BY version"
+    };
+    diesel::sql_query(sql).load(c).map_err(q)
+}
+
+fn status(c: &mut SyncConn, known: &[Known]) -> Result<Vec<MigrationStatus>, Error> {
+    let applied = read_applied(c)?;
+    let mut out = Vec::new();
+    for k in known {
+        let state = match applied.iter().find(|a| a.version == k.version) {
+            None => MigrationState::Pending,
+            Some(a) => MigrationState::Applied {
+                checksum: match (&a.up_sha256, &a.down_sha256) {
+                    (Some(up), Some(down)) if *up == k.up_sha && *down == k.down_sha => {
+                        ChecksumState::Verified
+                    }
+                    (Some(_), _) => ChecksumState::Edited,
+                    (None, _) => ChecksumState::Unrecorded,
+                },
+                duration: a.duration_ms.map(|ms| Duration::from_secs_f64(ms / 1000.0)),
+            },
+        };
+        out.push(MigrationStatus {
+            version: k.version.clone(),
+            name: k.name.clone(),
+            state,
+        });
+    }
+    for a in &applied {
+        if !known.iter().any(|k| k.version == a.version) {
+            out.push(MigrationStatus {
+                version: a.version.clone(),
+                name: String::new(),
+                state: MigrationState::Unknown,
+            });
+        }
+    }
+    out.sort_by(|a, b| a.version.cmp(&b.version));
+    Ok(out)
+}
+
+fn check(rows: &[MigrationStatus]) -> Result<(), Error> {
+    for r in rows {
+        match &r.state {
+            MigrationState::Unknown => {
+                return Err(Error::Migration(MigrationError::UnknownVersion {
+                    version: r.version.clone(),
+                }));
+            }
+            MigrationState::Applied {
+                checksum: ChecksumState::Edited,
+                ..
+            } => {
+                return Err(Error::Migration(MigrationError::Edited {
+                    version: r.version.clone(),
+                    recorded: String::from("(see railyard_schema_migrations)"),
+                    embedded: String::from("(this binary)"),
+                }));
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+fn apply_pending(c: &mut SyncConn, known: &[Known]) -> Result<MigrationReport, Error> {
+    ensure_tables(c)?;
+    // Re-read under the lock: another instance may have just migrated.
+    let applied = read_applied(c)?;
+    let mut report = MigrationReport::default();
+    for a in &applied {
+        let Some(k) = known.iter().find(|k| k.version == a.version) else {
+            return Err(Error::Migration(MigrationError::UnknownVersion {
+                version: a.version.clone(),
+            }));
+        };
+        match (&a.up_sha256, &a.down_sha256) {
+            (Some(up), Some(down)) => {
+                if *up != k.up_sha || *down != k.down_sha {
+                    let which = if *up != k.up_sha { "up" } else { "down" };
+                    return Err(Error::Migration(MigrationError::Edited {
+                        version: a.version.clone(),
+                        recorded: format!(
+                            "{which} {}",
+                            if which == "up" {
+                                &up[..12]
+                            } else {
+                                &down[..12]
+                            }
+                        ),
+                        embedded: format!(
+                            "{which} {}",
+                            if which == "up" {
+                                &k.up_sha[..12]
+                            } else {
+                                &k.down_sha[..12]
+                            }
+                        ),
+                    }));
+                }
+            }
+            _ => {
+                record(c, k, None)?;
+                report.adopted.push(k.version.clone());
+            }
+        }
+    }
+    report.already_applied = applied.len();
+    for k in known {
+        if applied.iter().any(|a| a.version == k.version) {
+            continue;
+        }
+        let started = Instant::now();
+        let in_tx = k.migration.metadata().run_in_transaction();
+        let run = |c: &mut SyncConn| -> Result<(), Error> {
+            k.migration.run(c).map_err(|e| {
+                Error::Migration(MigrationError::Failed {
+                    version: k.version.clone(),
+                    sqlstate: None,
+                    message: e.to_string(),
+                })
+            })?;
+            diesel::sql_query("INSERT INTO __diesel_schema_migrations (version) VALUES ($1)")
+                .bind::<Text, _>(&k.version)
+                .execute(c)
+                .map_err(q)?;
+            record(c, k, Some(started.elapsed()))
+        };
+        if in_tx {
+            c.transaction::<_, Error, _>(|c| run(c))?;
+        } else {
+            run(c)?;
+        }
+        let duration = started.elapsed();
+        tracing::info!(target: "railyard::migrate", version = %k.version, name = %k.name, ?duration, "applied migration");
+        report.applied.push(AppliedMigration {
+            version: k.version.clone(),
+            name: k.name.clone(),
+            duration,
+        });
+    }
+    Ok(report)
+}
+
+fn record(c: &mut SyncConn, k: &Known, duration: Option<Duration>) -> Result<(), Error> {
+    diesel::sql_query(
+        "INSERT INTO railyard_schema_migrations (version, name, up_sha256, down_sha256, duration_ms) \
+         VALUES ($1, $2, $3, $4, $5) ON CONFLICT (version) DO UPDATE SET up_sha256 = EXCLUDED.up_sha256, \
+         down_sha256 = EXCLUDED.down_sha256, name = EXCLUDED.name",
+    )
+    .bind::<Text, _>(&k.version)
+    .bind::<Text, _>(&k.name)
+    .bind::<Text, _>(&k.up_sha)
+    .bind::<Text, _>(&k.down_sha)
+    .bind::<Nullable<Double>, _>(duration.map(|d| d.as_secs_f64() * 1000.0))
+    .execute(c)
+    .map_err(q)?;
+    Ok(())
+}
+
+fn revert_last(c: &mut SyncConn, known: &[Known]) -> Result<Option<String>, Error> {
+    let applied = read_applied(c)?;
+    let Some(last) = applied.last() else {
+        return Ok(None);
+    };
+    let k = known
+        .iter()
+        .find(|k| k.version == last.version)
+        .ok_or_else(|| {
+            Error::Migration(MigrationError::CannotRevert(format!(
+                "the latest applied migration {} is not in this binary",
+                last.version
+            )))
+        })?;
+    if let Some(up) = &last.up_sha256
+        && *up != k.up_sha
+    {
+        return Err(Error::Migration(MigrationError::Edited {
+            version: k.version.clone(),
+            recorded: up[..12].to_owned(),
+            embedded: k.up_sha[..12].to_owned(),
+        }));
+    }
+    let revert = |c: &mut SyncConn| -> Result<(), Error> {
+        k.migration.revert(c).map_err(|e| {
+            Error::Migration(MigrationError::CannotRevert(format!("{}: {e}", k.version)))
+        })?;
+        diesel::sql_query("DELETE FROM __diesel_schema_migrations WHERE version = $1")
+            .bind::<Text, _>(&k.version)
+            .execute(c)
+            .map_err(q)?;
+        diesel::sql_query("DELETE FROM railyard_schema_migrations WHERE version = $1")
+            .bind::<Text, _>(&k.version)
+            .execute(c)
+            .map_err(q)?;
+        Ok(())
+    };
+    if k.migration.metadata().run_in_transaction() {
+        c.transaction::<_, Error, _>(|c| revert(c))?;
+    } else {
+        revert(c)?;
+    }
+    Ok(Some(k.version.clone()))
+}

@@ -1,0 +1,549 @@
+//! Our own `bb8::ManageConnection` (DESIGN.md D1).
+//!
+//! Each connection is opened by us: the socket (TCP or Unix) is wrapped in the
+//! protocol tap, TLS comes from our rustls connector, the password is read from
+//! the [`Credentials`](crate::Credentials) provider at every connect (so a rotated
+//! password is used without a restart), several hosts are walked in order and
+//! `target_session_attrs` is checked by us. Connect errors keep the server's
+//! SQLSTATE. Each [`Conn`] knows its host, port, role and backend pid.
+
+use std::fmt;
+use std::ops::{Deref, DerefMut};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use diesel::connection::TransactionManagerStatus;
+use diesel_async::TransactionManager;
+use diesel_async::{AnsiTransactionManager, AsyncPgConnection};
+use tokio_postgres::SimpleQueryMessage;
+use tokio_postgres::error::SqlState;
+
+use crate::config::{Config, ConnectTarget, Host, SslMode, TargetSessionAttrs};
+use crate::error::{ConnectError, ConnectStage, Error};
+use crate::tls::Connector;
+use crate::wire::{Socket, Tapped, WireState};
+
+/// Whether a server accepts writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ServerRole {
+    /// Not in recovery: accepts writes.
+    Primary,
+    /// In recovery (a hot standby): read-only.
+    Standby,
+}
+
+/// What is known about one connection, recorded when it was opened.
+#[derive(Debug, Clone)]
+pub struct ConnInfo {
+    /// The host the connection reached.
+    pub host: Host,
+    /// The port it reached.
+    pub port: u16,
+    /// Primary or standby, from `pg_is_in_recovery()` at connect time.
+    pub role: ServerRole,
+    /// The server process serving this connection (`pg_backend_pid()`).
+    pub backend_pid: i32,
+    /// `server_version`, e.g. `15.8 (Debian 15.8-0+deb12u1)`.
+    pub server_version: String,
+    /// Whether the connection is encrypted.
+    pub tls: bool,
+}
+
+/// A connection produced by Railyard's pool: a diesel-async connection plus what
+/// Railyard knows about it. Dereferences to [`AsyncPgConnection`], so diesel
+/// queries take `&mut *conn`.
+pub struct Conn {
+    pg: AsyncPgConnection,
+    info: ConnInfo,
+    wire: Arc<WireState>,
+    created: Instant,
+    last_returned: Instant,
+}
+
+impl fmt::Debug for Conn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Conn")
+            .field("info", &self.info)
+            .field("closed", &self.wire.is_closed())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Conn {
+    /// Host, role, backend pid and server version of this connection.
+    pub fn info(&self) -> &ConnInfo {
+        &self.info
+    }
+    /// What the protocol tap has seen on this connection.
+    pub fn wire(&self) -> &WireState {
+        &self.wire
+    }
+    /// When the connection was opened.
+    pub fn created(&self) -> Instant {
+        self.created
+    }
+    /// The diesel connection, for running queries.
+    pub fn pg(&mut self) -> &mut AsyncPgConnection {
+        &mut self.pg
+    }
+    /// Takes the diesel connection out (for long-lived work outside the pool).
+    pub fn into_inner(self) -> AsyncPgConnection {
+        self.pg
+    }
+
+    /// Whether diesel believes this connection is outside any transaction and healthy.
+    fn transaction_idle(&mut self) -> bool {
+        match AnsiTransactionManager::transaction_manager_status_mut(&mut self.pg) {
+            TransactionManagerStatus::Valid(v) => v.transaction_depth().is_none(),
+            TransactionManagerStatus::InError => false,
+        }
+    }
+}
+
+impl Deref for Conn {
+    type Target = AsyncPgConnection;
+    fn deref(&self) -> &AsyncPgConnection {
+        &self.pg
+    }
+}
+
+impl DerefMut for Conn {
+    fn deref_mut(&mut self) -> &mut AsyncPgConnection {
+        &mut self.pg
+    }
+}
+
+/// Opens connections to one target (the primary, or one replica).
+#[derive(Clone)]
+pub(crate) struct Opener {
+    target: ConnectTarget,
+    config: Arc<Config>,
+    tls: Option<Arc<rustls::ClientConfig>>,
+    ssl_mode: SslMode,
+    attrs: TargetSessionAttrs,
+}
+
+impl fmt::Debug for Opener {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Opener")
+            .field("target", &self.target)
+            .field("ssl_mode", &self.ssl_mode)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Opener {
+    pub(crate) fn new(
+        target: ConnectTarget,
+        config: Arc<Config>,
+        default_attrs: TargetSessionAttrs,
+    ) -> Result<Self, Error> {
+        let ssl_mode = config.effective_ssl_mode(&target);
+        let root = config.effective_root_cert(&target).cloned();
+        let tls = crate::tls::tls_client_config(ssl_mode, root.as_deref())?;
+        let attrs = target.target_session_attrs().unwrap_or(default_attrs);
+        Ok(Opener {
+            target,
+            config,
+            tls,
+            ssl_mode,
+            attrs,
+        })
+    }
+
+    /// Opens one connection, walking the target's hosts in order.
+    pub(crate) async fn open(&self) -> Result<Conn, Error> {
+        let password = self
+            .config
+            .credentials
+            .password(self.target.password.as_ref())
+            .map_err(|message| {
+                let (host, port) = &self.target.hosts[0];
+                ConnectError {
+                    host: host.to_string(),
+                    port: *port,
+                    stage: ConnectStage::Credentials,
+                    sqlstate: None,
+                    message,
+                    source: None,
+                }
+            })?;
+        let mut last = None;
+        for (host, port) in &self.target.hosts {
+            let timeout = self.config.effective_connect_timeout(&self.target);
+            let attempt = self.open_host(host, *port, password.as_ref().map(|p| p.expose()));
+            let result = match tokio::time::timeout(timeout, attempt).await {
+                Ok(r) => r,
+                Err(_) => Err(ConnectError {
+                    host: host.to_string(),
+                    port: *port,
+                    stage: ConnectStage::Timeout,
+                    sqlstate: None,
+                    message: format!("no answer within the connect timeout of {timeout:?}"),
+                    source: None,
+                }),
+            };
+            match result {
+                Ok(conn) => return Ok(conn),
+                Err(e) => {
+                    tracing::debug!(host = %host, port, stage = %e.stage, error = %e.message, "connect attempt failed");
+                    last = Some(e);
+                }
+            }
+        }
+        Err(Error::Connect(
+            last.expect("a target has at least one host"),
+        ))
+    }
+
+    async fn open_host(
+        &self,
+        host: &Host,
+        port: u16,
+        password: Option<&str>,
+    ) -> Result<Conn, ConnectError> {
+        let fail = |stage, sqlstate: Option<SqlState>, message: String| ConnectError {
+            host: host.to_string(),
+            port,
+            stage,
+            sqlstate,
+            message,
+            source: None,
+        };
+        let socket = match host {
+            Host::Tcp(h) => {
+                let s = tokio::net::TcpStream::connect((h.as_str(), port))
+                    .await
+                    .map_err(|e| fail(ConnectStage::Socket, None, e.to_string()))?;
+                let _ = s.set_nodelay(true);
+                Socket::Tcp(s)
+            }
+            Host::Unix(dir) => {
+                let path = dir.join(format!(".s.PGSQL.{port}"));
+                let s = tokio::net::UnixStream::connect(&path).await.map_err(|e| {
+                    fail(
+                        ConnectStage::Socket,
+                        None,
+                        format!("{}: {e}", path.display()),
+                    )
+                })?;
+                Socket::Unix(s)
+            }
+        };
+        let wire = Arc::new(WireState::default());
+        let tapped = Tapped::new(socket, wire.clone(), true);
+
+        let mut pg = tokio_postgres::Config::new();
+        if let Some(u) = &self.target.user {
+            pg.user(u);
+        }
+        if let Some(p) = password {
+            pg.password(p);
+        }
+        if let Some(db) = &self.target.dbname {
+            pg.dbname(db);
+        }
+        pg.application_name(
+            self.target
+                .application_name()
+                .unwrap_or(&self.config.application_name),
+        );
+        // Session settings travel in the startup packet: no extra round trip.
+        let mut options = self.target.params.options.clone().unwrap_or_default();
+        if let Some(st) = self.config.statement_timeout_setting() {
+            options.push_str(&format!(" -c statement_timeout={st}"));
+        }
+        if !options.trim().is_empty() {
+            pg.options(options.trim());
+        }
+        let unix = matches!(host, Host::Unix(_));
+        pg.ssl_mode(match (self.ssl_mode, unix) {
+            (_, true) | (SslMode::Disable, _) => tokio_postgres::config::SslMode::Disable,
+            (SslMode::Prefer, _) => tokio_postgres::config::SslMode::Prefer,
+            _ => tokio_postgres::config::SslMode::Require,
+        });
+        let server_name = match host {
+            Host::Tcp(h) => h.clone(),
+            Host::Unix(_) => "localhost".to_owned(),
+        };
+        let connector = Connector::new(
+            if unix { None } else { self.tls.as_ref() },
+            &server_name,
+            wire.clone(),
+        )
+        .map_err(|e| fail(ConnectStage::Tls, None, e.to_string()))?;
+
+        let (client, connection) = match pg.connect_raw(tapped, connector).await {
+            Ok(pair) => pair,
+            Err(e) => return Err(self.classify_connect_error(host, port, &wire, e)),
+        };
+        let driver_wire = wire.clone();
+        tokio::spawn(async move {
+            let result = connection.await;
+            driver_wire.mark_closed(result.err().map(|e| e.to_string()));
+        });
+
+        // One round trip: time zone, then who we reached.
+        let tz = self.config.time_zone.replace('\'', "''");
+        let probe = format!(
+            "SET TIME ZONE '{tz}'; SELECT pg_backend_pid()::text, pg_is_in_recovery()::text, current_setting('server_version'), current_setting('transaction_read_only')"
+        );
+        let rows = client
+            .simple_query(&probe)
+            .await
+            .map_err(|e| fail(ConnectStage::Setup, e.code().cloned(), e.to_string()))?;
+        let row = rows
+            .iter()
+            .find_map(|m| match m {
+                SimpleQueryMessage::Row(r) => Some(r),
+                _ => None,
+            })
+            .ok_or_else(|| {
+                fail(
+                    ConnectStage::Setup,
+                    None,
+                    "role probe returned no row".into(),
+                )
+            })?;
+        let col = |i: usize| row.get(i).unwrap_or_default().to_owned();
+        let backend_pid: i32 = col(0).parse().unwrap_or(0);
+        let in_recovery = col(1) == "true";
+        let read_only = col(3) == "on";
+        let role = if in_recovery {
+            ServerRole::Standby
+        } else {
+            ServerRole::Primary
+        };
+        let acceptable = match self.attrs {
+            TargetSessionAttrs::Any => true,
+            TargetSessionAttrs::ReadWrite => !in_recovery && !read_only,
+            TargetSessionAttrs::Standby => in_recovery,
+        };
+        if !acceptable {
+            return Err(fail(
+                ConnectStage::SessionAttrs,
+                None,
+                format!(
+                    "server is a {} but target_session_attrs={} was asked for",
+                    if in_recovery {
+                        "standby"
+                    } else {
+                        "read-write primary"
+                    },
+                    self.attrs.as_str()
+                ),
+            ));
+        }
+        let mut pg_conn = AsyncPgConnection::try_from(client)
+            .await
+            .map_err(|e| fail(ConnectStage::Setup, None, e.to_string()))?;
+        if self.config.time_zone != "UTC" {
+            // diesel-async's setup forces UTC; put the configured zone back.
+            use diesel_async::SimpleAsyncConnection;
+            pg_conn
+                .batch_execute(&format!("SET TIME ZONE '{tz}'"))
+                .await
+                .map_err(|e| fail(ConnectStage::Setup, None, e.to_string()))?;
+        }
+        let now = Instant::now();
+        Ok(Conn {
+            pg: pg_conn,
+            info: ConnInfo {
+                host: host.clone(),
+                port,
+                role,
+                backend_pid,
+                server_version: col(2),
+                tls: wire.is_tls(),
+            },
+            wire,
+            created: now,
+            last_returned: now,
+        })
+    }
+
+    fn classify_connect_error(
+        &self,
+        host: &Host,
+        port: u16,
+        wire: &WireState,
+        e: tokio_postgres::Error,
+    ) -> ConnectError {
+        let (stage, sqlstate, mut message) = if let Some(db) = e.as_db_error() {
+            (
+                ConnectStage::Startup,
+                Some(db.code().clone()),
+                format!("{}: {}", db.severity(), db.message()),
+            )
+        } else if wire.tls_failed() || e.to_string().contains("TLS") {
+            let detail = std::error::Error::source(&e)
+                .map(|s| s.to_string())
+                .unwrap_or_else(|| e.to_string());
+            (ConnectStage::Tls, None, format!("TLS: {detail}"))
+        } else {
+            (ConnectStage::Startup, None, e.to_string())
+        };
+        if sqlstate.as_ref() == Some(&SqlState::INVALID_AUTHORIZATION_SPECIFICATION)
+            && self.ssl_mode == SslMode::Disable
+        {
+            message.push_str(
+                " (the server may accept only TLS connections: use sslmode=require or verify-full)",
+            );
+        }
+        if sqlstate.as_ref() == Some(&SqlState::INVALID_PASSWORD) {
+            message.push_str(" (check the password, or its provider: RAILYARD_PASSWORD_FILE / RAILYARD_PASSWORD_ENV)");
+        }
+        ConnectError {
+            host: host.to_string(),
+            port,
+            stage,
+            sqlstate,
+            message,
+            source: Some(Box::new(e)),
+        }
+    }
+}
+
+/// The bb8 manager for one target.
+#[derive(Debug, Clone)]
+pub(crate) struct Manager {
+    pub(crate) opener: Opener,
+    /// Connections idle longer than this are pinged at checkout; others are
+    /// checked without a round trip (D1).
+    pub(crate) ping_after_idle: Duration,
+}
+
+impl bb8::ManageConnection for Manager {
+    type Connection = Conn;
+    type Error = Error;
+
+    async fn connect(&self) -> Result<Conn, Error> {
+        self.opener.open().await
+    }
+
+    async fn is_valid(&self, conn: &mut Conn) -> Result<(), Error> {
+        if conn.wire.is_closed() {
+            return Err(Error::Connect(ConnectError {
+                host: conn.info.host.to_string(),
+                port: conn.info.port,
+                stage: ConnectStage::Socket,
+                sqlstate: None,
+                message: "the server closed the connection while it was idle in the pool".into(),
+                source: None,
+            }));
+        }
+        if conn.last_returned.elapsed() >= self.ping_after_idle {
+            use diesel_async::SimpleAsyncConnection;
+            conn.pg.batch_execute("").await?;
+        }
+        Ok(())
+    }
+
+    fn has_broken(&self, conn: &mut Conn) -> bool {
+        conn.last_returned = Instant::now();
+        // A connection handed back inside a transaction (a cancelled future, say)
+        // is in an unknown state: never reuse it.
+        conn.wire.is_closed() || !conn.transaction_idle()
+    }
+}
+
+/// Records the latest connect error of a pool, so that a checkout that times out
+/// can say why (bb8 only reports `TimedOut`).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct LastError(Arc<Mutex<Option<(Instant, String, Option<SqlState>)>>>);
+
+impl LastError {
+    pub(crate) fn take_recent(&self, since: Instant) -> Option<(String, Option<SqlState>)> {
+        let guard = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        match &*guard {
+            Some((at, msg, code)) if *at >= since => Some((msg.clone(), code.clone())),
+            _ => None,
+        }
+    }
+}
+
+impl bb8::ErrorSink<Error> for LastError {
+    fn sink(&self, error: Error) {
+        tracing::warn!(target: "railyard::pool", error = %error, "pool could not open a connection");
+        let code = error.sqlstate().cloned();
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some((Instant::now(), error.to_string(), code));
+    }
+
+    fn boxed_clone(&self) -> Box<dyn bb8::ErrorSink<Error>> {
+        Box::new(self.clone())
+    }
+}
+
+/// A pool of connections to one target, with its name for errors and reports.
+#[derive(Debug, Clone)]
+pub(crate) struct TargetPool {
+    pub(crate) name: String,
+    pub(crate) pool: bb8::Pool<Manager>,
+    pub(crate) last_error: LastError,
+    pub(crate) checkout_timeout: Duration,
+}
+
+impl TargetPool {
+    pub(crate) fn build(name: &str, opener: Opener, max_size: u32, config: &Config) -> TargetPool {
+        let last_error = LastError::default();
+        let manager = Manager {
+            opener,
+            ping_after_idle: Duration::from_secs(30),
+        };
+        let pool = bb8::Pool::builder()
+            .max_size(max_size)
+            .min_idle(config.pool.min_idle)
+            .connection_timeout(config.pool.checkout_timeout)
+            .idle_timeout(config.pool.idle_timeout)
+            .max_lifetime(config.pool.max_lifetime)
+            .test_on_check_out(true)
+            .error_sink(Box::new(last_error.clone()))
+            .build_unchecked(manager);
+        TargetPool {
+            name: name.to_owned(),
+            pool,
+            last_error,
+            checkout_timeout: config.pool.checkout_timeout,
+        }
+    }
+
+    pub(crate) async fn get(&self) -> Result<bb8::PooledConnection<'_, Manager>, Error> {
+        let started = Instant::now();
+        self.pool
+            .get()
+            .await
+            .map_err(|e| self.run_error(started, e))
+    }
+
+    pub(crate) async fn get_owned(&self) -> Result<bb8::PooledConnection<'static, Manager>, Error> {
+        let started = Instant::now();
+        self.pool
+            .get_owned()
+            .await
+            .map_err(|e| self.run_error(started, e))
+    }
+
+    fn run_error(&self, started: Instant, e: bb8::RunError<Error>) -> Error {
+        match e {
+            bb8::RunError::User(e) => e,
+            bb8::RunError::TimedOut => match self.last_error.take_recent(started) {
+                Some((message, sqlstate)) => Error::Connect(ConnectError {
+                    host: self.name.clone(),
+                    port: 0,
+                    stage: ConnectStage::Timeout,
+                    sqlstate,
+                    message: format!(
+                        "no connection within the checkout timeout of {:?}; the last attempt failed: {message}",
+                        self.checkout_timeout
+                    ),
+                    source: None,
+                }),
+                None => Error::PoolTimeout {
+                    pool: self.name.clone(),
+                    waited: started.elapsed(),
+                },
+            },
+        }
+    }
+}

@@ -1,0 +1,280 @@
+//! rustls client configuration from `sslmode` and `sslrootcert`, with libpq's
+//! meanings (see [`SslMode`]). No OpenSSL anywhere.
+//!
+//! The connector returned here is the seam for the protocol tap (DESIGN.md D2):
+//! when it upgrades a socket, the socket's tap is switched off and the decrypted
+//! stream above TLS is tapped instead, sharing the connection's one wire state.
+
+use std::future::Future;
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use rustls::client::WebPkiServerVerifier;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{
+    CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
+};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_postgres::tls::{MakeTlsConnect, TlsConnect};
+
+use crate::config::SslMode;
+use crate::error::Error;
+use crate::wire::{Tapped, WireState};
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Builds the rustls client configuration for a mode and an optional CA file.
+///
+/// Returns `None` for [`SslMode::Disable`]. Errors name the file and what is wrong
+/// with it.
+///
+/// # Example
+/// ```
+/// use railyard::{tls_client_config, SslMode};
+/// assert!(tls_client_config(SslMode::Disable, None)?.is_none());
+/// assert!(tls_client_config(SslMode::VerifyFull, None)?.is_some()); // web roots
+/// # Ok::<(), railyard::Error>(())
+/// ```
+pub fn tls_client_config(
+    mode: SslMode,
+    root_cert: Option<&Path>,
+) -> Result<Option<Arc<ClientConfig>>, Error> {
+    let provider = provider();
+    let builder = ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| Error::Tls(format!("protocol versions: {e}")))?;
+    let roots = match root_cert {
+        Some(path) => Some(Arc::new(load_roots(path)?)),
+        None => None,
+    };
+    let web_roots = || {
+        Arc::new(RootCertStore {
+            roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+        })
+    };
+    let verifier: Arc<dyn ServerCertVerifier> = match (mode, roots) {
+        (SslMode::Disable, _) => return Ok(None),
+        // libpq: prefer/require do not verify, unless a root certificate is given for
+        // require, which then behaves as verify-ca.
+        (SslMode::Prefer, _) | (SslMode::Require, None) => Arc::new(NoVerification {
+            algorithms: provider.signature_verification_algorithms,
+        }),
+        (SslMode::Require, Some(roots)) | (SslMode::VerifyCa, Some(roots)) => {
+            Arc::new(ChainOnly(webpki_verifier(roots, &provider)?))
+        }
+        (SslMode::VerifyCa, None) => Arc::new(ChainOnly(webpki_verifier(web_roots(), &provider)?)),
+        (SslMode::VerifyFull, Some(roots)) => webpki_verifier(roots, &provider)?,
+        (SslMode::VerifyFull, None) => webpki_verifier(web_roots(), &provider)?,
+    };
+    let config = builder
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth();
+    Ok(Some(Arc::new(config)))
+}
+
+fn webpki_verifier(
+    roots: Arc<RootCertStore>,
+    provider: &Arc<CryptoProvider>,
+) -> Result<Arc<WebPkiServerVerifier>, Error> {
+    WebPkiServerVerifier::builder_with_provider(roots, provider.clone())
+        .build()
+        .map_err(|e| Error::Tls(format!("certificate verifier: {e}")))
+}
+
+fn load_roots(path: &Path) -> Result<RootCertStore, Error> {
+    let bytes = std::fs::read(path).map_err(|e| {
+        Error::Tls(format!(
+            "cannot read sslrootcert {}: {e}; point sslrootcert at the CA certificate (PEM) that signed the server's certificate",
+            path.display()
+        ))
+    })?;
+    let mut store = RootCertStore::empty();
+    let mut count = 0;
+    for cert in CertificateDer::pem_slice_iter(&bytes) {
+        let cert = cert.map_err(|e| {
+            Error::Tls(format!(
+                "sslrootcert {} is not valid PEM: {e}",
+                path.display()
+            ))
+        })?;
+        store.add(cert).map_err(|e| {
+            Error::Tls(format!(
+                "sslrootcert {} holds an unusable certificate: {e}",
+                path.display()
+            ))
+        })?;
+        count += 1;
+    }
+    if count == 0 {
+        return Err(Error::Tls(format!(
+            "sslrootcert {} holds no PEM certificate",
+            path.display()
+        )));
+    }
+    Ok(store)
+}
+
+/// verify-ca: the chain must be valid, the name is not checked.
+#[derive(Debug)]
+struct ChainOnly(Arc<WebPkiServerVerifier>);
+
+impl ServerCertVerifier for ChainOnly {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        match self
+            .0
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+        {
+            Err(rustls::Error::InvalidCertificate(
+                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
+            )) => Ok(ServerCertVerified::assertion()),
+            other => other,
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.supported_verify_schemes()
+    }
+}
+
+/// prefer / require without a CA: encrypt, but accept any certificate (as libpq).
+/// Handshake signatures are still checked, so the peer holds the certificate's key.
+#[derive(Debug)]
+struct NoVerification {
+    algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl ServerCertVerifier for NoVerification {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}
+
+/// Our `TlsConnect`: rustls through tokio-postgres-rustls, with the protocol tap
+/// moved from the socket to the decrypted stream when TLS is negotiated.
+pub(crate) struct Connector {
+    inner: Option<<tokio_postgres_rustls::MakeRustlsConnect as MakeTlsConnect<tokio_postgres::Socket>>::TlsConnect>,
+    pub(crate) wire: Arc<WireState>,
+}
+
+impl Connector {
+    /// `config` is `None` for `sslmode=disable`: the connector is then never asked
+    /// to upgrade (tokio-postgres does not call it).
+    pub(crate) fn new(
+        config: Option<&Arc<ClientConfig>>,
+        host: &str,
+        wire: Arc<WireState>,
+    ) -> Result<Self, Error> {
+        let inner = match config {
+            None => None,
+            Some(cfg) => {
+                let mut make = tokio_postgres_rustls::MakeRustlsConnect::new((**cfg).clone());
+                Some(
+                    <tokio_postgres_rustls::MakeRustlsConnect as MakeTlsConnect<
+                        tokio_postgres::Socket,
+                    >>::make_tls_connect(&mut make, host)
+                    .map_err(|e| Error::Tls(format!("server name {host:?}: {e}")))?,
+                )
+            }
+        };
+        Ok(Connector { inner, wire })
+    }
+}
+
+type RustlsConnect = <tokio_postgres_rustls::MakeRustlsConnect as MakeTlsConnect<
+    tokio_postgres::Socket,
+>>::TlsConnect;
+
+impl<S> TlsConnect<Tapped<S>> for Connector
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    type Stream = Tapped<<RustlsConnect as TlsConnect<Tapped<S>>>::Stream>;
+    type Error = std::io::Error;
+    type Future = Pin<Box<dyn Future<Output = std::io::Result<Self::Stream>> + Send>>;
+
+    fn connect(self, mut stream: Tapped<S>) -> Self::Future {
+        // Below TLS the bytes are ciphertext: observe above it instead (D2).
+        stream.set_observing(false);
+        let wire = self.wire.clone();
+        let inner = self.inner;
+        Box::pin(async move {
+            let Some(inner) = inner else {
+                wire.note_tls_failure();
+                return Err(std::io::Error::other(
+                    "TLS was requested but sslmode=disable built no TLS configuration",
+                ));
+            };
+            match TlsConnect::<Tapped<S>>::connect(inner, stream).await {
+                Ok(tls) => {
+                    wire.note_tls();
+                    Ok(Tapped::new(tls, wire, true))
+                }
+                Err(e) => {
+                    wire.note_tls_failure();
+                    Err(e)
+                }
+            }
+        })
+    }
+}
