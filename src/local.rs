@@ -516,7 +516,13 @@ fn pg_running(bins: &Binaries, data: &Path) -> bool {
     if !data.join("PG_VERSION").exists() {
         return false;
     }
-    Command::new(bins.bin("pg_ctl"))
+    // pg_ctl refuses to run as root, even for `status`.
+    let Ok(run_as) = RunAs::detect() else {
+        return false;
+    };
+    let cwd = data.parent().unwrap_or(data);
+    run_as
+        .command(&bins.bin("pg_ctl"), cwd)
         .args(["status", "-D"])
         .arg(data)
         .stdout(Stdio::null())

@@ -39,9 +39,6 @@ use crate::config::{Config, TargetSessionAttrs};
 use crate::error::{Error, MigrationError};
 use crate::pool::Opener;
 
-/// The advisory lock key: the first 8 bytes of SHA-256("railyard.migrations").
-const LOCK_KEY: i64 = 0x5241_494c_5941_5244; // "RAILYARD" in ASCII
-
 type Source = Arc<dyn MigrationSource<Pg> + Send + Sync>;
 type SyncConn = AsyncConnectionWrapper<AsyncPgConnection>;
 
@@ -214,6 +211,11 @@ fn q(e: diesel::result::Error) -> Error {
 }
 
 impl Migrator {
+    /// The session advisory lock key that serialises migration runs: the bytes of
+    /// "RAILYARD" in ASCII. Operators can find a holder with
+    /// `SELECT pid FROM pg_locks WHERE locktype = 'advisory'`.
+    pub const LOCK_KEY: i64 = 0x5241_494c_5941_5244;
+
     /// A migrator for a migration source, usually the constant produced by
     /// `diesel_migrations::embed_migrations!()`.
     pub fn new(source: impl MigrationSource<Pg> + Send + Sync + 'static) -> Self {
@@ -374,7 +376,7 @@ fn with_lock<T>(
     let mut delay = Duration::from_millis(20);
     loop {
         let got: Flag = diesel::sql_query("SELECT pg_try_advisory_lock($1) AS ok")
-            .bind::<diesel::sql_types::BigInt, _>(LOCK_KEY)
+            .bind::<diesel::sql_types::BigInt, _>(Migrator::LOCK_KEY)
             .get_result(c)
             .map_err(q)?;
         if got.ok {
@@ -386,7 +388,7 @@ fn with_lock<T>(
                  AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
                  AND classid = ($1 >> 32)::bigint::oid AND objid = ($1 & 4294967295)::bigint::oid AND objsubid = 1 LIMIT 1",
             )
-            .bind::<diesel::sql_types::BigInt, _>(LOCK_KEY)
+            .bind::<diesel::sql_types::BigInt, _>(Migrator::LOCK_KEY)
             .get_result(c)
             .ok();
             return Err(Error::Migration(MigrationError::LockTimeout {
@@ -400,7 +402,7 @@ fn with_lock<T>(
     let lock_wait = started.elapsed();
     let result = f(c, lock_wait);
     let unlock = diesel::sql_query("SELECT pg_advisory_unlock($1) AS ok")
-        .bind::<diesel::sql_types::BigInt, _>(LOCK_KEY)
+        .bind::<diesel::sql_types::BigInt, _>(Migrator::LOCK_KEY)
         .get_result::<Flag>(c);
     if let Err(e) = unlock {
         // The connection is dropped right after, which releases the lock anyway.

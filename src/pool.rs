@@ -379,7 +379,7 @@ impl Opener {
             let detail = std::error::Error::source(&e)
                 .map(|s| s.to_string())
                 .unwrap_or_else(|| e.to_string());
-            (ConnectStage::Tls, None, format!("TLS: {detail}"))
+            (ConnectStage::Tls, None, detail)
         } else {
             (ConnectStage::Startup, None, e.to_string())
         };

@@ -1,0 +1,8 @@
+//! Railyard's integration tests: one binary, a module per concern, all against a
+//! real PostgreSQL (the local cluster, or `TEST_DATABASE_URL`).
+
+mod connect;
+mod local;
+mod migrations;
+mod support;
+mod tls;

@@ -1,0 +1,288 @@
+//! Boot-time migrations: checksums, refusal of edited or unknown history, races,
+//! failures that leave nothing behind, the lock, status and revert. Each test
+//! uses a database of its own, since migrations commit.
+
+use std::time::Duration;
+
+use diesel_async::SimpleAsyncConnection;
+use diesel_migrations::{EmbeddedMigrations, embed_migrations};
+use railyard::{ChecksumState, Database, Error, MigrationError, MigrationState, Migrator};
+
+use crate::support::{self, count};
+
+const V1: EmbeddedMigrations = embed_migrations!("tests/migrations/v1");
+const V2: EmbeddedMigrations = embed_migrations!("tests/migrations/v2");
+const EDITED: EmbeddedMigrations = embed_migrations!("tests/migrations/edited");
+const FAILING: EmbeddedMigrations = embed_migrations!("tests/migrations/failing");
+const LEDGER: EmbeddedMigrations = embed_migrations!("migrations");
+
+#[tokio::test]
+async fn a_fresh_database_gets_every_migration_and_a_second_boot_applies_nothing() {
+    let (_, config) = support::fresh_database("mig_fresh").await;
+    let db = Database::builder(config.clone())
+        .migrations(Migrator::new(LEDGER))
+        .connect()
+        .await
+        .unwrap();
+    let report = db.migration_report().unwrap();
+    assert_eq!(report.applied.len(), 3);
+    assert_eq!(report.already_applied, 0);
+    assert_eq!(
+        count(
+            &config,
+            "SELECT count(*) AS n FROM railyard_schema_migrations"
+        )
+        .await,
+        3
+    );
+    assert_eq!(
+        count(
+            &config,
+            "SELECT count(*) AS n FROM __diesel_schema_migrations"
+        )
+        .await,
+        3
+    );
+    assert_eq!(count(&config, "SELECT count(*) AS n FROM users").await, 0);
+
+    let again = Database::builder(config.clone())
+        .migrations(Migrator::new(LEDGER))
+        .connect()
+        .await
+        .unwrap();
+    let report = again.migration_report().unwrap();
+    assert!(report.applied.is_empty());
+    assert_eq!(report.already_applied, 3);
+}
+
+#[tokio::test]
+async fn refuses_to_boot_when_an_applied_migration_was_edited() {
+    let (_, config) = support::fresh_database("mig_edited").await;
+    Migrator::new(V1).run(&config).await.unwrap();
+    let err = Migrator::new(EDITED).run(&config).await.unwrap_err();
+    match &err {
+        Error::Migration(MigrationError::Edited { version, .. }) => {
+            assert_eq!(version, "20200101000002")
+        }
+        other => panic!("expected Edited, got {other}"),
+    }
+    assert!(err.to_string().contains("20200101000002"), "{err}");
+    let status = Migrator::new(EDITED).status(&config).await.unwrap();
+    assert!(matches!(
+        status[1].state,
+        MigrationState::Applied {
+            checksum: ChecksumState::Edited,
+            ..
+        }
+    ));
+    assert!(Migrator::new(EDITED).verify(&config).await.is_err());
+}
+
+#[tokio::test]
+async fn refuses_to_boot_when_the_database_is_ahead_of_the_binary() {
+    let (_, config) = support::fresh_database("mig_ahead").await;
+    Migrator::new(V2).run(&config).await.unwrap();
+    let err = Database::builder(config)
+        .migrations(Migrator::new(V1))
+        .connect()
+        .await
+        .unwrap_err();
+    match &err {
+        Error::Migration(MigrationError::UnknownVersion { version }) => {
+            assert_eq!(version, "20200101000003")
+        }
+        other => panic!("expected UnknownVersion, got {other}"),
+    }
+}
+
+#[tokio::test]
+async fn eight_racing_boots_apply_each_migration_exactly_once_and_all_succeed() {
+    let (_, config) = support::fresh_database("mig_race").await;
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let config = config.clone();
+        tasks.push(tokio::spawn(async move {
+            Database::builder(config)
+                .migrations(Migrator::new(LEDGER))
+                .connect()
+                .await
+                .map(|db| db.migration_report().unwrap().applied.len())
+        }));
+    }
+    let mut applied = 0;
+    for t in tasks {
+        applied += t.await.unwrap().expect("every racing boot succeeds");
+    }
+    assert_eq!(applied, 3, "each migration applied by exactly one boot");
+    assert_eq!(
+        count(
+            &config,
+            "SELECT count(*) AS n FROM __diesel_schema_migrations"
+        )
+        .await,
+        3
+    );
+}
+
+#[tokio::test]
+async fn a_failing_migration_leaves_nothing_behind_and_frees_the_lock() {
+    let (_, config) = support::fresh_database("mig_fail").await;
+    let err = Migrator::new(FAILING).run(&config).await.unwrap_err();
+    match &err {
+        Error::Migration(MigrationError::Failed {
+            version, message, ..
+        }) => {
+            assert_eq!(version, "20200101000002");
+            assert!(message.contains("division by zero"), "{message}");
+        }
+        other => panic!("expected Failed, got {other}"),
+    }
+    // The first migration committed; the broken one left no table and no record.
+    assert_eq!(count(&config, "SELECT count(*) AS n FROM widgets").await, 0);
+    assert_eq!(
+        count(
+            &config,
+            "SELECT count(*) AS n FROM pg_tables WHERE tablename = 'half_done'"
+        )
+        .await,
+        0
+    );
+    assert_eq!(
+        count(
+            &config,
+            "SELECT count(*) AS n FROM __diesel_schema_migrations WHERE version = '20200101000002'"
+        )
+        .await,
+        0
+    );
+    assert_eq!(
+        count(
+            &config,
+            "SELECT count(*) AS n FROM railyard_schema_migrations"
+        )
+        .await,
+        1
+    );
+    // The lock is free: another run takes it at once (and fails the same way).
+    let err = Migrator::new(FAILING)
+        .lock_timeout(Duration::from_millis(200))
+        .run(&config)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::Migration(MigrationError::Failed { .. })),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn a_held_lock_times_out_naming_the_holder() {
+    let (_, config) = support::fresh_database("mig_lock").await;
+    let holder = Database::connect(config.clone().pool_max_size(1))
+        .await
+        .unwrap();
+    let mut conn = holder.primary().await.unwrap();
+    conn.batch_execute(&format!("SELECT pg_advisory_lock({})", Migrator::LOCK_KEY))
+        .await
+        .unwrap();
+    let pid = conn.info().backend_pid;
+    let err = Migrator::new(V1)
+        .lock_timeout(Duration::from_millis(300))
+        .run(&config)
+        .await
+        .unwrap_err();
+    match &err {
+        Error::Migration(MigrationError::LockTimeout { holder_pid, waited }) => {
+            assert_eq!(*holder_pid, Some(pid), "{err}");
+            assert!(*waited >= Duration::from_millis(300));
+        }
+        other => panic!("expected LockTimeout, got {other}"),
+    }
+    conn.batch_execute("SELECT pg_advisory_unlock_all()")
+        .await
+        .unwrap();
+    Migrator::new(V1)
+        .run(&config)
+        .await
+        .expect("runs once the lock is free");
+}
+
+#[tokio::test]
+async fn status_lists_pending_and_applied_and_revert_undoes_the_last() {
+    let (_, config) = support::fresh_database("mig_status").await;
+    let m = Migrator::new(V2);
+    let before = m.status(&config).await.unwrap();
+    assert!(before.iter().all(|s| s.state == MigrationState::Pending));
+    Migrator::new(V1).run(&config).await.unwrap();
+    let after = m.status(&config).await.unwrap();
+    assert!(matches!(
+        after[0].state,
+        MigrationState::Applied {
+            checksum: ChecksumState::Verified,
+            ..
+        }
+    ));
+    assert_eq!(after[2].state, MigrationState::Pending);
+    assert_eq!(
+        m.verify(&config).await.unwrap(),
+        vec!["20200101000003".to_owned()]
+    );
+
+    assert_eq!(
+        m.revert_last(&config).await.unwrap().as_deref(),
+        Some("20200101000002")
+    );
+    assert_eq!(
+        count(
+            &config,
+            "SELECT count(*) AS n FROM pg_tables WHERE tablename = 'gadgets'"
+        )
+        .await,
+        0
+    );
+    assert_eq!(
+        count(
+            &config,
+            "SELECT count(*) AS n FROM __diesel_schema_migrations"
+        )
+        .await,
+        1
+    );
+    assert_eq!(
+        count(
+            &config,
+            "SELECT count(*) AS n FROM railyard_schema_migrations"
+        )
+        .await,
+        1
+    );
+}
+
+#[tokio::test]
+async fn migrations_applied_by_the_diesel_cli_are_adopted_with_their_checksum() {
+    let (_, config) = support::fresh_database("mig_adopt").await;
+    // What `diesel migration run` leaves: the table and diesel's row, no checksum.
+    let db = Database::connect(config.clone().pool_max_size(1))
+        .await
+        .unwrap();
+    let mut conn = db.primary().await.unwrap();
+    conn.batch_execute(
+        "CREATE TABLE __diesel_schema_migrations (version VARCHAR(50) PRIMARY KEY NOT NULL, run_on TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP);
+         CREATE TABLE widgets (id BIGSERIAL PRIMARY KEY, label TEXT NOT NULL);
+         INSERT INTO __diesel_schema_migrations (version) VALUES ('20200101000001');",
+    )
+    .await
+    .unwrap();
+    drop(conn);
+    let report = Migrator::new(V1).run(&config).await.unwrap();
+    assert_eq!(report.adopted, vec!["20200101000001".to_owned()]);
+    assert_eq!(report.applied.len(), 1);
+    let status = Migrator::new(V1).status(&config).await.unwrap();
+    assert!(status.iter().all(|s| matches!(
+        s.state,
+        MigrationState::Applied {
+            checksum: ChecksumState::Verified,
+            ..
+        }
+    )));
+}

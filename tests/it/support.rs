@@ -1,0 +1,95 @@
+//! The shared harness of the integration tests: one server for the whole run (the
+//! local cluster, or `TEST_DATABASE_URL`), and helpers for throwaway databases and
+//! roles.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use diesel_async::{RunQueryDsl, SimpleAsyncConnection};
+use railyard::{Config, ConnectTarget, Database, LocalCluster};
+use tokio::sync::OnceCell;
+
+/// The server the tests run against.
+pub struct Server {
+    /// The local cluster, when `TEST_DATABASE_URL` is not set.
+    pub cluster: Option<LocalCluster>,
+    /// A superuser target on the `postgres` database.
+    pub admin: ConnectTarget,
+}
+
+static SERVER: OnceCell<Server> = OnceCell::const_new();
+
+pub async fn server() -> &'static Server {
+    SERVER
+        .get_or_init(|| async {
+            if let Ok(url) = std::env::var("TEST_DATABASE_URL") {
+                let t: ConnectTarget = url.parse().expect("TEST_DATABASE_URL is a postgres URL");
+                return Server {
+                    cluster: None,
+                    admin: t.with_dbname("postgres"),
+                };
+            }
+            let cluster = LocalCluster::shared()
+                .await
+                .expect("the local cluster starts (or set TEST_DATABASE_URL)");
+            Server {
+                admin: cluster.primary_target("postgres"),
+                cluster: Some(cluster),
+            }
+        })
+        .await
+}
+
+/// The local cluster, for tests that need its CA, its replica or its socket.
+pub async fn cluster() -> Option<&'static LocalCluster> {
+    server().await.cluster.as_ref()
+}
+
+/// A name no other test (or test run) uses.
+pub fn unique(prefix: &str) -> String {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock after 1970")
+        .subsec_nanos();
+    format!(
+        "{prefix}_{}_{nanos:x}_{:x}",
+        std::process::id(),
+        rand::random::<u32>()
+    )
+}
+
+/// Runs SQL as the superuser on the `postgres` database.
+pub async fn admin_sql(sql: &str) {
+    let db = Database::connect(Config::new(server().await.admin.clone()).pool_max_size(1))
+        .await
+        .expect("admin connection");
+    let mut conn = db.primary().await.expect("admin checkout");
+    conn.batch_execute(sql)
+        .await
+        .unwrap_or_else(|e| panic!("admin SQL failed: {sql}: {e}"));
+}
+
+/// Creates an empty database and returns a config for it (primary only).
+pub async fn fresh_database(prefix: &str) -> (String, Config) {
+    let name = unique(prefix);
+    admin_sql(&format!("CREATE DATABASE {name}")).await;
+    let target = server().await.admin.with_dbname(&name);
+    (name, Config::new(target))
+}
+
+/// Counts rows of a query returning one bigint column named `n`.
+pub async fn count(config: &Config, sql: &str) -> i64 {
+    #[derive(diesel::QueryableByName)]
+    struct N {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        n: i64,
+    }
+    let db = Database::connect(config.clone().pool_max_size(1))
+        .await
+        .expect("connect for count");
+    let mut conn = db.primary().await.expect("checkout");
+    diesel::sql_query(sql)
+        .get_result::<N>(&mut **conn)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .n
+}

@@ -1,0 +1,167 @@
+//! TLS with libpq's sslmode meanings, against the local cluster's generated CA.
+
+use std::time::Duration;
+
+use railyard::{Config, ConnectStage, Database, Error, SslMode};
+use tokio_postgres::error::SqlState;
+
+use crate::support;
+
+fn other_ca(dir: &std::path::Path) -> std::path::PathBuf {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = params.self_signed(&key).unwrap();
+    let path = dir.join(format!("{}.crt", support::unique("wrong_ca")));
+    std::fs::write(&path, ca.pem()).unwrap();
+    path
+}
+
+fn url(cluster: &railyard::LocalCluster, host: &str, mode: &str, ca: &std::path::Path) -> String {
+    format!(
+        "postgres://railyard@{host}:{}/postgres?sslmode={mode}&sslrootcert={}",
+        cluster.primary_port(),
+        ca.display()
+    )
+}
+
+async fn connect(url: &str, cluster: &railyard::LocalCluster) -> Result<Database, Error> {
+    let t: railyard::ConnectTarget = url.parse().unwrap();
+    let config = Config::new(t.with_password(Some(cluster.password().clone())))
+        .connect_timeout(Duration::from_secs(5));
+    Database::connect(config).await
+}
+
+#[tokio::test]
+async fn verify_full_succeeds_with_the_generated_ca() {
+    let Some(cluster) = support::cluster().await else {
+        return;
+    };
+    let db = connect(
+        &url(cluster, "localhost", "verify-full", &cluster.ca_cert()),
+        cluster,
+    )
+    .await
+    .expect("verify-full against the cluster's CA");
+    let conn = db.primary().await.unwrap();
+    assert!(conn.info().tls, "the connection is encrypted");
+    assert!(conn.wire().is_tls());
+    assert!(
+        conn.wire().bytes_read() > 0,
+        "the tap sees decrypted traffic"
+    );
+}
+
+#[tokio::test]
+async fn verify_full_fails_clearly_with_a_wrong_ca() {
+    let Some(cluster) = support::cluster().await else {
+        return;
+    };
+    let ca = other_ca(&std::env::temp_dir());
+    let err = connect(&url(cluster, "localhost", "verify-full", &ca), cluster)
+        .await
+        .unwrap_err();
+    match &err {
+        Error::Connect(e) => {
+            assert_eq!(e.stage, ConnectStage::Tls, "{err}");
+            assert!(err.to_string().contains("UnknownIssuer"), "{err}");
+        }
+        other => panic!("expected a TLS connect error, got {other}"),
+    }
+    let _ = std::fs::remove_file(ca);
+}
+
+#[tokio::test]
+async fn verify_full_fails_on_a_host_name_the_certificate_does_not_name_but_verify_ca_accepts_it() {
+    let Some(cluster) = support::cluster().await else {
+        return;
+    };
+    // An IPv4-mapped IPv6 address reaches the same server, but the certificate
+    // names only `localhost` and `127.0.0.1`.
+    let host = "[::ffff:127.0.0.1]";
+    let err = connect(
+        &url(cluster, host, "verify-full", &cluster.ca_cert()),
+        cluster,
+    )
+    .await
+    .unwrap_err();
+    match &err {
+        Error::Connect(e) => {
+            assert_eq!(e.stage, ConnectStage::Tls, "{err}");
+            assert!(err.to_string().contains("not valid for name"), "{err}");
+        }
+        other => panic!("expected a TLS connect error, got {other}"),
+    }
+    connect(
+        &url(cluster, host, "verify-ca", &cluster.ca_cert()),
+        cluster,
+    )
+    .await
+    .expect("verify-ca checks the chain only");
+}
+
+#[tokio::test]
+async fn sslmode_disable_against_a_tls_only_server_fails_clearly() {
+    let Some(cluster) = support::cluster().await else {
+        return;
+    };
+    let err = connect(
+        &url(cluster, "localhost", "disable", &cluster.ca_cert()),
+        cluster,
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(
+        err.sqlstate(),
+        Some(&SqlState::INVALID_AUTHORIZATION_SPECIFICATION),
+        "{err}"
+    );
+    let text = err.to_string();
+    assert!(text.contains("no encryption"), "{text}");
+    assert!(
+        text.contains("sslmode=require"),
+        "the error says what to do: {text}"
+    );
+}
+
+#[tokio::test]
+async fn require_and_prefer_encrypt_without_checking_the_certificate() {
+    let Some(cluster) = support::cluster().await else {
+        return;
+    };
+    for mode in ["require", "prefer"] {
+        let u = format!(
+            "postgres://railyard@[::ffff:127.0.0.1]:{}/postgres?sslmode={mode}",
+            cluster.primary_port()
+        );
+        let db = connect(&u, cluster)
+            .await
+            .unwrap_or_else(|e| panic!("{mode}: {e}"));
+        assert!(db.primary().await.unwrap().info().tls, "{mode} encrypts");
+    }
+}
+
+#[tokio::test]
+async fn unix_sockets_connect_without_tls() {
+    let Some(cluster) = support::cluster().await else {
+        return;
+    };
+    let db = Database::connect(Config::new(cluster.primary_socket_target("postgres")))
+        .await
+        .expect("Unix-socket connection");
+    let conn = db.primary().await.unwrap();
+    assert!(!conn.info().tls);
+    assert!(
+        conn.wire().bytes_read() > 0,
+        "the tap sees the socket's traffic"
+    );
+    assert!(matches!(conn.info().host, railyard::Host::Unix(_)));
+}
+
+#[test]
+fn a_missing_root_certificate_file_is_named_in_the_error() {
+    let err =
+        railyard::tls_client_config(SslMode::VerifyFull, Some("/nonexistent/ca.crt".as_ref()))
+            .unwrap_err();
+    assert!(err.to_string().contains("/nonexistent/ca.crt"), "{err}");
+}

@@ -1,0 +1,1 @@
+CREATE TABLE gadgets (id BIGSERIAL PRIMARY KEY, widget_id BIGINT REFERENCES widgets (id));

@@ -1,0 +1,1 @@
+DROP INDEX gadgets_widget_idx;

@@ -1,0 +1,1 @@
+CREATE INDEX gadgets_widget_idx ON gadgets (widget_id);
