@@ -400,15 +400,16 @@ impl LocalCluster {
         c
     }
 
-    /// `DATABASE_URL=…` and `DATABASE_REPLICA_URLS=…` lines (with the password:
-    /// for `eval` in a shell or a `.env` file, never for logs).
+    /// `DATABASE_URL='…'` and `DATABASE_REPLICA_URLS='…'` lines, single-quoted for
+    /// the shell (URLs are percent-encoded, so they hold no quote). They carry the
+    /// password: for `eval` in a shell or a `.env` file, never for logs.
     pub fn env_lines(&self) -> String {
         let mut s = format!(
-            "DATABASE_URL={}\n",
+            "DATABASE_URL='{}'\n",
             self.primary_target(DBNAME).expose_url()
         );
         if let Some(r) = self.replica_target(DBNAME) {
-            s.push_str(&format!("DATABASE_REPLICA_URLS={}\n", r.expose_url()));
+            s.push_str(&format!("DATABASE_REPLICA_URLS='{}'\n", r.expose_url()));
         }
         s
     }

@@ -12,6 +12,41 @@ diesel::table! {
 }
 
 diesel::table! {
+    orders (id) {
+        id -> Int8,
+        account_id -> Int8,
+        symbol -> Text,
+        side -> Text,
+        quantity -> Int8,
+        filled_quantity -> Int8,
+        limit_price_cents -> Int8,
+        status -> Text,
+        created_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
+    positions (account_id, symbol) {
+        account_id -> Int8,
+        symbol -> Text,
+        quantity -> Int8,
+        updated_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
+    trades (id) {
+        id -> Int8,
+        buy_order_id -> Int8,
+        sell_order_id -> Int8,
+        symbol -> Text,
+        quantity -> Int8,
+        price_cents -> Int8,
+        executed_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
     users (id) {
         id -> Int8,
         email -> Text,
@@ -21,5 +56,7 @@ diesel::table! {
 }
 
 diesel::joinable!(accounts -> users (user_id));
+diesel::joinable!(orders -> accounts (account_id));
+diesel::joinable!(positions -> accounts (account_id));
 
-diesel::allow_tables_to_appear_in_same_query!(accounts, users,);
+diesel::allow_tables_to_appear_in_same_query!(accounts, orders, positions, trades, users,);
