@@ -450,7 +450,10 @@ impl bb8::ManageConnection for Manager {
 /// Records the latest connect error of a pool, so that a checkout that times out
 /// can say why (bb8 only reports `TimedOut`).
 #[derive(Debug, Clone, Default)]
-pub(crate) struct LastError(Arc<Mutex<Option<(Instant, String, Option<SqlState>)>>>);
+pub(crate) struct LastError(Arc<Mutex<Option<RecordedError>>>);
+
+/// When a connect error happened, its message and its SQLSTATE.
+type RecordedError = (Instant, String, Option<SqlState>);
 
 impl LastError {
     pub(crate) fn take_recent(&self, since: Instant) -> Option<(String, Option<SqlState>)> {
