@@ -275,6 +275,20 @@ impl Migrator {
         let source = self.source.clone();
         let mut report = blocking(conn, move |c| {
             let known = load(&source)?;
+            // The common boot: everything applied and unchanged. Checking that
+            // needs no lock (only committed history is read) and writes nothing.
+            let (applied, recorded) = read_applied(c)?;
+            if recorded
+                && check_history(&applied, &known)?.is_empty()
+                && known
+                    .iter()
+                    .all(|k| applied.iter().any(|a| a.version == k.version))
+            {
+                return Ok(MigrationReport {
+                    already_applied: applied.len(),
+                    ..MigrationReport::default()
+                });
+            }
             with_lock(c, lock_timeout, |c, lock_wait| {
                 let mut report = apply_pending(c, &known)?;
                 report.lock_wait = lock_wait;
@@ -301,13 +315,19 @@ impl Migrator {
     /// Checks without running anything: errors when an applied migration was
     /// edited or is unknown; returns the pending versions otherwise.
     pub async fn verify(&self, config: &Config) -> Result<Vec<String>, Error> {
-        let rows = self.status(config).await?;
-        check(&rows)?;
-        Ok(rows
-            .into_iter()
-            .filter(|r| r.state == MigrationState::Pending)
-            .map(|r| r.version)
-            .collect())
+        let conn = Self::connect(config).await?;
+        let source = self.source.clone();
+        blocking(conn, move |c| {
+            let known = load(&source)?;
+            let (applied, _) = read_applied(c)?;
+            check_history(&applied, &known)?;
+            Ok(known
+                .iter()
+                .filter(|k| !applied.iter().any(|a| a.version == k.version))
+                .map(|k| k.version.clone())
+                .collect())
+        })
+        .await
     }
 
     /// Reverts the most recently applied migration under the lock; returns its
@@ -417,30 +437,71 @@ fn ensure_tables(c: &mut SyncConn) -> Result<(), Error> {
     c.batch_execute(CREATE_OURS).map_err(q)
 }
 
-fn read_applied(c: &mut SyncConn) -> Result<Vec<AppliedRow>, Error> {
-    let exists: Flag =
-        diesel::sql_query("SELECT to_regclass('__diesel_schema_migrations') IS NOT NULL AS ok")
-            .get_result(c)
-            .map_err(q)?;
-    if !exists.ok {
-        return Ok(Vec::new());
+#[derive(QueryableByName)]
+struct Tables {
+    #[diesel(sql_type = diesel::sql_types::Bool)]
+    diesel: bool,
+    #[diesel(sql_type = diesel::sql_types::Bool)]
+    ours: bool,
+}
+
+/// The applied versions with their recorded checksums, and whether both
+/// bookkeeping tables exist.
+fn read_applied(c: &mut SyncConn) -> Result<(Vec<AppliedRow>, bool), Error> {
+    let tables: Tables = diesel::sql_query(
+        "SELECT to_regclass('__diesel_schema_migrations') IS NOT NULL AS diesel, \
+         to_regclass('railyard_schema_migrations') IS NOT NULL AS ours",
+    )
+    .get_result(c)
+    .map_err(q)?;
+    if !tables.diesel {
+        return Ok((Vec::new(), false));
     }
-    let ours: Flag =
-        diesel::sql_query("SELECT to_regclass('railyard_schema_migrations') IS NOT NULL AS ok")
-            .get_result(c)
-            .map_err(q)?;
-    let sql = if ours.ok {
+    let sql = if tables.ours {
         "SELECT d.version::text AS version, r.up_sha256, r.down_sha256, r.duration_ms \
          FROM __diesel_schema_migrations d LEFT JOIN railyard_schema_migrations r USING (version) ORDER BY d.version"
     } else {
         "SELECT version::text AS version, NULL::text AS up_sha256, NULL::text AS down_sha256, NULL::float8 AS duration_ms \
          FROM __diesel_schema_migrations ORDER BY version"
     };
-    diesel::sql_query(sql).load(c).map_err(q)
+    let rows = diesel::sql_query(sql).load(c).map_err(q)?;
+    Ok((rows, tables.ours))
+}
+
+/// Checks the applied history against the binary: an unknown version or an
+/// edited migration is an error; returns the applied migrations that have no
+/// checksum yet (applied by the diesel CLI).
+fn check_history<'k>(applied: &[AppliedRow], known: &'k [Known]) -> Result<Vec<&'k Known>, Error> {
+    let mut unrecorded = Vec::new();
+    for a in applied {
+        let Some(k) = known.iter().find(|k| k.version == a.version) else {
+            return Err(Error::Migration(MigrationError::UnknownVersion {
+                version: a.version.clone(),
+            }));
+        };
+        match (&a.up_sha256, &a.down_sha256) {
+            (Some(up), Some(down)) => {
+                let (which, recorded, embedded) = if *up != k.up_sha {
+                    ("up", up, &k.up_sha)
+                } else if *down != k.down_sha {
+                    ("down", down, &k.down_sha)
+                } else {
+                    continue;
+                };
+                return Err(Error::Migration(MigrationError::Edited {
+                    version: a.version.clone(),
+                    recorded: format!("{which}.sql {}", &recorded[..12]),
+                    embedded: format!("{which}.sql {}", &embedded[..12]),
+                }));
+            }
+            _ => unrecorded.push(k),
+        }
+    }
+    Ok(unrecorded)
 }
 
 fn status(c: &mut SyncConn, known: &[Known]) -> Result<Vec<MigrationStatus>, Error> {
-    let applied = read_applied(c)?;
+    let (applied, _) = read_applied(c)?;
     let mut out = Vec::new();
     for k in known {
         let state = match applied.iter().find(|a| a.version == k.version) {
@@ -475,71 +536,14 @@ fn status(c: &mut SyncConn, known: &[Known]) -> Result<Vec<MigrationStatus>, Err
     Ok(out)
 }
 
-fn check(rows: &[MigrationStatus]) -> Result<(), Error> {
-    for r in rows {
-        match &r.state {
-            MigrationState::Unknown => {
-                return Err(Error::Migration(MigrationError::UnknownVersion {
-                    version: r.version.clone(),
-                }));
-            }
-            MigrationState::Applied {
-                checksum: ChecksumState::Edited,
-                ..
-            } => {
-                return Err(Error::Migration(MigrationError::Edited {
-                    version: r.version.clone(),
-                    recorded: String::from("(see railyard_schema_migrations)"),
-                    embedded: String::from("(this binary)"),
-                }));
-            }
-            _ => {}
-        }
-    }
-    Ok(())
-}
-
 fn apply_pending(c: &mut SyncConn, known: &[Known]) -> Result<MigrationReport, Error> {
     ensure_tables(c)?;
     // Re-read under the lock: another instance may have just migrated.
-    let applied = read_applied(c)?;
+    let (applied, _) = read_applied(c)?;
     let mut report = MigrationReport::default();
-    for a in &applied {
-        let Some(k) = known.iter().find(|k| k.version == a.version) else {
-            return Err(Error::Migration(MigrationError::UnknownVersion {
-                version: a.version.clone(),
-            }));
-        };
-        match (&a.up_sha256, &a.down_sha256) {
-            (Some(up), Some(down)) => {
-                if *up != k.up_sha || *down != k.down_sha {
-                    let which = if *up != k.up_sha { "up" } else { "down" };
-                    return Err(Error::Migration(MigrationError::Edited {
-                        version: a.version.clone(),
-                        recorded: format!(
-                            "{which} {}",
-                            if which == "up" {
-                                &up[..12]
-                            } else {
-                                &down[..12]
-                            }
-                        ),
-                        embedded: format!(
-                            "{which} {}",
-                            if which == "up" {
-                                &k.up_sha[..12]
-                            } else {
-                                &k.down_sha[..12]
-                            }
-                        ),
-                    }));
-                }
-            }
-            _ => {
-                record(c, k, None)?;
-                report.adopted.push(k.version.clone());
-            }
-        }
+    for k in check_history(&applied, known)? {
+        record(c, k, None)?;
+        report.adopted.push(k.version.clone());
     }
     report.already_applied = applied.len();
     for k in known {
@@ -595,7 +599,7 @@ fn record(c: &mut SyncConn, k: &Known, duration: Option<Duration>) -> Result<(),
 }
 
 fn revert_last(c: &mut SyncConn, known: &[Known]) -> Result<Option<String>, Error> {
-    let applied = read_applied(c)?;
+    let (applied, _) = read_applied(c)?;
     let Some(last) = applied.last() else {
         return Ok(None);
     };
