@@ -3,18 +3,64 @@
 //!
 //! Every connection opens its own socket (`Config::connect_raw`), wrapped in
 //! [`Tapped`]. When TLS is negotiated, our connector switches the socket's tap off
-//! and wraps the decrypted stream instead; both share one [`WireState`]. This
-//! module records what the pool needs today (bytes in and out, whether TLS is in
-//! use, whether the socket closed); the message framing that extracts SQLSTATEs
-//! and transaction status builds on the same seam.
+//! and wraps the decrypted stream instead; both share one [`WireState`].
+//!
+//! A small framing state machine reads backend message headers (type byte and
+//! length) as the bytes stream past and records, per connection: the SQLSTATE,
+//! constraint, column and table of the latest `ErrorResponse`; the status byte of
+//! the latest `ReadyForQuery` (`I` idle, `T` in a transaction, `E` failed
+//! transaction); `in_hot_standby` from `ParameterStatus`; and counts of bytes and
+//! messages. diesel-async keeps only six SQLSTATEs, and message text follows the
+//! server's `lc_messages`, so this is where exact classification comes from
+//! (DESIGN.md D2). Only the small control messages (`E`, `S`, `Z`) are copied;
+//! row data is skipped by length, never copied.
 
 use std::io;
 use std::pin::Pin;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// The fields of a server `ErrorResponse` that classification needs.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ServerError {
+    /// The SQLSTATE (field `C`).
+    pub code: String,
+    /// The non-localised severity (field `V`), e.g. `ERROR` or `FATAL`.
+    pub severity: String,
+    /// The constraint name (field `n`), for integrity violations.
+    pub constraint: Option<String>,
+    /// The column name (field `c`).
+    pub column: Option<String>,
+    /// The table name (field `t`).
+    pub table: Option<String>,
+    /// The schema name (field `s`).
+    pub schema: Option<String>,
+    /// The (possibly localised) message (field `M`): for people, never for decisions.
+    pub message: String,
+}
+
+impl ServerError {
+    /// The SQLSTATE as tokio-postgres' typed code.
+    pub fn sqlstate(&self) -> tokio_postgres::error::SqlState {
+        tokio_postgres::error::SqlState::from_code(&self.code)
+    }
+}
+
+/// The transaction status from the latest `ReadyForQuery`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TxStatus {
+    /// Not in a transaction block (`I`).
+    Idle,
+    /// In a transaction block (`T`).
+    InTransaction,
+    /// In a failed transaction block (`E`): statements are refused until rollback.
+    Failed,
+    /// No `ReadyForQuery` seen yet, or the stream could not be framed.
+    Unknown,
+}
 
 /// What the tap has seen on one connection. Shared by the socket tap, the tap
 /// above TLS, the connection driver task and the pool.
@@ -26,6 +72,24 @@ pub struct WireState {
     tls_failed: AtomicBool,
     closed: AtomicBool,
     close_reason: Mutex<Option<String>>,
+    /// The latest ReadyForQuery status byte (0 before the first).
+    tx_status: AtomicU8,
+    /// 0 unknown, 1 off, 2 on.
+    hot_standby: AtomicU8,
+    desynced: AtomicBool,
+    ready_count: AtomicU64,
+    error_count: AtomicU64,
+    message_count: AtomicU64,
+    last_error: Mutex<Option<ServerError>>,
+}
+
+/// A point in a connection's traffic, taken before an operation, to tell what the
+/// operation itself did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WireMark {
+    bytes_written: u64,
+    errors: u64,
+    ready: u64,
 }
 
 impl WireState {
@@ -52,6 +116,70 @@ impl WireState {
             .unwrap_or_else(|p| p.into_inner())
             .clone()
     }
+    /// The transaction status of the latest `ReadyForQuery`.
+    pub fn tx_status(&self) -> TxStatus {
+        if self.desynced.load(Ordering::Relaxed) {
+            return TxStatus::Unknown;
+        }
+        match self.tx_status.load(Ordering::Acquire) {
+            b'I' => TxStatus::Idle,
+            b'T' => TxStatus::InTransaction,
+            b'E' => TxStatus::Failed,
+            _ => TxStatus::Unknown,
+        }
+    }
+    /// `in_hot_standby` as last reported by the server (PostgreSQL 14 and later),
+    /// `None` when it never reported it.
+    pub fn in_hot_standby(&self) -> Option<bool> {
+        match self.hot_standby.load(Ordering::Relaxed) {
+            1 => Some(false),
+            2 => Some(true),
+            _ => None,
+        }
+    }
+    /// The latest `ErrorResponse` seen on this connection.
+    pub fn last_error(&self) -> Option<ServerError> {
+        self.last_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+    /// `ReadyForQuery` messages seen: one per completed round trip.
+    pub fn ready_count(&self) -> u64 {
+        self.ready_count.load(Ordering::Relaxed)
+    }
+    /// `ErrorResponse` messages seen.
+    pub fn error_count(&self) -> u64 {
+        self.error_count.load(Ordering::Relaxed)
+    }
+    /// Backend messages seen.
+    pub fn message_count(&self) -> u64 {
+        self.message_count.load(Ordering::Relaxed)
+    }
+    /// Marks the start of an operation.
+    pub fn mark(&self) -> WireMark {
+        WireMark {
+            bytes_written: self.bytes_written(),
+            errors: self.error_count(),
+            ready: self.ready_count(),
+        }
+    }
+    /// Bytes written since `mark`: zero means the server never saw the operation.
+    pub fn written_since(&self, mark: WireMark) -> u64 {
+        self.bytes_written().saturating_sub(mark.bytes_written)
+    }
+    /// The server's error for an operation that began at `mark`, if it sent one.
+    pub fn error_since(&self, mark: WireMark) -> Option<ServerError> {
+        if self.error_count() > mark.errors {
+            self.last_error()
+        } else {
+            None
+        }
+    }
+    /// Round trips completed since `mark`.
+    pub fn round_trips_since(&self, mark: WireMark) -> u64 {
+        self.ready_count().saturating_sub(mark.ready)
+    }
 
     pub(crate) fn tls_failed(&self) -> bool {
         self.tls_failed.load(Ordering::Relaxed)
@@ -68,6 +196,152 @@ impl WireState {
         }
         self.closed.store(true, Ordering::Release);
     }
+
+    fn on_message(&self, kind: u8, body: &[u8]) {
+        self.message_count.fetch_add(1, Ordering::Relaxed);
+        match kind {
+            b'Z' => {
+                if let Some(&status) = body.first() {
+                    self.tx_status.store(status, Ordering::Release);
+                }
+                self.ready_count.fetch_add(1, Ordering::Release);
+            }
+            b'E' => {
+                let e = parse_error(body);
+                *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+                self.error_count.fetch_add(1, Ordering::Release);
+            }
+            b'S' => {
+                let mut parts = body.split(|&b| b == 0);
+                if let (Some(name), Some(value)) = (parts.next(), parts.next())
+                    && name == b"in_hot_standby"
+                {
+                    let v = if value == b"on" { 2 } else { 1 };
+                    self.hot_standby.store(v, Ordering::Relaxed);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn desync(&self) {
+        self.desynced.store(true, Ordering::Relaxed);
+    }
+}
+
+fn parse_error(body: &[u8]) -> ServerError {
+    let mut e = ServerError::default();
+    let mut rest = body;
+    while let Some((&field, tail)) = rest.split_first() {
+        if field == 0 {
+            break;
+        }
+        let end = tail.iter().position(|&b| b == 0).unwrap_or(tail.len());
+        let value = String::from_utf8_lossy(&tail[..end]).into_owned();
+        match field {
+            b'C' => e.code = value,
+            b'V' => e.severity = value,
+            b'n' => e.constraint = Some(value),
+            b'c' => e.column = Some(value),
+            b't' => e.table = Some(value),
+            b's' => e.schema = Some(value),
+            b'M' => e.message = value,
+            _ => {}
+        }
+        rest = tail.get(end + 1..).unwrap_or(&[]);
+    }
+    e
+}
+
+/// Control messages longer than this are not copied (an `ErrorResponse` or a
+/// `ParameterStatus` is a few hundred bytes).
+const CAPTURE_LIMIT: usize = 16 * 1024;
+
+/// Frames backend messages from arbitrary chunks of the byte stream.
+#[derive(Debug, Default)]
+pub(crate) struct Framer {
+    header: [u8; 5],
+    have: usize,
+    remaining: usize,
+    kind: u8,
+    body: Vec<u8>,
+    capture: bool,
+    /// The client sent SSLRequest: the server's next byte is a bare 'S' or 'N'.
+    expect_ssl_byte: bool,
+    /// The first bytes the client wrote, to recognise SSLRequest.
+    written: [u8; 8],
+    written_len: usize,
+    broken: bool,
+}
+
+const SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
+
+impl Framer {
+    pub(crate) fn on_write(&mut self, bytes: &[u8]) {
+        if self.written_len < 8 {
+            let n = (8 - self.written_len).min(bytes.len());
+            self.written[self.written_len..self.written_len + n].copy_from_slice(&bytes[..n]);
+            self.written_len += n;
+            if self.written_len == 8 && self.written == SSL_REQUEST {
+                self.expect_ssl_byte = true;
+            }
+        }
+    }
+
+    pub(crate) fn on_read(&mut self, mut bytes: &[u8], wire: &WireState) {
+        while !bytes.is_empty() && !self.broken {
+            if self.expect_ssl_byte {
+                // 'S': TLS follows (this tap is switched off); 'N': plaintext goes on.
+                self.expect_ssl_byte = false;
+                bytes = &bytes[1..];
+                continue;
+            }
+            if self.remaining == 0 && self.have < 5 {
+                let n = (5 - self.have).min(bytes.len());
+                self.header[self.have..self.have + n].copy_from_slice(&bytes[..n]);
+                self.have += n;
+                bytes = &bytes[n..];
+                if self.have < 5 {
+                    return;
+                }
+                self.kind = self.header[0];
+                let len = i32::from_be_bytes([
+                    self.header[1],
+                    self.header[2],
+                    self.header[3],
+                    self.header[4],
+                ]);
+                if len < 4 {
+                    self.broken = true;
+                    wire.desync();
+                    return;
+                }
+                self.remaining = len as usize - 4;
+                self.capture =
+                    matches!(self.kind, b'E' | b'S' | b'Z') && self.remaining <= CAPTURE_LIMIT;
+                self.body.clear();
+                if self.remaining == 0 {
+                    self.finish(wire);
+                }
+                continue;
+            }
+            let n = self.remaining.min(bytes.len());
+            if self.capture {
+                self.body.extend_from_slice(&bytes[..n]);
+            }
+            self.remaining -= n;
+            bytes = &bytes[n..];
+            if self.remaining == 0 {
+                self.finish(wire);
+            }
+        }
+    }
+
+    fn finish(&mut self, wire: &WireState) {
+        wire.on_message(self.kind, if self.capture { &self.body } else { &[] });
+        self.have = 0;
+        self.remaining = 0;
+    }
 }
 
 /// A stream whose traffic is observed into a [`WireState`] while `observing` is on.
@@ -76,6 +350,7 @@ pub struct Tapped<S> {
     inner: S,
     wire: std::sync::Arc<WireState>,
     observing: bool,
+    framer: Framer,
 }
 
 impl<S> Tapped<S> {
@@ -84,6 +359,7 @@ impl<S> Tapped<S> {
             inner,
             wire,
             observing,
+            framer: Framer::default(),
         }
     }
 
@@ -108,6 +384,8 @@ impl<S: AsyncRead + Unpin> AsyncRead for Tapped<S> {
                 this.wire.mark_closed(None);
             } else if this.observing {
                 this.wire.bytes_read.fetch_add(n as u64, Ordering::Relaxed);
+                let filled = buf.filled();
+                this.framer.on_read(&filled[filled.len() - n..], &this.wire);
             }
         }
         r
@@ -125,6 +403,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Tapped<S> {
         if this.observing
             && let Poll::Ready(Ok(n)) = &r
         {
+            this.framer.on_write(&buf[..*n]);
             this.wire
                 .bytes_written
                 .fetch_add(*n as u64, Ordering::Relaxed);
@@ -202,8 +481,163 @@ impl AsyncWrite for Socket {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
     use std::sync::Arc;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    fn msg(kind: u8, body: &[u8]) -> Vec<u8> {
+        let mut m = vec![kind];
+        m.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
+        m.extend_from_slice(body);
+        m
+    }
+
+    fn error_body(code: &str, constraint: Option<&str>) -> Vec<u8> {
+        let mut b = Vec::new();
+        for (f, v) in [
+            (b'S', "ERREUR"),
+            (b'V', "ERROR"),
+            (b'C', code),
+            (b'M', "la valeur viole la contrainte"),
+        ] {
+            b.push(f);
+            b.extend_from_slice(v.as_bytes());
+            b.push(0);
+        }
+        if let Some(c) = constraint {
+            for (f, v) in [(b't', "users"), (b'n', c)] {
+                b.push(f);
+                b.extend_from_slice(v.as_bytes());
+                b.push(0);
+            }
+        }
+        b.push(0);
+        b
+    }
+
+    #[derive(Debug, Clone)]
+    enum M {
+        Ready(u8),
+        Row(Vec<u8>),
+        Error(String, Option<String>),
+        Standby(bool),
+        Other(u8, Vec<u8>),
+    }
+
+    fn encode(ms: &[M]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for m in ms {
+            out.extend(match m {
+                M::Ready(s) => msg(b'Z', &[*s]),
+                M::Row(b) => msg(b'D', b),
+                M::Error(c, n) => msg(b'E', &error_body(c, n.as_deref())),
+                M::Standby(on) => msg(
+                    b'S',
+                    if *on {
+                        b"in_hot_standby\0on\0"
+                    } else {
+                        b"in_hot_standby\0off\0"
+                    },
+                ),
+                M::Other(k, b) => msg(*k, b),
+            });
+        }
+        out
+    }
+
+    fn observe(w: &WireState) -> (TxStatus, Option<bool>, Option<ServerError>, u64, u64, u64) {
+        (
+            w.tx_status(),
+            w.in_hot_standby(),
+            w.last_error(),
+            w.ready_count(),
+            w.error_count(),
+            w.message_count(),
+        )
+    }
+
+    fn arb_message() -> impl Strategy<Value = M> {
+        prop_oneof![
+            prop_oneof![Just(b'I'), Just(b'T'), Just(b'E')].prop_map(M::Ready),
+            proptest::collection::vec(any::<u8>(), 0..400).prop_map(M::Row),
+            (
+                prop_oneof![Just("23505"), Just("40001"), Just("40P01"), Just("57014")],
+                proptest::option::of("[a-z_]{1,20}")
+            )
+                .prop_map(|(c, n)| M::Error(c.to_owned(), n)),
+            any::<bool>().prop_map(M::Standby),
+            (
+                prop_oneof![Just(b'C'), Just(b'T'), Just(b'1'), Just(b'2'), Just(b'N')],
+                proptest::collection::vec(any::<u8>(), 0..64)
+            )
+                .prop_map(|(k, b)| M::Other(k, b)),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn any_chunking_yields_the_same_observations(
+            ms in proptest::collection::vec(arb_message(), 1..60),
+            cuts in proptest::collection::vec(any::<prop::sample::Index>(), 0..40),
+        ) {
+            let stream = encode(&ms);
+            let whole = WireState::default();
+            Framer::default().on_read(&stream, &whole);
+
+            let mut points: Vec<usize> = cuts.iter().map(|i| i.index(stream.len() + 1)).collect();
+            points.sort();
+            let chunked = WireState::default();
+            let mut f = Framer::default();
+            let mut at = 0;
+            for p in points.into_iter().chain([stream.len()]) {
+                f.on_read(&stream[at..p], &chunked);
+                at = p;
+            }
+            prop_assert_eq!(observe(&whole), observe(&chunked));
+            prop_assert_eq!(whole.message_count(), ms.len() as u64);
+        }
+    }
+
+    #[test]
+    fn an_error_response_yields_its_code_and_constraint_whatever_the_language() {
+        let w = WireState::default();
+        let stream = encode(&[
+            M::Ready(b'I'),
+            M::Error("23505".into(), Some("users_email_key".into())),
+            M::Ready(b'E'),
+        ]);
+        Framer::default().on_read(&stream, &w);
+        let e = w.last_error().unwrap();
+        assert_eq!(
+            e.sqlstate(),
+            tokio_postgres::error::SqlState::UNIQUE_VIOLATION
+        );
+        assert_eq!(e.constraint.as_deref(), Some("users_email_key"));
+        assert_eq!(e.table.as_deref(), Some("users"));
+        assert_eq!(e.severity, "ERROR");
+        assert_eq!(w.tx_status(), TxStatus::Failed);
+    }
+
+    #[test]
+    fn the_answer_to_an_ssl_request_is_skipped() {
+        let w = WireState::default();
+        let mut f = Framer::default();
+        f.on_write(&SSL_REQUEST);
+        let mut stream = vec![b'N'];
+        stream.extend(encode(&[M::Standby(true), M::Ready(b'I')]));
+        f.on_read(&stream, &w);
+        assert_eq!(w.in_hot_standby(), Some(true));
+        assert_eq!(w.tx_status(), TxStatus::Idle);
+    }
+
+    #[test]
+    fn a_negative_length_makes_the_status_unknown() {
+        let w = WireState::default();
+        let mut stream = encode(&[M::Ready(b'I')]);
+        stream.extend_from_slice(&[b'D', 0xff, 0xff, 0xff, 0xff]);
+        Framer::default().on_read(&stream, &w);
+        assert_eq!(w.tx_status(), TxStatus::Unknown);
+    }
 
     #[tokio::test]
     async fn the_tap_passes_bytes_through_unchanged_and_counts_them() {
