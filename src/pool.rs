@@ -422,13 +422,21 @@ impl bb8::ManageConnection for Manager {
     }
 
     async fn is_valid(&self, conn: &mut Conn) -> Result<(), Error> {
-        if conn.wire.is_closed() {
+        if !conn.wire.settle(Duration::from_millis(50)).await {
             return Err(Error::Connect(ConnectError {
                 host: conn.info.host.to_string(),
                 port: conn.info.port,
                 stage: ConnectStage::Socket,
                 sqlstate: None,
-                message: "the server closed the connection while it was idle in the pool".into(),
+                message: if conn.wire.is_closed() {
+                    "the server closed the connection while it was idle in the pool".into()
+                } else {
+                    format!(
+                        "the connection is not idle (status {:?}, {} requests in flight)",
+                        conn.wire.tx_status(),
+                        conn.wire.in_flight()
+                    )
+                },
                 source: None,
             }));
         }
@@ -441,9 +449,15 @@ impl bb8::ManageConnection for Manager {
 
     fn has_broken(&self, conn: &mut Conn) -> bool {
         conn.last_returned = Instant::now();
-        // A connection handed back inside a transaction (a cancelled future, say)
-        // is in an unknown state: never reuse it.
-        conn.wire.is_closed() || !conn.transaction_idle()
+        // A connection handed back inside a transaction, with a request in
+        // flight (a cancelled future, say), or whose stream the tap could not
+        // follow is in an unknown state: never reuse it.
+        // (The tap's status may trail the last result by one ReadyForQuery here;
+        // the check-out test waits for it, see `is_valid`.)
+        conn.wire.is_closed()
+            || conn.wire.tx_status() == crate::wire::TxStatus::Unknown
+            || !conn.transaction_idle()
+            || diesel_async::pooled_connection::PoolableConnection::is_broken(&mut conn.pg)
     }
 }
 

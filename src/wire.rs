@@ -80,7 +80,11 @@ pub struct WireState {
     ready_count: AtomicU64,
     error_count: AtomicU64,
     message_count: AtomicU64,
+    /// Frontend messages that each end in exactly one ReadyForQuery (Query, Sync),
+    /// plus one for the startup.
+    syncs_sent: AtomicU64,
     last_error: Mutex<Option<ServerError>>,
+    ready_notify: tokio::sync::Notify,
 }
 
 /// A point in a connection's traffic, taken before an operation, to tell what the
@@ -156,6 +160,46 @@ impl WireState {
     pub fn message_count(&self) -> u64 {
         self.message_count.load(Ordering::Relaxed)
     }
+    /// Whether the connection is idle with nothing in flight: the latest
+    /// `ReadyForQuery` said idle and every request sent has been answered. This is
+    /// the pool's check-out test, with no round trip (DESIGN.md D1).
+    pub fn is_settled_idle(&self) -> bool {
+        !self.is_closed()
+            && self.tx_status() == TxStatus::Idle
+            && self.ready_count() >= self.syncs_sent.load(Ordering::Acquire)
+    }
+    /// Waits up to `patience` for the connection to be idle with nothing in
+    /// flight. A query's result reaches the caller at `CommandComplete`, a moment
+    /// before its `ReadyForQuery` is read, so a connection just handed back may
+    /// need that moment; one still running a (cancelled) query or inside a
+    /// transaction does not settle and is refused.
+    pub async fn settle(&self, patience: std::time::Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + patience;
+        loop {
+            let notified = self.ready_notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.is_settled_idle() {
+                return true;
+            }
+            if self.is_closed()
+                || self.tx_status() == TxStatus::Unknown
+                || (self.in_flight() == 0 && self.tx_status() != TxStatus::Idle)
+            {
+                return false;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return self.is_settled_idle();
+            }
+        }
+    }
+
+    /// Requests sent whose `ReadyForQuery` has not arrived.
+    pub fn in_flight(&self) -> u64 {
+        self.syncs_sent
+            .load(Ordering::Acquire)
+            .saturating_sub(self.ready_count())
+    }
     /// Marks the start of an operation.
     pub fn mark(&self) -> WireMark {
         WireMark {
@@ -205,6 +249,7 @@ impl WireState {
                     self.tx_status.store(status, Ordering::Release);
                 }
                 self.ready_count.fetch_add(1, Ordering::Release);
+                self.ready_notify.notify_waiters();
             }
             b'E' => {
                 let e = parse_error(body);
@@ -272,12 +317,18 @@ pub(crate) struct Framer {
     written: [u8; 8],
     written_len: usize,
     broken: bool,
+    /// Frontend framing: untyped messages still expected (SSLRequest, startup).
+    out_untyped_seen: bool,
+    out_header: [u8; 5],
+    out_have: usize,
+    out_remaining: usize,
+    out_broken: bool,
 }
 
 const SSL_REQUEST: [u8; 8] = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
 
 impl Framer {
-    pub(crate) fn on_write(&mut self, bytes: &[u8]) {
+    pub(crate) fn on_write(&mut self, bytes: &[u8], wire: &WireState) {
         if self.written_len < 8 {
             let n = (8 - self.written_len).min(bytes.len());
             self.written[self.written_len..self.written_len + n].copy_from_slice(&bytes[..n]);
@@ -285,6 +336,61 @@ impl Framer {
             if self.written_len == 8 && self.written == SSL_REQUEST {
                 self.expect_ssl_byte = true;
             }
+        }
+        self.frame_out(bytes, wire);
+    }
+
+    /// Frames frontend messages to count those that each end in one
+    /// `ReadyForQuery`: `Q` (simple query) and `S` (Sync). The first message on a
+    /// stream has no type byte (SSLRequest or the startup message; after an
+    /// SSLRequest answered with `N`, the startup message follows, untyped too).
+    fn frame_out(&mut self, mut bytes: &[u8], wire: &WireState) {
+        while !bytes.is_empty() && !self.out_broken {
+            if self.out_remaining == 0 {
+                let typed = self.out_untyped_seen;
+                let need = if typed { 5 } else { 4 };
+                let n = (need - self.out_have).min(bytes.len());
+                self.out_header[self.out_have..self.out_have + n].copy_from_slice(&bytes[..n]);
+                self.out_have += n;
+                bytes = &bytes[n..];
+                if self.out_have < need {
+                    return;
+                }
+                let (kind, len_at) = if typed {
+                    (self.out_header[0], 1)
+                } else {
+                    (0, 0)
+                };
+                let len = i32::from_be_bytes([
+                    self.out_header[len_at],
+                    self.out_header[len_at + 1],
+                    self.out_header[len_at + 2],
+                    self.out_header[len_at + 3],
+                ]);
+                if len < 4 {
+                    self.out_broken = true;
+                    wire.desync();
+                    return;
+                }
+                self.out_have = 0;
+                self.out_remaining = len as usize - 4;
+                if typed {
+                    if kind == b'Q' || kind == b'S' {
+                        wire.syncs_sent.fetch_add(1, Ordering::Release);
+                    }
+                } else if len == 8 && self.written == SSL_REQUEST {
+                    // SSLRequest: the startup message (untyped) comes next, on this
+                    // stream ('N') or above TLS ('S', where a new tap takes over).
+                } else {
+                    self.out_untyped_seen = true;
+                    // The startup exchange ends in one ReadyForQuery.
+                    wire.syncs_sent.fetch_add(1, Ordering::Release);
+                }
+                continue;
+            }
+            let n = self.out_remaining.min(bytes.len());
+            self.out_remaining -= n;
+            bytes = &bytes[n..];
         }
     }
 
@@ -403,7 +509,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Tapped<S> {
         if this.observing
             && let Poll::Ready(Ok(n)) = &r
         {
-            this.framer.on_write(&buf[..*n]);
+            this.framer.on_write(&buf[..*n], &this.wire);
             this.wire
                 .bytes_written
                 .fetch_add(*n as u64, Ordering::Relaxed);
@@ -622,12 +728,46 @@ mod tests {
     fn the_answer_to_an_ssl_request_is_skipped() {
         let w = WireState::default();
         let mut f = Framer::default();
-        f.on_write(&SSL_REQUEST);
+        f.on_write(&SSL_REQUEST, &w);
         let mut stream = vec![b'N'];
         stream.extend(encode(&[M::Standby(true), M::Ready(b'I')]));
         f.on_read(&stream, &w);
         assert_eq!(w.in_hot_standby(), Some(true));
         assert_eq!(w.tx_status(), TxStatus::Idle);
+    }
+
+    #[test]
+    fn requests_in_flight_are_counted_until_their_ready_for_query() {
+        let w = WireState::default();
+        let mut f = Framer::default();
+        let params = b"user\0u\0\0";
+        let mut startup = Vec::new();
+        startup.extend_from_slice(&(8 + params.len() as i32).to_be_bytes());
+        startup.extend_from_slice(&196608i32.to_be_bytes());
+        startup.extend_from_slice(params);
+        // written in awkward pieces
+        for chunk in startup.chunks(3) {
+            f.on_write(chunk, &w);
+        }
+        assert_eq!(w.in_flight(), 1);
+        f.on_read(
+            &encode(&[M::Other(b'R', vec![0, 0, 0, 0]), M::Ready(b'I')]),
+            &w,
+        );
+        assert!(w.is_settled_idle());
+        let mut extended = msg(b'P', b"\0SELECT 1\0\0\0");
+        extended.extend(msg(b'B', &[0; 8]));
+        extended.extend(msg(b'E', &[0, 0, 0, 0, 0]));
+        extended.extend(msg(b'S', &[]));
+        extended.extend(msg(b'Q', b"SELECT 2\0"));
+        f.on_write(&extended, &w);
+        assert_eq!(w.in_flight(), 2);
+        assert!(
+            !w.is_settled_idle(),
+            "idle status is stale while requests are in flight"
+        );
+        f.on_read(&encode(&[M::Ready(b'I'), M::Ready(b'I')]), &w);
+        assert!(w.is_settled_idle());
     }
 
     #[test]
