@@ -13,6 +13,8 @@ use crate::config::{Config, ConnectTarget, TargetSessionAttrs};
 use crate::error::Error;
 use crate::migrate::{MigrationReport, Migrator};
 use crate::pool::{Conn, Manager, Opener, ServerRole, TargetPool};
+use crate::retry::{ErrorClass, RetryBudget, RetryPolicy};
+use crate::tx::{TransactionBuilder, WriteBuilder};
 
 /// An async closure over a connection whose future is `Send`.
 ///
@@ -105,6 +107,8 @@ pub struct ReplicaReport {
 pub struct DatabaseBuilder {
     config: Config,
     migrator: Option<Migrator>,
+    policy: RetryPolicy,
+    budget: RetryBudget,
 }
 
 impl fmt::Debug for DatabaseBuilder {
@@ -112,6 +116,7 @@ impl fmt::Debug for DatabaseBuilder {
         f.debug_struct("DatabaseBuilder")
             .field("config", &self.config)
             .field("migrator", &self.migrator)
+            .field("policy", &self.policy)
             .finish()
     }
 }
@@ -120,6 +125,20 @@ impl DatabaseBuilder {
     /// Runs these migrations at boot, before the pools serve. Defaults to none.
     pub fn migrations(mut self, migrator: Migrator) -> Self {
         self.migrator = Some(migrator);
+        self
+    }
+
+    /// Attempts and backoff of `transaction` and `write`. Defaults to
+    /// [`RetryPolicy::default`] (10 attempts, 5 ms to 1 s full-jitter backoff).
+    pub fn retry_policy(mut self, p: RetryPolicy) -> Self {
+        self.policy = p;
+        self
+    }
+
+    /// The retry budget shared by every operation of this `Database`. Defaults to
+    /// [`RetryBudget::default`] (20 % of recent work plus 10 per second).
+    pub fn retry_budget(mut self, b: RetryBudget) -> Self {
+        self.budget = b;
         self
     }
 
@@ -157,6 +176,9 @@ impl DatabaseBuilder {
         }
         Ok(Database {
             inner: Arc::new(Inner {
+                policy: self.policy,
+                budget: self.budget,
+                retries: Default::default(),
                 config,
                 primary,
                 replicas,
@@ -176,6 +198,9 @@ fn replica_name(t: &ConnectTarget) -> String {
 }
 
 struct Inner {
+    policy: RetryPolicy,
+    budget: RetryBudget,
+    retries: [std::sync::atomic::AtomicU64; 7],
     config: Arc<Config>,
     primary: TargetPool,
     replicas: Vec<TargetPool>,
@@ -238,6 +263,16 @@ struct Lsn {
     lsn: String,
 }
 
+const CLASSES: [ErrorClass; 7] = [
+    ErrorClass::RetryTransaction,
+    ErrorClass::Reconnect,
+    ErrorClass::Reroute,
+    ErrorClass::Ambiguous,
+    ErrorClass::Timeout,
+    ErrorClass::Constraint,
+    ErrorClass::Permanent,
+];
+
 /// Parses a `pg_lsn` text (`16/B374D848`) into its 64-bit position.
 pub(crate) fn parse_lsn(s: &str) -> Option<u64> {
     let (hi, lo) = s.split_once('/')?;
@@ -250,6 +285,8 @@ impl Database {
         DatabaseBuilder {
             config,
             migrator: None,
+            policy: RetryPolicy::default(),
+            budget: RetryBudget::default(),
         }
     }
 
@@ -271,6 +308,88 @@ impl Database {
     /// How long [`DatabaseBuilder::connect`] took (migrations included).
     pub fn boot_time(&self) -> Duration {
         self.inner.boot_time
+    }
+
+    /// Runs `f` in a transaction on the primary, re-run from the top when a retry
+    /// is safe (see [`TransactionBuilder::run`] and the `tx` module docs).
+    ///
+    /// ```no_run
+    /// use diesel_async::RunQueryDsl;
+    /// # async fn demo(db: &railyard::Database) -> Result<(), railyard::Error> {
+    /// let moved = db
+    ///     .transaction(async |conn| {
+    ///         diesel::sql_query("UPDATE accounts SET balance_cents = balance_cents - 5 WHERE id = 1")
+    ///             .execute(conn)
+    ///             .await
+    ///             .map_err(railyard::Error::from)
+    ///     })
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn transaction<R, E, F>(&self, f: F) -> Result<R, E>
+    where
+        F: for<'r> AsyncFnOnce(&'r mut Conn) -> Result<R, E>
+            + for<'r> ConnFn<&'r mut Conn, Result<R, E>, Fut: Send>
+            + Clone
+            + Send,
+        E: From<Error> + Send + 'static,
+        R: Send,
+    {
+        self.build_transaction().run(f).await
+    }
+
+    /// A transaction with options: isolation level, read-only, deferrable,
+    /// statement timeout, deadline, retry policy.
+    pub fn build_transaction(&self) -> TransactionBuilder<'_> {
+        TransactionBuilder::new(self)
+    }
+
+    /// Runs `f` in autocommit mode on the primary, retried only when safe (see
+    /// [`WriteBuilder::run`]).
+    pub async fn write<R, E, F>(&self, f: F) -> Result<R, E>
+    where
+        F: for<'r> AsyncFnOnce(&'r mut Conn) -> Result<R, E>
+            + for<'r> ConnFn<&'r mut Conn, Result<R, E>, Fut: Send>
+            + Clone
+            + Send,
+        E: From<Error> + Send + 'static,
+        R: Send,
+    {
+        self.build_write().run(f).await
+    }
+
+    /// An autocommit write with options: idempotency, deadline, retry policy.
+    pub fn build_write(&self) -> WriteBuilder<'_> {
+        WriteBuilder::new(self)
+    }
+
+    /// Retries made so far, by class.
+    pub fn retry_counts(&self) -> Vec<(ErrorClass, u64)> {
+        CLASSES
+            .iter()
+            .zip(&self.inner.retries)
+            .map(|(c, n)| (*c, n.load(std::sync::atomic::Ordering::Relaxed)))
+            .collect()
+    }
+
+    pub(crate) fn retry_policy(&self) -> &RetryPolicy {
+        &self.inner.policy
+    }
+
+    pub(crate) fn budget(&self) -> &RetryBudget {
+        &self.inner.budget
+    }
+
+    pub(crate) fn note_retry(&self, class: ErrorClass) {
+        if let Some(i) = CLASSES.iter().position(|c| *c == class) {
+            self.inner.retries[i].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    pub(crate) async fn checkout_primary(
+        &self,
+    ) -> Result<bb8::PooledConnection<'static, Manager>, Error> {
+        self.inner.primary.get_owned().await
     }
 
     /// Checks out a primary connection.

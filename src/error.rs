@@ -9,6 +9,9 @@ use std::time::Duration;
 
 use tokio_postgres::error::SqlState;
 
+use crate::retry::{ErrorClass, Phase, classify};
+use crate::wire::ServerError;
+
 /// Everything that can go wrong in Railyard.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -37,9 +40,48 @@ pub enum Error {
         waited: Duration,
     },
 
-    /// A query failed. The diesel error is kept as is.
+    /// A query failed, as diesel reported it. Inside Railyard's `transaction` and
+    /// `write`, such errors are replaced by [`Error::Database`], which adds what
+    /// the protocol tap saw.
     #[error("query failed: {0}")]
     Query(#[from] diesel::result::Error),
+
+    /// A query failed; the SQLSTATE and fields come from the protocol tap.
+    #[error(transparent)]
+    Database(Box<DbError>),
+
+    /// The connection was lost while COMMIT (or an autocommit statement) was in
+    /// flight: the work may or may not have been applied. Never retried silently;
+    /// check the outcome (or make the work idempotent) before trying again.
+    #[error("outcome unknown: {0}")]
+    Ambiguous(Box<DbError>),
+
+    /// The operation's deadline passed (all attempts and waits included).
+    #[error("deadline of {deadline:?} passed after {attempts} attempt(s){}", last.as_ref().map(|l| format!("; last failure: {l}")).unwrap_or_default())]
+    Timeout {
+        /// The deadline that passed.
+        deadline: Duration,
+        /// Attempts started.
+        attempts: u32,
+        /// The last failure before the deadline, if an attempt had failed.
+        last: Option<String>,
+    },
+
+    /// The circuit breaker for a host is open after repeated connect failures;
+    /// calls fail fast until a probe succeeds.
+    #[error(
+        "circuit open for {host}: {failures} consecutive connect failures; next probe in {retry_in:?} (last: {last})"
+    )]
+    CircuitOpen {
+        /// The host whose circuit is open.
+        host: String,
+        /// Consecutive failures that opened it.
+        failures: u32,
+        /// When the next probe is allowed.
+        retry_in: Duration,
+        /// The last connect error.
+        last: String,
+    },
 
     /// Booting or managing migrations failed.
     #[error(transparent)]
@@ -77,7 +119,72 @@ impl Error {
     pub fn sqlstate(&self) -> Option<&SqlState> {
         match self {
             Error::Connect(e) => e.sqlstate.as_ref(),
+            Error::Database(d) | Error::Ambiguous(d) => d.sqlstate.as_ref(),
             Error::Migration(MigrationError::Failed { sqlstate, .. }) => sqlstate.as_ref(),
+            _ => None,
+        }
+    }
+
+    /// What kind of failure this is (see [`ErrorClass`] and the table in the
+    /// `retry` module docs).
+    ///
+    /// ```
+    /// # fn check(err: railyard::Error) {
+    /// use railyard::ErrorClass;
+    /// match err.class() {
+    ///     ErrorClass::Constraint => { /* answer 409 */ }
+    ///     ErrorClass::Timeout => { /* answer 504 */ }
+    ///     _ => { /* answer 500 */ }
+    /// }
+    /// # }
+    /// ```
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            Error::Config(_)
+            | Error::Tls(_)
+            | Error::Migration(_)
+            | Error::Local(_)
+            | Error::Io { .. } => ErrorClass::Permanent,
+            Error::Connect(e) => match e.stage {
+                crate::error::ConnectStage::Socket | crate::error::ConnectStage::Timeout => {
+                    ErrorClass::Reconnect
+                }
+                _ => match &e.sqlstate {
+                    Some(code) => classify(Some(code), false),
+                    None => ErrorClass::Permanent,
+                },
+            },
+            Error::PoolTimeout { .. } | Error::Timeout { .. } => ErrorClass::Timeout,
+            Error::CircuitOpen { .. } => ErrorClass::Reconnect,
+            Error::Database(d) => d.class,
+            Error::Ambiguous(_) => ErrorClass::Ambiguous,
+            Error::Query(d) => diesel_class(d),
+        }
+    }
+
+    /// The violated constraint, for integrity errors (23xxx): what an HTTP layer
+    /// maps to 409 Conflict or 422.
+    pub fn violation(&self) -> Option<Violation> {
+        match self {
+            Error::Database(d) => d.violation(),
+            Error::Query(diesel::result::Error::DatabaseError(kind, info)) => {
+                use diesel::result::DatabaseErrorKind as K;
+                let kind = match kind {
+                    K::UniqueViolation => ViolationKind::Unique,
+                    K::ForeignKeyViolation => ViolationKind::ForeignKey,
+                    K::NotNullViolation => ViolationKind::NotNull,
+                    K::CheckViolation => ViolationKind::Check,
+                    K::ExclusionViolation => ViolationKind::Exclusion,
+                    K::RestrictViolation => ViolationKind::Restrict,
+                    _ => return None,
+                };
+                Some(Violation {
+                    kind,
+                    constraint: info.constraint_name().map(str::to_owned),
+                    table: info.table_name().map(str::to_owned),
+                    column: info.column_name().map(str::to_owned),
+                })
+            }
             _ => None,
         }
     }
@@ -228,4 +335,130 @@ pub enum MigrationError {
     /// Reading or writing migration bookkeeping failed.
     #[error("migration bookkeeping: {0}")]
     Bookkeeping(String),
+}
+
+/// The class of a bare diesel error, when no tap information is at hand.
+fn diesel_class(e: &diesel::result::Error) -> ErrorClass {
+    use diesel::result::DatabaseErrorKind as K;
+    use diesel::result::Error as D;
+    match e {
+        D::DatabaseError(K::SerializationFailure, _) => ErrorClass::RetryTransaction,
+        D::DatabaseError(K::ReadOnlyTransaction, _) => ErrorClass::Reroute,
+        D::DatabaseError(K::ClosedConnection | K::UnableToSendCommand, _) => ErrorClass::Reconnect,
+        D::DatabaseError(
+            K::UniqueViolation
+            | K::ForeignKeyViolation
+            | K::NotNullViolation
+            | K::CheckViolation
+            | K::ExclusionViolation
+            | K::RestrictViolation,
+            _,
+        ) => ErrorClass::Constraint,
+        _ => ErrorClass::Permanent,
+    }
+}
+
+/// Which integrity rule was broken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ViolationKind {
+    /// 23505: a unique index or constraint.
+    Unique,
+    /// 23503: a foreign key.
+    ForeignKey,
+    /// 23502: a NOT NULL column.
+    NotNull,
+    /// 23514: a CHECK constraint.
+    Check,
+    /// 23P01: an exclusion constraint.
+    Exclusion,
+    /// 23001: a RESTRICT rule.
+    Restrict,
+    /// Another 23xxx code.
+    Other,
+}
+
+/// An integrity violation, with the names the server reported.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Violation {
+    /// Which kind of rule.
+    pub kind: ViolationKind,
+    /// The constraint's name (e.g. `users_email_key`).
+    pub constraint: Option<String>,
+    /// The table.
+    pub table: Option<String>,
+    /// The column, when the server names one (NOT NULL).
+    pub column: Option<String>,
+}
+
+/// A failed query with what the protocol tap saw: the exact SQLSTATE (diesel
+/// keeps only six), the constraint, table and column, the phase it failed in,
+/// and how many attempts were made.
+#[derive(Debug)]
+pub struct DbError {
+    /// The class, from the SQLSTATE and the connection's fate.
+    pub class: ErrorClass,
+    /// The SQLSTATE, when the server sent one.
+    pub sqlstate: Option<SqlState>,
+    /// The server's error fields, when it sent an error.
+    pub server: Option<ServerError>,
+    /// Where in the operation it failed.
+    pub phase: Phase,
+    /// Attempts made (1 when not retried).
+    pub attempts: u32,
+    /// `host:port` of the server.
+    pub host: String,
+    /// The error as diesel (or Railyard) reported it.
+    pub source: Box<dyn std::error::Error + Send + Sync>,
+}
+
+impl DbError {
+    /// The violated constraint, for 23xxx errors.
+    pub fn violation(&self) -> Option<Violation> {
+        let server = self.server.as_ref()?;
+        if !server.code.starts_with("23") {
+            return None;
+        }
+        let kind = match server.code.as_str() {
+            "23505" => ViolationKind::Unique,
+            "23503" => ViolationKind::ForeignKey,
+            "23502" => ViolationKind::NotNull,
+            "23514" => ViolationKind::Check,
+            "23P01" => ViolationKind::Exclusion,
+            "23001" => ViolationKind::Restrict,
+            _ => ViolationKind::Other,
+        };
+        Some(Violation {
+            kind,
+            constraint: server.constraint.clone(),
+            table: server.table.clone(),
+            column: server.column.clone(),
+        })
+    }
+}
+
+impl fmt::Display for DbError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.source)?;
+        if let Some(code) = &self.sqlstate {
+            write!(f, " (SQLSTATE {}", code.code())?;
+        } else {
+            f.write_str(" (no SQLSTATE")?;
+        }
+        write!(
+            f,
+            ", class {}, {:?} on {}",
+            self.class, self.phase, self.host
+        )?;
+        if self.attempts > 1 {
+            write!(f, ", after {} attempts", self.attempts)?;
+        }
+        f.write_str(")")
+    }
+}
+
+impl std::error::Error for DbError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&*self.source)
+    }
 }

@@ -44,7 +44,9 @@ mod error;
 mod local;
 mod migrate;
 mod pool;
+mod retry;
 mod tls;
+mod tx;
 mod wire;
 
 pub use config::{
@@ -52,13 +54,18 @@ pub use config::{
     parse_duration,
 };
 pub use database::{ConnFn, Database, DatabaseBuilder, PoolStatus, PooledConn, ReplicaReport};
-pub use error::{ConfigError, ConnectError, ConnectStage, Error, MigrationError};
+pub use error::{
+    ConfigError, ConnectError, ConnectStage, DbError, Error, MigrationError, Violation,
+    ViolationKind,
+};
 pub use local::{
     Binaries, LocalCluster, LocalClusterBuilder, StartKind, default_cluster_dir, stop_dir,
 };
 pub use migrate::{
     AppliedMigration, ChecksumState, MigrationReport, MigrationState, MigrationStatus, Migrator,
 };
-pub use pool::{Conn, ConnInfo, ServerRole};
+pub use pool::{CancelHandle, Conn, ConnInfo, ServerRole};
+pub use retry::{ErrorClass, Phase, RetryBudget, RetryPolicy, classify, retryable};
 pub use tls::tls_client_config;
-pub use wire::{Socket, Tapped, WireState};
+pub use tx::{IsolationLevel, TransactionBuilder, WriteBuilder};
+pub use wire::{ServerError, Socket, Tapped, TxStatus, WireMark, WireState};

@@ -55,6 +55,7 @@ pub struct ConnInfo {
 pub struct Conn {
     pg: AsyncPgConnection,
     info: ConnInfo,
+    cancel: CancelHandle,
     wire: Arc<WireState>,
     created: Instant,
     last_returned: Instant,
@@ -81,6 +82,14 @@ impl Conn {
     /// When the connection was opened.
     pub fn created(&self) -> Instant {
         self.created
+    }
+    pub(crate) fn wire_arc(&self) -> Arc<WireState> {
+        self.wire.clone()
+    }
+    /// A handle that can cancel the query this connection is running, from
+    /// anywhere (it opens its own connection, through the same TLS settings).
+    pub fn cancel_handle(&self) -> CancelHandle {
+        self.cancel.clone()
     }
     /// The diesel connection, for running queries.
     pub fn pg(&mut self) -> &mut AsyncPgConnection {
@@ -110,6 +119,65 @@ impl Deref for Conn {
 impl DerefMut for Conn {
     fn deref_mut(&mut self) -> &mut AsyncPgConnection {
         &mut self.pg
+    }
+}
+
+/// Sends a cancel request for one connection's running query.
+#[derive(Clone)]
+pub struct CancelHandle {
+    token: tokio_postgres::CancelToken,
+    host: Host,
+    port: u16,
+    tls: Option<Arc<rustls::ClientConfig>>,
+}
+
+impl fmt::Debug for CancelHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "CancelHandle({}:{})", self.host, self.port)
+    }
+}
+
+impl CancelHandle {
+    /// Asks the server to cancel the query running on the connection; the query
+    /// then fails with SQLSTATE 57014. Harmless when nothing is running.
+    pub async fn cancel(&self) -> Result<(), Error> {
+        let fail = |message: String| {
+            Error::Connect(ConnectError {
+                host: self.host.to_string(),
+                port: self.port,
+                stage: ConnectStage::Socket,
+                sqlstate: None,
+                message: format!("cancel request: {message}"),
+                source: None,
+            })
+        };
+        let socket = match &self.host {
+            Host::Tcp(h) => Socket::Tcp(
+                tokio::net::TcpStream::connect((h.as_str(), self.port))
+                    .await
+                    .map_err(|e| fail(e.to_string()))?,
+            ),
+            Host::Unix(dir) => Socket::Unix(
+                tokio::net::UnixStream::connect(dir.join(format!(".s.PGSQL.{}", self.port)))
+                    .await
+                    .map_err(|e| fail(e.to_string()))?,
+            ),
+        };
+        let wire = Arc::new(WireState::default());
+        let name = match &self.host {
+            Host::Tcp(h) => h.clone(),
+            Host::Unix(_) => "localhost".to_owned(),
+        };
+        let tls = if matches!(self.host, Host::Unix(_)) {
+            None
+        } else {
+            self.tls.as_ref()
+        };
+        let connector = Connector::new(tls, &name, wire.clone())?;
+        self.token
+            .cancel_query_raw(Tapped::new(socket, wire, false), connector)
+            .await
+            .map_err(|e| fail(e.to_string()))
     }
 }
 
@@ -334,6 +402,12 @@ impl Opener {
                 ),
             ));
         }
+        let cancel = CancelHandle {
+            token: client.cancel_token(),
+            host: host.clone(),
+            port,
+            tls: if unix { None } else { self.tls.clone() },
+        };
         let mut pg_conn = AsyncPgConnection::try_from(client)
             .await
             .map_err(|e| fail(ConnectStage::Setup, None, e.to_string()))?;
@@ -348,6 +422,7 @@ impl Opener {
         let now = Instant::now();
         Ok(Conn {
             pg: pg_conn,
+            cancel,
             info: ConnInfo {
                 host: host.clone(),
                 port,

@@ -194,6 +194,24 @@ impl WireState {
         }
     }
 
+    /// Waits up to `patience` until every request sent has its `ReadyForQuery`,
+    /// so that [`WireState::tx_status`] describes the latest request; returns
+    /// whether it did.
+    pub async fn quiesce(&self, patience: std::time::Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + patience;
+        loop {
+            let notified = self.ready_notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.in_flight() == 0 {
+                return true;
+            }
+            if self.is_closed() || tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return self.in_flight() == 0;
+            }
+        }
+    }
+
     /// Requests sent whose `ReadyForQuery` has not arrived.
     pub fn in_flight(&self) -> u64 {
         self.syncs_sent

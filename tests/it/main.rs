@@ -6,3 +6,4 @@ mod local;
 mod migrations;
 mod support;
 mod tls;
+mod tx;

@@ -93,3 +93,73 @@ pub async fn count(config: &Config, sql: &str) -> i64 {
         .unwrap_or_else(|e| panic!("{sql}: {e}"))
         .n
 }
+
+/// The ledger's migrations.
+pub const LEDGER: diesel_migrations::EmbeddedMigrations =
+    diesel_migrations::embed_migrations!("migrations");
+
+static LEDGER_DB: OnceCell<railyard::ConnectTarget> = OnceCell::const_new();
+
+/// A migrated ledger database shared by the tests that commit data of their own
+/// (each uses keys no other test uses). Reached over the Unix socket when the
+/// local cluster is in use, which keeps round trips cheap.
+pub async fn ledger(config: impl FnOnce(Config) -> Config) -> Database {
+    let target = LEDGER_DB
+        .get_or_init(|| async {
+            let server = server().await;
+            let name = "railyard_it";
+            match &server.cluster {
+                Some(c) => {
+                    c.create_database(name).await.expect("ledger database");
+                    c.primary_socket_target(name)
+                }
+                None => {
+                    let t = server.admin.with_dbname(name);
+                    let db = Database::connect(Config::new(server.admin.clone()).pool_max_size(1))
+                        .await
+                        .expect("admin");
+                    let mut conn = db.primary().await.expect("admin checkout");
+                    let _ = conn.batch_execute(&format!("CREATE DATABASE {name}")).await;
+                    t
+                }
+            }
+        })
+        .await
+        .clone();
+    Database::builder(config(Config::new(target)))
+        .migrations(railyard::Migrator::new(LEDGER))
+        .connect()
+        .await
+        .expect("ledger database boots")
+}
+
+/// Creates a user with `n` accounts holding `balance` cents each; returns the
+/// account ids.
+pub async fn accounts(db: &Database, n: usize, balance: i64) -> Vec<i64> {
+    #[derive(diesel::QueryableByName)]
+    struct Id {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        id: i64,
+    }
+    let email = format!("{}@example.test", unique("user"));
+    let mut conn = db.primary().await.expect("checkout");
+    let user: Id =
+        diesel::sql_query("INSERT INTO users (email, name) VALUES ($1, 'Test') RETURNING id")
+            .bind::<diesel::sql_types::Text, _>(&email)
+            .get_result(&mut conn)
+            .await
+            .expect("user");
+    let mut ids = Vec::new();
+    for _ in 0..n {
+        let a: Id = diesel::sql_query(
+            "INSERT INTO accounts (user_id, balance_cents) VALUES ($1, $2) RETURNING id",
+        )
+        .bind::<diesel::sql_types::BigInt, _>(user.id)
+        .bind::<diesel::sql_types::BigInt, _>(balance)
+        .get_result(&mut conn)
+        .await
+        .expect("account");
+        ids.push(a.id);
+    }
+    ids
+}

@@ -1,0 +1,448 @@
+//! Transactions, classification and retries, each failure produced for real.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use diesel::sql_types::{BigInt, Integer, Text};
+use diesel_async::{RunQueryDsl, SimpleAsyncConnection};
+use railyard::{Conn, Database, Error, ErrorClass, RetryPolicy, ViolationKind};
+use tokio::sync::Barrier;
+use tokio_postgres::error::SqlState;
+
+use crate::support;
+
+#[derive(diesel::QueryableByName)]
+struct Big {
+    #[diesel(sql_type = BigInt)]
+    n: i64,
+}
+
+async fn balance(conn: &mut Conn, id: i64) -> Result<i64, Error> {
+    let b: Big = diesel::sql_query("SELECT balance_cents AS n FROM accounts WHERE id = $1")
+        .bind::<BigInt, _>(id)
+        .get_result(conn)
+        .await?;
+    Ok(b.n)
+}
+
+fn retries(db: &Database, class: ErrorClass) -> u64 {
+    db.retry_counts()
+        .into_iter()
+        .find(|(c, _)| *c == class)
+        .map(|(_, n)| n)
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn retries_a_serialization_failure_to_success() {
+    let db = support::ledger(|c| c).await;
+    let ids = support::accounts(&db, 2, 100).await;
+    let barrier = Arc::new(Barrier::new(2));
+    let attempts = Arc::new(AtomicU32::new(0));
+    // Write skew: each reads both balances, then debits a different account.
+    let run = |debit: i64| {
+        let (db, barrier, attempts, ids) =
+            (db.clone(), barrier.clone(), attempts.clone(), ids.clone());
+        tokio::spawn(async move {
+            db.build_transaction()
+                .serializable()
+                .run(async |conn| {
+                    let first = attempts.fetch_add(1, Ordering::SeqCst) < 2;
+                    let total = balance(conn, ids[0]).await? + balance(conn, ids[1]).await?;
+                    if first {
+                        barrier.wait().await;
+                    }
+                    if total >= 150 {
+                        diesel::sql_query(
+                            "UPDATE accounts SET balance_cents = balance_cents - 60 WHERE id = $1",
+                        )
+                        .bind::<BigInt, _>(debit)
+                        .execute(conn)
+                        .await?;
+                    }
+                    Ok::<_, Error>(())
+                })
+                .await
+        })
+    };
+    let (a, b) = (run(ids[0]), run(ids[1]));
+    let (a, b) = (a.await.unwrap(), b.await.unwrap());
+    // One debit wins; the loser is retried, sees 140 left in all, and debits nothing.
+    assert!(a.is_ok() && b.is_ok(), "{a:?} {b:?}");
+    assert!(retries(&db, ErrorClass::RetryTransaction) >= 1);
+    assert!(AtomicU32::load(&attempts, Ordering::SeqCst) >= 3);
+    let mut conn = db.primary().await.unwrap();
+    let total =
+        balance(&mut conn, ids[0]).await.unwrap() + balance(&mut conn, ids[1]).await.unwrap();
+    assert_eq!(total, 140, "exactly one debit applied");
+}
+
+#[tokio::test]
+async fn the_victim_of_a_deadlock_is_retried() {
+    let db = support::ledger(|c| c).await;
+    let ids = support::accounts(&db, 2, 1_000).await;
+    let barrier = Arc::new(Barrier::new(2));
+    let attempts = Arc::new(AtomicU32::new(0));
+    let run = |order: [i64; 2]| {
+        let (db, barrier, attempts) = (db.clone(), barrier.clone(), attempts.clone());
+        tokio::spawn(async move {
+            db.transaction(async |conn| {
+                let first = attempts.fetch_add(1, Ordering::SeqCst) < 2;
+                for (i, id) in order.iter().enumerate() {
+                    diesel::sql_query(
+                        "UPDATE accounts SET balance_cents = balance_cents - 1 WHERE id = $1",
+                    )
+                    .bind::<BigInt, _>(*id)
+                    .execute(conn)
+                    .await?;
+                    if i == 0 && first {
+                        barrier.wait().await;
+                    }
+                }
+                Ok::<_, Error>(())
+            })
+            .await
+        })
+    };
+    let (a, b) = (run([ids[0], ids[1]]), run([ids[1], ids[0]]));
+    let (a, b) = (a.await.unwrap(), b.await.unwrap());
+    assert!(a.is_ok() && b.is_ok(), "{a:?} {b:?}");
+    assert_eq!(
+        retries(&db, ErrorClass::RetryTransaction),
+        1,
+        "the deadlock victim was retried once"
+    );
+    let mut conn = db.primary().await.unwrap();
+    assert_eq!(balance(&mut conn, ids[0]).await.unwrap(), 998);
+}
+
+#[tokio::test]
+async fn nowait_lock_failures_are_55p03_and_retried_until_the_attempts_run_out() {
+    let db = support::ledger(|c| c).await;
+    let ids = support::accounts(&db, 1, 10).await;
+    let mut holder = db.primary().await.unwrap();
+    holder.batch_execute("BEGIN").await.unwrap();
+    diesel::sql_query("SELECT id AS n FROM accounts WHERE id = $1 FOR UPDATE")
+        .bind::<BigInt, _>(ids[0])
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    let err = db
+        .build_transaction()
+        .retry_policy(RetryPolicy {
+            max_attempts: 3,
+            ..RetryPolicy::default()
+        })
+        .run(async |conn| {
+            diesel::sql_query("SELECT id AS n FROM accounts WHERE id = $1 FOR UPDATE NOWAIT")
+                .bind::<BigInt, _>(ids[0])
+                .execute(conn)
+                .await?;
+            Ok::<_, Error>(())
+        })
+        .await
+        .unwrap_err();
+    holder.batch_execute("ROLLBACK").await.unwrap();
+    assert_eq!(err.sqlstate(), Some(&SqlState::LOCK_NOT_AVAILABLE), "{err}");
+    assert_eq!(err.class(), ErrorClass::RetryTransaction);
+    let Error::Database(d) = &err else {
+        panic!("{err}")
+    };
+    assert_eq!(d.attempts, 3);
+}
+
+#[tokio::test]
+async fn a_statement_timeout_is_57014_and_not_retried() {
+    let db = support::ledger(|c| c).await;
+    let err = db
+        .build_transaction()
+        .statement_timeout(Duration::from_millis(50))
+        .run(async |conn| {
+            diesel::sql_query("SELECT pg_sleep(2)")
+                .execute(conn)
+                .await?;
+            Ok::<_, Error>(())
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.sqlstate(), Some(&SqlState::QUERY_CANCELED), "{err}");
+    assert_eq!(err.class(), ErrorClass::Timeout);
+    assert_eq!(retries(&db, ErrorClass::Timeout), 0);
+}
+
+#[tokio::test]
+async fn a_deadline_cancels_the_running_query_and_the_connection_is_not_reused_busy() {
+    let db = support::ledger(|c| c.pool_max_size(1)).await;
+    let started = std::time::Instant::now();
+    let err = db
+        .build_write()
+        .timeout(Duration::from_millis(200))
+        .run(async |conn| {
+            diesel::sql_query("SELECT pg_sleep(5)")
+                .execute(conn)
+                .await?;
+            Ok::<_, Error>(())
+        })
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Timeout { .. }), "{err}");
+    assert_eq!(err.class(), ErrorClass::Timeout);
+    // The cancel request ends the sleep: the single pooled connection is usable
+    // again long before the 5 s sleep would have finished.
+    let mut conn = db
+        .primary()
+        .await
+        .expect("the connection settles after the cancel");
+    conn.batch_execute("SELECT 1").await.unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+async fn terminate(pid: i32) {
+    support::admin_sql(&format!("SELECT pg_terminate_backend({pid})")).await;
+}
+
+#[derive(diesel::QueryableByName)]
+struct Pid {
+    #[diesel(sql_type = Integer)]
+    pid: i32,
+}
+
+#[tokio::test]
+async fn a_backend_terminated_inside_a_transaction_is_retried_on_a_new_connection() {
+    let db = support::ledger(|c| c).await;
+    let ids = support::accounts(&db, 1, 10).await;
+    let attempts = Arc::new(AtomicU32::new(0));
+    db.transaction(async |conn| {
+        let attempt = attempts.fetch_add(1, Ordering::SeqCst);
+        diesel::sql_query("UPDATE accounts SET balance_cents = balance_cents + 1 WHERE id = $1")
+            .bind::<BigInt, _>(ids[0])
+            .execute(conn)
+            .await?;
+        if attempt == 0 {
+            let me: Pid = diesel::sql_query("SELECT pg_backend_pid() AS pid")
+                .get_result(conn)
+                .await?;
+            terminate(me.pid).await;
+        }
+        diesel::sql_query("UPDATE accounts SET balance_cents = balance_cents + 1 WHERE id = $1")
+            .bind::<BigInt, _>(ids[0])
+            .execute(conn)
+            .await?;
+        Ok::<_, Error>(())
+    })
+    .await
+    .expect("retried after the termination");
+    assert_eq!(AtomicU32::load(&attempts, Ordering::SeqCst), 2);
+    assert_eq!(retries(&db, ErrorClass::Reconnect), 1);
+    let mut conn = db.primary().await.unwrap();
+    assert_eq!(
+        balance(&mut conn, ids[0]).await.unwrap(),
+        12,
+        "the lost attempt left nothing"
+    );
+}
+
+#[tokio::test]
+async fn an_autocommit_write_whose_backend_died_is_retried_only_when_idempotent() {
+    let db = support::ledger(|c| c).await;
+    let ids = support::accounts(&db, 1, 10).await;
+    let work = |attempts: Arc<AtomicU32>, ids: Vec<i64>| {
+        async move |conn: &mut Conn| {
+            let attempt = attempts.fetch_add(1, Ordering::SeqCst);
+            if attempt == 0 {
+                let me: Pid = diesel::sql_query("SELECT pg_backend_pid() AS pid")
+                    .get_result(conn)
+                    .await?;
+                terminate(me.pid).await;
+            }
+            diesel::sql_query("UPDATE accounts SET balance_cents = 42 WHERE id = $1")
+                .bind::<BigInt, _>(ids[0])
+                .execute(conn)
+                .await?;
+            Ok::<_, Error>(())
+        }
+    };
+    let attempts = Arc::new(AtomicU32::new(0));
+    let err = db
+        .write(work(attempts.clone(), ids.clone()))
+        .await
+        .unwrap_err();
+    assert_eq!(err.class(), ErrorClass::Reconnect, "{err}");
+    assert_eq!(
+        AtomicU32::load(&attempts, Ordering::SeqCst),
+        1,
+        "not retried: it was sent and is not idempotent"
+    );
+
+    let attempts = Arc::new(AtomicU32::new(0));
+    db.build_write()
+        .idempotent(true)
+        .run(work(attempts.clone(), ids.clone()))
+        .await
+        .expect("an idempotent write is retried");
+    assert_eq!(AtomicU32::load(&attempts, Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn a_write_sent_to_a_standby_is_25006_reroute() {
+    let Some(cluster) = support::cluster().await else {
+        return;
+    };
+    support::ledger(|c| c).await; // the database exists and is migrated
+    let replica = cluster.replica_target("railyard_it").unwrap();
+    let url = format!("{}&target_session_attrs=any", replica.expose_url());
+    let db = Database::connect(railyard::Config::from_url(&url).unwrap())
+        .await
+        .unwrap();
+    let err = db
+        .write(async |conn| {
+            diesel::sql_query(
+                "INSERT INTO users (email, name) VALUES ('standby@example.test', 'x')",
+            )
+            .execute(conn)
+            .await?;
+            Ok::<_, Error>(())
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.sqlstate(),
+        Some(&SqlState::READ_ONLY_SQL_TRANSACTION),
+        "{err}"
+    );
+    assert_eq!(err.class(), ErrorClass::Reroute);
+}
+
+#[tokio::test]
+async fn a_unique_violation_names_its_constraint() {
+    let db = support::ledger(|c| c).await;
+    let email = format!("{}@example.test", support::unique("dup"));
+    let insert = async |conn: &mut Conn| {
+        diesel::sql_query("INSERT INTO users (email, name) VALUES ($1, 'x')")
+            .bind::<Text, _>(&email)
+            .execute(conn)
+            .await?;
+        Ok::<_, Error>(())
+    };
+    db.write(insert).await.unwrap();
+    let err = db.write(insert).await.unwrap_err();
+    assert_eq!(err.class(), ErrorClass::Constraint);
+    assert_eq!(err.sqlstate(), Some(&SqlState::UNIQUE_VIOLATION));
+    let v = err.violation().expect("a violation");
+    assert_eq!(v.kind, ViolationKind::Unique);
+    assert_eq!(v.constraint.as_deref(), Some("users_email_key"));
+    assert_eq!(v.table.as_deref(), Some("users"));
+}
+
+#[tokio::test]
+async fn an_error_swallowed_inside_the_closure_does_not_commit() {
+    let db = support::ledger(|c| c).await;
+    let err = db
+        .transaction(async |conn| {
+            let _ = diesel::sql_query("SELECT 1 / 0").execute(conn).await;
+            Ok::<_, Error>(())
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.sqlstate(), Some(&SqlState::DIVISION_BY_ZERO), "{err}");
+    assert!(err.to_string().contains("did not return"), "{err}");
+}
+
+#[tokio::test]
+async fn twenty_thousand_failed_inner_blocks_fit_in_one_transaction() {
+    let db = support::ledger(|c| c).await;
+    let ids = support::accounts(&db, 1, 0).await;
+    let kept = db
+        .transaction(async |conn| {
+            let mut kept = 0;
+            for i in 0..20_000 {
+                let r: Result<(), Error> = conn
+                    .transaction(async |conn| {
+                        diesel::sql_query(
+                            "UPDATE accounts SET balance_cents = balance_cents + 1 WHERE id = $1",
+                        )
+                        .bind::<BigInt, _>(ids[0])
+                        .execute(conn)
+                        .await?;
+                        Err(Error::Local("undo".into()))
+                    })
+                    .await;
+                assert!(r.is_err());
+                if i % 5_000 == 0 {
+                    kept += 1;
+                    diesel::sql_query(
+                        "UPDATE accounts SET balance_cents = balance_cents + 1 WHERE id = $1",
+                    )
+                    .bind::<BigInt, _>(ids[0])
+                    .execute(conn)
+                    .await?;
+                }
+            }
+            Ok::<_, Error>(kept)
+        })
+        .await
+        .expect("no 'out of shared memory'");
+    let mut conn = db.primary().await.unwrap();
+    assert_eq!(balance(&mut conn, ids[0]).await.unwrap(), kept);
+}
+
+#[tokio::test]
+async fn a_connection_killed_while_idle_in_the_pool_is_never_handed_out() {
+    let db = support::ledger(|c| c.pool_max_size(1)).await;
+    let pid = db.primary().await.unwrap().info().backend_pid;
+    terminate(pid).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut conn = db.primary().await.unwrap();
+    assert_ne!(conn.info().backend_pid, pid);
+    conn.batch_execute("SELECT 1")
+        .await
+        .expect("a live connection");
+}
+
+#[tokio::test]
+async fn cancelling_a_transaction_at_any_poll_point_never_leaks_a_connection_in_a_transaction() {
+    let db = support::ledger(|c| c.pool_max_size(1)).await;
+    let ids = support::accounts(&db, 1, 0).await;
+    for polls in 0..60 {
+        {
+            let fut = db.transaction(async |conn| {
+                for _ in 0..3 {
+                    diesel::sql_query(
+                        "UPDATE accounts SET balance_cents = balance_cents + 1 WHERE id = $1",
+                    )
+                    .bind::<BigInt, _>(ids[0])
+                    .execute(conn)
+                    .await?;
+                }
+                Ok::<_, Error>(())
+            });
+            let mut fut = std::pin::pin!(fut);
+            for _ in 0..polls {
+                let done = std::future::poll_fn(|cx| {
+                    std::task::Poll::Ready(fut.as_mut().poll(cx).is_ready())
+                })
+                .await;
+                if done {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_micros(300)).await;
+            }
+        }
+        let mut conn = db.primary().await.expect("a connection");
+        // SAVEPOINT is refused (25P01) outside a transaction block, by the server.
+        let probe = conn.batch_execute("SAVEPOINT probe").await;
+        assert!(
+            probe.is_err(),
+            "after {polls} polls the pool handed out a connection inside a transaction"
+        );
+        assert_eq!(conn.wire().last_error().unwrap().code, "25P01"); // no_active_sql_transaction
+    }
+    // Every update was either committed in threes or not at all.
+    let mut conn = db.primary().await.unwrap();
+    assert_eq!(balance(&mut conn, ids[0]).await.unwrap() % 3, 0);
+}
