@@ -671,6 +671,7 @@ fn server_conf(pg: &Path, port: u16) -> String {
          synchronous_commit = off\n\
          full_page_writes = off\n\
          max_locks_per_transaction = 256\n\
+         deadlock_timeout = 100ms\n\
          logging_collector = off\n\
          log_min_messages = warning\n",
         sockets = pg.join("sockets").display(),

@@ -67,12 +67,17 @@ struct Failure {
 }
 
 impl Failure {
-    fn from_wire(
+    async fn from_wire(
         wire: &WireState,
         mark: crate::wire::WireMark,
         phase: Phase,
         host: String,
     ) -> Self {
+        if wire.error_since(mark).is_none() && !wire.is_closed() && wire.in_flight() > 0 {
+            // A request is unanswered and no error came: the connection may be
+            // dying, and its driver about to say so. Give it a moment.
+            wire.quiesce(Duration::from_millis(100)).await;
+        }
         let server = wire.error_since(mark);
         let lost = wire.is_closed();
         let sent = wire.written_since(mark) > 0;
@@ -386,7 +391,7 @@ where
     let host = host_of(&conn);
     let mark = wire.mark();
     if let Err(e) = AnsiTransactionManager::begin_transaction_sql(&mut **conn, begin).await {
-        let failure = Failure::from_wire(&wire, mark, Phase::InFlight, host);
+        let failure = Failure::from_wire(&wire, mark, Phase::InFlight, host).await;
         return Err((E::from(Error::Query(e)), failure));
     }
     let result = f(&mut conn).await;
@@ -396,7 +401,7 @@ where
             if wire.tx_status() == TxStatus::Failed {
                 // The closure swallowed an error: the server has aborted the
                 // transaction, and COMMIT would silently roll it back.
-                let failure = Failure::from_wire(&wire, mark, Phase::InFlight, host);
+                let failure = Failure::from_wire(&wire, mark, Phase::InFlight, host).await;
                 let _ = AnsiTransactionManager::rollback_transaction(&mut **conn).await;
                 let e = Error::Database(Box::new(DbError {
                     class: failure.class,
@@ -413,13 +418,13 @@ where
             match AnsiTransactionManager::commit_transaction(&mut **conn).await {
                 Ok(()) => Ok(value),
                 Err(e) => {
-                    let failure = Failure::from_wire(&wire, commit_mark, Phase::Commit, host);
+                    let failure = Failure::from_wire(&wire, commit_mark, Phase::Commit, host).await;
                     Err((E::from(Error::Query(e)), failure))
                 }
             }
         }
         Err(e) => {
-            let failure = Failure::from_wire(&wire, mark, Phase::InFlight, host);
+            let failure = Failure::from_wire(&wire, mark, Phase::InFlight, host).await;
             if !wire.is_closed() {
                 // A failed rollback leaves the connection broken; the pool drops it.
                 let _ = AnsiTransactionManager::rollback_transaction(&mut **conn).await;
@@ -514,9 +519,10 @@ impl<'a> WriteBuilder<'a> {
                         let mark = wire.mark();
                         match f.clone()(&mut conn).await {
                             Ok(v) => Ok(v),
-                            Err(e) => {
-                                Err((e, Failure::from_wire(&wire, mark, Phase::Commit, host)))
-                            }
+                            Err(e) => Err((
+                                e,
+                                Failure::from_wire(&wire, mark, Phase::Commit, host).await,
+                            )),
                         }
                     }
                     .await;
