@@ -849,6 +849,8 @@ pub struct Config {
     pub(crate) credentials: Credentials,
     pub(crate) migration_lock_timeout: Duration,
     pub(crate) time_zone: String,
+    pub(crate) breaker_threshold: u32,
+    pub(crate) breaker_cooldown: Duration,
 }
 
 impl fmt::Debug for Config {
@@ -866,6 +868,8 @@ impl fmt::Debug for Config {
             .field("credentials", &self.credentials)
             .field("migration_lock_timeout", &self.migration_lock_timeout)
             .field("time_zone", &self.time_zone)
+            .field("breaker_threshold", &self.breaker_threshold)
+            .field("breaker_cooldown", &self.breaker_cooldown)
             .finish()
     }
 }
@@ -906,6 +910,8 @@ impl Config {
             credentials: Credentials::FromUrl,
             migration_lock_timeout: Duration::from_secs(60),
             time_zone: "UTC".to_owned(),
+            breaker_threshold: 5,
+            breaker_cooldown: Duration::from_secs(1),
         }
     }
 
@@ -1152,6 +1158,16 @@ impl Config {
     #[must_use]
     pub fn migration_lock_timeout(mut self, d: Duration) -> Self {
         self.migration_lock_timeout = d;
+        self
+    }
+
+    /// The circuit breaker of each host: consecutive connect failures that open
+    /// it, and the first cooldown (doubled, with jitter, while the server stays
+    /// down, up to 30 s). Defaults to 5 failures and 1 s.
+    #[must_use]
+    pub fn circuit_breaker(mut self, threshold: u32, cooldown: Duration) -> Self {
+        self.breaker_threshold = threshold;
+        self.breaker_cooldown = cooldown;
         self
     }
 

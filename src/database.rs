@@ -80,6 +80,8 @@ pub struct PoolStatus {
     pub connections_created: u64,
     /// Connections closed because they were broken.
     pub connections_closed_broken: u64,
+    /// Whether the host's circuit breaker is open (calls fail fast).
+    pub circuit_open: bool,
 }
 
 /// The state of one replica, as seen at [`Database::replica_report`].
@@ -445,6 +447,7 @@ impl Database {
                     gets_timed_out: s.statistics.get_timed_out,
                     connections_created: s.statistics.connections_created,
                     connections_closed_broken: s.statistics.connections_closed_broken,
+                    circuit_open: p.breaker().is_open(),
                 }
             })
             .collect()

@@ -262,11 +262,11 @@ impl fmt::Display for ConnectStage {
 
 /// A failed attempt to open a connection, with the server's SQLSTATE when it sent one.
 #[derive(Debug, thiserror::Error)]
-#[error("connecting to {host}:{port} failed at {stage}{}: {message}", sqlstate.as_ref().map(|s| format!(" (SQLSTATE {})", s.code())).unwrap_or_default())]
+#[error("connecting to {host}{} failed at {stage}{}: {message}", if *port == 0 { String::new() } else { format!(":{port}") }, sqlstate.as_ref().map(|s| format!(" (SQLSTATE {})", s.code())).unwrap_or_default())]
 pub struct ConnectError {
     /// The host (or socket directory) tried last.
     pub host: String,
-    /// The port tried last.
+    /// The port tried last (0 when the error is about a whole pool).
     pub port: u16,
     /// Where the attempt failed.
     pub stage: ConnectStage,

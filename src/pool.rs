@@ -189,6 +189,114 @@ pub(crate) struct Opener {
     tls: Option<Arc<rustls::ClientConfig>>,
     ssl_mode: SslMode,
     attrs: TargetSessionAttrs,
+    pub(crate) breaker: Arc<Breaker>,
+}
+
+/// A circuit breaker per target: after `threshold` consecutive connect failures
+/// of the reconnect kind (refused, timed out, starting up, too many
+/// connections), calls fail fast for a jittered cooldown that doubles while the
+/// server stays down; then one probe connection is let through, and its success
+/// closes the circuit.
+#[derive(Debug)]
+pub(crate) struct Breaker {
+    threshold: u32,
+    base: Duration,
+    max: Duration,
+    state: Mutex<BreakerState>,
+}
+
+#[derive(Debug, Default)]
+struct BreakerState {
+    failures: u32,
+    open_until: Option<Instant>,
+    cooldown: Duration,
+    probing: bool,
+    last: String,
+}
+
+impl Breaker {
+    pub(crate) fn new(threshold: u32, base: Duration) -> Self {
+        Breaker {
+            threshold: threshold.max(1),
+            base,
+            max: Duration::from_secs(30),
+            state: Mutex::new(BreakerState::default()),
+        }
+    }
+
+    fn open_error(&self, s: &BreakerState, host: &str, until: Instant) -> Error {
+        Error::CircuitOpen {
+            host: host.to_owned(),
+            failures: s.failures,
+            retry_in: until.saturating_duration_since(Instant::now()),
+            last: s.last.clone(),
+        }
+    }
+
+    /// Fails fast while the circuit is open (no probe is due).
+    pub(crate) fn check(&self, host: &str) -> Result<(), Error> {
+        let s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        match s.open_until {
+            Some(until) if Instant::now() < until || s.probing => {
+                Err(self.open_error(&s, host, until))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Admits a connect attempt: always while closed, one probe once the
+    /// cooldown is over.
+    fn admit(&self, host: &str) -> Result<(), Error> {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        match s.open_until {
+            None => Ok(()),
+            Some(until) if Instant::now() < until || s.probing => {
+                Err(self.open_error(&s, host, until))
+            }
+            Some(_) => {
+                s.probing = true;
+                Ok(())
+            }
+        }
+    }
+
+    fn success(&self) {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if s.open_until.is_some() {
+            tracing::info!(target: "railyard::pool", "circuit closed: the server answers again");
+        }
+        *s = BreakerState::default();
+    }
+
+    fn failure(&self, message: String) {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        s.failures += 1;
+        s.last = message;
+        let was_open = s.open_until.is_some();
+        s.probing = false;
+        if s.failures >= self.threshold {
+            s.cooldown = if was_open {
+                (s.cooldown * 2).min(self.max)
+            } else {
+                self.base
+            };
+            // Jitter (50–100 %) so that many clients do not probe in step.
+            let jitter = rand::random_range(0.5..=1.0);
+            s.open_until = Some(Instant::now() + s.cooldown.mul_f64(jitter));
+            if !was_open {
+                tracing::warn!(target: "railyard::pool", failures = s.failures, "circuit opened: connections fail fast until a probe succeeds");
+            }
+        }
+    }
+
+    /// Whether the circuit is open now.
+    pub(crate) fn is_open(&self) -> bool {
+        self.state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .open_until
+            .is_some()
+    }
 }
 
 impl fmt::Debug for Opener {
@@ -210,17 +318,50 @@ impl Opener {
         let root = config.effective_root_cert(&target).cloned();
         let tls = crate::tls::tls_client_config(ssl_mode, root.as_deref())?;
         let attrs = target.target_session_attrs().unwrap_or(default_attrs);
+        let breaker = Arc::new(Breaker::new(
+            config.breaker_threshold,
+            config.breaker_cooldown,
+        ));
         Ok(Opener {
             target,
             config,
             tls,
             ssl_mode,
             attrs,
+            breaker,
         })
     }
 
     /// Opens one connection, walking the target's hosts in order.
     pub(crate) async fn open(&self) -> Result<Conn, Error> {
+        let name = self.name();
+        self.breaker.admit(&name)?;
+        let result = self.open_hosts().await;
+        match &result {
+            Ok(_) => self.breaker.success(),
+            Err(e) if e.class() == crate::retry::ErrorClass::Reconnect => {
+                self.breaker.failure(e.to_string())
+            }
+            // A refused password or an unknown database says nothing of the
+            // server's health; a probe that ends so still closes nothing.
+            Err(_) => {
+                let mut s = self.breaker.state.lock().unwrap_or_else(|p| p.into_inner());
+                s.probing = false;
+            }
+        }
+        result
+    }
+
+    pub(crate) fn name(&self) -> String {
+        self.target
+            .hosts
+            .iter()
+            .map(|(h, p)| format!("{h}:{p}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    async fn open_hosts(&self) -> Result<Conn, Error> {
         let password = self
             .config
             .credentials
@@ -571,6 +712,7 @@ impl bb8::ErrorSink<Error> for LastError {
 #[derive(Debug, Clone)]
 pub(crate) struct TargetPool {
     pub(crate) name: String,
+    breaker: Arc<Breaker>,
     pub(crate) pool: bb8::Pool<Manager>,
     pub(crate) last_error: LastError,
     pub(crate) checkout_timeout: Duration,
@@ -579,6 +721,7 @@ pub(crate) struct TargetPool {
 impl TargetPool {
     pub(crate) fn build(name: &str, opener: Opener, max_size: u32, config: &Config) -> TargetPool {
         let last_error = LastError::default();
+        let breaker = opener.breaker.clone();
         let manager = Manager {
             opener,
             ping_after_idle: Duration::from_secs(30),
@@ -594,6 +737,7 @@ impl TargetPool {
             .build_unchecked(manager);
         TargetPool {
             name: name.to_owned(),
+            breaker,
             pool,
             last_error,
             checkout_timeout: config.pool.checkout_timeout,
@@ -601,6 +745,7 @@ impl TargetPool {
     }
 
     pub(crate) async fn get(&self) -> Result<bb8::PooledConnection<'_, Manager>, Error> {
+        self.breaker().check(&self.name)?;
         let started = Instant::now();
         self.pool
             .get()
@@ -609,6 +754,7 @@ impl TargetPool {
     }
 
     pub(crate) async fn get_owned(&self) -> Result<bb8::PooledConnection<'static, Manager>, Error> {
+        self.breaker().check(&self.name)?;
         let started = Instant::now();
         self.pool
             .get_owned()
@@ -616,12 +762,16 @@ impl TargetPool {
             .map_err(|e| self.run_error(started, e))
     }
 
+    pub(crate) fn breaker(&self) -> &Breaker {
+        &self.breaker
+    }
+
     fn run_error(&self, started: Instant, e: bb8::RunError<Error>) -> Error {
         match e {
             bb8::RunError::User(e) => e,
             bb8::RunError::TimedOut => match self.last_error.take_recent(started) {
                 Some((message, sqlstate)) => Error::Connect(ConnectError {
-                    host: self.name.clone(),
+                    host: format!("{} pool", self.name),
                     port: 0,
                     stage: ConnectStage::Timeout,
                     sqlstate,

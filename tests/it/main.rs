@@ -2,6 +2,7 @@
 //! real PostgreSQL (the local cluster, or `TEST_DATABASE_URL`).
 
 mod connect;
+mod faults;
 mod local;
 mod migrations;
 mod support;

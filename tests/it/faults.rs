@@ -1,0 +1,88 @@
+//! Failures that need a server stopped or restarted: each test starts a private
+//! cluster of its own, never touching the shared one.
+
+use std::time::{Duration, Instant};
+
+use diesel_async::SimpleAsyncConnection;
+use railyard::{Database, Error, ErrorClass, LocalCluster, RetryPolicy, StartKind};
+
+async fn select_one(db: &Database) -> Result<(), Error> {
+    db.build_write()
+        .retry_policy(RetryPolicy::never())
+        .run(async |conn| {
+            conn.batch_execute("SELECT 1").await?;
+            Ok::<_, Error>(())
+        })
+        .await
+}
+
+#[tokio::test]
+async fn a_refused_server_opens_the_circuit_and_its_restart_closes_it() {
+    if crate::support::cluster().await.is_none() {
+        return; // needs the PostgreSQL binaries, not only TEST_DATABASE_URL
+    }
+    let dir = std::env::temp_dir().join(crate::support::unique("breaker"));
+    let cluster = LocalCluster::builder()
+        .dir(&dir)
+        .replica(false)
+        .start()
+        .await
+        .unwrap();
+    let config = cluster
+        .config_for("railyard")
+        .circuit_breaker(3, Duration::from_secs(1))
+        .checkout_timeout(Duration::from_millis(800))
+        .connect_timeout(Duration::from_millis(500));
+    let db = Database::connect(config).await.unwrap();
+    select_one(&db).await.expect("the server is up");
+
+    cluster.stop().unwrap();
+    // Refused connects (each checkout retries a few) open the circuit.
+    let mut opened = false;
+    for _ in 0..10 {
+        let e = select_one(&db).await.unwrap_err();
+        assert_eq!(e.class(), ErrorClass::Reconnect, "{e}");
+        if matches!(e, Error::CircuitOpen { .. }) {
+            opened = true;
+            break;
+        }
+    }
+    assert!(opened, "the circuit opened");
+    let started = Instant::now();
+    let fast = select_one(&db).await.unwrap_err();
+    assert!(matches!(fast, Error::CircuitOpen { .. }), "{fast}");
+    assert_eq!(fast.class(), ErrorClass::Reconnect);
+    assert!(
+        started.elapsed() < Duration::from_millis(100),
+        "fails fast: {:?}",
+        started.elapsed()
+    );
+    assert!(db.pool_status()[0].circuit_open);
+
+    let restarted = LocalCluster::builder()
+        .dir(&dir)
+        .replica(false)
+        .start()
+        .await
+        .unwrap();
+    assert_eq!(restarted.started(), StartKind::Warm);
+    assert_eq!(
+        restarted.primary_port(),
+        cluster.primary_port(),
+        "same port after a warm start"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match select_one(&db).await {
+            Ok(()) => break,
+            Err(e) if Instant::now() < deadline => {
+                assert_eq!(e.class(), ErrorClass::Reconnect, "{e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("the circuit did not close after the restart: {e}"),
+        }
+    }
+    assert!(!db.pool_status()[0].circuit_open);
+    drop(db);
+    restarted.destroy().unwrap();
+}
