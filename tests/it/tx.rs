@@ -654,3 +654,54 @@ async fn ledger_transfers_under_contention_all_complete_and_conserve_money() {
         "the workload did contend"
     );
 }
+
+#[tokio::test]
+async fn classification_holds_when_the_server_speaks_german() {
+    let db = support::ledger(|c| c.pool_max_size(1)).await;
+    let email = format!("{}@example.test", support::unique("de"));
+    let mut conn = db.primary().await.unwrap();
+    if conn
+        .batch_execute("SET lc_messages TO 'de_DE.UTF-8'")
+        .await
+        .is_err()
+    {
+        eprintln!("skipped: the de_DE.UTF-8 locale is not installed (.ci/run generates it)");
+        return;
+    }
+    drop(conn);
+    let insert = async |conn: &mut Conn| {
+        diesel::sql_query("INSERT INTO users (email, name) VALUES ($1, 'x')")
+            .bind::<Text, _>(&email)
+            .execute(conn)
+            .await?;
+        Ok::<_, Error>(())
+    };
+    db.write(insert).await.unwrap();
+    let err = db.write(insert).await.unwrap_err();
+    let Error::Database(d) = &err else {
+        panic!("{err}")
+    };
+    let server = d.server.as_ref().unwrap();
+    assert!(
+        server.message.contains("verletzt"),
+        "the message is German: {}",
+        server.message
+    );
+    assert_eq!(err.class(), ErrorClass::Constraint);
+    assert_eq!(
+        err.violation().unwrap().constraint.as_deref(),
+        Some("users_email_key")
+    );
+    let err = db
+        .build_transaction()
+        .statement_timeout(Duration::from_millis(20))
+        .run(async |conn| {
+            diesel::sql_query("SELECT pg_sleep(1)")
+                .execute(conn)
+                .await?;
+            Ok::<_, Error>(())
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.class(), ErrorClass::Timeout, "{err}");
+}
