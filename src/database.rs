@@ -14,6 +14,7 @@ use crate::error::Error;
 use crate::migrate::{MigrationReport, Migrator};
 use crate::pool::{Conn, Manager, Opener, ServerRole, TargetPool};
 use crate::retry::{ErrorClass, RetryBudget, RetryPolicy};
+use crate::route::{ReplicaHealth, ReplicaNode, Route, Router, RoutingConfig, Session};
 use crate::tx::{TransactionBuilder, WriteBuilder};
 
 /// An async closure over a connection whose future is `Send`.
@@ -111,6 +112,7 @@ pub struct DatabaseBuilder {
     migrator: Option<Migrator>,
     policy: RetryPolicy,
     budget: RetryBudget,
+    routing: RoutingConfig,
 }
 
 impl fmt::Debug for DatabaseBuilder {
@@ -144,6 +146,13 @@ impl DatabaseBuilder {
         self
     }
 
+    /// How reads are routed to replicas and when replicas are ejected. Defaults
+    /// to [`RoutingConfig::default`].
+    pub fn routing(mut self, r: RoutingConfig) -> Self {
+        self.routing = r;
+        self
+    }
+
     /// Validates the config, runs the migrations (if any) on a dedicated
     /// connection, opens the first primary connection (so a wrong password or an
     /// unreachable server fails here, with its SQLSTATE), and builds the pools.
@@ -161,21 +170,24 @@ impl DatabaseBuilder {
             TargetSessionAttrs::ReadWrite,
         )?;
         let first = opener.open().await?;
-        let primary = TargetPool::build("primary", opener, config.pool.max_size, &config);
+        let primary = TargetPool::build("primary", opener.clone(), config.pool.max_size, &config);
         if let Err(e) = primary.pool.add(first) {
             drop(e);
         }
         let mut replicas = Vec::new();
         for target in &config.replicas {
-            let opener = Opener::new(target.clone(), config.clone(), TargetSessionAttrs::Any)?;
+            let replica = Opener::new(target.clone(), config.clone(), TargetSessionAttrs::Any)?;
             let name = replica_name(target);
-            replicas.push(TargetPool::build(
+            let pool = TargetPool::build(
                 &name,
-                opener,
+                replica.clone(),
                 config.replica_pool_max_size,
                 &config,
-            ));
+            );
+            replicas.push(Arc::new(ReplicaNode::new(name, pool, replica)));
         }
+        let router = Arc::new(Router::new(replicas, self.routing));
+        Router::spawn_monitors(&router, opener);
         Ok(Database {
             inner: Arc::new(Inner {
                 policy: self.policy,
@@ -183,7 +195,7 @@ impl DatabaseBuilder {
                 retries: Default::default(),
                 config,
                 primary,
-                replicas,
+                router,
                 migrations,
                 boot_time: started.elapsed(),
             }),
@@ -205,9 +217,16 @@ struct Inner {
     retries: [std::sync::atomic::AtomicU64; 7],
     config: Arc<Config>,
     primary: TargetPool,
-    replicas: Vec<TargetPool>,
+    router: Arc<Router>,
     migrations: Option<MigrationReport>,
     boot_time: Duration,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // The monitors hold only weak references; this stops them at once.
+        self.router.stop();
+    }
 }
 
 /// The handle applications keep: cheap to clone, `Send + Sync`.
@@ -289,6 +308,7 @@ impl Database {
             migrator: None,
             policy: RetryPolicy::default(),
             budget: RetryBudget::default(),
+            routing: RoutingConfig::default(),
         }
     }
 
@@ -365,6 +385,139 @@ impl Database {
         WriteBuilder::new(self)
     }
 
+    /// Reads, on a healthy replica when there is one (round-robin or least
+    /// outstanding), else on the primary. Without a [`Session`] there is no
+    /// read-your-writes guarantee: use [`Database::session`] after writes.
+    /// A read that fails on a replica because of the replica (its connection,
+    /// a recovery conflict) runs again on the primary.
+    pub async fn read<R, E, F>(&self, f: F) -> Result<R, E>
+    where
+        F: for<'r> AsyncFnOnce(&'r mut Conn) -> Result<R, E>
+            + for<'r> ConnFn<&'r mut Conn, Result<R, E>, Fut: Send>
+            + Clone
+            + Send,
+        E: From<Error> + Send + 'static,
+        R: Send,
+    {
+        self.read_at(0, f).await.map(|(v, _, _)| v)
+    }
+
+    /// Like [`Database::read`], and says where the read ran.
+    pub async fn read_routed<R, E, F>(&self, f: F) -> Result<(R, Route), E>
+    where
+        F: for<'r> AsyncFnOnce(&'r mut Conn) -> Result<R, E>
+            + for<'r> ConnFn<&'r mut Conn, Result<R, E>, Fut: Send>
+            + Clone
+            + Send,
+        E: From<Error> + Send + 'static,
+        R: Send,
+    {
+        self.read_at(0, f).await.map(|(v, r, _)| (v, r))
+    }
+
+    /// A new session (read-your-writes, monotonic reads).
+    pub fn session(&self) -> Session {
+        Session::new(self.clone(), 0)
+    }
+
+    /// A session that continues from a token, typically from another request.
+    pub fn session_from(&self, token: crate::route::CausalToken) -> Session {
+        Session::new(self.clone(), token.0.0)
+    }
+
+    /// Where a read would go now, for a session at `token` (or any session when
+    /// `None`): the routing decision alone, from cached figures, no I/O.
+    pub fn route_for_read(&self, token: Option<crate::route::CausalToken>) -> Route {
+        match self.inner.router.choose(token.map_or(0, |t| t.0.0)) {
+            Some((node, _outstanding)) => Route::Replica(node.name.clone()),
+            None => Route::Primary,
+        }
+    }
+
+    /// Each replica's monitored state.
+    pub fn replica_health(&self) -> Vec<ReplicaHealth> {
+        self.inner
+            .router
+            .replicas
+            .iter()
+            .map(|r| r.health())
+            .collect()
+    }
+
+    /// Runs a read at or past `floor` (0: any healthy replica). Returns the
+    /// value, the route, and the position the data is known to include.
+    pub(crate) async fn read_at<R, E, F>(&self, floor: u64, f: F) -> Result<(R, Route, u64), E>
+    where
+        F: for<'r> AsyncFnOnce(&'r mut Conn) -> Result<R, E>
+            + for<'r> ConnFn<&'r mut Conn, Result<R, E>, Fut: Send>
+            + Clone
+            + Send,
+        E: From<Error> + Send + 'static,
+        R: Send,
+    {
+        let router = &self.inner.router;
+        let mut choice = router.choose(floor);
+        if choice.is_none()
+            && floor > 0
+            && let crate::route::Fallback::Wait(bound) = router.config.fallback
+        {
+            let deadline = tokio::time::Instant::now() + bound;
+            while choice.is_none() && tokio::time::Instant::now() < deadline {
+                router
+                    .changed(deadline.saturating_duration_since(tokio::time::Instant::now()))
+                    .await;
+                choice = router.choose(floor);
+            }
+        }
+        if let Some((node, _outstanding)) = choice {
+            // Cached before the read: the data read includes at least this.
+            let seen = node.replay_lsn().max(floor);
+            match node.pool.get_owned().await {
+                Ok(mut conn) => {
+                    let wire = conn.wire_arc();
+                    let mark = wire.mark();
+                    match f.clone()(&mut conn).await {
+                        Ok(v) => return Ok((v, Route::Replica(node.name.clone()), seen)),
+                        Err(e) => {
+                            let server = wire.error_since(mark);
+                            let class = crate::retry::classify(
+                                server.as_ref().map(|s| s.sqlstate()).as_ref(),
+                                wire.is_closed(),
+                            );
+                            match class {
+                                // The replica's fault (connection lost, or a
+                                // recovery conflict): read on the primary instead.
+                                crate::retry::ErrorClass::Reconnect => {
+                                    node.note_failure(format!("read failed: {class}"));
+                                }
+                                crate::retry::ErrorClass::RetryTransaction => {
+                                    tracing::info!(target: "railyard::route", replica = %node.name, "recovery conflict on a replica; reading on the primary");
+                                }
+                                _ => return Err(e),
+                            }
+                        }
+                    }
+                }
+                Err(e) => node.note_failure(e.to_string()),
+            }
+        }
+        let mut conn = self.inner.primary.get_owned().await.map_err(E::from)?;
+        let v = f(&mut conn).await?;
+        // The primary's data is the newest: a causal session must not read older
+        // data afterwards, so it learns the primary's position (only on this
+        // fallback path, never on replica reads).
+        let seen = if floor > 0 {
+            crate::route::insert_lsn(&mut conn).await.unwrap_or(floor)
+        } else {
+            0
+        };
+        Ok((v, Route::Primary, seen))
+    }
+
+    pub(crate) fn reroute_primary(&self) {
+        self.inner.primary.reroute();
+    }
+
     /// Retries made so far, by class.
     pub fn retry_counts(&self) -> Vec<(ErrorClass, u64)> {
         CLASSES
@@ -405,13 +558,22 @@ impl Database {
     /// Routing between replicas and the primary comes with the routing layer; this
     /// is the raw access.
     pub async fn replica(&self, index: usize) -> Result<PooledConn, Error> {
-        let pool = self.inner.replicas.get(index).ok_or_else(|| {
-            Error::Config(crate::error::ConfigError::new(
-                "replica index",
-                index.to_string(),
-                format!("{} replicas are configured", self.inner.replicas.len()),
-            ))
-        })?;
+        let pool = self
+            .inner
+            .router
+            .replicas
+            .get(index)
+            .map(|r| &r.pool)
+            .ok_or_else(|| {
+                Error::Config(crate::error::ConfigError::new(
+                    "replica index",
+                    index.to_string(),
+                    format!(
+                        "{} replicas are configured",
+                        self.inner.router.replicas.len()
+                    ),
+                ))
+            })?;
         Ok(PooledConn {
             inner: pool.get_owned().await?,
         })
@@ -434,7 +596,7 @@ impl Database {
     /// Snapshots of the primary pool and each replica pool.
     pub fn pool_status(&self) -> Vec<PoolStatus> {
         std::iter::once(&self.inner.primary)
-            .chain(&self.inner.replicas)
+            .chain(self.inner.router.replicas.iter().map(|r| &r.pool))
             .map(|p| {
                 let s = p.pool.state();
                 PoolStatus {
@@ -464,7 +626,14 @@ impl Database {
             Err(_) => None,
         };
         let mut out = Vec::new();
-        for (pool, target) in self.inner.replicas.iter().zip(&self.inner.config.replicas) {
+        for (node, target) in self
+            .inner
+            .router
+            .replicas
+            .iter()
+            .zip(&self.inner.config.replicas)
+        {
+            let pool = &node.pool;
             let probe = async {
                 let mut c = pool.get().await?;
                 let p: ReplicaProbe = diesel::sql_query(

@@ -45,6 +45,7 @@ mod local;
 mod migrate;
 mod pool;
 mod retry;
+mod route;
 mod tls;
 mod tx;
 mod wire;
@@ -66,6 +67,10 @@ pub use migrate::{
 };
 pub use pool::{CancelHandle, Conn, ConnInfo, ServerRole};
 pub use retry::{ErrorClass, Phase, RetryBudget, RetryPolicy, classify, retryable};
+pub use route::{
+    CausalToken, Fallback, Lsn, ReplicaChoice, ReplicaHealth, ReplicaStatus, Route, RoutingConfig,
+    Session, Staleness,
+};
 pub use tls::tls_client_config;
 pub use tx::{IsolationLevel, TransactionBuilder, WriteBuilder};
 pub use wire::{ServerError, Socket, Tapped, TxStatus, WireMark, WireState};

@@ -386,6 +386,14 @@ impl LocalCluster {
         }
     }
 
+    /// A Unix-socket URL for the replica.
+    pub fn replica_socket_target(&self, dbname: &str) -> Option<ConnectTarget> {
+        let port = self.state.replica_port?;
+        let mut t = self.primary_socket_target(dbname);
+        t.hosts = vec![(Host::Unix(self.socket_dir()), port)];
+        Some(t)
+    }
+
     /// A [`Config`] for the `railyard` database: primary and replica.
     pub fn config(&self) -> Config {
         self.config_for(DBNAME)
@@ -470,6 +478,31 @@ impl LocalCluster {
                 "-l",
                 "replica.log",
             ],
+        )
+    }
+
+    /// Stops only the primary (fast shutdown: the replica receives all WAL first).
+    pub fn stop_primary(&self) -> Result<(), Error> {
+        let bins = Binaries::find()?;
+        let run_as = RunAs::detect()?;
+        pg_ctl(
+            &bins,
+            &run_as,
+            &self.dir.join("pg"),
+            &["stop", "-m", "fast", "-w", "-D", "primary"],
+        )
+    }
+
+    /// Promotes the replica to a primary (`pg_ctl promote`), waiting until it
+    /// accepts writes.
+    pub fn promote_replica(&self) -> Result<(), Error> {
+        let bins = Binaries::find()?;
+        let run_as = RunAs::detect()?;
+        pg_ctl(
+            &bins,
+            &run_as,
+            &self.dir.join("pg"),
+            &["promote", "-w", "-t", "60", "-D", "replica"],
         )
     }
 
@@ -649,6 +682,10 @@ fn generate_certs(dir: &Path, pg: &Path, run_as: &RunAs) -> Result<(), Error> {
     Ok(())
 }
 
+/// Settings for a disposable test cluster: durability is off (`fsync`,
+/// `full_page_writes`), but `synchronous_commit` stays on, which with `fsync`
+/// off costs nothing and hands each commit to the walsender at once (so the
+/// replica replays within a millisecond, as on a healthy production pair).
 fn server_conf(pg: &Path, port: u16) -> String {
     format!(
         "# written by railyard at every start\n\
@@ -668,7 +705,7 @@ fn server_conf(pg: &Path, port: u16) -> String {
          hot_standby_feedback = on\n\
          wal_keep_size = 256MB\n\
          fsync = off\n\
-         synchronous_commit = off\n\
+         synchronous_commit = on\n\
          full_page_writes = off\n\
          max_locks_per_transaction = 256\n\
          deadlock_timeout = 100ms\n\

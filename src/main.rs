@@ -14,6 +14,14 @@ use railyard::{ChecksumState, Config, Database, LocalCluster, MigrationState, Mi
 
 mod schema;
 
+/// Prints a line to stdout, ignoring a closed pipe (`railyard … | head`).
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
 /// The ledger's migrations, embedded in the binary.
 const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
 
@@ -121,14 +129,14 @@ async fn boot() -> Result<(), railyard::Error> {
     let started = Instant::now();
     let (config, cluster) = config().await?;
     if let Some(c) = &cluster {
-        println!(
+        out!(
             "local cluster     {:?} in {:.2?} ({})",
             c.started(),
             c.start_time(),
             c.dir().display()
         );
     }
-    println!("primary           {}", config.primary());
+    out!("primary           {}", config.primary());
     let db = Database::builder(config)
         .migrations(Migrator::new(MIGRATIONS))
         .connect()
@@ -137,8 +145,8 @@ async fn boot() -> Result<(), railyard::Error> {
         let conn = db.primary().await?;
         conn.info().clone()
     };
-    println!("server            PostgreSQL {}", info.server_version);
-    println!(
+    out!("server            PostgreSQL {}", info.server_version);
+    out!(
         "connection        {}:{} pid {} ({:?}), TLS {}",
         info.host,
         info.port,
@@ -147,7 +155,7 @@ async fn boot() -> Result<(), railyard::Error> {
         if info.tls { "on" } else { "off" }
     );
     if let Some(report) = db.migration_report() {
-        println!(
+        out!(
             "migrations        {} applied now, {} already applied; lock wait {:.2?}, run {:.2?}",
             report.applied.len(),
             report.already_applied,
@@ -155,10 +163,10 @@ async fn boot() -> Result<(), railyard::Error> {
             report.total
         );
         for m in &report.applied {
-            println!("  applied         {} in {:.2?}", m.name, m.duration);
+            out!("  applied         {} in {:.2?}", m.name, m.duration);
         }
         for v in &report.adopted {
-            println!("  adopted         {v} (applied earlier without a checksum)");
+            out!("  adopted         {v} (applied earlier without a checksum)");
         }
     }
     let mut conn = db.primary().await?;
@@ -168,16 +176,20 @@ async fn boot() -> Result<(), railyard::Error> {
         .get_result(&mut **conn)
         .await?;
     drop(conn);
-    println!("ledger            {users} users, {accounts} accounts");
+    out!("ledger            {users} users, {accounts} accounts");
     for p in db.pool_status() {
-        println!(
+        out!(
             "pool {:<12} {} open ({} idle) of {}, {} checkouts",
-            p.name, p.connections, p.idle, p.max_size, p.gets
+            p.name,
+            p.connections,
+            p.idle,
+            p.max_size,
+            p.gets
         );
     }
     for r in db.replica_report().await {
         if r.reachable {
-            println!(
+            out!(
                 "replica           {} {:?}, {}, lag {} bytes{}",
                 r.target,
                 r.role.expect("reachable replicas report a role"),
@@ -194,14 +206,14 @@ async fn boot() -> Result<(), railyard::Error> {
                     .unwrap_or_default()
             );
         } else {
-            println!(
+            out!(
                 "replica           {} unreachable: {}",
                 r.target,
                 r.error.unwrap_or_default()
             );
         }
     }
-    println!(
+    out!(
         "boot              {:.2?} (database handle {:.2?})",
         started.elapsed(),
         db.boot_time()
@@ -228,15 +240,15 @@ async fn migrate(action: MigrateAction) -> Result<(), railyard::Error> {
                     MigrationState::Pending => "pending".into(),
                     MigrationState::Unknown => "UNKNOWN to this binary".into(),
                 };
-                println!("{:<16} {:<45} {state}", row.version, row.name);
+                out!("{:<16} {:<45} {state}", row.version, row.name);
             }
         }
         MigrateAction::Run => {
             let report = migrator.run(&config).await?;
             for m in &report.applied {
-                println!("applied {} in {:.2?}", m.name, m.duration);
+                out!("applied {} in {:.2?}", m.name, m.duration);
             }
-            println!(
+            out!(
                 "{} applied, {} already applied ({:.2?})",
                 report.applied.len(),
                 report.already_applied,
@@ -244,12 +256,12 @@ async fn migrate(action: MigrateAction) -> Result<(), railyard::Error> {
             );
         }
         MigrateAction::Revert => match migrator.revert_last(&config).await? {
-            Some(v) => println!("reverted {v}"),
-            None => println!("nothing to revert"),
+            Some(v) => out!("reverted {v}"),
+            None => out!("nothing to revert"),
         },
         MigrateAction::Verify => {
             let pending = migrator.verify(&config).await?;
-            println!(
+            out!(
                 "applied migrations match this binary; {} pending{}",
                 pending.len(),
                 if pending.is_empty() {
@@ -267,37 +279,37 @@ async fn local(action: LocalAction) -> Result<(), railyard::Error> {
     match action {
         LocalAction::Start => {
             let c = LocalCluster::shared().await?;
-            println!(
+            out!(
                 "{:?} in {:.2?} ({})",
                 c.started(),
                 c.start_time(),
                 c.dir().display()
             );
-            println!("primary  {}", c.primary_target("railyard"));
+            out!("primary  {}", c.primary_target("railyard"));
             if let Some(r) = c.replica_target("railyard") {
-                println!("replica  {r}");
+                out!("replica  {r}");
             }
         }
         LocalAction::Stop => {
             railyard::stop_dir(&railyard::default_cluster_dir())?;
-            println!("stopped");
+            out!("stopped");
         }
         LocalAction::Status => match LocalCluster::running(None).await? {
             Some(c) => {
-                println!("running in {}", c.dir().display());
-                println!("primary  {}", c.primary_target("railyard"));
+                out!("running in {}", c.dir().display());
+                out!("primary  {}", c.primary_target("railyard"));
                 if let Some(r) = c.replica_target("railyard") {
-                    println!("replica  {r}");
+                    out!("replica  {r}");
                 }
             }
-            None => println!(
+            None => out!(
                 "not running ({})",
                 railyard::default_cluster_dir().display()
             ),
         },
         LocalAction::Env => {
             let c = LocalCluster::shared().await?;
-            print!("{}", c.env_lines());
+            out!("{}", c.env_lines().trim_end());
         }
     }
     Ok(())

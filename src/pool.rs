@@ -59,6 +59,7 @@ pub struct Conn {
     wire: Arc<WireState>,
     created: Instant,
     last_returned: Instant,
+    generation: u64,
 }
 
 impl fmt::Debug for Conn {
@@ -575,6 +576,7 @@ impl Opener {
             wire,
             created: now,
             last_returned: now,
+            generation: 0,
         })
     }
 
@@ -624,9 +626,21 @@ impl Opener {
 #[derive(Debug, Clone)]
 pub(crate) struct Manager {
     pub(crate) opener: Opener,
+    /// Only for the primary's pool: connections that reached a standby, or
+    /// that predate a reroute, are refused (failover, DESIGN.md D4).
+    pub(crate) require_primary: bool,
+    pub(crate) generation: Arc<std::sync::atomic::AtomicU64>,
     /// Connections idle longer than this are pinged at checkout; others are
     /// checked without a round trip (D1).
     pub(crate) ping_after_idle: Duration,
+}
+
+impl Manager {
+    fn stale_for_primary(&self, conn: &Conn) -> bool {
+        self.require_primary
+            && (conn.wire.in_hot_standby() == Some(true)
+                || conn.generation < self.generation.load(std::sync::atomic::Ordering::Acquire))
+    }
 }
 
 impl bb8::ManageConnection for Manager {
@@ -634,10 +648,23 @@ impl bb8::ManageConnection for Manager {
     type Error = Error;
 
     async fn connect(&self) -> Result<Conn, Error> {
-        self.opener.open().await
+        let generation = self.generation.load(std::sync::atomic::Ordering::Acquire);
+        let mut conn = self.opener.open().await?;
+        conn.generation = generation;
+        Ok(conn)
     }
 
     async fn is_valid(&self, conn: &mut Conn) -> Result<(), Error> {
+        if self.stale_for_primary(conn) {
+            return Err(Error::Connect(ConnectError {
+                host: conn.info.host.to_string(),
+                port: conn.info.port,
+                stage: ConnectStage::SessionAttrs,
+                sqlstate: None,
+                message: "the server is no longer the primary (in_hot_standby, or a write reached a standby): re-resolving".into(),
+                source: None,
+            }));
+        }
         if !conn.wire.settle(Duration::from_millis(50)).await {
             return Err(Error::Connect(ConnectError {
                 host: conn.info.host.to_string(),
@@ -670,7 +697,8 @@ impl bb8::ManageConnection for Manager {
         // follow is in an unknown state: never reuse it.
         // (The tap's status may trail the last result by one ReadyForQuery here;
         // the check-out test waits for it, see `is_valid`.)
-        conn.wire.is_closed()
+        self.stale_for_primary(conn)
+            || conn.wire.is_closed()
             || conn.wire.tx_status() == crate::wire::TxStatus::Unknown
             || !conn.transaction_idle()
             || diesel_async::pooled_connection::PoolableConnection::is_broken(&mut conn.pg)
@@ -713,6 +741,7 @@ impl bb8::ErrorSink<Error> for LastError {
 pub(crate) struct TargetPool {
     pub(crate) name: String,
     breaker: Arc<Breaker>,
+    generation: Arc<std::sync::atomic::AtomicU64>,
     pub(crate) pool: bb8::Pool<Manager>,
     pub(crate) last_error: LastError,
     pub(crate) checkout_timeout: Duration,
@@ -722,7 +751,12 @@ impl TargetPool {
     pub(crate) fn build(name: &str, opener: Opener, max_size: u32, config: &Config) -> TargetPool {
         let last_error = LastError::default();
         let breaker = opener.breaker.clone();
+        let generation = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let manager = Manager {
+            // Only a pool that asked for a read-write server re-resolves when
+            // its server turns out to be a standby.
+            require_primary: name == "primary" && opener.attrs == TargetSessionAttrs::ReadWrite,
+            generation: generation.clone(),
             opener,
             ping_after_idle: Duration::from_secs(30),
         };
@@ -738,6 +772,7 @@ impl TargetPool {
         TargetPool {
             name: name.to_owned(),
             breaker,
+            generation,
             pool,
             last_error,
             checkout_timeout: config.pool.checkout_timeout,
@@ -760,6 +795,14 @@ impl TargetPool {
             .get_owned()
             .await
             .map_err(|e| self.run_error(started, e))
+    }
+
+    /// Makes every existing connection of this pool unusable, so that new ones
+    /// find the primary again (after a 25006, or a promotion).
+    pub(crate) fn reroute(&self) {
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        tracing::warn!(target: "railyard::route", pool = %self.name, "re-resolving the primary");
     }
 
     pub(crate) fn breaker(&self) -> &Breaker {

@@ -267,6 +267,32 @@ impl<'a> TransactionBuilder<'a> {
         E: From<Error> + Send + 'static,
         R: Send,
     {
+        self.execute(f, false).await.map(|(v, _)| v)
+    }
+
+    /// Like `run`, and returns the primary's WAL insert position read right
+    /// after COMMIT on the same connection (for causal tokens).
+    pub(crate) async fn run_recording_lsn<R, E, F>(self, f: F) -> Result<(R, u64), E>
+    where
+        F: for<'r> AsyncFnOnce(&'r mut Conn) -> Result<R, E>
+            + for<'r> ConnFn<&'r mut Conn, Result<R, E>, Fut: Send>
+            + Clone
+            + Send,
+        E: From<Error> + Send + 'static,
+        R: Send,
+    {
+        self.execute(f, true).await
+    }
+
+    async fn execute<R, E, F>(self, f: F, record_lsn: bool) -> Result<(R, u64), E>
+    where
+        F: for<'r> AsyncFnOnce(&'r mut Conn) -> Result<R, E>
+            + for<'r> ConnFn<&'r mut Conn, Result<R, E>, Fut: Send>
+            + Clone
+            + Send,
+        E: From<Error> + Send + 'static,
+        R: Send,
+    {
         let begin = self.begin_sql();
         let policy = self
             .policy
@@ -286,7 +312,7 @@ impl<'a> TransactionBuilder<'a> {
                     if attempt == 1 {
                         db.budget().deposit();
                     }
-                    match attempt_transaction(db, &begin, f.clone(), &cancel).await {
+                    match attempt_transaction(db, &begin, f.clone(), &cancel, record_lsn).await {
                         Ok(v) => return Ok(v),
                         Err((e, failure)) => {
                             let give_up =
@@ -297,6 +323,9 @@ impl<'a> TransactionBuilder<'a> {
                                 return Err(enrich(e, &failure, attempt));
                             }
                             db.note_retry(failure.class);
+                            if failure.class == ErrorClass::Reroute {
+                                db.reroute_primary();
+                            }
                             tracing::info!(
                                 target: "railyard::retry",
                                 class = %failure.class,
@@ -371,7 +400,8 @@ async fn attempt_transaction<R, E, F>(
     begin: &str,
     f: F,
     cancel: &CancelSlot,
-) -> Result<R, (E, Failure)>
+    record_lsn: bool,
+) -> Result<(R, u64), (E, Failure)>
 where
     F: for<'r> AsyncFnOnce(&'r mut Conn) -> Result<R, E>
         + for<'r> ConnFn<&'r mut Conn, Result<R, E>, Fut: Send>
@@ -416,7 +446,14 @@ where
             }
             let commit_mark = wire.mark();
             match AnsiTransactionManager::commit_transaction(&mut **conn).await {
-                Ok(()) => Ok(value),
+                Ok(()) => Ok((
+                    value,
+                    if record_lsn {
+                        lsn_after_commit(&mut conn).await
+                    } else {
+                        0
+                    },
+                )),
                 Err(e) => {
                     let failure = Failure::from_wire(&wire, commit_mark, Phase::Commit, host).await;
                     Err((E::from(Error::Query(e)), failure))
@@ -430,6 +467,19 @@ where
                 let _ = AnsiTransactionManager::rollback_transaction(&mut **conn).await;
             }
             Err((e, failure))
+        }
+    }
+}
+
+/// The primary's WAL insert position right after a commit on `conn`. When it
+/// cannot be read, the session's reads all go to the primary (`u64::MAX`):
+/// slower, never stale.
+async fn lsn_after_commit(conn: &mut Conn) -> u64 {
+    match crate::route::insert_lsn(conn).await {
+        Ok(lsn) => lsn,
+        Err(e) => {
+            tracing::warn!(target: "railyard::route", error = %e, "could not read the commit position; this session reads from the primary");
+            u64::MAX
         }
     }
 }
@@ -486,6 +536,30 @@ impl<'a> WriteBuilder<'a> {
         E: From<Error> + Send + 'static,
         R: Send,
     {
+        self.execute(f, false).await.map(|(v, _)| v)
+    }
+
+    pub(crate) async fn run_recording_lsn<R, E, F>(self, f: F) -> Result<(R, u64), E>
+    where
+        F: for<'r> AsyncFnOnce(&'r mut Conn) -> Result<R, E>
+            + for<'r> ConnFn<&'r mut Conn, Result<R, E>, Fut: Send>
+            + Clone
+            + Send,
+        E: From<Error> + Send + 'static,
+        R: Send,
+    {
+        self.execute(f, true).await
+    }
+
+    async fn execute<R, E, F>(self, f: F, record_lsn: bool) -> Result<(R, u64), E>
+    where
+        F: for<'r> AsyncFnOnce(&'r mut Conn) -> Result<R, E>
+            + for<'r> ConnFn<&'r mut Conn, Result<R, E>, Fut: Send>
+            + Clone
+            + Send,
+        E: From<Error> + Send + 'static,
+        R: Send,
+    {
         let policy = self
             .policy
             .clone()
@@ -518,7 +592,14 @@ impl<'a> WriteBuilder<'a> {
                         let host = host_of(&conn);
                         let mark = wire.mark();
                         match f.clone()(&mut conn).await {
-                            Ok(v) => Ok(v),
+                            Ok(v) => Ok((
+                                v,
+                                if record_lsn {
+                                    lsn_after_commit(&mut conn).await
+                                } else {
+                                    0
+                                },
+                            )),
                             Err(e) => Err((
                                 e,
                                 Failure::from_wire(&wire, mark, Phase::Commit, host).await,
@@ -537,6 +618,9 @@ impl<'a> WriteBuilder<'a> {
                                 return Err(enrich(e, &failure, attempt));
                             }
                             db.note_retry(failure.class);
+                            if failure.class == ErrorClass::Reroute {
+                                db.reroute_primary();
+                            }
                             tracing::info!(
                                 target: "railyard::retry",
                                 class = %failure.class,

@@ -5,6 +5,7 @@ mod connect;
 mod faults;
 mod local;
 mod migrations;
+mod route;
 mod support;
 mod tls;
 mod tx;

@@ -1,0 +1,688 @@
+//! Routing: reads may go to replicas, everything else to the primary, and a
+//! session never reads older data than it wrote or already read (DESIGN.md D4).
+//!
+//! - [`Database::read`] may use a replica; `write` and `transaction` always use
+//!   the primary. The route taken is a [`Route`].
+//! - A [`Session`] records the primary's WAL insert position after each of its
+//!   writes commits: a [`CausalToken`], which converts to and from a short string
+//!   (for an HTTP header, a cookie or a job payload). A session's read goes to a
+//!   replica only when that replica has replayed past the session's token and
+//!   past everything the session already read (monotonic reads).
+//! - A background monitor per replica polls its replay position, recovery state
+//!   and lag at a jittered interval, under a short `SET LOCAL statement_timeout`.
+//!   Routing reads only these cached figures: no extra round trip per read. A
+//!   replica that lags past a bound (bytes, or seconds while WAL is pending),
+//!   fails its checks or its connections, or leaves recovery, is ejected, and is
+//!   re-admitted after consecutive good checks.
+//! - With no replica caught up, [`Fallback`] decides: read on the primary (the
+//!   default) or wait up to a bound. [`Staleness::Any`] accepts stale data
+//!   explicitly.
+
+use std::fmt;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use diesel::QueryableByName;
+
+use crate::error::ConfigError;
+use crate::error::Error;
+use crate::pool::{Opener, TargetPool};
+
+/// Where an operation ran.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Route {
+    /// The primary.
+    Primary,
+    /// A replica, by `host:port`.
+    Replica(Arc<str>),
+}
+
+impl fmt::Display for Route {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Route::Primary => f.write_str("primary"),
+            Route::Replica(name) => write!(f, "replica {name}"),
+        }
+    }
+}
+
+/// A WAL position (`pg_lsn`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Lsn(pub u64);
+
+impl fmt::Display for Lsn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:X}/{:X}", self.0 >> 32, self.0 & 0xffff_ffff)
+    }
+}
+
+impl FromStr for Lsn {
+    type Err = ConfigError;
+    fn from_str(s: &str) -> Result<Self, ConfigError> {
+        crate::database::parse_lsn(s).map(Lsn).ok_or_else(|| {
+            ConfigError::new("lsn", s, "expected a WAL position such as 16/B374D848")
+        })
+    }
+}
+
+/// The position a session has written (or read) up to. Carry it between
+/// requests as a string; a read with it never sees older data.
+///
+/// ```
+/// use railyard::CausalToken;
+/// let t: CausalToken = "16/B374D848".parse()?;
+/// assert_eq!(t.to_string(), "16/B374D848");
+/// assert!("yesterday".parse::<CausalToken>().is_err());
+/// # Ok::<(), railyard::ConfigError>(())
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct CausalToken(pub Lsn);
+
+impl fmt::Display for CausalToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl FromStr for CausalToken {
+    type Err = ConfigError;
+    fn from_str(s: &str) -> Result<Self, ConfigError> {
+        s.trim().parse::<Lsn>().map(CausalToken).map_err(|mut e| {
+            e.field = "causal token".into();
+            e
+        })
+    }
+}
+
+/// How a read picks among eligible replicas.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ReplicaChoice {
+    /// In turn.
+    #[default]
+    RoundRobin,
+    /// The one with the fewest reads in flight.
+    LeastOutstanding,
+}
+
+/// What a causal read does when no replica has caught up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Fallback {
+    /// Read on the primary.
+    #[default]
+    Primary,
+    /// Wait up to this long for a replica to catch up, then read on the primary.
+    Wait(Duration),
+}
+
+/// Whether a read must be causally consistent with the session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Staleness {
+    /// Never older than the session's writes and reads.
+    #[default]
+    Causal,
+    /// Any healthy replica will do, however far behind (within the lag bound).
+    Any,
+}
+
+/// Routing settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoutingConfig {
+    /// How replicas are picked. Defaults to round-robin.
+    pub choice: ReplicaChoice,
+    /// What causal reads do when no replica caught up. Defaults to the primary.
+    pub fallback: Fallback,
+    /// A replica further behind than this many WAL bytes is ejected. Defaults to 16 MiB.
+    pub max_lag_bytes: u64,
+    /// A replica whose last replayed commit is older than this while WAL is still
+    /// pending is ejected. Defaults to 10 s.
+    pub max_lag: Duration,
+    /// The monitor's interval (jittered ±25 %). Defaults to 200 ms.
+    pub check_interval: Duration,
+    /// The monitor query's `statement_timeout`. Defaults to 1 s.
+    pub check_timeout: Duration,
+    /// Consecutive good checks before an ejected replica is re-admitted. Defaults to 2.
+    pub readmit_after: u32,
+}
+
+impl Default for RoutingConfig {
+    fn default() -> Self {
+        RoutingConfig {
+            choice: ReplicaChoice::RoundRobin,
+            fallback: Fallback::Primary,
+            max_lag_bytes: 16 * 1024 * 1024,
+            max_lag: Duration::from_secs(10),
+            check_interval: Duration::from_millis(200),
+            check_timeout: Duration::from_secs(1),
+            readmit_after: 2,
+        }
+    }
+}
+
+/// A replica's state as routing sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ReplicaStatus {
+    /// Not checked yet.
+    Unknown,
+    /// Serving reads.
+    Healthy,
+    /// Ejected: behind the lag bound.
+    Lagging,
+    /// Ejected: checks or connections fail.
+    Down,
+    /// Ejected: its recovery ended (it was promoted); no longer a replica.
+    Promoted,
+}
+
+impl ReplicaStatus {
+    fn from_u8(v: u8) -> Self {
+        match v {
+            1 => ReplicaStatus::Healthy,
+            2 => ReplicaStatus::Lagging,
+            3 => ReplicaStatus::Down,
+            4 => ReplicaStatus::Promoted,
+            _ => ReplicaStatus::Unknown,
+        }
+    }
+    fn as_u8(self) -> u8 {
+        match self {
+            ReplicaStatus::Unknown => 0,
+            ReplicaStatus::Healthy => 1,
+            ReplicaStatus::Lagging => 2,
+            ReplicaStatus::Down => 3,
+            ReplicaStatus::Promoted => 4,
+        }
+    }
+}
+
+/// A snapshot of one replica's monitored state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplicaHealth {
+    /// `host:port`.
+    pub name: String,
+    /// Whether reads go there, and why not.
+    pub status: ReplicaStatus,
+    /// Its last known replay position.
+    pub replay_lsn: Lsn,
+    /// WAL bytes behind the primary at the last check.
+    pub lag_bytes: u64,
+    /// Age of its last replayed commit while WAL was pending, at the last check.
+    pub lag: Duration,
+    /// Reads in flight there.
+    pub outstanding: usize,
+    /// The last check's error, when it failed.
+    pub last_error: Option<String>,
+}
+
+/// One replica: its pool and what the monitor knows of it.
+pub(crate) struct ReplicaNode {
+    pub(crate) name: Arc<str>,
+    pub(crate) pool: TargetPool,
+    opener: Opener,
+    status: AtomicU8,
+    replay_lsn: AtomicU64,
+    lag_bytes: AtomicU64,
+    lag_ms: AtomicU64,
+    good_checks: AtomicU32,
+    outstanding: AtomicUsize,
+    last_error: Mutex<Option<String>>,
+}
+
+impl ReplicaNode {
+    pub(crate) fn new(name: String, pool: TargetPool, opener: Opener) -> Self {
+        ReplicaNode {
+            name: name.into(),
+            pool,
+            opener,
+            status: AtomicU8::new(ReplicaStatus::Unknown.as_u8()),
+            replay_lsn: AtomicU64::new(0),
+            lag_bytes: AtomicU64::new(0),
+            lag_ms: AtomicU64::new(0),
+            good_checks: AtomicU32::new(0),
+            outstanding: AtomicUsize::new(0),
+            last_error: Mutex::new(None),
+        }
+    }
+
+    pub(crate) fn status(&self) -> ReplicaStatus {
+        ReplicaStatus::from_u8(self.status.load(Ordering::Acquire))
+    }
+
+    fn set_status(&self, s: ReplicaStatus) {
+        let old = self.status.swap(s.as_u8(), Ordering::AcqRel);
+        if old != s.as_u8() {
+            tracing::info!(target: "railyard::route", replica = %self.name, from = ?ReplicaStatus::from_u8(old), to = ?s, "replica status changed");
+        }
+    }
+
+    pub(crate) fn replay_lsn(&self) -> u64 {
+        self.replay_lsn.load(Ordering::Acquire)
+    }
+
+    /// A read on this replica failed for a reason that says the replica is in
+    /// trouble (its connection failed): eject it until the monitor re-admits it.
+    pub(crate) fn note_failure(&self, why: String) {
+        if self.status() == ReplicaStatus::Healthy {
+            self.set_status(ReplicaStatus::Down);
+        }
+        self.good_checks.store(0, Ordering::Relaxed);
+        *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
+    }
+
+    pub(crate) fn health(&self) -> ReplicaHealth {
+        ReplicaHealth {
+            name: self.name.to_string(),
+            status: self.status(),
+            replay_lsn: Lsn(self.replay_lsn()),
+            lag_bytes: self.lag_bytes.load(Ordering::Relaxed),
+            lag: Duration::from_millis(self.lag_ms.load(Ordering::Relaxed)),
+            outstanding: self.outstanding.load(Ordering::Relaxed),
+            last_error: self
+                .last_error
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
+        }
+    }
+}
+
+/// Counts a read in flight on a replica for as long as it lives.
+pub(crate) struct Outstanding(Arc<ReplicaNode>);
+
+impl Drop for Outstanding {
+    fn drop(&mut self) {
+        self.0.outstanding.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The routing state shared by a `Database`'s handles and its monitors.
+pub(crate) struct Router {
+    pub(crate) replicas: Vec<Arc<ReplicaNode>>,
+    pub(crate) config: RoutingConfig,
+    rr: AtomicUsize,
+    primary_lsn: AtomicU64,
+    /// Signalled after every monitor round, for `Fallback::Wait`.
+    changed: tokio::sync::Notify,
+    stopped: AtomicBool,
+}
+
+impl fmt::Debug for Router {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Router")
+            .field("replicas", &self.replicas.len())
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Router {
+    pub(crate) fn new(replicas: Vec<Arc<ReplicaNode>>, config: RoutingConfig) -> Self {
+        Router {
+            replicas,
+            config,
+            rr: AtomicUsize::new(0),
+            primary_lsn: AtomicU64::new(0),
+            changed: tokio::sync::Notify::new(),
+            stopped: AtomicBool::new(false),
+        }
+    }
+
+    /// Picks a healthy replica that has replayed at least `min_lsn`; cached
+    /// figures only, no I/O.
+    pub(crate) fn choose(&self, min_lsn: u64) -> Option<(Arc<ReplicaNode>, Outstanding)> {
+        let n = self.replicas.len();
+        if n == 0 {
+            return None;
+        }
+        let eligible =
+            |r: &ReplicaNode| r.status() == ReplicaStatus::Healthy && r.replay_lsn() >= min_lsn;
+        let chosen = match self.config.choice {
+            ReplicaChoice::RoundRobin => {
+                let start = self.rr.fetch_add(1, Ordering::Relaxed);
+                (0..n)
+                    .map(|i| &self.replicas[(start + i) % n])
+                    .find(|r| eligible(r))
+            }
+            ReplicaChoice::LeastOutstanding => self
+                .replicas
+                .iter()
+                .filter(|r| eligible(r))
+                .min_by_key(|r| r.outstanding.load(Ordering::Relaxed)),
+        }?;
+        chosen.outstanding.fetch_add(1, Ordering::Relaxed);
+        Some((chosen.clone(), Outstanding(chosen.clone())))
+    }
+
+    /// Waits for the next monitor round (or the timeout).
+    pub(crate) async fn changed(&self, timeout: Duration) {
+        let _ = tokio::time::timeout(timeout, self.changed.notified()).await;
+    }
+
+    pub(crate) fn stop(&self) {
+        self.stopped.store(true, Ordering::Relaxed);
+    }
+
+    /// Starts one monitor task per replica, plus one that follows the primary's
+    /// WAL position. Each ends when the router is dropped.
+    pub(crate) fn spawn_monitors(router: &Arc<Router>, primary: Opener) {
+        if router.replicas.is_empty() {
+            return;
+        }
+        let weak = Arc::downgrade(router);
+        tokio::spawn(monitor_primary(weak, primary));
+        for node in &router.replicas {
+            tokio::spawn(monitor_replica(Arc::downgrade(router), node.clone()));
+        }
+    }
+}
+
+fn jittered(d: Duration) -> Duration {
+    d.mul_f64(rand::random_range(0.75..=1.25))
+}
+
+#[derive(QueryableByName)]
+struct PrimaryProbe {
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    lsn: String,
+}
+
+#[derive(QueryableByName)]
+struct ReplicaProbe {
+    #[diesel(sql_type = diesel::sql_types::Bool)]
+    in_recovery: bool,
+    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Text>)]
+    replay: Option<String>,
+    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Double>)]
+    replay_age: Option<f64>,
+}
+
+async fn probe<T: QueryableByName<diesel::pg::Pg> + Send + 'static>(
+    conn: &mut crate::pool::Conn,
+    timeout: Duration,
+    sql: &'static str,
+) -> Result<T, Error> {
+    use diesel_async::RunQueryDsl;
+    let sql_timeout = format!(
+        "SET LOCAL statement_timeout = {}",
+        timeout.as_millis().max(1)
+    );
+    let work = conn.transaction::<T, Error, _>(async move |c| {
+        diesel::sql_query(sql_timeout).execute(c).await?;
+        Ok(diesel::sql_query(sql).get_result::<T>(c).await?)
+    });
+    match tokio::time::timeout(timeout + Duration::from_millis(500), work).await {
+        Ok(r) => r,
+        Err(_) => Err(Error::Timeout {
+            deadline: timeout,
+            attempts: 1,
+            last: None,
+        }),
+    }
+}
+
+async fn monitor_primary(router: Weak<Router>, opener: Opener) {
+    let mut conn = None;
+    loop {
+        let Some(r) = router.upgrade() else { return };
+        if r.stopped.load(Ordering::Relaxed) {
+            return;
+        }
+        let interval = r.config.check_interval;
+        let timeout = r.config.check_timeout;
+        if conn.is_none() {
+            conn = opener.open().await.ok();
+        }
+        if let Some(c) = conn.as_mut() {
+            match probe::<PrimaryProbe>(c, timeout, "SELECT pg_current_wal_lsn()::text AS lsn")
+                .await
+            {
+                Ok(p) => {
+                    if let Some(lsn) = crate::database::parse_lsn(&p.lsn) {
+                        r.primary_lsn.fetch_max(lsn, Ordering::AcqRel);
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(target: "railyard::route", error = %e, "primary WAL probe failed");
+                    conn = None;
+                }
+            }
+        }
+        drop(r);
+        tokio::time::sleep(jittered(interval)).await;
+    }
+}
+
+async fn monitor_replica(router: Weak<Router>, node: Arc<ReplicaNode>) {
+    let mut conn = None;
+    loop {
+        let Some(r) = router.upgrade() else { return };
+        if r.stopped.load(Ordering::Relaxed) {
+            return;
+        }
+        let cfg = r.config.clone();
+        let result = async {
+            if conn.is_none() {
+                conn = Some(node.opener.open().await?);
+            }
+            let c = conn.as_mut().expect("opened just above");
+            probe::<ReplicaProbe>(
+                c,
+                cfg.check_timeout,
+                "SELECT pg_is_in_recovery() AS in_recovery, pg_last_wal_replay_lsn()::text AS replay, \
+                 extract(epoch FROM now() - pg_last_xact_replay_timestamp())::float8 AS replay_age",
+            )
+            .await
+        }
+        .await;
+        match result {
+            Ok(p) if !p.in_recovery => {
+                node.set_status(ReplicaStatus::Promoted);
+                *node.last_error.lock().unwrap_or_else(|p| p.into_inner()) =
+                    Some("recovery ended: the server was promoted".into());
+            }
+            Ok(p) => {
+                let replay = p
+                    .replay
+                    .as_deref()
+                    .and_then(crate::database::parse_lsn)
+                    .unwrap_or(0);
+                node.replay_lsn.fetch_max(replay, Ordering::AcqRel);
+                let primary = r.primary_lsn.load(Ordering::Acquire);
+                let lag_bytes = primary.saturating_sub(replay);
+                // Time lag means something only while WAL is pending: on an idle
+                // primary the last replayed commit simply gets old.
+                let lag = if lag_bytes > 0 {
+                    Duration::from_secs_f64(p.replay_age.unwrap_or(0.0).max(0.0))
+                } else {
+                    Duration::ZERO
+                };
+                node.lag_bytes.store(lag_bytes, Ordering::Relaxed);
+                node.lag_ms.store(lag.as_millis() as u64, Ordering::Relaxed);
+                let lagging = lag_bytes > cfg.max_lag_bytes || lag > cfg.max_lag;
+                if lagging {
+                    node.good_checks.store(0, Ordering::Relaxed);
+                    node.set_status(ReplicaStatus::Lagging);
+                } else {
+                    let good = node.good_checks.fetch_add(1, Ordering::Relaxed) + 1;
+                    let status = node.status();
+                    let admit = match status {
+                        ReplicaStatus::Unknown | ReplicaStatus::Healthy => true,
+                        _ => good >= cfg.readmit_after,
+                    };
+                    if admit {
+                        node.set_status(ReplicaStatus::Healthy);
+                        *node.last_error.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                    }
+                }
+            }
+            Err(e) => {
+                conn = None;
+                node.good_checks.store(0, Ordering::Relaxed);
+                if node.status() != ReplicaStatus::Promoted {
+                    node.set_status(ReplicaStatus::Down);
+                }
+                *node.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
+            }
+        }
+        r.changed.notify_waiters();
+        drop(r);
+        tokio::time::sleep(jittered(cfg.check_interval)).await;
+    }
+}
+
+/// A sequence of operations with read-your-writes and monotonic reads: reads go
+/// to a replica only when it has replayed past this session's writes and past
+/// what the session already read.
+///
+/// ```no_run
+/// use diesel_async::RunQueryDsl;
+/// # async fn demo(db: &railyard::Database) -> Result<(), railyard::Error> {
+/// let session = db.session();
+/// session
+///     .write(async |conn| {
+///         diesel::sql_query("UPDATE accounts SET balance_cents = 0 WHERE id = 1")
+///             .execute(conn)
+///             .await
+///             .map_err(railyard::Error::from)
+///     })
+///     .await?;
+/// let token = session.token().expect("a write was recorded").to_string(); // e.g. for a header
+/// // …later, in another request:
+/// let later = db.session_from(token.parse()?);
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct Session {
+    db: crate::Database,
+    floor: Arc<AtomicU64>,
+    staleness: Staleness,
+}
+
+impl Session {
+    pub(crate) fn new(db: crate::Database, floor: u64) -> Self {
+        Session {
+            db,
+            floor: Arc::new(AtomicU64::new(floor)),
+            staleness: Staleness::Causal,
+        }
+    }
+
+    /// This session's token: the newest position it wrote or read, if any.
+    pub fn token(&self) -> Option<CausalToken> {
+        match self.floor.load(Ordering::Acquire) {
+            0 => None,
+            lsn => Some(CausalToken(Lsn(lsn))),
+        }
+    }
+
+    /// Accepts stale reads explicitly (they still go only to healthy replicas).
+    #[must_use]
+    pub fn staleness(mut self, s: Staleness) -> Self {
+        self.staleness = s;
+        self
+    }
+
+    /// Reads, on a replica that has caught up with this session, else per the
+    /// database's [`Fallback`]. Returns the route taken with the value.
+    pub async fn read<R, E, F>(&self, f: F) -> Result<R, E>
+    where
+        F: for<'r> AsyncFnOnce(&'r mut crate::Conn) -> Result<R, E>
+            + for<'r> crate::ConnFn<&'r mut crate::Conn, Result<R, E>, Fut: Send>
+            + Clone
+            + Send,
+        E: From<Error> + Send + 'static,
+        R: Send,
+    {
+        self.read_routed(f).await.map(|(v, _)| v)
+    }
+
+    /// Like [`Session::read`], and says where the read ran.
+    pub async fn read_routed<R, E, F>(&self, f: F) -> Result<(R, Route), E>
+    where
+        F: for<'r> AsyncFnOnce(&'r mut crate::Conn) -> Result<R, E>
+            + for<'r> crate::ConnFn<&'r mut crate::Conn, Result<R, E>, Fut: Send>
+            + Clone
+            + Send,
+        E: From<Error> + Send + 'static,
+        R: Send,
+    {
+        let floor = match self.staleness {
+            Staleness::Causal => self.floor.load(Ordering::Acquire),
+            Staleness::Any => 0,
+        };
+        let (v, route, seen) = self.db.read_at(floor, f).await?;
+        if self.staleness == Staleness::Causal {
+            // Monotonic reads: never go back to a replica behind what was seen.
+            self.floor.fetch_max(seen, Ordering::AcqRel);
+        }
+        Ok((v, route))
+    }
+
+    /// A write on the primary (see [`crate::Database::write`]); its commit
+    /// position becomes the session's token.
+    pub async fn write<R, E, F>(&self, f: F) -> Result<R, E>
+    where
+        F: for<'r> AsyncFnOnce(&'r mut crate::Conn) -> Result<R, E>
+            + for<'r> crate::ConnFn<&'r mut crate::Conn, Result<R, E>, Fut: Send>
+            + Clone
+            + Send,
+        E: From<Error> + Send + 'static,
+        R: Send,
+    {
+        let (v, lsn) = self.db.build_write().run_recording_lsn(f).await?;
+        self.floor.fetch_max(lsn, Ordering::AcqRel);
+        Ok(v)
+    }
+
+    /// A transaction on the primary (see [`crate::Database::transaction`]); its
+    /// commit position becomes the session's token.
+    pub async fn transaction<R, E, F>(&self, f: F) -> Result<R, E>
+    where
+        F: for<'r> AsyncFnOnce(&'r mut crate::Conn) -> Result<R, E>
+            + for<'r> crate::ConnFn<&'r mut crate::Conn, Result<R, E>, Fut: Send>
+            + Clone
+            + Send,
+        E: From<Error> + Send + 'static,
+        R: Send,
+    {
+        let (v, lsn) = self.db.build_transaction().run_recording_lsn(f).await?;
+        self.floor.fetch_max(lsn, Ordering::AcqRel);
+        Ok(v)
+    }
+}
+
+#[derive(QueryableByName)]
+pub(crate) struct InsertLsn {
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    pub(crate) lsn: String,
+}
+
+/// The primary's WAL insert position, read on the connection that just committed.
+pub(crate) async fn insert_lsn(conn: &mut crate::Conn) -> Result<u64, Error> {
+    use diesel_async::RunQueryDsl;
+    let row: InsertLsn = diesel::sql_query("SELECT pg_current_wal_insert_lsn()::text AS lsn")
+        .get_result(conn)
+        .await?;
+    crate::database::parse_lsn(&row.lsn).ok_or_else(|| {
+        Error::Local(format!(
+            "the server returned an unreadable WAL position {:?}",
+            row.lsn
+        ))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_round_trip_as_strings() {
+        for v in [0u64, 1, 0x16_B374_D848, u64::MAX] {
+            let t = CausalToken(Lsn(v));
+            assert_eq!(t.to_string().parse::<CausalToken>().unwrap(), t);
+        }
+        let err = "12345".parse::<CausalToken>().unwrap_err();
+        assert_eq!(err.field, "causal token");
+    }
+}

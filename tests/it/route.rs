@@ -1,0 +1,514 @@
+//! Replica routing: read-your-writes by WAL position, monitors that eject and
+//! re-admit replicas, failover. Tests that pause replay, stop or promote servers
+//! run on private clusters of their own.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use diesel::sql_types::{BigInt, Text};
+use diesel_async::{RunQueryDsl, SimpleAsyncConnection};
+use railyard::{
+    CausalToken, Config, Conn, Database, Error, LocalCluster, ReplicaStatus, Route, RoutingConfig,
+};
+
+use crate::support;
+
+#[derive(diesel::QueryableByName)]
+struct N {
+    #[diesel(sql_type = BigInt)]
+    n: i64,
+}
+
+fn fast_routing() -> RoutingConfig {
+    RoutingConfig {
+        check_interval: Duration::from_millis(30),
+        ..RoutingConfig::default()
+    }
+}
+
+async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn wait_healthy(db: &Database) {
+    wait_for("a healthy replica", || {
+        db.replica_health()
+            .iter()
+            .all(|r| r.status == ReplicaStatus::Healthy)
+    })
+    .await;
+}
+
+/// A private cluster with the ledger migrated, reached over its sockets.
+async fn private(name: &str) -> (LocalCluster, Config) {
+    support::server().await;
+    let dir = std::env::temp_dir().join(support::unique(name));
+    let cluster = LocalCluster::builder()
+        .dir(&dir)
+        .start()
+        .await
+        .expect("private cluster");
+    let config = Config::new(cluster.primary_socket_target("railyard"))
+        .replica(cluster.replica_socket_target("railyard").unwrap());
+    railyard::Migrator::new(support::LEDGER)
+        .run(&config)
+        .await
+        .unwrap();
+    (cluster, config)
+}
+
+async fn replica_admin(cluster: &LocalCluster) -> Database {
+    let url = format!(
+        "{}&target_session_attrs=any",
+        cluster
+            .replica_socket_target("postgres")
+            .unwrap()
+            .expose_url()
+    );
+    Database::connect(Config::from_url(&url).unwrap().pool_max_size(1))
+        .await
+        .unwrap()
+}
+
+diesel::table! {
+    users (id) {
+        id -> Int8,
+        email -> Text,
+    }
+}
+
+/// The same count through the query builder: a prepared statement diesel
+/// caches, so that a repeated read is one round trip.
+async fn count_user_dsl(conn: &mut Conn, email: &str) -> Result<i64, Error> {
+    use diesel::{ExpressionMethods, QueryDsl};
+    Ok(users::table
+        .filter(users::email.eq(email))
+        .count()
+        .get_result::<i64>(conn)
+        .await?)
+}
+
+async fn sql(db: &Database, sql: &str) {
+    let mut c = db.primary().await.unwrap();
+    c.batch_execute(sql)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+}
+
+async fn insert_user(conn: &mut Conn, email: &str) -> Result<(), Error> {
+    diesel::sql_query("INSERT INTO users (email, name) VALUES ($1, 'r')")
+        .bind::<Text, _>(email)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+async fn count_user(conn: &mut Conn, email: &str) -> Result<i64, Error> {
+    Ok(
+        diesel::sql_query("SELECT count(*) AS n FROM users WHERE email = $1")
+            .bind::<Text, _>(email)
+            .get_result::<N>(conn)
+            .await?
+            .n,
+    )
+}
+
+#[tokio::test]
+async fn reads_go_to_a_replica_with_no_extra_round_trip() {
+    let Some(cluster) = support::cluster().await else {
+        return;
+    };
+    support::ledger(|c| c).await;
+    let config = Config::new(cluster.primary_socket_target("railyard_it"))
+        .replica(cluster.replica_socket_target("railyard_it").unwrap())
+        .replica_pool_max_size(1);
+    let db = Database::builder(config)
+        .routing(fast_routing())
+        .connect()
+        .await
+        .unwrap();
+    wait_healthy(&db).await;
+
+    let session = db.session();
+    let email = format!("{}@example.test", support::unique("rt"));
+    session
+        .write(async |c| insert_user(c, &email).await)
+        .await
+        .unwrap();
+    let token = session.token().expect("the write recorded a token");
+    wait_for("the replica to replay the write", || {
+        db.replica_health()[0].replay_lsn >= token.0
+    })
+    .await;
+
+    // Two reads on the single replica connection: the tap counts round trips.
+    let count_rt = async |c: &mut Conn| {
+        let before = c.wire().ready_count();
+        let n = count_user_dsl(c, &email).await?;
+        c.wire().quiesce(Duration::from_secs(1)).await;
+        Ok::<_, Error>((n, before, c.wire().ready_count()))
+    };
+    let ((n1, _, after_first), route1) = session.read_routed(count_rt).await.unwrap();
+    let ((n2, before_second, after_second), route2) = session.read_routed(count_rt).await.unwrap();
+    assert!(matches!(route1, Route::Replica(_)), "{route1}");
+    assert!(matches!(route2, Route::Replica(_)), "{route2}");
+    assert_eq!((n1, n2), (1, 1), "the session reads its own write");
+    assert_eq!(
+        before_second, after_first,
+        "routing and check-out cost no round trip"
+    );
+    assert_eq!(
+        after_second - before_second,
+        1,
+        "one round trip: the read itself"
+    );
+
+    // Writes always go to the primary.
+    let err = db
+        .read(async |c| insert_user(c, "never@example.test").await)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.class(),
+        railyard::ErrorClass::Reroute,
+        "reads are for reading: {err}"
+    );
+}
+
+#[tokio::test]
+async fn read_your_writes_holds_while_replay_is_paused_and_across_a_token_string() {
+    let (cluster, config) = private("ryw").await;
+    let routing = RoutingConfig {
+        check_interval: Duration::from_millis(5),
+        ..RoutingConfig::default()
+    };
+    let db = Database::builder(config)
+        .routing(routing)
+        .connect()
+        .await
+        .unwrap();
+    let replica = replica_admin(&cluster).await;
+    wait_healthy(&db).await;
+    // Let the replica replay the migrations before replay is paused.
+    let warmup = db.session();
+    warmup
+        .write(async |c| insert_user(c, &format!("{}@example.test", support::unique("warm"))).await)
+        .await
+        .unwrap();
+    let t = warmup.token().unwrap();
+    wait_for("the replica to replay the schema", || {
+        db.replica_health()[0].replay_lsn >= t.0
+    })
+    .await;
+
+    sql(&replica, "SELECT pg_wal_replay_pause()").await;
+    let session = db.session();
+    let email = format!("{}@example.test", support::unique("paused"));
+    session
+        .write(async |c| insert_user(c, &email).await)
+        .await
+        .unwrap();
+    let (n, route) = session
+        .read_routed(async |c| count_user(c, &email).await)
+        .await
+        .unwrap();
+    assert_eq!(
+        (n, route),
+        (1, Route::Primary),
+        "the session's read goes to the primary and sees its write"
+    );
+    let (n, route) = db
+        .read_routed(async |c| count_user(c, &email).await)
+        .await
+        .unwrap();
+    assert!(
+        matches!(route, Route::Replica(_)),
+        "reads without a session still use the replica"
+    );
+    assert_eq!(
+        n, 0,
+        "…which has not replayed the write (stale reads are allowed there)"
+    );
+
+    // A token carried as a string gives a new session the same guarantee.
+    let token: CausalToken = session.token().unwrap().to_string().parse().unwrap();
+    let later = db.session_from(token);
+    let (n, route) = later
+        .read_routed(async |c| count_user(c, &email).await)
+        .await
+        .unwrap();
+    assert_eq!((n, route), (1, Route::Primary));
+
+    sql(&replica, "SELECT pg_wal_replay_resume()").await;
+    wait_for("the replica to catch up", || {
+        db.replica_health()[0].replay_lsn >= token.0
+    })
+    .await;
+    let (n, route) = session
+        .read_routed(async |c| count_user(c, &email).await)
+        .await
+        .unwrap();
+    assert!(
+        matches!(route, Route::Replica(_)),
+        "back on the replica: {route}"
+    );
+    assert_eq!(n, 1);
+
+    // 10,000 write→read pairs, replay paused and resumed at random meanwhile.
+    let stop = Arc::new(AtomicBool::new(false));
+    let chaos = {
+        let (replica, stop) = (replica.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut toggles = 0;
+            while !AtomicBool::load(&stop, Ordering::Relaxed) {
+                let pause = rand::random::<bool>();
+                let q = if pause {
+                    "SELECT pg_wal_replay_pause()"
+                } else {
+                    "SELECT pg_wal_replay_resume()"
+                };
+                sql(&replica, q).await;
+                toggles += 1;
+                tokio::time::sleep(Duration::from_millis(rand::random_range(1..30))).await;
+            }
+            sql(&replica, "SELECT pg_wal_replay_resume()").await;
+            toggles
+        })
+    };
+    let stale = Arc::new(AtomicU64::new(0));
+    let on_replica = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for t in 0..8 {
+        let (db, stale, on_replica) = (db.clone(), stale.clone(), on_replica.clone());
+        tasks.push(tokio::spawn(async move {
+            for i in 0..1250 {
+                let email = format!("pair-{t}-{i}-{}@example.test", std::process::id());
+                let session = db.session();
+                session
+                    .write(async |c| insert_user(c, &email).await)
+                    .await
+                    .unwrap();
+                if rand::random::<bool>() {
+                    // Give the replica (and its monitor) a moment, so that many
+                    // reads do go to it.
+                    tokio::time::sleep(Duration::from_millis(rand::random_range(0..12))).await;
+                }
+                let (n, route) = session
+                    .read_routed(async |c| count_user(c, &email).await)
+                    .await
+                    .unwrap();
+                if n != 1 {
+                    stale.fetch_add(1, Ordering::Relaxed);
+                }
+                if matches!(route, Route::Replica(_)) {
+                    on_replica.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    stop.store(true, Ordering::Relaxed);
+    let toggles = chaos.await.unwrap();
+    let on_replica = AtomicU64::load(&on_replica, Ordering::Relaxed);
+    eprintln!(
+        "10000 write→read pairs: {on_replica} reads on the replica, {toggles} pause/resume toggles"
+    );
+    assert_eq!(
+        AtomicU64::load(&stale, Ordering::Relaxed),
+        0,
+        "no stale read"
+    );
+    assert!(toggles > 10);
+    assert!(
+        on_replica > 500,
+        "enough reads went to the replica to mean something"
+    );
+    drop((db, replica));
+    cluster.destroy().unwrap();
+}
+
+#[tokio::test]
+async fn a_stopped_replica_is_ejected_without_errors_and_readmitted_after_restart() {
+    let (cluster, config) = private("stopped").await;
+    let db = Database::builder(config)
+        .routing(fast_routing())
+        .connect()
+        .await
+        .unwrap();
+    wait_healthy(&db).await;
+    cluster.stop_replica().unwrap();
+    let mut routes = Vec::new();
+    for _ in 0..50 {
+        let (n, route) = db
+            .read_routed(async |c| Ok::<_, Error>(count_user(c, "nobody@example.test").await?))
+            .await
+            .expect("reads keep succeeding while the replica is down");
+        assert_eq!(n, 0);
+        routes.push(route);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(routes.last(), Some(&Route::Primary));
+    assert_eq!(db.replica_health()[0].status, ReplicaStatus::Down);
+
+    cluster.start_replica().unwrap();
+    wait_healthy(&db).await;
+    let (_, route) = db
+        .read_routed(async |c| count_user(c, "nobody@example.test").await)
+        .await
+        .unwrap();
+    assert!(matches!(route, Route::Replica(_)), "re-admitted: {route}");
+    drop(db);
+    cluster.destroy().unwrap();
+}
+
+#[tokio::test]
+async fn a_replica_lagging_past_the_bound_is_ejected_then_readmitted() {
+    let (cluster, config) = private("lag").await;
+    let routing = RoutingConfig {
+        max_lag_bytes: 256 * 1024,
+        ..fast_routing()
+    };
+    let db = Database::builder(config)
+        .routing(routing)
+        .connect()
+        .await
+        .unwrap();
+    let replica = replica_admin(&cluster).await;
+    wait_healthy(&db).await;
+    sql(&replica, "SELECT pg_wal_replay_pause()").await;
+    // About a megabyte of WAL.
+    sql(
+        &db,
+        "CREATE TABLE IF NOT EXISTS filler (v TEXT); INSERT INTO filler SELECT repeat('x', 1000) FROM generate_series(1, 1000)",
+    )
+    .await;
+    wait_for("the replica to be ejected", || {
+        db.replica_health()[0].status == ReplicaStatus::Lagging
+    })
+    .await;
+    let (_, route) = db
+        .read_routed(async |c| count_user(c, "x@example.test").await)
+        .await
+        .unwrap();
+    assert_eq!(route, Route::Primary);
+    sql(&replica, "SELECT pg_wal_replay_resume()").await;
+    wait_healthy(&db).await;
+    let (_, route) = db
+        .read_routed(async |c| count_user(c, "x@example.test").await)
+        .await
+        .unwrap();
+    assert!(matches!(route, Route::Replica(_)));
+    drop((db, replica));
+    cluster.destroy().unwrap();
+}
+
+#[tokio::test]
+async fn failover_to_a_promoted_replica_loses_no_acknowledged_write() {
+    let (cluster, _) = private("failover").await;
+    let p = cluster.primary_socket_target("railyard");
+    let r = cluster.replica_socket_target("railyard").unwrap();
+    let dir = cluster.socket_dir();
+    let url = format!(
+        "postgres://railyard:{}@/railyard?host={},{}&port={},{}&target_session_attrs=read-write&sslmode=disable",
+        cluster.password().expose(),
+        dir.display(),
+        dir.display(),
+        p.hosts()[0].1,
+        r.hosts()[0].1
+    );
+    let config = Config::from_url(&url)
+        .unwrap()
+        .checkout_timeout(Duration::from_secs(2))
+        .circuit_breaker(1000, Duration::from_millis(100));
+    let db = Database::connect(config).await.unwrap();
+
+    let acknowledged = Arc::new(std::sync::Mutex::new(Vec::<i64>::new()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (db, acknowledged, stop) = (db.clone(), acknowledged.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut longest_gap = Duration::ZERO;
+            let mut last_ok = Instant::now();
+            let mut i = 0i64;
+            while !AtomicBool::load(&stop, Ordering::Relaxed) {
+                i += 1;
+                let email = format!("failover-{i}@example.test");
+                match db.write(async |c| insert_user(c, &email).await).await {
+                    Ok(()) => {
+                        acknowledged.lock().unwrap().push(i);
+                        longest_gap = longest_gap.max(last_ok.elapsed());
+                        last_ok = Instant::now();
+                    }
+                    Err(e) => {
+                        assert!(
+                            matches!(
+                                e.class(),
+                                railyard::ErrorClass::Reconnect
+                                    | railyard::ErrorClass::Ambiguous
+                                    | railyard::ErrorClass::Reroute
+                            ),
+                            "{e}"
+                        );
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                }
+            }
+            longest_gap
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Stop the old primary first (a fast shutdown ships all WAL to the standby),
+    // then promote: the reverse order loses writes acknowledged in between,
+    // which only synchronous replication prevents.
+    cluster.stop_primary().unwrap();
+    cluster.promote_replica().unwrap();
+    let promoted_at = Instant::now();
+    let resumed = loop {
+        let n = acknowledged.lock().unwrap().len();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        if acknowledged.lock().unwrap().len() > n {
+            break promoted_at.elapsed();
+        }
+        assert!(
+            promoted_at.elapsed() < Duration::from_secs(20),
+            "writes did not resume"
+        );
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    stop.store(true, Ordering::Relaxed);
+    let longest_gap = writer.await.unwrap();
+    let acknowledged = acknowledged.lock().unwrap().clone();
+
+    let new_primary = Database::connect(Config::new(r.clone())).await.unwrap();
+    let mut conn = new_primary.primary().await.unwrap();
+    let present: i64 =
+        diesel::sql_query("SELECT count(*) AS n FROM users WHERE email LIKE 'failover-%'")
+            .get_result::<N>(&mut conn)
+            .await
+            .unwrap()
+            .n;
+    let mut missing = 0;
+    for i in &acknowledged {
+        if count_user(&mut conn, &format!("failover-{i}@example.test"))
+            .await
+            .unwrap()
+            != 1
+        {
+            missing += 1;
+        }
+    }
+    eprintln!(
+        "failover: {} writes acknowledged, {present} present, writes resumed {resumed:.2?} after promotion, longest gap {longest_gap:.2?}",
+        acknowledged.len()
+    );
+    assert_eq!(missing, 0, "no acknowledged write is lost");
+    drop((db, new_primary, conn));
+    cluster.destroy().unwrap();
+}
