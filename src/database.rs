@@ -113,6 +113,7 @@ pub struct DatabaseBuilder {
     policy: RetryPolicy,
     budget: RetryBudget,
     routing: RoutingConfig,
+    hooks: Vec<Arc<dyn crate::observe::QueryHook>>,
 }
 
 impl fmt::Debug for DatabaseBuilder {
@@ -153,6 +154,14 @@ impl DatabaseBuilder {
         self
     }
 
+    /// Registers a hook that sees every finished query (see the `observe` module
+    /// docs: hooks must be cheap). Built-in hooks: [`crate::SlowQueryLog`],
+    /// [`crate::StatementStats`], [`crate::QuerySpans`], [`crate::AuditLog`].
+    pub fn hook(mut self, hook: impl crate::observe::QueryHook) -> Self {
+        self.hooks.push(Arc::new(hook));
+        self
+    }
+
     /// Validates the config, runs the migrations (if any) on a dedicated
     /// connection, opens the first primary connection (so a wrong password or an
     /// unreachable server fails here, with its SQLSTATE), and builds the pools.
@@ -164,11 +173,18 @@ impl DatabaseBuilder {
             Some(m) => Some(m.run(&config).await?),
             None => None,
         };
-        let opener = Opener::new(
+        let observer = Arc::new(crate::observe::Observer {
+            hooks: self.hooks,
+            metrics: Default::default(),
+        });
+        // Monitors use uninstrumented openers: their polling is not the
+        // application's traffic.
+        let monitor = Opener::new(
             config.primary.clone(),
             config.clone(),
             TargetSessionAttrs::ReadWrite,
         )?;
+        let opener = monitor.clone().observed(observer.clone(), Route::Primary);
         let first = opener.open().await?;
         let primary = TargetPool::build("primary", opener.clone(), config.pool.max_size, &config);
         if let Err(e) = primary.pool.add(first) {
@@ -176,8 +192,9 @@ impl DatabaseBuilder {
         }
         let mut replicas = Vec::new();
         for target in &config.replicas {
-            let replica = Opener::new(target.clone(), config.clone(), TargetSessionAttrs::Any)?;
             let name = replica_name(target);
+            let replica = Opener::new(target.clone(), config.clone(), TargetSessionAttrs::Any)?
+                .observed(observer.clone(), Route::Replica(name.clone().into()));
             let pool = TargetPool::build(
                 &name,
                 replica.clone(),
@@ -187,7 +204,7 @@ impl DatabaseBuilder {
             replicas.push(Arc::new(ReplicaNode::new(name, pool, replica)));
         }
         let router = Arc::new(Router::new(replicas, self.routing));
-        Router::spawn_monitors(&router, opener);
+        Router::spawn_monitors(&router, monitor);
         Ok(Database {
             inner: Arc::new(Inner {
                 policy: self.policy,
@@ -196,6 +213,8 @@ impl DatabaseBuilder {
                 config,
                 primary,
                 router,
+                observer,
+                migrator: self.migrator,
                 migrations,
                 boot_time: started.elapsed(),
             }),
@@ -218,6 +237,8 @@ struct Inner {
     config: Arc<Config>,
     primary: TargetPool,
     router: Arc<Router>,
+    observer: Arc<crate::observe::Observer>,
+    migrator: Option<Migrator>,
     migrations: Option<MigrationReport>,
     boot_time: Duration,
 }
@@ -309,6 +330,7 @@ impl Database {
             policy: RetryPolicy::default(),
             budget: RetryBudget::default(),
             routing: RoutingConfig::default(),
+            hooks: Vec::new(),
         }
     }
 
@@ -512,6 +534,14 @@ impl Database {
             0
         };
         Ok((v, Route::Primary, seen))
+    }
+
+    pub(crate) fn observer(&self) -> &crate::observe::Observer {
+        &self.inner.observer
+    }
+
+    pub(crate) fn migrator(&self) -> Option<&Migrator> {
+        self.inner.migrator.as_ref()
     }
 
     pub(crate) fn reroute_primary(&self) {

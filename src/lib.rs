@@ -41,8 +41,12 @@
 mod config;
 mod database;
 mod error;
+mod health;
+#[cfg(feature = "http")]
+pub mod http;
 mod local;
 mod migrate;
+mod observe;
 mod pool;
 mod retry;
 mod route;
@@ -59,11 +63,16 @@ pub use error::{
     ConfigError, ConnectError, ConnectStage, DbError, Error, MigrationError, Violation,
     ViolationKind,
 };
+pub use health::{HealthCheck, HealthReport, HealthStatus};
 pub use local::{
     Binaries, LocalCluster, LocalClusterBuilder, StartKind, default_cluster_dir, stop_dir,
 };
 pub use migrate::{
     AppliedMigration, ChecksumState, MigrationReport, MigrationState, MigrationStatus, Migrator,
+};
+pub use observe::{
+    AuditLog, DURATION_BUCKETS, Outcome, QueryEvent, QueryHook, QuerySpans, SlowQueryLog,
+    StatementStat, StatementStats, sanitize_sql,
 };
 pub use pool::{CancelHandle, Conn, ConnInfo, ServerRole};
 pub use retry::{ErrorClass, Phase, RetryBudget, RetryPolicy, classify, retryable};

@@ -39,6 +39,12 @@ struct Cli {
 enum Command {
     /// Boot (start the local cluster when DATABASE_URL is unset, migrate) and print a report.
     Boot,
+    /// Boot, then serve /healthz, /readyz, /health and /metrics over HTTP.
+    Serve {
+        /// Address to listen on (loopback by default).
+        #[arg(long, default_value = "127.0.0.1:9187")]
+        addr: std::net::SocketAddr,
+    },
     /// Manage the ledger's migrations.
     Migrate {
         #[command(subcommand)]
@@ -120,6 +126,7 @@ async fn config() -> Result<(Config, Option<LocalCluster>), railyard::Error> {
 async fn run(command: Command) -> Result<(), railyard::Error> {
     match command {
         Command::Boot => boot().await,
+        Command::Serve { addr } => serve(addr).await,
         Command::Migrate { action } => migrate(action).await,
         Command::Local { action } => local(action).await,
     }
@@ -219,6 +226,26 @@ async fn boot() -> Result<(), railyard::Error> {
         db.boot_time()
     );
     Ok(())
+}
+
+async fn serve(addr: std::net::SocketAddr) -> Result<(), railyard::Error> {
+    let (config, _cluster) = config().await?;
+    let db = Database::builder(config)
+        .migrations(Migrator::new(MIGRATIONS))
+        .hook(railyard::SlowQueryLog::new(
+            std::time::Duration::from_millis(100),
+        ))
+        .hook(railyard::AuditLog)
+        .hook(railyard::QuerySpans)
+        .connect()
+        .await?;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| railyard::Error::Local(format!("cannot listen on {addr}: {e}")))?;
+    out!("serving /healthz /readyz /health /metrics on http://{addr}");
+    axum::serve(listener, railyard::http::router(db))
+        .await
+        .map_err(|e| railyard::Error::Local(format!("HTTP server: {e}")))
 }
 
 async fn migrate(action: MigrateAction) -> Result<(), railyard::Error> {

@@ -53,6 +53,7 @@ pub struct ConnInfo {
 /// Railyard knows about it. Dereferences to [`AsyncPgConnection`], so diesel
 /// queries take `&mut *conn`.
 pub struct Conn {
+    labels: Option<Arc<crate::observe::ConnLabels>>,
     pg: AsyncPgConnection,
     info: ConnInfo,
     cancel: CancelHandle,
@@ -84,6 +85,14 @@ impl Conn {
     pub fn created(&self) -> Instant {
         self.created
     }
+    /// Tells the timing hooks which attempt of an operation this is.
+    pub(crate) fn set_attempt(&self, attempt: u32) {
+        if let Some(l) = &self.labels {
+            l.attempt
+                .store(attempt, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
     pub(crate) fn wire_arc(&self) -> Arc<WireState> {
         self.wire.clone()
     }
@@ -191,6 +200,7 @@ pub(crate) struct Opener {
     ssl_mode: SslMode,
     attrs: TargetSessionAttrs,
     pub(crate) breaker: Arc<Breaker>,
+    observer: Option<(Arc<crate::observe::Observer>, crate::route::Route)>,
 }
 
 /// A circuit breaker per target: after `threshold` consecutive connect failures
@@ -330,7 +340,18 @@ impl Opener {
             ssl_mode,
             attrs,
             breaker,
+            observer: None,
         })
+    }
+
+    /// Installs the timing instrumentation on every connection this opener makes.
+    pub(crate) fn observed(
+        mut self,
+        observer: Arc<crate::observe::Observer>,
+        route: crate::route::Route,
+    ) -> Self {
+        self.observer = Some((observer, route));
+        self
     }
 
     /// Opens one connection, walking the target's hosts in order.
@@ -561,8 +582,32 @@ impl Opener {
                 .await
                 .map_err(|e| fail(ConnectStage::Setup, None, e.to_string()))?;
         }
+        let labels = self.observer.as_ref().map(|(observer, route)| {
+            let labels = Arc::new(crate::observe::ConnLabels {
+                host: host.to_string(),
+                port,
+                database: self
+                    .target
+                    .dbname
+                    .clone()
+                    .or_else(|| self.target.user.clone())
+                    .unwrap_or_default(),
+                route: route.clone(),
+                attempt: std::sync::atomic::AtomicU32::new(1),
+            });
+            diesel_async::AsyncConnection::set_instrumentation(
+                &mut pg_conn,
+                crate::observe::ConnInstrumentation::new(
+                    observer.clone(),
+                    labels.clone(),
+                    wire.clone(),
+                ),
+            );
+            labels
+        });
         let now = Instant::now();
         Ok(Conn {
+            labels,
             pg: pg_conn,
             cancel,
             info: ConnInfo {

@@ -312,7 +312,9 @@ impl<'a> TransactionBuilder<'a> {
                     if attempt == 1 {
                         db.budget().deposit();
                     }
-                    match attempt_transaction(db, &begin, f.clone(), &cancel, record_lsn).await {
+                    match attempt_transaction(db, &begin, f.clone(), &cancel, record_lsn, attempt)
+                        .await
+                    {
                         Ok(v) => return Ok(v),
                         Err((e, failure)) => {
                             let give_up =
@@ -339,7 +341,12 @@ impl<'a> TransactionBuilder<'a> {
                 }
             }
         };
-        with_deadline(self.deadline, work, &attempts, &cancel).await
+        let span = tracing::info_span!(target: "railyard::tx", "railyard.transaction", otel.kind = "client", db.system.name = "postgresql");
+        tracing::Instrument::instrument(
+            with_deadline(self.deadline, work, &attempts, &cancel),
+            span,
+        )
+        .await
     }
 }
 
@@ -401,6 +408,7 @@ async fn attempt_transaction<R, E, F>(
     f: F,
     cancel: &CancelSlot,
     record_lsn: bool,
+    attempt: u32,
 ) -> Result<(R, u64), (E, Failure)>
 where
     F: for<'r> AsyncFnOnce(&'r mut Conn) -> Result<R, E>
@@ -417,6 +425,7 @@ where
         }
     };
     cancel.set(&conn);
+    conn.set_attempt(attempt);
     let wire = conn.wire_arc();
     let host = host_of(&conn);
     let mark = wire.mark();
@@ -588,6 +597,7 @@ impl<'a> WriteBuilder<'a> {
                             }
                         };
                         cancel.set(&conn);
+                        conn.set_attempt(attempt);
                         let wire = conn.wire_arc();
                         let host = host_of(&conn);
                         let mark = wire.mark();
@@ -634,7 +644,12 @@ impl<'a> WriteBuilder<'a> {
                 }
             }
         };
-        with_deadline(self.deadline, work, &attempts, &cancel).await
+        let span = tracing::info_span!(target: "railyard::tx", "railyard.write", otel.kind = "client", db.system.name = "postgresql", railyard.idempotent = idempotent);
+        tracing::Instrument::instrument(
+            with_deadline(self.deadline, work, &attempts, &cancel),
+            span,
+        )
+        .await
     }
 }
 

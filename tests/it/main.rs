@@ -5,6 +5,8 @@ mod connect;
 mod faults;
 mod local;
 mod migrations;
+#[cfg(feature = "http")]
+mod observe;
 mod route;
 mod support;
 mod tls;

@@ -1,0 +1,742 @@
+//! Per-query timing through diesel's `Instrumentation` (DESIGN.md D6).
+//!
+//! Every connection gets an instrumentation that pairs `StartQuery` with
+//! `FinishQuery` in order (a FIFO, since pipelined queries interleave), and hands
+//! each finished query to the hooks as a [`QueryEvent`]: the statement text
+//! (parameterised; string literals replaced by `'?'`; never bind values), its
+//! duration, host, route, transaction depth, retry attempt, outcome, and for
+//! failures the SQLSTATE (from the protocol tap) and [`ErrorClass`].
+//!
+//! Hooks run synchronously on the connection's task, so they must be cheap: no
+//! I/O, no blocking locks held for long. The built-in ones are:
+//!
+//! - [`SlowQueryLog`]: a `tracing` warning on target `railyard::slow` above a threshold;
+//! - [`StatementStats`]: calls, errors, total and mean time and p50/p95/p99 per
+//!   statement (an HDR histogram), as a snapshot sorted by total time;
+//! - [`QuerySpans`]: a `tracing` span per query named and attributed per
+//!   OpenTelemetry's database conventions (`db.system.name`, `db.namespace`,
+//!   `db.operation.name`, `db.collection.name`, `db.query.text`,
+//!   `db.response.status_code`, `server.address`, `server.port`);
+//! - [`AuditLog`]: data-changing statements (INSERT, UPDATE, DELETE, DDL) on
+//!   target `railyard::audit`, without values.
+//!
+//! Railyard's own metrics (durations per route in OpenTelemetry's buckets, errors
+//! by class) are always collected; they feed [`crate::Database::health`] and the
+//! Prometheus endpoint.
+
+use std::collections::{HashMap, VecDeque};
+use std::fmt::{self, Write as _};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use diesel::connection::{Instrumentation, InstrumentationEvent};
+
+use crate::retry::{ErrorClass, classify};
+use crate::route::Route;
+use crate::wire::WireState;
+
+/// Whether a query succeeded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// It succeeded.
+    Ok,
+    /// It failed.
+    Error,
+}
+
+/// One finished query.
+#[derive(Debug, Clone)]
+pub struct QueryEvent<'a> {
+    /// The statement text: parameterised, string literals replaced by `'?'`.
+    pub sql: &'a str,
+    /// The operation (`SELECT`, `INSERT`, `BEGIN`, …).
+    pub operation: &'a str,
+    /// The table the statement names first, when it names one.
+    pub table: Option<&'a str>,
+    /// From the query's send to its result.
+    pub duration: Duration,
+    /// Host (or socket directory) of the server.
+    pub host: &'a str,
+    /// Port of the server.
+    pub port: u16,
+    /// Database name.
+    pub database: &'a str,
+    /// Primary or which replica.
+    pub route: &'a Route,
+    /// Transaction depth when the query ran (0: autocommit).
+    pub depth: u32,
+    /// The attempt of the enclosing operation (1 unless retried).
+    pub attempt: u32,
+    /// Success or failure.
+    pub outcome: Outcome,
+    /// The class of the failure.
+    pub class: Option<ErrorClass>,
+    /// The SQLSTATE of the failure, from the protocol tap.
+    pub sqlstate: Option<&'a str>,
+}
+
+/// Receives every finished query. Runs synchronously on the connection's task:
+/// keep it cheap (no I/O, no long locks).
+///
+/// Closures implement it:
+/// ```
+/// use std::sync::atomic::{AtomicU64, Ordering};
+/// static SLOW: AtomicU64 = AtomicU64::new(0);
+/// let hook = |e: &railyard::QueryEvent<'_>| {
+///     if e.duration.as_millis() > 100 {
+///         SLOW.fetch_add(1, Ordering::Relaxed);
+///     }
+/// };
+/// # let _ = railyard::Database::builder(railyard::Config::from_url("postgres://u@h/d").unwrap()).hook(hook);
+/// ```
+pub trait QueryHook: Send + Sync + 'static {
+    /// Called once per finished query.
+    fn on_query(&self, event: &QueryEvent<'_>);
+}
+
+impl<F> QueryHook for F
+where
+    F: Fn(&QueryEvent<'_>) + Send + Sync + 'static,
+{
+    fn on_query(&self, event: &QueryEvent<'_>) {
+        self(event)
+    }
+}
+
+/// A `tracing` warning on target `railyard::slow` for queries slower than a threshold.
+#[derive(Debug, Clone)]
+pub struct SlowQueryLog {
+    threshold: Duration,
+}
+
+impl SlowQueryLog {
+    /// Logs queries that take `threshold` or longer.
+    pub fn new(threshold: Duration) -> Self {
+        SlowQueryLog { threshold }
+    }
+}
+
+impl QueryHook for SlowQueryLog {
+    fn on_query(&self, e: &QueryEvent<'_>) {
+        if e.duration >= self.threshold {
+            tracing::warn!(
+                target: "railyard::slow",
+                statement = e.sql,
+                duration_ms = e.duration.as_secs_f64() * 1000.0,
+                route = %e.route,
+                host = e.host,
+                port = e.port,
+                outcome = ?e.outcome,
+                "slow query"
+            );
+        }
+    }
+}
+
+/// Data-changing statements on target `railyard::audit`, without values.
+#[derive(Debug, Clone, Default)]
+pub struct AuditLog;
+
+impl QueryHook for AuditLog {
+    fn on_query(&self, e: &QueryEvent<'_>) {
+        let changes = matches!(
+            e.operation,
+            "INSERT"
+                | "UPDATE"
+                | "DELETE"
+                | "MERGE"
+                | "TRUNCATE"
+                | "CREATE"
+                | "ALTER"
+                | "DROP"
+                | "GRANT"
+                | "REVOKE"
+                | "COPY"
+        );
+        if changes {
+            tracing::info!(
+                target: "railyard::audit",
+                operation = e.operation,
+                table = e.table.unwrap_or(""),
+                statement = e.sql,
+                outcome = ?e.outcome,
+                sqlstate = e.sqlstate.unwrap_or(""),
+                host = e.host,
+                database = e.database,
+                "data change"
+            );
+        }
+    }
+}
+
+/// A `tracing` span per query, named `<operation> <table>` and attributed per
+/// OpenTelemetry's database semantic conventions. Inside Railyard's
+/// `transaction`, `write` and `read`, the spans are children of the operation's
+/// span, whose events record the retries.
+#[derive(Debug, Clone, Default)]
+pub struct QuerySpans;
+
+impl QueryHook for QuerySpans {
+    fn on_query(&self, e: &QueryEvent<'_>) {
+        let name = match e.table {
+            Some(t) => format!("{} {t}", e.operation),
+            None => e.operation.to_owned(),
+        };
+        let span = tracing::info_span!(
+            target: "railyard::query",
+            "db.query",
+            otel.name = %name,
+            otel.kind = "client",
+            db.system.name = "postgresql",
+            db.namespace = e.database,
+            db.operation.name = e.operation,
+            db.collection.name = e.table,
+            db.query.text = e.sql,
+            db.response.status_code = e.sqlstate,
+            error.type = e.class.map(ErrorClass::as_str),
+            server.address = e.host,
+            server.port = e.port,
+            db.client.operation.duration = e.duration.as_secs_f64(),
+            railyard.route = %e.route,
+            railyard.attempt = e.attempt,
+        );
+        // The span covers the query's result; its duration is recorded as the
+        // attribute above (the query began before this hook ran).
+        drop(span.enter());
+    }
+}
+
+/// Statistics of one statement.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StatementStat {
+    /// The statement text.
+    pub sql: String,
+    /// Executions.
+    pub calls: u64,
+    /// Failed executions.
+    pub errors: u64,
+    /// Sum of durations.
+    pub total: Duration,
+    /// Mean duration.
+    pub mean: Duration,
+    /// Median.
+    pub p50: Duration,
+    /// 95th percentile.
+    pub p95: Duration,
+    /// 99th percentile.
+    pub p99: Duration,
+}
+
+struct Stat {
+    calls: u64,
+    errors: u64,
+    total_ns: u128,
+    hist: hdrhistogram::Histogram<u64>,
+}
+
+/// Per-statement statistics, the client-side view `pg_stat_statements` gives
+/// server-side. Clone it before registering to keep a handle for snapshots.
+///
+/// ```no_run
+/// # async fn demo(config: railyard::Config) -> Result<(), railyard::Error> {
+/// let stats = railyard::StatementStats::new();
+/// let db = railyard::Database::builder(config).hook(stats.clone()).connect().await?;
+/// // … work …
+/// for s in stats.snapshot().iter().take(5) {
+///     println!("{:>8.1} ms total  {:>6} calls  p99 {:?}  {}", s.total.as_secs_f64() * 1e3, s.calls, s.p99, s.sql);
+/// }
+/// # Ok(()) }
+/// ```
+#[derive(Clone, Default)]
+pub struct StatementStats {
+    inner: Arc<Mutex<HashMap<String, Stat>>>,
+}
+
+impl fmt::Debug for StatementStats {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.inner.lock().map(|m| m.len()).unwrap_or(0);
+        write!(f, "StatementStats({n} statements)")
+    }
+}
+
+impl StatementStats {
+    /// Empty statistics.
+    pub fn new() -> Self {
+        StatementStats::default()
+    }
+
+    /// All statements, sorted by total time, largest first.
+    pub fn snapshot(&self) -> Vec<StatementStat> {
+        let map = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out: Vec<StatementStat> = map
+            .iter()
+            .map(|(sql, s)| {
+                let q = |p: f64| Duration::from_micros(s.hist.value_at_quantile(p));
+                StatementStat {
+                    sql: sql.clone(),
+                    calls: s.calls,
+                    errors: s.errors,
+                    total: Duration::from_nanos(s.total_ns.min(u64::MAX as u128) as u64),
+                    mean: Duration::from_nanos((s.total_ns / s.calls.max(1) as u128) as u64),
+                    p50: q(0.5),
+                    p95: q(0.95),
+                    p99: q(0.99),
+                }
+            })
+            .collect();
+        out.sort_by_key(|s| std::cmp::Reverse(s.total));
+        out
+    }
+
+    /// Forgets everything.
+    pub fn reset(&self) {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    }
+}
+
+impl QueryHook for StatementStats {
+    fn on_query(&self, e: &QueryEvent<'_>) {
+        let mut map = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let stat = match map.get_mut(e.sql) {
+            Some(s) => s,
+            None => map.entry(e.sql.to_owned()).or_insert_with(|| Stat {
+                calls: 0,
+                errors: 0,
+                total_ns: 0,
+                // 1 µs to 1 h at 3 significant digits.
+                hist: hdrhistogram::Histogram::new_with_bounds(1, 3_600_000_000, 3)
+                    .expect("valid histogram bounds"),
+            }),
+        };
+        stat.calls += 1;
+        if e.outcome == Outcome::Error {
+            stat.errors += 1;
+        }
+        stat.total_ns += e.duration.as_nanos();
+        let _ = stat.hist.record((e.duration.as_micros() as u64).max(1));
+    }
+}
+
+/// OpenTelemetry's recommended bucket bounds for `db.client.operation.duration`, in seconds.
+pub const DURATION_BUCKETS: [f64; 14] = [
+    0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+];
+
+/// A duration histogram with OpenTelemetry's buckets.
+#[derive(Debug, Default)]
+pub(crate) struct DurationHistogram {
+    pub(crate) buckets: [AtomicU64; 15],
+    pub(crate) sum_ns: AtomicU64,
+    pub(crate) count: AtomicU64,
+}
+
+impl DurationHistogram {
+    fn record(&self, d: Duration) {
+        let secs = d.as_secs_f64();
+        let i = DURATION_BUCKETS
+            .iter()
+            .position(|b| secs <= *b)
+            .unwrap_or(DURATION_BUCKETS.len());
+        self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        self.sum_ns
+            .fetch_add(d.as_nanos().min(u64::MAX as u128) as u64, Ordering::Relaxed);
+        self.count.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Railyard's own always-on figures: durations per route, errors by class, and
+/// a sliding window of recent outcomes for the health report.
+#[derive(Debug, Default)]
+pub(crate) struct Metrics {
+    pub(crate) primary: DurationHistogram,
+    pub(crate) replica: DurationHistogram,
+    pub(crate) errors: [AtomicU64; 7],
+    window: Mutex<VecDeque<(u64, u64, [u64; 7])>>,
+}
+
+pub(crate) const CLASSES: [ErrorClass; 7] = [
+    ErrorClass::RetryTransaction,
+    ErrorClass::Reconnect,
+    ErrorClass::Reroute,
+    ErrorClass::Ambiguous,
+    ErrorClass::Timeout,
+    ErrorClass::Constraint,
+    ErrorClass::Permanent,
+];
+
+pub(crate) fn class_index(c: ErrorClass) -> usize {
+    CLASSES.iter().position(|x| *x == c).unwrap_or(6)
+}
+
+fn epoch_secs() -> u64 {
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_secs()
+}
+
+impl Metrics {
+    fn record(&self, e: &QueryEvent<'_>) {
+        match e.route {
+            Route::Primary => self.primary.record(e.duration),
+            Route::Replica(_) => self.replica.record(e.duration),
+        }
+        let class = e.class.map(class_index);
+        if let Some(i) = class {
+            self.errors[i].fetch_add(1, Ordering::Relaxed);
+        }
+        // Per-second buckets over the last minute.
+        let now = epoch_secs();
+        let mut w = self.window.lock().unwrap_or_else(|p| p.into_inner());
+        while w.front().is_some_and(|(t, _, _)| now - t >= 60) {
+            w.pop_front();
+        }
+        if w.back().is_none_or(|(t, _, _)| *t != now) {
+            w.push_back((now, 0, [0; 7]));
+        }
+        let last = w.back_mut().expect("pushed just above");
+        last.1 += 1;
+        if let Some(i) = class {
+            last.2[i] += 1;
+        }
+    }
+
+    /// Queries and errors by class over the last minute.
+    pub(crate) fn recent(&self) -> (u64, [u64; 7]) {
+        let now = epoch_secs();
+        let w = self.window.lock().unwrap_or_else(|p| p.into_inner());
+        let mut total = 0;
+        let mut errors = [0; 7];
+        for (t, n, e) in w.iter() {
+            if now - t < 60 {
+                total += n;
+                for i in 0..7 {
+                    errors[i] += e[i];
+                }
+            }
+        }
+        (total, errors)
+    }
+}
+
+/// The hooks and metrics of one `Database`.
+#[derive(Default)]
+pub(crate) struct Observer {
+    pub(crate) hooks: Vec<Arc<dyn QueryHook>>,
+    pub(crate) metrics: Metrics,
+}
+
+impl fmt::Debug for Observer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Observer({} hooks)", self.hooks.len())
+    }
+}
+
+/// What a connection's instrumentation shares with its `Conn`.
+#[derive(Debug)]
+pub(crate) struct ConnLabels {
+    pub(crate) host: String,
+    pub(crate) port: u16,
+    pub(crate) database: String,
+    pub(crate) route: Route,
+    pub(crate) attempt: AtomicU32,
+}
+
+/// The instrumentation installed on every connection.
+pub(crate) struct ConnInstrumentation {
+    observer: Arc<Observer>,
+    labels: Arc<ConnLabels>,
+    wire: Arc<WireState>,
+    pending: VecDeque<Instant>,
+    depth: u32,
+    sql: String,
+}
+
+impl ConnInstrumentation {
+    pub(crate) fn new(
+        observer: Arc<Observer>,
+        labels: Arc<ConnLabels>,
+        wire: Arc<WireState>,
+    ) -> Self {
+        ConnInstrumentation {
+            observer,
+            labels,
+            wire,
+            pending: VecDeque::with_capacity(4),
+            depth: 0,
+            sql: String::with_capacity(256),
+        }
+    }
+}
+
+/// Writes a query's Display up to diesel's " -- binds: " marker and then stops
+/// the formatting, so bind values are never even formatted.
+struct UntilBinds<'a>(&'a mut String, bool);
+
+const BINDS_MARKER: &str = " -- binds: ";
+
+impl fmt::Write for UntilBinds<'_> {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        if self.1 {
+            return Err(fmt::Error);
+        }
+        match s.find(BINDS_MARKER) {
+            Some(i) => {
+                self.0.push_str(&s[..i]);
+                self.1 = true;
+                Err(fmt::Error)
+            }
+            None => {
+                self.0.push_str(s);
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Replaces the contents of single-quoted string literals by `?`, so literal
+/// values (a password in `ALTER ROLE`, an email in a hand-written query) never
+/// reach a log.
+///
+/// ```
+/// assert_eq!(
+///     railyard::sanitize_sql("UPDATE users SET name = 'O''Brien' WHERE id = $1"),
+///     "UPDATE users SET name = '?' WHERE id = $1"
+/// );
+/// ```
+pub fn sanitize_sql(sql: &str) -> String {
+    let mut out = String::with_capacity(sql.len());
+    sanitize_into(sql, &mut out);
+    out
+}
+
+fn sanitize_into(sql: &str, out: &mut String) {
+    if !sql.contains('\'') {
+        out.push_str(sql);
+        return;
+    }
+    let mut in_literal = false;
+    let mut chars = sql.chars().peekable();
+    while let Some(c) = chars.next() {
+        if in_literal {
+            if c == '\'' {
+                if chars.peek() == Some(&'\'') {
+                    chars.next();
+                } else {
+                    in_literal = false;
+                    out.push_str("?'");
+                }
+            }
+        } else {
+            out.push(c);
+            if c == '\'' {
+                in_literal = true;
+            }
+        }
+    }
+    if in_literal {
+        out.push_str("?'");
+    }
+}
+
+/// The operation keyword and the first table a statement names.
+pub(crate) fn operation_and_table(sql: &str) -> (&'static str, Option<&str>) {
+    let mut words = sql
+        .split(|c: char| c.is_whitespace() || c == '(' || c == ',' || c == ';')
+        .filter(|w| !w.is_empty());
+    let first = words.next().unwrap_or("");
+    const OPS: [&str; 20] = [
+        "SELECT",
+        "INSERT",
+        "UPDATE",
+        "DELETE",
+        "WITH",
+        "BEGIN",
+        "COMMIT",
+        "ROLLBACK",
+        "SAVEPOINT",
+        "RELEASE",
+        "SET",
+        "SHOW",
+        "CREATE",
+        "ALTER",
+        "DROP",
+        "TRUNCATE",
+        "MERGE",
+        "COPY",
+        "GRANT",
+        "REVOKE",
+    ];
+    let op = OPS
+        .iter()
+        .find(|o| first.eq_ignore_ascii_case(o))
+        .copied()
+        .unwrap_or("OTHER");
+    let after = match op {
+        "SELECT" | "DELETE" | "WITH" => "FROM",
+        "INSERT" | "MERGE" | "COPY" => "INTO",
+        "UPDATE" => "",
+        "CREATE" | "ALTER" | "DROP" | "TRUNCATE" => "TABLE",
+        _ => return (op, None),
+    };
+    let rest = &sql[first.len()..];
+    let mut it = rest
+        .split(|c: char| c.is_whitespace() || c == '(' || c == ',' || c == ';')
+        .filter(|w| !w.is_empty());
+    let table = if after.is_empty() || op == "COPY" {
+        it.next()
+    } else {
+        let mut found = None;
+        while let Some(w) = it.next() {
+            if w.eq_ignore_ascii_case(after) {
+                let mut t = it.next();
+                while let Some(x) = t {
+                    if ["IF", "NOT", "EXISTS", "ONLY"]
+                        .iter()
+                        .any(|k| x.eq_ignore_ascii_case(k))
+                    {
+                        t = it.next();
+                    } else {
+                        break;
+                    }
+                }
+                found = t;
+                break;
+            }
+        }
+        found
+    };
+    (
+        op,
+        table
+            .map(|t| t.trim_matches('"'))
+            .filter(|t| !t.starts_with('$')),
+    )
+}
+
+impl Instrumentation for ConnInstrumentation {
+    fn on_connection_event(&mut self, event: InstrumentationEvent<'_>) {
+        match event {
+            InstrumentationEvent::StartQuery { .. } => self.pending.push_back(Instant::now()),
+            InstrumentationEvent::FinishQuery { query, error, .. } => {
+                let Some(start) = self.pending.pop_front() else {
+                    return;
+                };
+                let duration = start.elapsed();
+                let mut raw = String::new();
+                let _ = write!(UntilBinds(&mut raw, false), "{query}");
+                self.sql.clear();
+                sanitize_into(raw.trim(), &mut self.sql);
+                let (operation, table) = operation_and_table(&self.sql);
+                let (class, code) = match error {
+                    None => (None, None),
+                    Some(_) => {
+                        let server = self.wire.last_error();
+                        let code = server.as_ref().map(|s| s.code.clone());
+                        let class = classify(
+                            server.as_ref().map(|s| s.sqlstate()).as_ref(),
+                            self.wire.is_closed(),
+                        );
+                        (Some(class), code)
+                    }
+                };
+                let event = QueryEvent {
+                    sql: &self.sql,
+                    operation,
+                    table,
+                    duration,
+                    host: &self.labels.host,
+                    port: self.labels.port,
+                    database: &self.labels.database,
+                    route: &self.labels.route,
+                    depth: self.depth,
+                    attempt: self.labels.attempt.load(Ordering::Relaxed).max(1),
+                    outcome: if error.is_some() {
+                        Outcome::Error
+                    } else {
+                        Outcome::Ok
+                    },
+                    class,
+                    sqlstate: code.as_deref(),
+                };
+                self.observer.metrics.record(&event);
+                for hook in &self.observer.hooks {
+                    hook.on_query(&event);
+                }
+            }
+            InstrumentationEvent::BeginTransaction { depth, .. } => self.depth = depth.get(),
+            InstrumentationEvent::CommitTransaction { depth, .. }
+            | InstrumentationEvent::RollbackTransaction { depth, .. } => {
+                self.depth = depth.get() - 1
+            }
+            _ => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn string_literals_are_replaced() {
+        assert_eq!(
+            sanitize_sql("ALTER ROLE r PASSWORD 'hunter2'"),
+            "ALTER ROLE r PASSWORD '?'"
+        );
+        assert_eq!(
+            sanitize_sql("SELECT 'a''b', 'c' FROM t"),
+            "SELECT '?', '?' FROM t"
+        );
+        assert_eq!(sanitize_sql("SELECT $1"), "SELECT $1");
+        assert_eq!(sanitize_sql("SELECT 'unterminated"), "SELECT '?'");
+    }
+
+    #[test]
+    fn operations_and_tables_are_named() {
+        assert_eq!(
+            operation_and_table("SELECT a FROM accounts WHERE x"),
+            ("SELECT", Some("accounts"))
+        );
+        assert_eq!(
+            operation_and_table("insert into \"users\" (a) values ($1)"),
+            ("INSERT", Some("users"))
+        );
+        assert_eq!(
+            operation_and_table("UPDATE orders SET"),
+            ("UPDATE", Some("orders"))
+        );
+        assert_eq!(
+            operation_and_table("CREATE TABLE IF NOT EXISTS t (a int)"),
+            ("CREATE", Some("t"))
+        );
+        assert_eq!(operation_and_table("BEGIN"), ("BEGIN", None));
+        assert_eq!(operation_and_table("SELECT 1"), ("SELECT", None));
+        assert_eq!(operation_and_table("VACUUM"), ("OTHER", None));
+    }
+
+    #[test]
+    fn the_binds_marker_stops_formatting() {
+        struct Q;
+        impl fmt::Display for Q {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                let value = "secret-value";
+                write!(f, "SELECT $1 -- binds: {value}")
+            }
+        }
+        let mut out = String::new();
+        let _ = write!(UntilBinds(&mut out, false), "{}", Q);
+        assert_eq!(out, "SELECT $1");
+    }
+
+    #[test]
+    fn durations_land_in_opentelemetry_buckets() {
+        let h = DurationHistogram::default();
+        h.record(Duration::from_millis(3));
+        h.record(Duration::from_millis(60));
+        h.record(Duration::from_secs(30));
+        assert_eq!(h.buckets[0].load(Ordering::Relaxed), 1);
+        assert_eq!(h.buckets[4].load(Ordering::Relaxed), 1);
+        assert_eq!(h.buckets[14].load(Ordering::Relaxed), 1);
+        assert_eq!(h.count.load(Ordering::Relaxed), 3);
+    }
+}

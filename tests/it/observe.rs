@@ -1,0 +1,394 @@
+//! Timing hooks, statistics, logs that leak nothing, health and metrics.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use diesel::sql_types::Text;
+use diesel_async::{RunQueryDsl, SimpleAsyncConnection};
+use railyard::{
+    Config, Database, Error, ErrorClass, HealthStatus, LocalCluster, Outcome, QueryEvent, Route,
+    StatementStats,
+};
+
+use crate::support;
+
+#[derive(Debug, Clone)]
+struct Seen {
+    sql: String,
+    duration: Duration,
+    outcome: Outcome,
+    class: Option<ErrorClass>,
+    sqlstate: Option<String>,
+    route: Route,
+    table: Option<String>,
+    operation: String,
+}
+
+fn recorder() -> (
+    Arc<Mutex<Vec<Seen>>>,
+    impl Fn(&QueryEvent<'_>) + Send + Sync + 'static,
+) {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let hook = {
+        let seen = seen.clone();
+        move |e: &QueryEvent<'_>| {
+            seen.lock().unwrap().push(Seen {
+                sql: e.sql.to_owned(),
+                duration: e.duration,
+                outcome: e.outcome,
+                class: e.class,
+                sqlstate: e.sqlstate.map(str::to_owned),
+                route: e.route.clone(),
+                table: e.table.map(str::to_owned),
+                operation: e.operation.to_owned(),
+            })
+        }
+    };
+    (seen, hook)
+}
+
+async fn ledger_with(
+    hooks: impl FnOnce(railyard::DatabaseBuilder) -> railyard::DatabaseBuilder,
+) -> Database {
+    let base = support::ledger(|c| c).await;
+    hooks(Database::builder(base.config().clone()))
+        .connect()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn durations_are_measured_and_pipelined_queries_keep_their_own() {
+    let (seen, hook) = recorder();
+    let db = ledger_with(|b| b.hook(hook)).await;
+    let mut conn = db.primary().await.unwrap();
+    diesel::sql_query("SELECT pg_sleep(0.05)")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    {
+        let e = seen
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|e| e.sql.contains("pg_sleep(0.05)"))
+            .cloned()
+            .unwrap();
+        assert!(e.duration >= Duration::from_millis(50), "{:?}", e.duration);
+        assert_eq!(e.route, Route::Primary);
+        assert_eq!(e.outcome, Outcome::Ok);
+    }
+
+    // Two queries pipelined on one connection: their events interleave
+    // (start, start, finish, finish) and are paired in order.
+    let pg: &diesel_async::AsyncPgConnection = &conn;
+    let slow = diesel::sql_query("SELECT pg_sleep(0.12) AS slow_one");
+    let quick = diesel::sql_query("SELECT pg_sleep(0.03) AS quick_one");
+    let (a, b) =
+        futures_util::future::join(slow.execute(&mut &*pg), quick.execute(&mut &*pg)).await;
+    a.unwrap();
+    b.unwrap();
+    let events = seen.lock().unwrap().clone();
+    let slow = events.iter().find(|e| e.sql.contains("slow_one")).unwrap();
+    let quick = events.iter().find(|e| e.sql.contains("quick_one")).unwrap();
+    assert!(
+        slow.duration >= Duration::from_millis(120),
+        "{:?}",
+        slow.duration
+    );
+    // The server runs them one after the other: the quick one waited for the slow one.
+    assert!(
+        quick.duration >= Duration::from_millis(150),
+        "{:?}",
+        quick.duration
+    );
+    assert!(quick.duration > slow.duration);
+}
+
+#[tokio::test]
+async fn failed_queries_carry_their_sqlstate_and_class() {
+    let (seen, hook) = recorder();
+    let db = ledger_with(|b| b.hook(hook)).await;
+    let _ = db
+        .write(async |c| {
+            diesel::sql_query("SELECT 1 / 0 AS boom").execute(c).await?;
+            Ok::<_, Error>(())
+        })
+        .await;
+    let email = format!("{}@example.test", support::unique("obs"));
+    for _ in 0..2 {
+        let _ = db
+            .write(async |c| {
+                diesel::sql_query("INSERT INTO users (email, name) VALUES ($1, 'o')")
+                    .bind::<Text, _>(&email)
+                    .execute(c)
+                    .await?;
+                Ok::<_, Error>(())
+            })
+            .await;
+    }
+    let events = seen.lock().unwrap().clone();
+    let boom = events.iter().find(|e| e.sql.contains("boom")).unwrap();
+    assert_eq!(
+        (boom.outcome, boom.sqlstate.as_deref(), boom.class),
+        (Outcome::Error, Some("22012"), Some(ErrorClass::Permanent))
+    );
+    let dup = events
+        .iter()
+        .rev()
+        .find(|e| e.operation == "INSERT")
+        .unwrap();
+    assert_eq!(dup.sqlstate.as_deref(), Some("23505"));
+    assert_eq!(dup.class, Some(ErrorClass::Constraint));
+    assert_eq!(dup.table.as_deref(), Some("users"));
+    assert!(!dup.sql.contains(&email), "bind values never appear");
+}
+
+#[tokio::test]
+async fn statement_statistics_rank_by_total_time() {
+    let stats = StatementStats::new();
+    let db = ledger_with(|b| b.hook(stats.clone())).await;
+    let mut conn = db.primary().await.unwrap();
+    for _ in 0..20 {
+        diesel::sql_query("SELECT pg_sleep(0.002) AS many")
+            .execute(&mut conn)
+            .await
+            .unwrap();
+    }
+    diesel::sql_query("SELECT pg_sleep(0.08) AS once")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let snap = stats.snapshot();
+    let many = snap.iter().find(|s| s.sql.contains("many")).unwrap();
+    let once = snap.iter().find(|s| s.sql.contains("once")).unwrap();
+    assert_eq!((many.calls, once.calls), (20, 1));
+    assert!(many.p50 >= Duration::from_millis(2) && many.p99 >= many.p50);
+    assert!(once.total >= Duration::from_millis(80));
+    let pos = |needle: &str| snap.iter().position(|s| s.sql.contains(needle)).unwrap();
+    assert!(
+        snap.windows(2).all(|w| w[0].total >= w[1].total),
+        "sorted by total time"
+    );
+    assert!(pos("once") < snap.len() && pos("many") < snap.len());
+}
+
+/// A `tracing` writer into a shared buffer.
+#[derive(Clone, Default)]
+struct Capture(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Capture {
+    type Writer = Capture;
+    fn make_writer(&'a self) -> Capture {
+        self.clone()
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn no_password_or_bind_value_reaches_the_logs() {
+    let capture = Capture::default();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(capture.clone())
+        .with_max_level(tracing::Level::TRACE)
+        .with_span_events(tracing_subscriber::fmt::format::FmtSpan::CLOSE)
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let base = support::ledger(|c| c).await;
+    let password = base.config().primary().expose_url();
+    let db = Database::builder(base.config().clone())
+        .hook(railyard::SlowQueryLog::new(Duration::ZERO))
+        .hook(railyard::AuditLog)
+        .hook(railyard::QuerySpans)
+        .connect()
+        .await
+        .unwrap();
+    let secret = "hunter2-bind-value-7f3a";
+    for _ in 0..2 {
+        let _ = db
+            .transaction(async |c| {
+                diesel::sql_query("INSERT INTO users (email, name) VALUES ($1, $1)")
+                    .bind::<Text, _>(secret)
+                    .execute(c)
+                    .await?;
+                Ok::<_, Error>(())
+            })
+            .await;
+    }
+    let mut conn = db.primary().await.unwrap();
+    conn.batch_execute("SELECT 'hunter2-literal-value' AS lit")
+        .await
+        .unwrap();
+    let role = support::unique("leak");
+    support::admin_sql(&format!("CREATE ROLE {role} LOGIN PASSWORD 'role-pw-9c2e'")).await;
+    let bad = Config::new(
+        base.config()
+            .primary()
+            .with_user(&role)
+            .with_password(Some(railyard::Secret::new("wrong-pw-5d1b"))),
+    );
+    let _ = Database::connect(bad).await;
+    drop(conn);
+    drop(db);
+
+    let logs = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
+    assert!(logs.contains("railyard::audit"), "the audit log ran");
+    assert!(logs.contains("slow query"), "the slow-query log ran");
+    assert!(logs.contains("db.system.name"), "spans were recorded");
+    assert!(
+        logs.contains("23505"),
+        "the failure was logged with its SQLSTATE"
+    );
+    let cluster_password = password
+        .split(':')
+        .nth(2)
+        .unwrap()
+        .split('@')
+        .next()
+        .unwrap()
+        .to_owned();
+    for needle in [
+        secret,
+        "hunter2-literal-value",
+        "role-pw-9c2e",
+        "wrong-pw-5d1b",
+        cluster_password.as_str(),
+    ] {
+        assert!(!logs.contains(needle), "{needle:?} leaked into the logs");
+    }
+}
+
+#[tokio::test]
+async fn health_degrades_without_the_replica_and_readiness_fails_without_the_primary() {
+    support::server().await;
+    let dir = std::env::temp_dir().join(support::unique("health"));
+    let cluster = LocalCluster::builder().dir(&dir).start().await.unwrap();
+    let config = Config::new(cluster.primary_socket_target("railyard"))
+        .replica(cluster.replica_socket_target("railyard").unwrap())
+        .checkout_timeout(Duration::from_millis(500));
+    let db = Database::builder(config)
+        .migrations(railyard::Migrator::new(support::LEDGER))
+        .routing(railyard::RoutingConfig {
+            check_interval: Duration::from_millis(30),
+            ..Default::default()
+        })
+        .connect()
+        .await
+        .unwrap();
+    let settle = async |want: HealthStatus| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        loop {
+            let r = db.health().await;
+            if r.status == want {
+                return r;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "health never became {want:?}: {r:#?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    let report = settle(HealthStatus::Healthy).await;
+    assert!(
+        report
+            .checks
+            .iter()
+            .any(|c| c.name == "migrations" && c.status == HealthStatus::Healthy)
+    );
+    let json: serde_json::Value = serde_json::from_str(&report.to_json()).unwrap();
+    assert_eq!(json["status"], "healthy");
+
+    cluster.stop_replica().unwrap();
+    let report = settle(HealthStatus::Degraded).await;
+    let replica = report
+        .checks
+        .iter()
+        .find(|c| c.name.starts_with("replica"))
+        .unwrap();
+    assert_eq!(replica.status, HealthStatus::Degraded, "{}", replica.reason);
+    cluster.start_replica().unwrap();
+    settle(HealthStatus::Healthy).await;
+
+    // The HTTP endpoints, over a real socket.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(axum::serve(listener, railyard::http::router(db.clone())).into_future());
+    assert_eq!(http_get(addr, "/readyz").await.0, 200);
+    assert_eq!(http_get(addr, "/healthz").await.0, 200);
+    let (code, body) = http_get(addr, "/metrics").await;
+    assert_eq!(code, 200);
+    let scrape = prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_owned())))
+        .expect("Prometheus text");
+    let hist = scrape
+        .samples
+        .iter()
+        .find(|s| s.metric == "db_client_operation_duration_seconds")
+        .expect("the duration histogram");
+    match &hist.value {
+        prometheus_parse::Value::Histogram(buckets) => {
+            assert_eq!(buckets.len(), 15, "OpenTelemetry's 14 bounds and +Inf");
+            assert!(buckets.last().unwrap().count > 0.0);
+        }
+        other => panic!("not a histogram: {other:?}"),
+    }
+    assert!(
+        scrape
+            .samples
+            .iter()
+            .any(|s| s.metric == "railyard_replica_lag_bytes")
+    );
+    assert!(
+        scrape
+            .samples
+            .iter()
+            .any(|s| s.metric == "railyard_pool_connections")
+    );
+
+    cluster.stop_primary().unwrap();
+    let (code, body) = http_get(addr, "/readyz").await;
+    assert_eq!(code, 503, "{body}");
+    assert!(
+        body.contains("unreachable") || body.contains("no answer"),
+        "{body}"
+    );
+    assert_eq!(
+        http_get(addr, "/healthz").await.0,
+        200,
+        "the process itself is alive"
+    );
+    drop(db);
+    cluster.destroy().unwrap();
+}
+
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).await.unwrap();
+    let code = buf
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = buf
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (code, body)
+}
