@@ -38,25 +38,63 @@ where
 /// A connection checked out of one of the [`Database`]'s pools. It goes back to
 /// the pool when dropped (or is discarded, when it is no longer usable).
 pub struct PooledConn {
-    inner: bb8::PooledConnection<'static, Manager>,
+    inner: Held,
+}
+
+// The pooled variant is as large as before this enum existed; boxing it would
+// add an allocation to every checkout for the sake of the test-only variant.
+#[allow(clippy::large_enum_variant)]
+enum Held {
+    Pool(bb8::PooledConnection<'static, Manager>),
+    /// The test harness's one connection (see `testing`).
+    Pinned(tokio::sync::OwnedMutexGuard<Option<Conn>>),
 }
 
 impl fmt::Debug for PooledConn {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.inner.fmt(f)
+        (**self).fmt(f)
     }
 }
 
 impl Deref for PooledConn {
     type Target = Conn;
     fn deref(&self) -> &Conn {
-        &self.inner
+        match &self.inner {
+            Held::Pool(c) => c,
+            Held::Pinned(c) => c.as_ref().expect(PINNED_GONE),
+        }
     }
 }
 
+const PINNED_GONE: &str = "the test's connection is used only while the test runs";
+
 impl DerefMut for PooledConn {
     fn deref_mut(&mut self) -> &mut Conn {
-        &mut self.inner
+        match &mut self.inner {
+            Held::Pool(c) => c,
+            Held::Pinned(c) => c.as_mut().expect(PINNED_GONE),
+        }
+    }
+}
+
+/// The connections a harness-made `Database` uses for every route.
+pub(crate) struct Pinned {
+    pub(crate) conn: Arc<tokio::sync::Mutex<Option<Conn>>>,
+    /// Stale-replica mode: reads without a causal token go here.
+    pub(crate) stale: Option<Arc<tokio::sync::Mutex<Option<Conn>>>>,
+}
+
+async fn lock_pinned(m: &Arc<tokio::sync::Mutex<Option<Conn>>>) -> Result<PooledConn, Error> {
+    match tokio::time::timeout(Duration::from_secs(30), m.clone().lock_owned()).await {
+        Ok(guard) if guard.is_none() => Err(Error::TestIsolation(
+            "the test has ended: its connection was handed back (a task outlived the test?)".into(),
+        )),
+        Ok(guard) => Ok(PooledConn {
+            inner: Held::Pinned(guard),
+        }),
+        Err(_) => Err(Error::TestIsolation(
+            "the test's connection stayed busy for 30 s: a connection from `db.primary()` is probably still held while another operation waits for it (drop it first)".into(),
+        )),
     }
 }
 
@@ -213,6 +251,7 @@ impl DatabaseBuilder {
                 config,
                 primary,
                 router,
+                pinned: None,
                 observer,
                 migrator: self.migrator,
                 migrations,
@@ -237,6 +276,7 @@ struct Inner {
     config: Arc<Config>,
     primary: TargetPool,
     router: Arc<Router>,
+    pinned: Option<Pinned>,
     observer: Arc<crate::observe::Observer>,
     migrator: Option<Migrator>,
     migrations: Option<MigrationReport>,
@@ -477,6 +517,9 @@ impl Database {
         E: From<Error> + Send + 'static,
         R: Send,
     {
+        if let Some(p) = &self.inner.pinned {
+            return crate::tx::pinned_read(self, p, floor, f).await;
+        }
         let router = &self.inner.router;
         let mut choice = router.choose(floor);
         if choice.is_none()
@@ -523,7 +566,7 @@ impl Database {
                 Err(e) => node.note_failure(e.to_string()),
             }
         }
-        let mut conn = self.inner.primary.get_owned().await.map_err(E::from)?;
+        let mut conn = self.checkout_primary().await.map_err(E::from)?;
         let v = f(&mut conn).await?;
         // The primary's data is the newest: a causal session must not read older
         // data afterwards, so it learns the primary's position (only on this
@@ -542,6 +585,43 @@ impl Database {
 
     pub(crate) fn migrator(&self) -> Option<&Migrator> {
         self.inner.migrator.as_ref()
+    }
+
+    /// A `Database` whose every route uses `conn` (already inside the test's
+    /// transaction), and, in stale-replica mode, `stale` for untokened reads.
+    pub(crate) fn pinned_to(
+        config: Config,
+        conn: Conn,
+        stale: Option<Conn>,
+        migrator: Migrator,
+    ) -> Self {
+        let config = Arc::new(config);
+        let observer = Arc::new(crate::observe::Observer::default());
+        let opener = Opener::new(
+            config.primary.clone(),
+            config.clone(),
+            TargetSessionAttrs::Any,
+        )
+        .expect("the harness config was already used to connect");
+        let primary = TargetPool::build("primary", opener, 1, &config);
+        Database {
+            inner: Arc::new(Inner {
+                policy: RetryPolicy::never(),
+                budget: RetryBudget::default(),
+                retries: Default::default(),
+                config,
+                primary,
+                router: Arc::new(Router::new(Vec::new(), RoutingConfig::default())),
+                pinned: Some(Pinned {
+                    conn: Arc::new(tokio::sync::Mutex::new(Some(conn))),
+                    stale: stale.map(|c| Arc::new(tokio::sync::Mutex::new(Some(c)))),
+                }),
+                observer,
+                migrator: Some(migrator),
+                migrations: None,
+                boot_time: Duration::ZERO,
+            }),
+        }
     }
 
     pub(crate) fn reroute_primary(&self) {
@@ -571,17 +651,27 @@ impl Database {
         }
     }
 
-    pub(crate) async fn checkout_primary(
-        &self,
-    ) -> Result<bb8::PooledConnection<'static, Manager>, Error> {
-        self.inner.primary.get_owned().await
+    pub(crate) async fn checkout_primary(&self) -> Result<PooledConn, Error> {
+        match &self.inner.pinned {
+            Some(p) => lock_pinned(&p.conn).await,
+            None => Ok(PooledConn {
+                inner: Held::Pool(self.inner.primary.get_owned().await?),
+            }),
+        }
+    }
+
+    /// Takes the test's connection back from a harness-made `Database`.
+    pub(crate) async fn take_pinned(&self) -> Option<Conn> {
+        self.inner.pinned.as_ref()?.conn.lock().await.take()
+    }
+
+    pub(crate) fn pinned(&self) -> Option<&Pinned> {
+        self.inner.pinned.as_ref()
     }
 
     /// Checks out a primary connection.
     pub async fn primary(&self) -> Result<PooledConn, Error> {
-        Ok(PooledConn {
-            inner: self.inner.primary.get_owned().await?,
-        })
+        self.checkout_primary().await
     }
 
     /// Checks out a connection to replica `index` (in configuration order).
@@ -604,8 +694,11 @@ impl Database {
                     ),
                 ))
             })?;
+        if let Some(p) = &self.inner.pinned {
+            return lock_pinned(&p.conn).await;
+        }
         Ok(PooledConn {
-            inner: pool.get_owned().await?,
+            inner: Held::Pool(pool.get_owned().await?),
         })
     }
 

@@ -91,6 +91,12 @@ pub enum Error {
     #[error("local PostgreSQL cluster: {0}")]
     Local(String),
 
+    /// The test harness's isolation was broken: the code under test ended the
+    /// test's transaction, a deferred constraint failed at the end of the test,
+    /// or the test's one connection stayed busy.
+    #[error("test isolation: {0}")]
+    TestIsolation(String),
+
     /// An I/O error outside a connection (files, processes).
     #[error("{context}: {source}")]
     Io {
@@ -144,6 +150,7 @@ impl Error {
             | Error::Tls(_)
             | Error::Migration(_)
             | Error::Local(_)
+            | Error::TestIsolation(_)
             | Error::Io { .. } => ErrorClass::Permanent,
             Error::Connect(e) => match e.stage {
                 crate::error::ConnectStage::Socket | crate::error::ConnectStage::Timeout => {

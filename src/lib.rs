@@ -50,6 +50,8 @@ mod observe;
 mod pool;
 mod retry;
 mod route;
+#[cfg(feature = "testing")]
+pub mod testing;
 mod tls;
 mod tx;
 mod wire;
@@ -75,6 +77,8 @@ pub use observe::{
     StatementStat, StatementStats, sanitize_sql,
 };
 pub use pool::{CancelHandle, Conn, ConnInfo, ServerRole};
+#[cfg(feature = "testing")]
+pub use railyard_macros::test;
 pub use retry::{ErrorClass, Phase, RetryBudget, RetryPolicy, classify, retryable};
 pub use route::{
     CausalToken, Fallback, Lsn, ReplicaChoice, ReplicaHealth, ReplicaStatus, Route, RoutingConfig,

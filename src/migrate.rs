@@ -233,6 +233,17 @@ impl Migrator {
         self
     }
 
+    /// A short digest of every migration's version and checksums: equal for
+    /// equal migration sets (the test harness names its template database by it).
+    pub fn fingerprint(&self) -> Result<String, Error> {
+        let parts: Vec<String> = self
+            .load()?
+            .iter()
+            .map(|k| format!("{}:{}:{}", k.version, k.up_sha, k.down_sha))
+            .collect();
+        Ok(sha_hex(&parts)[..12].to_owned())
+    }
+
     /// Versions and names of the embedded migrations, in order.
     pub fn versions(&self) -> Result<Vec<(String, String)>, Error> {
         Ok(self

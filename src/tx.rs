@@ -30,7 +30,7 @@ use tokio::time::Instant;
 
 use crate::database::{ConnFn, Database};
 use crate::error::{DbError, Error};
-use crate::pool::{Conn, Manager};
+use crate::pool::Conn;
 use crate::retry::{ErrorClass, Phase, RetryPolicy, classify, retryable};
 use crate::wire::{ServerError, TxStatus, WireState};
 
@@ -293,6 +293,13 @@ impl<'a> TransactionBuilder<'a> {
         E: From<Error> + Send + 'static,
         R: Send,
     {
+        if self.db.pinned().is_some() {
+            // Inside the test harness: a savepoint in the test's transaction.
+            // Isolation level, READ ONLY and DEFERRABLE cannot change inside a
+            // transaction, so they are not applied; a statement timeout is
+            // (SET LOCAL), and lasts until the test's transaction ends.
+            return pinned_scope(self.db, f, record_lsn, self.statement_timeout).await;
+        }
         let begin = self.begin_sql();
         let policy = self
             .policy
@@ -417,7 +424,7 @@ where
     E: From<Error> + Send,
     R: Send,
 {
-    let mut conn: bb8::PooledConnection<'static, Manager> = match db.checkout_primary().await {
+    let mut conn = match db.checkout_primary().await {
         Ok(c) => c,
         Err(e) => {
             let failure = Failure::connect(&e);
@@ -569,6 +576,11 @@ impl<'a> WriteBuilder<'a> {
         E: From<Error> + Send + 'static,
         R: Send,
     {
+        if self.db.pinned().is_some() {
+            // Inside the test harness, a write runs in a savepoint, so that a
+            // failing statement spoils no more than it would in autocommit.
+            return pinned_scope(self.db, f, record_lsn, None).await;
+        }
         let policy = self
             .policy
             .clone()
@@ -653,6 +665,124 @@ impl<'a> WriteBuilder<'a> {
     }
 }
 
+/// Checks that the test's transaction is still open after code under test ran.
+async fn ensure_outer_open(conn: &Conn) -> Result<(), Error> {
+    conn.wire().quiesce(Duration::from_millis(200)).await;
+    if conn.wire().tx_status() == TxStatus::Idle {
+        return Err(Error::TestIsolation(
+            "the code under test ended the test's transaction (COMMIT or ROLLBACK on the connection); \
+             what it wrote may have been committed to the test database. Use `db.transaction`, or \
+             `isolation = \"database\"` for tests that must commit"
+                .into(),
+        ));
+    }
+    Ok(())
+}
+
+/// `transaction` and `write` inside the test harness: one savepoint on the
+/// test's connection, rolled back and released on error, never retried.
+pub(crate) async fn pinned_scope<R, E, F>(
+    db: &Database,
+    f: F,
+    record_lsn: bool,
+    statement_timeout: Option<Duration>,
+) -> Result<(R, u64), E>
+where
+    F: for<'r> AsyncFnOnce(&'r mut Conn) -> Result<R, E>
+        + for<'r> ConnFn<&'r mut Conn, Result<R, E>, Fut: Send>
+        + Send,
+    E: From<Error> + Send + 'static,
+    R: Send,
+{
+    let mut conn = db.checkout_primary().await.map_err(E::from)?;
+    ensure_outer_open(&conn).await.map_err(E::from)?;
+    let wire = conn.wire_arc();
+    let host = host_of(&conn);
+    AnsiTransactionManager::begin_transaction(conn.pg())
+        .await
+        .map_err(|e| E::from(Error::Query(e)))?;
+    if let Some(t) = statement_timeout {
+        conn.pg()
+            .batch_execute(&format!(
+                "SET LOCAL statement_timeout = {}",
+                t.as_millis().max(1)
+            ))
+            .await
+            .map_err(|e| E::from(Error::Query(e)))?;
+    }
+    let mark = wire.mark();
+    let result = f(&mut conn).await;
+    wire.quiesce(Duration::from_millis(100)).await;
+    let outcome = match result {
+        Ok(_) if wire.tx_status() == TxStatus::Failed => {
+            let failure = Failure::from_wire(&wire, mark, Phase::InFlight, host).await;
+            let _ = conn.rollback_and_release().await;
+            Err(E::from(Error::Database(Box::new(DbError {
+                class: failure.class,
+                sqlstate: failure.server.as_ref().map(ServerError::sqlstate),
+                server: failure.server.clone(),
+                phase: Phase::InFlight,
+                attempts: 1,
+                host: failure.host.clone(),
+                source: "the transaction was aborted by an error that the closure did not return; it was rolled back, not committed".into(),
+            }))))
+        }
+        Ok(v) => match AnsiTransactionManager::commit_transaction(conn.pg()).await {
+            Ok(()) => Ok(v),
+            Err(e) => Err(E::from(Error::Query(e))),
+        },
+        Err(e) => {
+            let failure = Failure::from_wire(&wire, mark, Phase::InFlight, host).await;
+            let _ = conn.rollback_and_release().await;
+            Err(enrich(e, &failure, 1))
+        }
+    };
+    ensure_outer_open(&conn).await.map_err(E::from)?;
+    let v = outcome?;
+    let lsn = if record_lsn {
+        lsn_after_commit(&mut conn).await
+    } else {
+        0
+    };
+    Ok((v, lsn))
+}
+
+/// `read` inside the test harness: on the test's connection (in a savepoint),
+/// or, in stale-replica mode and without a causal token, on a second connection
+/// that cannot see the test's uncommitted writes.
+pub(crate) async fn pinned_read<R, E, F>(
+    db: &Database,
+    pinned: &crate::database::Pinned,
+    floor: u64,
+    f: F,
+) -> Result<(R, crate::route::Route, u64), E>
+where
+    F: for<'r> AsyncFnOnce(&'r mut Conn) -> Result<R, E>
+        + for<'r> ConnFn<&'r mut Conn, Result<R, E>, Fut: Send>
+        + Send,
+    E: From<Error> + Send + 'static,
+    R: Send,
+{
+    if floor == 0
+        && let Some(stale) = &pinned.stale
+    {
+        let mut guard = stale.clone().lock_owned().await;
+        let conn = guard.as_mut().ok_or_else(|| {
+            E::from(Error::TestIsolation(
+                "the test has ended: its connections were handed back".into(),
+            ))
+        })?;
+        let v = f(conn).await?;
+        return Ok((v, crate::route::Route::Replica("stale-replica".into()), 0));
+    }
+    let (v, _) = pinned_scope(db, f, false, None).await?;
+    Ok((
+        v,
+        crate::route::Route::Replica("test-connection".into()),
+        floor,
+    ))
+}
+
 impl Conn {
     /// Runs `f` in a nested transaction: a savepoint when a transaction is open,
     /// else a top-level transaction. On error the savepoint is rolled back *and
@@ -714,7 +844,7 @@ impl Conn {
         }
     }
 
-    async fn rollback_and_release(&mut self) -> Result<(), Error> {
+    pub(crate) async fn rollback_and_release(&mut self) -> Result<(), Error> {
         let depth = self.transaction_depth();
         AnsiTransactionManager::rollback_transaction(self.pg()).await?;
         if depth > 1 && self.transaction_depth() == depth - 1 {

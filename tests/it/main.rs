@@ -3,6 +3,8 @@
 
 mod connect;
 mod faults;
+#[cfg(feature = "testing")]
+mod harness;
 mod local;
 mod migrations;
 #[cfg(feature = "http")]

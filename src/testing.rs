@@ -1,0 +1,538 @@
+//! The rollback-isolated test harness (feature `testing`, DESIGN.md D7).
+//!
+//! ```no_run
+//! # mod doc {
+//! use diesel_async::RunQueryDsl;
+//!
+//! #[railyard::test]
+//! async fn signs_up_a_user(db: railyard::Database) {
+//!     db.write(async |conn| {
+//!         diesel::sql_query("INSERT INTO users (email, name) VALUES ('a@example.test', 'A')")
+//!             .execute(conn)
+//!             .await
+//!             .map_err(railyard::Error::from)
+//!     })
+//!     .await
+//!     .unwrap();
+//!     // … assertions; everything is rolled back when the test ends.
+//! }
+//! # }
+//! ```
+//!
+//! How it works:
+//!
+//! - The first test of a run joins the local cluster (or `TEST_DATABASE_URL`,
+//!   a superuser URL), and under an advisory lock (safe across concurrent test
+//!   processes, `cargo test` and nextest alike) makes a template database with the
+//!   migrations applied, named by their checksums, and a shared test database
+//!   cloned from it. Later runs reuse both while the migrations are unchanged.
+//! - Each test gets one connection to the shared test database, inside `BEGIN`,
+//!   and a normal [`Database`] whose every route (primary and replicas) uses that
+//!   connection. Tests run in parallel, one connection each.
+//! - Inside the test, `db.transaction` and `db.write` become savepoints (rolled
+//!   back *and released* on error, never retried); isolation level, `READ ONLY`
+//!   and `DEFERRABLE` cannot change inside a transaction and are not applied; a
+//!   statement timeout is applied with `SET LOCAL` and lasts until the test ends.
+//!   Tasks the test spawns share the connection (one operation at a time).
+//! - At the end, deferred constraints are checked (`SET CONSTRAINTS ALL
+//!   IMMEDIATE`), then everything is rolled back, also when the test panics. Code
+//!   under test that commits or rolls back the test's transaction gets
+//!   [`Error::TestIsolation`] and fails the test.
+//! - `isolation = "database"` gives a fresh database cloned from the template,
+//!   for tests that must commit; it is dropped after success and kept (its name
+//!   printed) after a failure.
+//! - `stale_replica` sends replica reads without a causal token to a second
+//!   connection that cannot see the test's uncommitted writes, so code that reads
+//!   its own writes without a [`crate::Session`] fails here rather than in
+//!   production.
+//! - [`proptest_cases`] runs each proptest case in its own savepoint.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use diesel_async::{AnsiTransactionManager, SimpleAsyncConnection, TransactionManager};
+use futures_util::FutureExt;
+
+use crate::config::{Config, ConnectTarget, TargetSessionAttrs};
+use crate::database::Database;
+use crate::error::Error;
+use crate::local::LocalCluster;
+use crate::migrate::Migrator;
+use crate::pool::{Conn, Opener};
+
+#[doc(hidden)]
+pub use diesel_migrations as __diesel_migrations;
+pub use railyard_macros::test;
+
+/// How a test is isolated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isolation {
+    /// One transaction, rolled back at the end (the default).
+    Transaction,
+    /// A fresh database cloned from the migrated template.
+    Database,
+}
+
+/// What `#[railyard::test]` passes to [`run`].
+#[derive(Debug, Clone, Copy)]
+pub struct TestOptions {
+    /// The test's full name, for messages and database names.
+    pub name: &'static str,
+    /// Transaction or database isolation.
+    pub isolation: Isolation,
+    /// Untokened replica reads see only committed data.
+    pub stale_replica: bool,
+    /// The migrations the test database needs.
+    pub migrations: fn() -> Migrator,
+}
+
+/// What a test body may return: nothing, or a `Result` whose error fails the test.
+pub trait TestOutcome {
+    /// `Err` with a message when the test failed.
+    fn into_result(self) -> Result<(), String>;
+}
+
+impl TestOutcome for () {
+    fn into_result(self) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+impl<E: std::fmt::Debug> TestOutcome for Result<(), E> {
+    fn into_result(self) -> Result<(), String> {
+        self.map_err(|e| format!("{e:?}"))
+    }
+}
+
+/// A prepared server: where the template and the shared test database are.
+#[derive(Debug, Clone)]
+struct Prepared {
+    /// A superuser target on the `postgres` database.
+    admin: ConnectTarget,
+    template: String,
+    shared: String,
+}
+
+fn prepared_cache() -> &'static Mutex<HashMap<String, Arc<tokio::sync::OnceCell<Prepared>>>> {
+    static CACHE: OnceLock<Mutex<HashMap<String, Arc<tokio::sync::OnceCell<Prepared>>>>> =
+        OnceLock::new();
+    CACHE.get_or_init(Default::default)
+}
+
+/// The server the harness uses: `TEST_DATABASE_URL`, or the local cluster
+/// (over its Unix socket).
+async fn admin_target() -> Result<ConnectTarget, Error> {
+    if let Ok(url) = std::env::var("TEST_DATABASE_URL") {
+        let t: ConnectTarget = url.parse().map_err(|mut e: crate::ConfigError| {
+            e.field = format!("TEST_DATABASE_URL ({})", e.field);
+            e
+        })?;
+        return Ok(t.with_dbname("postgres"));
+    }
+    Ok(LocalCluster::shared()
+        .await?
+        .primary_socket_target("postgres"))
+}
+
+async fn connect(target: ConnectTarget) -> Result<Conn, Error> {
+    let config = Arc::new(Config::new(target.clone()));
+    Opener::new(target, config, TargetSessionAttrs::Any)?
+        .open()
+        .await
+}
+
+/// A runtime that drives the harness's connections, so that a connection can
+/// outlive the test (and the per-test runtime) that opened it and serve the
+/// next test: no connect, TLS or authentication per test.
+fn background() -> &'static tokio::runtime::Runtime {
+    static BG: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+    BG.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("railyard-harness")
+            .enable_all()
+            .build()
+            .expect("the harness's background runtime")
+    })
+}
+
+fn idle() -> &'static Mutex<HashMap<String, Vec<Conn>>> {
+    static IDLE: OnceLock<Mutex<HashMap<String, Vec<Conn>>>> = OnceLock::new();
+    IDLE.get_or_init(Default::default)
+}
+
+/// A connection to `target` that is idle and outside any transaction: reused
+/// from an earlier test, or opened on the background runtime.
+async fn checkout(target: &ConnectTarget) -> Result<Conn, Error> {
+    let key = target.to_string();
+    loop {
+        let reused = idle()
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_mut(&key)
+            .and_then(Vec::pop);
+        match reused {
+            Some(mut c) => {
+                if c.wire().is_settled_idle() && c.transaction_depth() == 0 {
+                    return Ok(c);
+                }
+            }
+            None => break,
+        }
+    }
+    let t = target.clone();
+    background()
+        .spawn(connect(t))
+        .await
+        .map_err(|e| Error::Local(format!("the harness's connect task failed: {e}")))?
+}
+
+fn checkin(target: &ConnectTarget, mut conn: Conn) {
+    if conn.wire().is_settled_idle() && conn.transaction_depth() == 0 {
+        idle()
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(target.to_string())
+            .or_default()
+            .push(conn);
+    }
+}
+
+fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// Serialises database creation across processes (CREATE DATABASE … TEMPLATE
+/// needs the template idle, and two processes must not both make it).
+const HARNESS_LOCK: i64 = 0x5241_494c_5445_5354; // "RAILTEST"
+
+async fn with_harness_lock<T>(
+    admin: &mut Conn,
+    f: impl AsyncFnOnce(&mut Conn) -> Result<T, Error>,
+) -> Result<T, Error> {
+    admin
+        .batch_execute(&format!("SELECT pg_advisory_lock({HARNESS_LOCK})"))
+        .await?;
+    let r = f(admin).await;
+    let _ = admin
+        .batch_execute(&format!("SELECT pg_advisory_unlock({HARNESS_LOCK})"))
+        .await;
+    r
+}
+
+#[derive(diesel::QueryableByName)]
+struct Flag {
+    #[diesel(sql_type = diesel::sql_types::Bool)]
+    ok: bool,
+}
+
+async fn database_exists(admin: &mut Conn, name: &str, ready_only: bool) -> Result<bool, Error> {
+    use diesel_async::RunQueryDsl;
+    let sql = if ready_only {
+        "SELECT EXISTS (SELECT 1 FROM pg_database d JOIN pg_shdescription s ON s.objoid = d.oid \
+         AND s.classoid = 'pg_database'::regclass WHERE d.datname = $1 AND s.description = 'railyard template ready') AS ok"
+    } else {
+        "SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1) AS ok"
+    };
+    let f: Flag = diesel::sql_query(sql)
+        .bind::<diesel::sql_types::Text, _>(name)
+        .get_result(admin)
+        .await?;
+    Ok(f.ok)
+}
+
+/// Creates (once per migration set, across processes) the migrated template and
+/// the shared test database cloned from it.
+async fn prepare(migrations: fn() -> Migrator) -> Result<Prepared, Error> {
+    let migrator = migrations();
+    let fingerprint = migrator.fingerprint()?;
+    let cell = {
+        let mut cache = prepared_cache().lock().unwrap_or_else(|p| p.into_inner());
+        cache.entry(fingerprint.clone()).or_default().clone()
+    };
+    cell.get_or_try_init(|| async {
+        let admin_target = admin_target().await?;
+        let template = format!("railyard_tpl_{fingerprint}");
+        let shared = format!("railyard_test_{fingerprint}");
+        let mut admin = connect(admin_target.clone()).await?;
+        with_harness_lock(&mut admin, async |admin| {
+            if !database_exists(admin, &template, true).await? {
+                admin
+                    .batch_execute(&format!(
+                        "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                        quote_ident(&template)
+                    ))
+                    .await?;
+                admin
+                    .batch_execute(&format!("CREATE DATABASE {}", quote_ident(&template)))
+                    .await?;
+                let config = Config::new(admin_target.with_dbname(&template));
+                migrator.run(&config).await?;
+                admin
+                    .batch_execute(&format!(
+                        "COMMENT ON DATABASE {} IS 'railyard template ready'",
+                        quote_ident(&template)
+                    ))
+                    .await?;
+            }
+            if !database_exists(admin, &shared, false).await? {
+                admin
+                    .batch_execute(&format!(
+                        "CREATE DATABASE {} TEMPLATE {}",
+                        quote_ident(&shared),
+                        quote_ident(&template)
+                    ))
+                    .await?;
+            }
+            Ok(())
+        })
+        .await?;
+        Ok::<_, Error>(Prepared {
+            admin: admin_target,
+            template,
+            shared,
+        })
+    })
+    .await
+    .cloned()
+}
+
+/// Runs one test: what `#[railyard::test]` expands to.
+///
+/// # Panics
+///
+/// When the test fails (panics or returns an error), when isolation was broken,
+/// or when the harness cannot reach a server (the message says what to install
+/// or set).
+pub fn run<F, Fut>(options: TestOptions, test: F)
+where
+    F: FnOnce(Database) -> Fut,
+    Fut: Future,
+    Fut::Output: TestOutcome,
+{
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("a tokio runtime for the test");
+    let outcome = rt.block_on(async move {
+        let prepared = match prepare(options.migrations).await {
+            Ok(p) => p,
+            Err(e) => {
+                return Err(format!(
+                    "the test harness could not prepare a database: {e}"
+                ));
+            }
+        };
+        match options.isolation {
+            Isolation::Transaction => in_transaction(&prepared, options, test).await,
+            Isolation::Database => in_database(&prepared, options, test).await,
+        }
+    });
+    drop(rt);
+    if let Err(message) = outcome {
+        panic!("{}: {message}", options.name);
+    }
+}
+
+async fn in_transaction<F, Fut>(
+    prepared: &Prepared,
+    options: TestOptions,
+    test: F,
+) -> Result<(), String>
+where
+    F: FnOnce(Database) -> Fut,
+    Fut: Future,
+    Fut::Output: TestOutcome,
+{
+    let target = prepared.admin.with_dbname(&prepared.shared);
+    let mut conn = checkout(&target).await.map_err(|e| e.to_string())?;
+    AnsiTransactionManager::begin_transaction(conn.pg())
+        .await
+        .map_err(|e| format!("BEGIN failed: {e}"))?;
+    let stale = if options.stale_replica {
+        Some(checkout(&target).await.map_err(|e| e.to_string())?)
+    } else {
+        None
+    };
+    let db = Database::pinned_to(
+        Config::new(target.clone()),
+        conn,
+        stale,
+        (options.migrations)(),
+    );
+    let result = AssertUnwindSafe(test(db.clone())).catch_unwind().await;
+    // Whatever happened, end the transaction: deferred constraints first.
+    let mut conn = db.primary().await.map_err(|e| e.to_string())?;
+    conn.wire().quiesce(Duration::from_millis(200)).await;
+    let still_open = conn.wire().tx_status() != crate::wire::TxStatus::Idle;
+    let deferred = if still_open && conn.wire().tx_status() != crate::wire::TxStatus::Failed {
+        conn.batch_execute("SET CONSTRAINTS ALL IMMEDIATE")
+            .await
+            .err()
+    } else {
+        None
+    };
+    if still_open {
+        AnsiTransactionManager::rollback_transaction(conn.pg())
+            .await
+            .map_err(|e| format!("ROLLBACK failed: {e}"))?;
+    }
+    drop(conn);
+    if let Some(conn) = db.take_pinned().await {
+        checkin(&target, conn);
+    }
+    if let Some(p) = db.pinned()
+        && let Some(stale) = &p.stale
+        && let Some(conn) = stale.lock().await.take()
+    {
+        checkin(&target, conn);
+    }
+    match result {
+        Err(panic) => std::panic::resume_unwind(panic),
+        Ok(out) => out.into_result()?,
+    }
+    if !still_open {
+        return Err(Error::TestIsolation(
+            "the code under test ended the test's transaction (COMMIT or ROLLBACK); what it wrote may have been committed".into(),
+        )
+        .to_string());
+    }
+    if let Some(e) = deferred {
+        return Err(format!(
+            "a deferred constraint does not hold at the end of the test (it would fail at COMMIT): {e}"
+        ));
+    }
+    Ok(())
+}
+
+async fn in_database<F, Fut>(
+    prepared: &Prepared,
+    options: TestOptions,
+    test: F,
+) -> Result<(), String>
+where
+    F: FnOnce(Database) -> Fut,
+    Fut: Future,
+    Fut::Output: TestOutcome,
+{
+    let short: String = options
+        .name
+        .rsplit("::")
+        .next()
+        .unwrap_or("test")
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '_')
+        .take(30)
+        .collect();
+    let name = format!("rt_{short}_{:08x}", rand::random::<u32>());
+    let mut admin = connect(prepared.admin.clone())
+        .await
+        .map_err(|e| e.to_string())?;
+    with_harness_lock(&mut admin, async |admin| {
+        admin
+            .batch_execute(&format!(
+                "CREATE DATABASE {} TEMPLATE {}",
+                quote_ident(&name),
+                quote_ident(&prepared.template)
+            ))
+            .await
+            .map_err(Error::from)
+    })
+    .await
+    .map_err(|e| e.to_string())?;
+    let mut config = Config::new(prepared.admin.with_dbname(&name));
+    if std::env::var_os("TEST_DATABASE_URL").is_none()
+        && let Ok(cluster) = LocalCluster::shared().await
+        && let Some(r) = cluster.replica_socket_target(&name)
+    {
+        config = config.replica(r);
+    }
+    let db = Database::builder(config)
+        .connect()
+        .await
+        .map_err(|e| e.to_string())?;
+    let result = AssertUnwindSafe(test(db.clone())).catch_unwind().await;
+    drop(db);
+    let failed = result.is_err();
+    let outcome = match result {
+        Err(panic) => {
+            eprintln!("{}: kept database {name} for inspection", options.name);
+            std::panic::resume_unwind(panic)
+        }
+        Ok(out) => out.into_result(),
+    };
+    if outcome.is_err() || failed {
+        eprintln!("{}: kept database {name} for inspection", options.name);
+    } else {
+        let _ = admin
+            .batch_execute(&format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                quote_ident(&name)
+            ))
+            .await;
+    }
+    outcome
+}
+
+/// Runs a proptest inside a harness test: each case runs in its own savepoint
+/// of the test's transaction, rolled back after the case (shrinking included),
+/// so fixtures made before the call are shared and cases never see each other's
+/// rows. Needs the harness's multi-threaded runtime (as `#[railyard::test]`
+/// gives).
+///
+/// ```no_run
+/// use proptest::prelude::*;
+/// # async fn demo(db: railyard::Database) {
+/// railyard::testing::proptest_cases(&db, ProptestConfig::with_cases(64), 0..100i64, async |db, n| {
+///     // … use db; return Err(TestCaseError::fail("…")) to fail the case …
+///     Ok(())
+/// })
+/// .await
+/// .unwrap();
+/// # }
+/// ```
+pub async fn proptest_cases<S, F>(
+    db: &Database,
+    config: proptest::test_runner::Config,
+    strategy: S,
+    case: F,
+) -> Result<(), proptest::test_runner::TestError<S::Value>>
+where
+    S: proptest::strategy::Strategy,
+    F: AsyncFn(Database, S::Value) -> Result<(), proptest::test_runner::TestCaseError>,
+{
+    use proptest::test_runner::{TestCaseError, TestRunner};
+    let handle = tokio::runtime::Handle::current();
+    tokio::task::block_in_place(|| {
+        let mut runner = TestRunner::new(config);
+        runner.run(&strategy, |value| {
+            handle.block_on(async {
+                let begin = {
+                    let mut conn = db.primary().await.map_err(|e| TestCaseError::fail(e.to_string()))?;
+                    AnsiTransactionManager::begin_transaction(conn.pg())
+                        .await
+                        .map_err(|e| TestCaseError::fail(e.to_string()))?;
+                    conn.transaction_depth()
+                };
+                let result = AssertUnwindSafe(case(db.clone(), value)).catch_unwind().await;
+                let mut conn = db.primary().await.map_err(|e| TestCaseError::fail(e.to_string()))?;
+                if conn.transaction_depth() != begin {
+                    return Err(TestCaseError::fail(
+                        "the case left a transaction open (a connection from `db.primary()` kept past the case?)",
+                    ));
+                }
+                conn.rollback_and_release()
+                    .await
+                    .map_err(|e| TestCaseError::fail(format!("rolling back the case: {e}")))?;
+                match result {
+                    Ok(r) => r,
+                    Err(panic) => std::panic::resume_unwind(panic),
+                }
+            })
+        })
+    })
+}
