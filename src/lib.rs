@@ -26,14 +26,23 @@
 //! }
 //! ```
 //!
-//! | module | what it gives |
+//! | item | what it gives |
 //! |---|---|
 //! | [`Config`] | typed configuration: URL (several hosts), replicas, pools, TLS, timeouts |
 //! | [`tls_client_config`] | rustls from `sslmode`/`sslrootcert`, libpq's meanings |
-//! | [`Database`] | the handle: pools of [`Conn`]s to the primary and replicas |
+//! | [`Database`] | the handle: pools of [`Conn`]s; `transaction`, `write`, `read`, `health` |
+//! | [`Session`], [`CausalToken`] | read-your-writes on replicas by WAL position |
+//! | [`ErrorClass`], [`RetryPolicy`], [`RetryBudget`] | one classification, safe retries |
 //! | [`Migrator`] | boot-time migrations: lock, checksums, status, verify, revert |
+//! | [`QueryHook`], [`StatementStats`], [`SlowQueryLog`], [`QuerySpans`], [`AuditLog`] | per-query timing |
 //! | [`LocalCluster`] | a private primary + streaming replica from the machine's PostgreSQL |
 //! | [`WireState`] | what the protocol tap observed on a connection |
+//!
+//! | feature | what it adds |
+//! |---|---|
+//! | `testing` | `#[railyard::test]` and [`testing`](crate#features): rollback-isolated tests |
+//! | `http` | `http::router`: `/healthz`, `/readyz`, `/health`, `/metrics` (axum) |
+//! | `cli` | the reference application and CLI (`src/main.rs`) |
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
