@@ -345,16 +345,6 @@ struct Lsn {
     lsn: String,
 }
 
-const CLASSES: [ErrorClass; 7] = [
-    ErrorClass::RetryTransaction,
-    ErrorClass::Reconnect,
-    ErrorClass::Reroute,
-    ErrorClass::Ambiguous,
-    ErrorClass::Timeout,
-    ErrorClass::Constraint,
-    ErrorClass::Permanent,
-];
-
 /// Parses a `pg_lsn` text (`16/B374D848`) into its 64-bit position.
 pub(crate) fn parse_lsn(s: &str) -> Option<u64> {
     let (hi, lo) = s.split_once('/')?;
@@ -630,7 +620,7 @@ impl Database {
 
     /// Retries made so far, by class.
     pub fn retry_counts(&self) -> Vec<(ErrorClass, u64)> {
-        CLASSES
+        crate::observe::CLASSES
             .iter()
             .zip(&self.inner.retries)
             .map(|(c, n)| (*c, n.load(std::sync::atomic::Ordering::Relaxed)))
@@ -646,9 +636,8 @@ impl Database {
     }
 
     pub(crate) fn note_retry(&self, class: ErrorClass) {
-        if let Some(i) = CLASSES.iter().position(|c| *c == class) {
-            self.inner.retries[i].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        }
+        let i = crate::observe::class_index(class);
+        self.inner.retries[i].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 
     pub(crate) async fn checkout_primary(&self) -> Result<PooledConn, Error> {

@@ -308,52 +308,62 @@ impl<'a> TransactionBuilder<'a> {
         let db = self.db;
         let attempts = Arc::new(std::sync::atomic::AtomicU32::new(0));
         let cancel = CancelSlot::default();
-        let work = {
-            let attempts = attempts.clone();
-            let cancel = cancel.clone();
-            async move {
-                let mut attempt = 0u32;
-                loop {
-                    attempt += 1;
-                    attempts.store(attempt, std::sync::atomic::Ordering::Relaxed);
-                    if attempt == 1 {
-                        db.budget().deposit();
-                    }
-                    match attempt_transaction(db, &begin, f.clone(), &cancel, record_lsn, attempt)
-                        .await
-                    {
-                        Ok(v) => return Ok(v),
-                        Err((e, failure)) => {
-                            let give_up =
-                                !retryable(failure.class, failure.phase, false, failure.sent)
-                                    || attempt >= policy.max_attempts
-                                    || !db.budget().withdraw();
-                            if give_up {
-                                return Err(enrich(e, &failure, attempt));
-                            }
-                            db.note_retry(failure.class);
-                            if failure.class == ErrorClass::Reroute {
-                                db.reroute_primary();
-                            }
-                            tracing::info!(
-                                target: "railyard::retry",
-                                class = %failure.class,
-                                sqlstate = failure.server.as_ref().map(|s| s.code.as_str()).unwrap_or(""),
-                                attempt,
-                                "retrying transaction"
-                            );
-                            tokio::time::sleep(policy.backoff(attempt)).await;
-                        }
-                    }
-                }
-            }
-        };
+        let work = retrying(db, policy, false, "transaction", &attempts, |attempt| {
+            attempt_transaction(db, &begin, f.clone(), &cancel, record_lsn, attempt)
+        });
         let span = tracing::info_span!(target: "railyard::tx", "railyard.transaction", otel.kind = "client", db.system.name = "postgresql");
         tracing::Instrument::instrument(
             with_deadline(self.deadline, work, &attempts, &cancel),
             span,
         )
         .await
+    }
+}
+
+/// Runs attempts until one succeeds or retrying is not safe, not allowed by the
+/// policy, or not affordable from the budget; backs off between attempts.
+async fn retrying<T, E, Fut>(
+    db: &Database,
+    policy: RetryPolicy,
+    idempotent: bool,
+    what: &'static str,
+    attempts: &std::sync::atomic::AtomicU32,
+    mut attempt_fn: impl FnMut(u32) -> Fut,
+) -> Result<T, E>
+where
+    Fut: Future<Output = Result<T, (E, Failure)>>,
+    E: 'static,
+{
+    let mut attempt = 0u32;
+    loop {
+        attempt += 1;
+        attempts.store(attempt, std::sync::atomic::Ordering::Relaxed);
+        if attempt == 1 {
+            db.budget().deposit();
+        }
+        let (e, failure) = match attempt_fn(attempt).await {
+            Ok(v) => return Ok(v),
+            Err(failed) => failed,
+        };
+        let give_up = !retryable(failure.class, failure.phase, idempotent, failure.sent)
+            || attempt >= policy.max_attempts
+            || !db.budget().withdraw();
+        if give_up {
+            return Err(enrich(e, &failure, attempt));
+        }
+        db.note_retry(failure.class);
+        if failure.class == ErrorClass::Reroute {
+            db.reroute_primary();
+        }
+        tracing::info!(
+            target: "railyard::retry",
+            class = %failure.class,
+            sqlstate = failure.server.as_ref().map(|s| s.code.as_str()).unwrap_or(""),
+            attempt,
+            what,
+            "retrying"
+        );
+        tokio::time::sleep(policy.backoff(attempt)).await;
     }
 }
 
@@ -589,73 +599,38 @@ impl<'a> WriteBuilder<'a> {
         let idempotent = self.idempotent;
         let attempts = Arc::new(std::sync::atomic::AtomicU32::new(0));
         let cancel = CancelSlot::default();
-        let work = {
-            let attempts = attempts.clone();
-            let cancel = cancel.clone();
+        let work = retrying(db, policy, idempotent, "write", &attempts, |attempt| {
+            let f = f.clone();
+            let cancel = &cancel;
             async move {
-                let mut attempt = 0u32;
-                loop {
-                    attempt += 1;
-                    attempts.store(attempt, std::sync::atomic::Ordering::Relaxed);
-                    if attempt == 1 {
-                        db.budget().deposit();
+                let mut conn = match db.checkout_primary().await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        let failure = Failure::connect(&e);
+                        return Err((E::from(e), failure));
                     }
-                    let outcome = async {
-                        let mut conn = match db.checkout_primary().await {
-                            Ok(c) => c,
-                            Err(e) => {
-                                let failure = Failure::connect(&e);
-                                return Err((E::from(e), failure));
-                            }
+                };
+                cancel.set(&conn);
+                conn.set_attempt(attempt);
+                let wire = conn.wire_arc();
+                let host = host_of(&conn);
+                let mark = wire.mark();
+                match f(&mut conn).await {
+                    Ok(v) => {
+                        let lsn = if record_lsn {
+                            lsn_after_commit(&mut conn).await
+                        } else {
+                            0
                         };
-                        cancel.set(&conn);
-                        conn.set_attempt(attempt);
-                        let wire = conn.wire_arc();
-                        let host = host_of(&conn);
-                        let mark = wire.mark();
-                        match f.clone()(&mut conn).await {
-                            Ok(v) => Ok((
-                                v,
-                                if record_lsn {
-                                    lsn_after_commit(&mut conn).await
-                                } else {
-                                    0
-                                },
-                            )),
-                            Err(e) => Err((
-                                e,
-                                Failure::from_wire(&wire, mark, Phase::Commit, host).await,
-                            )),
-                        }
+                        Ok((v, lsn))
                     }
-                    .await;
-                    match outcome {
-                        Ok(v) => return Ok(v),
-                        Err((e, failure)) => {
-                            let give_up =
-                                !retryable(failure.class, failure.phase, idempotent, failure.sent)
-                                    || attempt >= policy.max_attempts
-                                    || !db.budget().withdraw();
-                            if give_up {
-                                return Err(enrich(e, &failure, attempt));
-                            }
-                            db.note_retry(failure.class);
-                            if failure.class == ErrorClass::Reroute {
-                                db.reroute_primary();
-                            }
-                            tracing::info!(
-                                target: "railyard::retry",
-                                class = %failure.class,
-                                sqlstate = failure.server.as_ref().map(|s| s.code.as_str()).unwrap_or(""),
-                                attempt,
-                                "retrying write"
-                            );
-                            tokio::time::sleep(policy.backoff(attempt)).await;
-                        }
-                    }
+                    Err(e) => Err((
+                        e,
+                        Failure::from_wire(&wire, mark, Phase::Commit, host).await,
+                    )),
                 }
             }
-        };
+        });
         let span = tracing::info_span!(target: "railyard::tx", "railyard.write", otel.kind = "client", db.system.name = "postgresql", railyard.idempotent = idempotent);
         tracing::Instrument::instrument(
             with_deadline(self.deadline, work, &attempts, &cancel),
