@@ -577,6 +577,7 @@ impl Database {
         self.inner.migrator.as_ref()
     }
 
+    #[cfg(feature = "testing")]
     /// A `Database` whose every route uses `conn` (already inside the test's
     /// transaction), and, in stale-replica mode, `stale` for untokened reads.
     pub(crate) fn pinned_to(
@@ -649,6 +650,7 @@ impl Database {
         }
     }
 
+    #[cfg(feature = "testing")]
     /// Takes the test's connection back from a harness-made `Database`.
     pub(crate) async fn take_pinned(&self) -> Option<Conn> {
         self.inner.pinned.as_ref()?.conn.lock().await.take()
