@@ -447,63 +447,44 @@ impl LocalCluster {
         stop_dir(&self.dir)
     }
 
+    /// Runs `pg_ctl` on this cluster's servers, as the account that owns them.
+    fn ctl(&self, args: &[&str]) -> Result<(), Error> {
+        pg_ctl(
+            &Binaries::find()?,
+            &RunAs::detect()?,
+            &self.dir.join("pg"),
+            args,
+        )
+    }
+
     /// Stops only the replica (for tests of replica failure).
     pub fn stop_replica(&self) -> Result<(), Error> {
-        let bins = Binaries::find()?;
-        let run_as = RunAs::detect()?;
-        pg_ctl(
-            &bins,
-            &run_as,
-            &self.dir.join("pg"),
-            &["stop", "-m", "fast", "-w", "-D", "replica"],
-        )
+        self.ctl(&["stop", "-m", "fast", "-w", "-D", "replica"])
     }
 
     /// Starts the replica again after [`LocalCluster::stop_replica`].
     pub fn start_replica(&self) -> Result<(), Error> {
-        let bins = Binaries::find()?;
-        let run_as = RunAs::detect()?;
-        let pg = self.dir.join("pg");
-        pg_ctl(
-            &bins,
-            &run_as,
-            &pg,
-            &[
-                "start",
-                "-w",
-                "-t",
-                "60",
-                "-D",
-                "replica",
-                "-l",
-                "replica.log",
-            ],
-        )
+        self.ctl(&[
+            "start",
+            "-w",
+            "-t",
+            "60",
+            "-D",
+            "replica",
+            "-l",
+            "replica.log",
+        ])
     }
 
     /// Stops only the primary (fast shutdown: the replica receives all WAL first).
     pub fn stop_primary(&self) -> Result<(), Error> {
-        let bins = Binaries::find()?;
-        let run_as = RunAs::detect()?;
-        pg_ctl(
-            &bins,
-            &run_as,
-            &self.dir.join("pg"),
-            &["stop", "-m", "fast", "-w", "-D", "primary"],
-        )
+        self.ctl(&["stop", "-m", "fast", "-w", "-D", "primary"])
     }
 
     /// Promotes the replica to a primary (`pg_ctl promote`), waiting until it
     /// accepts writes.
     pub fn promote_replica(&self) -> Result<(), Error> {
-        let bins = Binaries::find()?;
-        let run_as = RunAs::detect()?;
-        pg_ctl(
-            &bins,
-            &run_as,
-            &self.dir.join("pg"),
-            &["promote", "-w", "-t", "60", "-D", "replica"],
-        )
+        self.ctl(&["promote", "-w", "-t", "60", "-D", "replica"])
     }
 
     /// Removes the cluster's directory after stopping it.

@@ -164,6 +164,12 @@ impl BoxableConnection<Pg> for Recorder {
     }
 }
 
+/// The first 12 characters of a checksum, for messages (a recorded value may have
+/// been tampered with: never slice blindly).
+fn short(hash: &str) -> &str {
+    hash.get(..12).unwrap_or(hash)
+}
+
 fn sha_hex(parts: &[String]) -> String {
     let mut h = Sha256::new();
     for p in parts {
@@ -501,8 +507,8 @@ fn check_history<'k>(applied: &[AppliedRow], known: &'k [Known]) -> Result<Vec<&
                 };
                 return Err(Error::Migration(MigrationError::Edited {
                     version: a.version.clone(),
-                    recorded: format!("{which}.sql {}", &recorded[..12]),
-                    embedded: format!("{which}.sql {}", &embedded[..12]),
+                    recorded: format!("{which}.sql {}", short(recorded)),
+                    embedded: format!("{which}.sql {}", short(embedded)),
                 }));
             }
             _ => unrecorded.push(k),
@@ -628,8 +634,8 @@ fn revert_last(c: &mut SyncConn, known: &[Known]) -> Result<Option<String>, Erro
     {
         return Err(Error::Migration(MigrationError::Edited {
             version: k.version.clone(),
-            recorded: up[..12].to_owned(),
-            embedded: k.up_sha[..12].to_owned(),
+            recorded: short(up).to_owned(),
+            embedded: short(&k.up_sha).to_owned(),
         }));
     }
     let revert = |c: &mut SyncConn| -> Result<(), Error> {
