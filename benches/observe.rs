@@ -12,8 +12,8 @@ use diesel::sql_types::BigInt;
 use diesel_async::RunQueryDsl;
 use diesel_migrations::{EmbeddedMigrations, embed_migrations};
 use railyard::{
-    AuditLog, Config, Database, LocalCluster, Migrator, Outcome, QueryEvent, QueryHook, QuerySpans,
-    Route, SlowQueryLog, StatementStats,
+    AuditLog, Config, Database, LocalCluster, Migrator, QueryEvent, QueryHook, QuerySpans, Route,
+    SlowQueryLog, StatementStats,
 };
 
 const LEDGER: EmbeddedMigrations = embed_migrations!("migrations");
@@ -76,21 +76,11 @@ fn benches(c: &mut Criterion) {
     group.finish();
 
     let route = Route::Primary;
-    let event = QueryEvent {
-        sql: "SELECT balance_cents FROM accounts WHERE id = $1",
-        operation: "SELECT",
-        table: Some("accounts"),
-        duration: Duration::from_micros(180),
-        host: "localhost",
-        port: 5432,
-        database: "ledger",
-        route: &route,
-        depth: 0,
-        attempt: 1,
-        outcome: Outcome::Ok,
-        class: None,
-        sqlstate: None,
-    };
+    let event = QueryEvent::new(
+        "SELECT balance_cents FROM accounts WHERE id = $1",
+        &route,
+        Duration::from_micros(180),
+    );
     let slow = SlowQueryLog::new(Duration::from_millis(100));
     let stats2 = StatementStats::new();
     let mut group = c.benchmark_group("hook_event");

@@ -12,9 +12,8 @@ use diesel::sql_types::BigInt;
 use diesel_async::pooled_connection::AsyncDieselConnectionManager;
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use diesel_migrations::{EmbeddedMigrations, embed_migrations};
-use railyard::{
-    CausalToken, Config, Database, Error, LocalCluster, Lsn, Migrator, ReplicaStatus, Route,
-};
+use railyard::route::ReplicaStatus;
+use railyard::{CausalToken, Config, Database, Error, LocalCluster, Migrator, Route};
 
 const LEDGER: EmbeddedMigrations = embed_migrations!("migrations");
 const TASKS: u64 = 8;
@@ -77,7 +76,7 @@ fn benches(c: &mut Criterion) {
         while !db
             .replica_health()
             .iter()
-            .all(|r| r.status == ReplicaStatus::Healthy && r.replay_lsn >= token.0)
+            .all(|r| r.status == ReplicaStatus::Healthy && r.replay_lsn >= Some(token.lsn()))
         {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -153,7 +152,7 @@ fn benches(c: &mut Criterion) {
     group.finish();
 
     let mut group = c.benchmark_group("routing_decision");
-    let token = Some(CausalToken(Lsn(1)));
+    let token = Some("0/1".parse::<CausalToken>().expect("a token"));
     group.bench_function("route_for_read", |b| b.iter(|| db.route_for_read(token)));
     group.finish();
 }

@@ -9,9 +9,6 @@ use std::time::Duration;
 
 use tokio_postgres::error::SqlState;
 
-use crate::retry::{ErrorClass, Phase, classify};
-use crate::wire::ServerError;
-
 /// Everything that can go wrong in Railyard.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -22,8 +19,14 @@ pub enum Error {
     Config(#[from] ConfigError),
 
     /// TLS could not be configured (unreadable or invalid `sslrootcert`, for example).
-    #[error("TLS configuration: {0}")]
-    Tls(String),
+    #[error("TLS configuration: {message}")]
+    Tls {
+        /// What could not be configured, and what to do about it.
+        message: String,
+        /// The underlying error, when there is one.
+        #[source]
+        source: Option<Box<dyn std::error::Error + Send + Sync>>,
+    },
 
     /// A new connection could not be established.
     #[error(transparent)]
@@ -147,7 +150,7 @@ impl Error {
     pub fn class(&self) -> ErrorClass {
         match self {
             Error::Config(_)
-            | Error::Tls(_)
+            | Error::Tls { .. }
             | Error::Migration(_)
             | Error::Local(_)
             | Error::TestIsolation(_)
@@ -196,6 +199,27 @@ impl Error {
         }
     }
 
+    pub(crate) fn tls(
+        message: impl Into<String>,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Self {
+        Error::Tls {
+            message: message.into(),
+            source: Some(source.into()),
+        }
+    }
+
+    pub(crate) fn bookkeeping(
+        context: impl Into<String>,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Self {
+        Error::Migration(MigrationError::Bookkeeping {
+            context: context.into(),
+            source: source.into(),
+        })
+    }
+
+    #[cfg(feature = "local")]
     pub(crate) fn io(context: impl Into<String>, source: std::io::Error) -> Self {
         Error::Io {
             context: context.into(),
@@ -340,8 +364,14 @@ pub enum MigrationError {
     #[error("cannot revert: {0}")]
     CannotRevert(String),
     /// Reading or writing migration bookkeeping failed.
-    #[error("migration bookkeeping: {0}")]
-    Bookkeeping(String),
+    #[error("migration bookkeeping: {context}: {source}")]
+    Bookkeeping {
+        /// What was being done.
+        context: String,
+        /// The cause.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
 }
 
 /// The class of a bare diesel error, when no tap information is at hand.
@@ -467,5 +497,148 @@ impl fmt::Display for DbError {
 impl std::error::Error for DbError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         Some(&*self.source)
+    }
+}
+
+/// What kind of failure an error is, for deciding what to do about it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ErrorClass {
+    /// The transaction lost a race (serialization failure, deadlock, lock
+    /// timeout): re-run it from the top.
+    RetryTransaction,
+    /// The connection failed or the server refused connections for now.
+    Reconnect,
+    /// A write reached a server in recovery: find the primary again.
+    Reroute,
+    /// The connection died while the outcome was being decided (COMMIT in
+    /// flight): it may or may not have committed.
+    Ambiguous,
+    /// A timeout or cancellation (57014, or Railyard's deadline).
+    Timeout,
+    /// An integrity constraint was violated (23xxx).
+    Constraint,
+    /// Anything else: retrying cannot help.
+    Permanent,
+}
+
+impl ErrorClass {
+    /// Every class, in a fixed order (the order of metrics and reports).
+    pub const ALL: [ErrorClass; 7] = [
+        ErrorClass::RetryTransaction,
+        ErrorClass::Reconnect,
+        ErrorClass::Reroute,
+        ErrorClass::Ambiguous,
+        ErrorClass::Timeout,
+        ErrorClass::Constraint,
+        ErrorClass::Permanent,
+    ];
+
+    /// This class's position in [`ErrorClass::ALL`], for per-class counters.
+    pub(crate) fn index(self) -> usize {
+        // Exhaustive inside the crate: a new class fails to compile here until
+        // it is given a slot (and `ALL` grows with it).
+        match self {
+            ErrorClass::RetryTransaction => 0,
+            ErrorClass::Reconnect => 1,
+            ErrorClass::Reroute => 2,
+            ErrorClass::Ambiguous => 3,
+            ErrorClass::Timeout => 4,
+            ErrorClass::Constraint => 5,
+            ErrorClass::Permanent => 6,
+        }
+    }
+
+    /// A short lowercase name, for logs and metrics labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorClass::RetryTransaction => "retry_transaction",
+            ErrorClass::Reconnect => "reconnect",
+            ErrorClass::Reroute => "reroute",
+            ErrorClass::Ambiguous => "ambiguous",
+            ErrorClass::Timeout => "timeout",
+            ErrorClass::Constraint => "constraint",
+            ErrorClass::Permanent => "permanent",
+        }
+    }
+}
+
+impl std::fmt::Display for ErrorClass {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Where in an operation a failure happened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Phase {
+    /// Opening or checking out a connection.
+    Connect,
+    /// Before any byte of the operation reached the server.
+    BeforeSend,
+    /// While statements were running (inside a transaction, before COMMIT).
+    InFlight,
+    /// While COMMIT (or an autocommit statement) was being decided.
+    Commit,
+}
+
+/// The class of a failure, from the server's SQLSTATE when it sent one and from
+/// whether the connection is gone. The one place SQLSTATEs are interpreted.
+///
+pub(crate) fn classify(sqlstate: Option<&SqlState>, connection_lost: bool) -> ErrorClass {
+    let Some(code) = sqlstate else {
+        return if connection_lost {
+            ErrorClass::Reconnect
+        } else {
+            ErrorClass::Permanent
+        };
+    };
+    match code {
+        c if *c == SqlState::T_R_SERIALIZATION_FAILURE
+            || *c == SqlState::T_R_DEADLOCK_DETECTED
+            || *c == SqlState::LOCK_NOT_AVAILABLE =>
+        {
+            ErrorClass::RetryTransaction
+        }
+        c if *c == SqlState::T_R_STATEMENT_COMPLETION_UNKNOWN => ErrorClass::Ambiguous,
+        c if *c == SqlState::READ_ONLY_SQL_TRANSACTION => ErrorClass::Reroute,
+        c if *c == SqlState::QUERY_CANCELED => ErrorClass::Timeout,
+        c if *c == SqlState::ADMIN_SHUTDOWN
+            || *c == SqlState::CRASH_SHUTDOWN
+            || *c == SqlState::CANNOT_CONNECT_NOW
+            || *c == SqlState::TOO_MANY_CONNECTIONS
+            || c.code().starts_with("08") =>
+        {
+            ErrorClass::Reconnect
+        }
+        c if c.code().starts_with("23") => ErrorClass::Constraint,
+        _ => ErrorClass::Permanent,
+    }
+}
+
+/// The fields of a server `ErrorResponse` that classification needs.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ServerError {
+    /// The SQLSTATE (field `C`).
+    pub code: String,
+    /// The non-localised severity (field `V`), e.g. `ERROR` or `FATAL`.
+    pub severity: String,
+    /// The constraint name (field `n`), for integrity violations.
+    pub constraint: Option<String>,
+    /// The column name (field `c`).
+    pub column: Option<String>,
+    /// The table name (field `t`).
+    pub table: Option<String>,
+    /// The schema name (field `s`).
+    pub schema: Option<String>,
+    /// The (possibly localised) message (field `M`): for people, never for decisions.
+    pub message: String,
+}
+
+impl ServerError {
+    /// The SQLSTATE as tokio-postgres' typed code.
+    pub fn sqlstate(&self) -> tokio_postgres::error::SqlState {
+        tokio_postgres::error::SqlState::from_code(&self.code)
     }
 }

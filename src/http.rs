@@ -9,7 +9,7 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 
 use crate::database::Database;
-use crate::health::HealthStatus;
+use crate::observe::health::HealthStatus;
 
 /// The router; serve it with `axum::serve`.
 ///

@@ -1,7 +1,7 @@
 //! # Railyard
 //!
-//! A production data layer for applications built on **Diesel + PostgreSQL**, and
-//! a test harness that runs against real PostgreSQL.
+//! A production data layer for applications built on **Diesel + PostgreSQL**,
+//! and a test harness that runs against real PostgreSQL.
 //!
 //! One call takes an application from `main()` to a database handle: typed
 //! configuration from a URL or the environment (secrets never printed), a bb8
@@ -20,79 +20,80 @@
 //!         .migrations(railyard::Migrator::new(MIGRATIONS))
 //!         .connect()
 //!         .await?;
-//!     let mut conn = db.primary().await?;
-//!     diesel::sql_query("SELECT 1").execute(&mut **conn).await?;
+//!     db.transaction(async |conn| {
+//!         diesel::sql_query("UPDATE accounts SET balance_cents = balance_cents - 5 WHERE id = 1")
+//!             .execute(conn)
+//!             .await?;
+//!         Ok::<_, railyard::Error>(())
+//!     })
+//!     .await?;
 //!     Ok(())
 //! }
 //! ```
 //!
-//! | item | what it gives |
+//! ## In the order you meet them
+//!
+//! | you want | you use |
 //! |---|---|
-//! | [`Config`] | typed configuration: URL (several hosts), replicas, pools, TLS, timeouts |
-//! | [`tls_client_config`] | rustls from `sslmode`/`sslrootcert`, libpq's meanings |
-//! | [`Database`] | the handle: pools of [`Conn`]s; `transaction`, `write`, `read`, `health` |
-//! | [`Session`], [`CausalToken`] | read-your-writes on replicas by WAL position |
-//! | [`ErrorClass`], [`RetryPolicy`], [`RetryBudget`] | one classification, safe retries |
-//! | [`Migrator`] | boot-time migrations: lock, checksums, status, verify, revert |
-//! | [`QueryHook`], [`StatementStats`], [`SlowQueryLog`], [`QuerySpans`], [`AuditLog`] | per-query timing |
-//! | [`LocalCluster`] | a private primary + streaming replica from the machine's PostgreSQL |
-//! | [`WireState`] | what the protocol tap observed on a connection |
+//! | settings from `DATABASE_URL` and `RAILYARD_*` | [`Config`] (details in [`config`]) |
+//! | a handle, pools, migrations at boot | [`Database::builder`], [`Migrator`] |
+//! | a transaction retried when safe | [`Database::transaction`], [`Database::build_transaction`] |
+//! | an autocommit write retried only when safe | [`Database::write`], [`Database::build_write`] |
+//! | nested blocks that roll back alone | [`Conn::transaction`] (a savepoint, always released) |
+//! | reads on replicas | [`Database::read`] |
+//! | read-your-writes across requests | [`Session`], [`CausalToken`] (routing knobs in [`route`]) |
+//! | to decide what a failure means | [`Error::class`] → [`ErrorClass`]; [`Error::violation`] (details in [`error`]) |
+//! | to see every query | [`QueryHook`], [`StatementStats`], [`SlowQueryLog`], [`QuerySpans`], [`AuditLog`] |
+//! | health and metrics | [`Database::health`], [`Database::metrics_text`] (types in [`observe`]) |
+//! | tests against real PostgreSQL | `#[railyard::test]` (feature `testing`) |
+//! | a PostgreSQL primary + replica on this machine | `LocalCluster` (feature `local`) |
+//!
+//! Every closure-taking API takes a [`ConnWork`]: an `async |conn| …` closure
+//! whose parameter needs no annotation.
+//!
+//! ## Features
 //!
 //! | feature | what it adds |
 //! |---|---|
-//! | `testing` | `#[railyard::test]` and [`testing`](crate#features): rollback-isolated tests |
+//! | `local` | `local::LocalCluster`: a private primary + streaming replica from the machine's PostgreSQL binaries (pulls certificate generation) |
+//! | `testing` | `#[railyard::test]` and `testing`: rollback-isolated tests (turns on `local`) |
 //! | `http` | `http::router`: `/healthz`, `/readyz`, `/health`, `/metrics` (axum) |
-//! | `cli` | the reference application and CLI (`src/main.rs`) |
+//! | `cli` | the reference application and CLI (`src/main.rs`; turns on `local` and `http`) |
+//!
+//! The default build pulls no HTTP server, CLI or certificate-generation crate.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
 
-mod config;
-mod database;
-mod error;
-mod health;
+// The layers, lowest first. A module may use only the modules above it in this
+// list (tests/layers.rs checks it): error, config, local, conn, exec, route,
+// migrate, observe, database, http, testing.
+pub mod config;
+pub mod conn;
+pub mod database;
+pub mod error;
+pub mod exec;
 #[cfg(feature = "http")]
 pub mod http;
-mod local;
-mod migrate;
-mod observe;
-mod pool;
-mod retry;
-mod route;
+#[cfg(feature = "local")]
+pub mod local;
+pub mod migrate;
+pub mod observe;
+pub mod route;
 #[cfg(feature = "testing")]
 pub mod testing;
-mod tls;
-mod tx;
-mod wire;
 
-pub use config::{
-    Config, ConnectTarget, Credentials, Host, PoolConfig, Secret, SslMode, TargetSessionAttrs,
-    parse_duration,
-};
-pub use database::{ConnFn, Database, DatabaseBuilder, PoolStatus, PooledConn, ReplicaReport};
-pub use error::{
-    ConfigError, ConnectError, ConnectStage, DbError, Error, MigrationError, Violation,
-    ViolationKind,
-};
-pub use health::{HealthCheck, HealthReport, HealthStatus};
-pub use local::{
-    Binaries, LocalCluster, LocalClusterBuilder, StartKind, default_cluster_dir, stop_dir,
-};
-pub use migrate::{
-    AppliedMigration, ChecksumState, MigrationReport, MigrationState, MigrationStatus, Migrator,
-};
-pub use observe::{
-    AuditLog, DURATION_BUCKETS, Outcome, QueryEvent, QueryHook, QuerySpans, SlowQueryLog,
-    StatementStat, StatementStats, sanitize_sql,
-};
-pub use pool::{CancelHandle, Conn, ConnInfo, ServerRole};
+pub use config::{Config, Credentials, Secret, SslMode};
+pub use conn::{Conn, PooledConn, Route};
+pub use database::{Database, DatabaseBuilder, Session, TransactionBuilder, WriteBuilder};
+pub use error::{Error, ErrorClass};
+pub use exec::retry::{RetryBudget, RetryPolicy};
+pub use exec::{ConnWork, IsolationLevel};
+#[cfg(feature = "local")]
+pub use local::LocalCluster;
+pub use migrate::Migrator;
+pub use observe::health::{HealthReport, HealthStatus};
+pub use observe::{AuditLog, QueryEvent, QueryHook, QuerySpans, SlowQueryLog, StatementStats};
 #[cfg(feature = "testing")]
 pub use railyard_macros::test;
-pub use retry::{ErrorClass, Phase, RetryBudget, RetryPolicy, classify, retryable};
-pub use route::{
-    CausalToken, Fallback, Lsn, ReplicaChoice, ReplicaHealth, ReplicaStatus, Route, RoutingConfig,
-    Session, Staleness,
-};
-pub use tls::tls_client_config;
-pub use tx::{IsolationLevel, TransactionBuilder, WriteBuilder};
-pub use wire::{ServerError, Socket, Tapped, TxStatus, WireMark, WireState};
+pub use route::{CausalToken, RoutingConfig};

@@ -10,7 +10,10 @@ use clap::{Parser, Subcommand};
 use diesel::prelude::*;
 use diesel_async::RunQueryDsl;
 use diesel_migrations::{EmbeddedMigrations, embed_migrations};
-use railyard::{ChecksumState, Config, Database, LocalCluster, MigrationState, Migrator};
+use railyard::database::ReplicaState;
+use railyard::local::{default_cluster_dir, stop_dir};
+use railyard::migrate::{ChecksumState, MigrationState};
+use railyard::{Config, Database, LocalCluster, Migrator};
 
 mod schema;
 
@@ -195,29 +198,33 @@ async fn boot() -> Result<(), railyard::Error> {
         );
     }
     for r in db.replica_report().await {
-        if r.reachable {
-            out!(
+        match r.state {
+            ReplicaState::Reachable {
+                role,
+                streaming,
+                lag_bytes,
+                replay_delay,
+                ..
+            } => out!(
                 "replica           {} {:?}, {}, lag {} bytes{}",
                 r.target,
-                r.role.expect("reachable replicas report a role"),
-                if r.streaming {
+                role,
+                if streaming {
                     "streaming"
                 } else {
                     "NOT streaming"
                 },
-                r.lag_bytes
+                lag_bytes
                     .map(|b| b.to_string())
                     .unwrap_or_else(|| "unknown".into()),
-                r.replay_delay
+                replay_delay
                     .map(|d| format!(", last replayed commit {d:.1?} ago"))
                     .unwrap_or_default()
-            );
-        } else {
-            out!(
-                "replica           {} unreachable: {}",
-                r.target,
-                r.error.unwrap_or_default()
-            );
+            ),
+            ReplicaState::Unreachable { error, .. } => {
+                out!("replica           {} unreachable: {error}", r.target)
+            }
+            _ => out!("replica           {} in an unknown state", r.target),
         }
     }
     out!(
@@ -318,7 +325,7 @@ async fn local(action: LocalAction) -> Result<(), railyard::Error> {
             }
         }
         LocalAction::Stop => {
-            railyard::stop_dir(&railyard::default_cluster_dir())?;
+            stop_dir(&default_cluster_dir())?;
             out!("stopped");
         }
         LocalAction::Status => match LocalCluster::running(None).await? {
@@ -329,10 +336,7 @@ async fn local(action: LocalAction) -> Result<(), railyard::Error> {
                     out!("replica  {r}");
                 }
             }
-            None => out!(
-                "not running ({})",
-                railyard::default_cluster_dir().display()
-            ),
+            None => out!("not running ({})", default_cluster_dir().display()),
         },
         LocalAction::Env => {
             let c = LocalCluster::shared().await?;

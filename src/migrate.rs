@@ -1,4 +1,4 @@
-//! Boot-time migrations that are safe with many instances (DESIGN.md D5).
+//! Boot-time migrations that are safe with many instances.
 //!
 //! [`Migrator::run`] opens a dedicated connection to the primary and:
 //!
@@ -36,8 +36,8 @@ use diesel_async::async_connection_wrapper::AsyncConnectionWrapper;
 use sha2::{Digest, Sha256};
 
 use crate::config::{Config, TargetSessionAttrs};
+use crate::conn::open::Opener;
 use crate::error::{Error, MigrationError};
-use crate::pool::Opener;
 
 type Source = Arc<dyn MigrationSource<Pg> + Send + Sync>;
 type SyncConn = AsyncConnectionWrapper<AsyncPgConnection>;
@@ -213,7 +213,7 @@ const CREATE_OURS: &str = "CREATE TABLE IF NOT EXISTS railyard_schema_migrations
 )";
 
 fn q(e: diesel::result::Error) -> Error {
-    Error::Migration(MigrationError::Bookkeeping(e.to_string()))
+    Error::bookkeeping("reading or writing the migration tables", e)
 }
 
 impl Migrator {
@@ -364,12 +364,12 @@ impl Migrator {
 fn load(source: &Source) -> Result<Vec<Known>, Error> {
     let list = source
         .migrations()
-        .map_err(|e| Error::Migration(MigrationError::Bookkeeping(e.to_string())))?;
+        .map_err(|e| Error::bookkeeping("listing the embedded migrations", e))?;
     let mut known = Vec::with_capacity(list.len());
     for m in list {
         let mut up = Recorder(Vec::new());
         m.run(&mut up)
-            .map_err(|e| Error::Migration(MigrationError::Bookkeeping(e.to_string())))?;
+            .map_err(|e| Error::bookkeeping("reading a migration's SQL", e))?;
         let mut down = Recorder(Vec::new());
         // A migration without down.sql reports an error here: its checksum is of "no SQL".
         let _ = m.revert(&mut down);
@@ -397,11 +397,7 @@ async fn blocking<T: Send + 'static>(
         f(&mut c)
     })
     .await
-    .map_err(|e| {
-        Error::Migration(MigrationError::Bookkeeping(format!(
-            "migration task failed: {e}"
-        )))
-    })?
+    .map_err(|e| Error::bookkeeping("the migration task", e))?
 }
 
 fn with_lock<T>(

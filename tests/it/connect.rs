@@ -3,7 +3,8 @@
 use std::time::{Duration, Instant};
 
 use diesel_async::SimpleAsyncConnection;
-use railyard::{Config, ConnectStage, Credentials, Database, Error, Secret};
+use railyard::error::ConnectStage;
+use railyard::{Config, Credentials, Database, Error, Secret};
 use tokio_postgres::error::SqlState;
 
 use crate::support;
@@ -173,12 +174,21 @@ async fn a_connection_knows_its_host_role_and_backend_pid() {
         .await
         .unwrap();
     let p = db.primary().await.unwrap();
-    assert_eq!(p.info().role, railyard::ServerRole::Primary);
+    assert_eq!(p.info().role, railyard::conn::ServerRole::Primary);
     assert!(p.info().backend_pid > 0);
     assert_eq!(p.info().port, cluster.primary_port());
     let r = db.replica(0).await.unwrap();
-    assert_eq!(r.info().role, railyard::ServerRole::Standby);
+    assert_eq!(r.info().role, railyard::conn::ServerRole::Standby);
     assert_eq!(Some(r.info().port), cluster.replica_port());
     let report = db.replica_report().await;
-    assert!(report[0].streaming, "{report:?}");
+    assert!(
+        matches!(
+            report[0].state,
+            railyard::database::ReplicaState::Reachable {
+                streaming: true,
+                ..
+            }
+        ),
+        "{report:?}"
+    );
 }

@@ -4,7 +4,8 @@
 use std::time::{Duration, Instant};
 
 use diesel_async::SimpleAsyncConnection;
-use railyard::{Database, Error, ErrorClass, LocalCluster, RetryPolicy, StartKind};
+use railyard::local::StartKind;
+use railyard::{Database, Error, ErrorClass, LocalCluster, RetryPolicy};
 
 async fn select_one(db: &Database) -> Result<(), Error> {
     db.build_write()

@@ -5,7 +5,8 @@ use std::os::unix::fs::MetadataExt;
 use std::os::unix::process::CommandExt;
 use std::process::Command;
 
-use railyard::{Database, LocalCluster, StartKind};
+use railyard::local::StartKind;
+use railyard::{Database, LocalCluster};
 
 /// Not a test of its own: when `RAILYARD_CHILD_DIR` is set, this process is a
 /// child started by the tests below; it starts or joins the cluster there and
@@ -114,7 +115,7 @@ async fn the_cluster_starts_for_an_unprivileged_user_too() {
     let (kind, _) = child_report(spawn_child(&dir, false, Some((uid, gid))));
     assert_eq!(kind, "Cold");
     // Stop it as its owner.
-    let bins = railyard::Binaries::find().unwrap();
+    let bins = railyard::local::Binaries::find().unwrap();
     let _ = Command::new(bins.dir().join("pg_ctl"))
         .args(["stop", "-m", "immediate", "-D"])
         .arg(dir.join("pg/primary"))

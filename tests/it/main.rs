@@ -2,6 +2,8 @@
 //! real PostgreSQL (the local cluster, or `TEST_DATABASE_URL`).
 
 mod connect;
+#[cfg(feature = "testing")]
+mod entry_points;
 mod faults;
 #[cfg(feature = "testing")]
 mod harness;

@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use diesel_async::SimpleAsyncConnection;
 use diesel_migrations::{EmbeddedMigrations, embed_migrations};
-use railyard::{ChecksumState, Database, Error, MigrationError, MigrationState, Migrator};
+use railyard::error::MigrationError;
+use railyard::migrate::{ChecksumState, MigrationState};
+use railyard::{Database, Error, Migrator};
 
 use crate::support::{self, count};
 

@@ -5,8 +5,9 @@ use std::time::Duration;
 
 use diesel::sql_types::Text;
 use diesel_async::{RunQueryDsl, SimpleAsyncConnection};
+use railyard::observe::Outcome;
 use railyard::{
-    Config, Database, Error, ErrorClass, HealthStatus, LocalCluster, Outcome, QueryEvent, Route,
+    Config, Database, Error, ErrorClass, HealthStatus, LocalCluster, QueryEvent, Route,
     StatementStats,
 };
 
@@ -278,10 +279,7 @@ async fn health_degrades_without_the_replica_and_readiness_fails_without_the_pri
         .checkout_timeout(Duration::from_millis(500));
     let db = Database::builder(config)
         .migrations(railyard::Migrator::new(support::LEDGER))
-        .routing(railyard::RoutingConfig {
-            check_interval: Duration::from_millis(30),
-            ..Default::default()
-        })
+        .routing(railyard::RoutingConfig::default().check_interval(Duration::from_millis(30)))
         .connect()
         .await
         .unwrap();

@@ -8,9 +8,8 @@ use std::time::{Duration, Instant};
 
 use diesel::sql_types::{BigInt, Text};
 use diesel_async::{RunQueryDsl, SimpleAsyncConnection};
-use railyard::{
-    CausalToken, Config, Conn, Database, Error, LocalCluster, ReplicaStatus, Route, RoutingConfig,
-};
+use railyard::route::ReplicaStatus;
+use railyard::{CausalToken, Config, Conn, Database, Error, LocalCluster, Route, RoutingConfig};
 
 use crate::support;
 
@@ -21,10 +20,7 @@ struct N {
 }
 
 fn fast_routing() -> RoutingConfig {
-    RoutingConfig {
-        check_interval: Duration::from_millis(30),
-        ..RoutingConfig::default()
-    }
+    RoutingConfig::default().check_interval(Duration::from_millis(30))
 }
 
 async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
@@ -142,7 +138,7 @@ async fn reads_go_to_a_replica_with_no_extra_round_trip() {
         .unwrap();
     let token = session.token().expect("the write recorded a token");
     wait_for("the replica to replay the write", || {
-        db.replica_health()[0].replay_lsn >= token.0
+        db.replica_health()[0].replay_lsn >= Some(token.lsn())
     })
     .await;
 
@@ -183,10 +179,7 @@ async fn reads_go_to_a_replica_with_no_extra_round_trip() {
 #[tokio::test]
 async fn read_your_writes_holds_while_replay_is_paused_and_across_a_token_string() {
     let (cluster, config) = private("ryw").await;
-    let routing = RoutingConfig {
-        check_interval: Duration::from_millis(5),
-        ..RoutingConfig::default()
-    };
+    let routing = RoutingConfig::default().check_interval(Duration::from_millis(5));
     let db = Database::builder(config)
         .routing(routing)
         .connect()
@@ -202,7 +195,7 @@ async fn read_your_writes_holds_while_replay_is_paused_and_across_a_token_string
         .unwrap();
     let t = warmup.token().unwrap();
     wait_for("the replica to replay the schema", || {
-        db.replica_health()[0].replay_lsn >= t.0
+        db.replica_health()[0].replay_lsn >= Some(t.lsn())
     })
     .await;
 
@@ -246,7 +239,7 @@ async fn read_your_writes_holds_while_replay_is_paused_and_across_a_token_string
 
     sql(&replica, "SELECT pg_wal_replay_resume()").await;
     wait_for("the replica to catch up", || {
-        db.replica_health()[0].replay_lsn >= token.0
+        db.replica_health()[0].replay_lsn >= Some(token.lsn())
     })
     .await;
     let (n, route) = session
@@ -371,10 +364,7 @@ async fn a_stopped_replica_is_ejected_without_errors_and_readmitted_after_restar
 #[tokio::test]
 async fn a_replica_lagging_past_the_bound_is_ejected_then_readmitted() {
     let (cluster, config) = private("lag").await;
-    let routing = RoutingConfig {
-        max_lag_bytes: 256 * 1024,
-        ..fast_routing()
-    };
+    let routing = fast_routing().max_lag_bytes(256 * 1024);
     let db = Database::builder(config)
         .routing(routing)
         .connect()

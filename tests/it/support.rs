@@ -5,7 +5,8 @@
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use diesel_async::{RunQueryDsl, SimpleAsyncConnection};
-use railyard::{Config, ConnectTarget, Database, LocalCluster};
+use railyard::config::ConnectTarget;
+use railyard::{Config, Database, LocalCluster};
 use tokio::sync::OnceCell;
 
 /// The server the tests run against.
@@ -98,7 +99,7 @@ pub async fn count(config: &Config, sql: &str) -> i64 {
 pub const LEDGER: diesel_migrations::EmbeddedMigrations =
     diesel_migrations::embed_migrations!("migrations");
 
-static LEDGER_DB: OnceCell<railyard::ConnectTarget> = OnceCell::const_new();
+static LEDGER_DB: OnceCell<ConnectTarget> = OnceCell::const_new();
 
 /// A migrated ledger database shared by the tests that commit data of their own
 /// (each uses keys no other test uses). Reached over the Unix socket when the

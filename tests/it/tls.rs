@@ -2,7 +2,8 @@
 
 use std::time::Duration;
 
-use railyard::{Config, ConnectStage, Database, Error, SslMode};
+use railyard::error::ConnectStage;
+use railyard::{Config, Database, Error};
 use tokio_postgres::error::SqlState;
 
 use crate::support;
@@ -26,7 +27,7 @@ fn url(cluster: &railyard::LocalCluster, host: &str, mode: &str, ca: &std::path:
 }
 
 async fn connect(url: &str, cluster: &railyard::LocalCluster) -> Result<Database, Error> {
-    let t: railyard::ConnectTarget = url.parse().unwrap();
+    let t: railyard::config::ConnectTarget = url.parse().unwrap();
     let config = Config::new(t.with_password(Some(cluster.password().clone())))
         .connect_timeout(Duration::from_secs(5));
     Database::connect(config).await
@@ -155,13 +156,19 @@ async fn unix_sockets_connect_without_tls() {
         conn.wire().bytes_read() > 0,
         "the tap sees the socket's traffic"
     );
-    assert!(matches!(conn.info().host, railyard::Host::Unix(_)));
+    assert!(matches!(conn.info().host, railyard::config::Host::Unix(_)));
 }
 
-#[test]
-fn a_missing_root_certificate_file_is_named_in_the_error() {
-    let err =
-        railyard::tls_client_config(SslMode::VerifyFull, Some("/nonexistent/ca.crt".as_ref()))
-            .unwrap_err();
+#[tokio::test]
+async fn a_missing_root_certificate_file_is_named_in_the_error() {
+    let config = Config::from_url(
+        "postgres://u@127.0.0.1:1/db?sslmode=verify-full&sslrootcert=/nonexistent/ca.crt",
+    )
+    .unwrap();
+    let err = Database::connect(config).await.unwrap_err();
     assert!(err.to_string().contains("/nonexistent/ca.crt"), "{err}");
+    assert!(
+        std::error::Error::source(&err).is_some(),
+        "the I/O error is kept as the cause: {err:?}"
+    );
 }

@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use diesel::sql_types::{BigInt, Integer, Text};
 use diesel_async::{RunQueryDsl, SimpleAsyncConnection};
-use railyard::{Conn, Database, Error, ErrorClass, RetryPolicy, ViolationKind};
+use railyard::error::ViolationKind;
+use railyard::{Conn, Database, Error, ErrorClass, RetryPolicy};
 use tokio::sync::Barrier;
 use tokio_postgres::error::SqlState;
 
@@ -130,10 +131,7 @@ async fn nowait_lock_failures_are_55p03_and_retried_until_the_attempts_run_out()
         .unwrap();
     let err = db
         .build_transaction()
-        .retry_policy(RetryPolicy {
-            max_attempts: 3,
-            ..RetryPolicy::default()
-        })
+        .retry_policy(RetryPolicy::default().max_attempts(3))
         .run(async |conn| {
             diesel::sql_query("SELECT id AS n FROM accounts WHERE id = $1 FOR UPDATE NOWAIT")
                 .bind::<BigInt, _>(ids[0])
@@ -578,10 +576,7 @@ async fn ledger_transfers_under_contention_all_complete_and_conserve_money() {
     // A budget generous enough for a deliberately hot workload; the default one
     // would (rightly) refuse a retry rate this high.
     let db = Database::builder(db.config().clone())
-        .retry_policy(RetryPolicy {
-            max_attempts: 100,
-            ..RetryPolicy::default()
-        })
+        .retry_policy(RetryPolicy::default().max_attempts(100))
         .retry_budget(railyard::RetryBudget::new(
             10.0,
             1000.0,

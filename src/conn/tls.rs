@@ -1,7 +1,7 @@
 //! rustls client configuration from `sslmode` and `sslrootcert`, with libpq's
 //! meanings (see [`SslMode`]). No OpenSSL anywhere.
 //!
-//! The connector returned here is the seam for the protocol tap (DESIGN.md D2):
+//! The connector returned here is the seam for the protocol tap :
 //! when it upgrades a socket, the socket's tap is switched off and the decrypted
 //! stream above TLS is tapped instead, sharing the connection's one wire state.
 
@@ -21,9 +21,9 @@ use rustls::{
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_postgres::tls::{MakeTlsConnect, TlsConnect};
 
+use super::wire::{Tapped, WireState};
 use crate::config::SslMode;
 use crate::error::Error;
-use crate::wire::{Tapped, WireState};
 
 fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
@@ -34,21 +34,14 @@ fn provider() -> Arc<CryptoProvider> {
 /// Returns `None` for [`SslMode::Disable`]. Errors name the file and what is wrong
 /// with it.
 ///
-/// # Example
-/// ```
-/// use railyard::{tls_client_config, SslMode};
-/// assert!(tls_client_config(SslMode::Disable, None)?.is_none());
-/// assert!(tls_client_config(SslMode::VerifyFull, None)?.is_some()); // web roots
-/// # Ok::<(), railyard::Error>(())
-/// ```
-pub fn tls_client_config(
+pub(crate) fn tls_client_config(
     mode: SslMode,
     root_cert: Option<&Path>,
 ) -> Result<Option<Arc<ClientConfig>>, Error> {
     let provider = provider();
     let builder = ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
-        .map_err(|e| Error::Tls(format!("protocol versions: {e}")))?;
+        .map_err(|e| Error::tls("protocol versions", e))?;
     let roots = match root_cert {
         Some(path) => Some(Arc::new(load_roots(path)?)),
         None => None,
@@ -85,38 +78,44 @@ fn webpki_verifier(
 ) -> Result<Arc<WebPkiServerVerifier>, Error> {
     WebPkiServerVerifier::builder_with_provider(roots, provider.clone())
         .build()
-        .map_err(|e| Error::Tls(format!("certificate verifier: {e}")))
+        .map_err(|e| Error::tls("certificate verifier", e))
 }
 
 fn load_roots(path: &Path) -> Result<RootCertStore, Error> {
     let bytes = std::fs::read(path).map_err(|e| {
-        Error::Tls(format!(
-            "cannot read sslrootcert {}: {e}; point sslrootcert at the CA certificate (PEM) that signed the server's certificate",
-            path.display()
-        ))
+        Error::tls(
+            format!(
+                "cannot read sslrootcert {}: {e}; point sslrootcert at the CA certificate (PEM) that signed the server's certificate",
+                path.display()
+            ),
+            e,
+        )
     })?;
     let mut store = RootCertStore::empty();
     let mut count = 0;
     for cert in CertificateDer::pem_slice_iter(&bytes) {
         let cert = cert.map_err(|e| {
-            Error::Tls(format!(
-                "sslrootcert {} is not valid PEM: {e}",
-                path.display()
-            ))
+            Error::tls(
+                format!("sslrootcert {} is not valid PEM: {e}", path.display()),
+                e,
+            )
         })?;
         store.add(cert).map_err(|e| {
-            Error::Tls(format!(
-                "sslrootcert {} holds an unusable certificate: {e}",
-                path.display()
-            ))
+            Error::tls(
+                format!(
+                    "sslrootcert {} holds an unusable certificate: {e}",
+                    path.display()
+                ),
+                e,
+            )
         })?;
         count += 1;
     }
     if count == 0 {
-        return Err(Error::Tls(format!(
-            "sslrootcert {} holds no PEM certificate",
-            path.display()
-        )));
+        return Err(Error::Tls {
+            message: format!("sslrootcert {} holds no PEM certificate", path.display()),
+            source: None,
+        });
     }
     Ok(store)
 }
@@ -233,7 +232,7 @@ impl Connector {
                     <tokio_postgres_rustls::MakeRustlsConnect as MakeTlsConnect<
                         tokio_postgres::Socket,
                     >>::make_tls_connect(&mut make, host)
-                    .map_err(|e| Error::Tls(format!("server name {host:?}: {e}")))?,
+                    .map_err(|e| Error::tls(format!("server name {host:?}"), e))?,
                 )
             }
         };

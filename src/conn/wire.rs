@@ -1,8 +1,8 @@
-//! The protocol tap (DESIGN.md D2): a pass-through stream under tokio-postgres that
+//! The protocol tap: a pass-through stream under tokio-postgres that
 //! observes the bytes of one connection and never changes them.
 //!
 //! Every connection opens its own socket (`Config::connect_raw`), wrapped in
-//! [`Tapped`]. When TLS is negotiated, our connector switches the socket's tap off
+//! `Tapped`. When TLS is negotiated, our connector switches the socket's tap off
 //! and wraps the decrypted stream instead; both share one [`WireState`].
 //!
 //! A small framing state machine reads backend message headers (type byte and
@@ -12,7 +12,7 @@
 //! transaction); `in_hot_standby` from `ParameterStatus`; and counts of bytes and
 //! messages. diesel-async keeps only six SQLSTATEs, and message text follows the
 //! server's `lc_messages`, so this is where exact classification comes from
-//! (DESIGN.md D2). Only the small control messages (`E`, `S`, `Z`) are copied;
+//! Only the small control messages (`E`, `S`, `Z`) are copied;
 //! row data is skipped by length, never copied.
 
 use std::io;
@@ -23,31 +23,7 @@ use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-/// The fields of a server `ErrorResponse` that classification needs.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct ServerError {
-    /// The SQLSTATE (field `C`).
-    pub code: String,
-    /// The non-localised severity (field `V`), e.g. `ERROR` or `FATAL`.
-    pub severity: String,
-    /// The constraint name (field `n`), for integrity violations.
-    pub constraint: Option<String>,
-    /// The column name (field `c`).
-    pub column: Option<String>,
-    /// The table name (field `t`).
-    pub table: Option<String>,
-    /// The schema name (field `s`).
-    pub schema: Option<String>,
-    /// The (possibly localised) message (field `M`): for people, never for decisions.
-    pub message: String,
-}
-
-impl ServerError {
-    /// The SQLSTATE as tokio-postgres' typed code.
-    pub fn sqlstate(&self) -> tokio_postgres::error::SqlState {
-        tokio_postgres::error::SqlState::from_code(&self.code)
-    }
-}
+use crate::error::ServerError;
 
 /// The transaction status from the latest `ReadyForQuery`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -90,7 +66,7 @@ pub struct WireState {
 /// A point in a connection's traffic, taken before an operation, to tell what the
 /// operation itself did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct WireMark {
+pub(crate) struct WireMark {
     bytes_written: u64,
     errors: u64,
     ready: u64,
@@ -162,8 +138,8 @@ impl WireState {
     }
     /// Whether the connection is idle with nothing in flight: the latest
     /// `ReadyForQuery` said idle and every request sent has been answered. This is
-    /// the pool's check-out test, with no round trip (DESIGN.md D1).
-    pub fn is_settled_idle(&self) -> bool {
+    /// the pool's check-out test, with no round trip.
+    pub(crate) fn is_settled_idle(&self) -> bool {
         !self.is_closed()
             && self.tx_status() == TxStatus::Idle
             && self.ready_count() >= self.syncs_sent.load(Ordering::Acquire)
@@ -173,7 +149,7 @@ impl WireState {
     /// before its `ReadyForQuery` is read, so a connection just handed back may
     /// need that moment; one still running a (cancelled) query or inside a
     /// transaction does not settle and is refused.
-    pub async fn settle(&self, patience: std::time::Duration) -> bool {
+    pub(crate) async fn settle(&self, patience: std::time::Duration) -> bool {
         let deadline = tokio::time::Instant::now() + patience;
         loop {
             let notified = self.ready_notify.notified();
@@ -213,13 +189,13 @@ impl WireState {
     }
 
     /// Requests sent whose `ReadyForQuery` has not arrived.
-    pub fn in_flight(&self) -> u64 {
+    pub(crate) fn in_flight(&self) -> u64 {
         self.syncs_sent
             .load(Ordering::Acquire)
             .saturating_sub(self.ready_count())
     }
     /// Marks the start of an operation.
-    pub fn mark(&self) -> WireMark {
+    pub(crate) fn mark(&self) -> WireMark {
         WireMark {
             bytes_written: self.bytes_written(),
             errors: self.error_count(),
@@ -227,22 +203,17 @@ impl WireState {
         }
     }
     /// Bytes written since `mark`: zero means the server never saw the operation.
-    pub fn written_since(&self, mark: WireMark) -> u64 {
+    pub(crate) fn written_since(&self, mark: WireMark) -> u64 {
         self.bytes_written().saturating_sub(mark.bytes_written)
     }
     /// The server's error for an operation that began at `mark`, if it sent one.
-    pub fn error_since(&self, mark: WireMark) -> Option<ServerError> {
+    pub(crate) fn error_since(&self, mark: WireMark) -> Option<ServerError> {
         if self.error_count() > mark.errors {
             self.last_error()
         } else {
             None
         }
     }
-    /// Round trips completed since `mark`.
-    pub fn round_trips_since(&self, mark: WireMark) -> u64 {
-        self.ready_count().saturating_sub(mark.ready)
-    }
-
     pub(crate) fn tls_failed(&self) -> bool {
         self.tls_failed.load(Ordering::Relaxed)
     }
@@ -470,7 +441,7 @@ impl Framer {
 
 /// A stream whose traffic is observed into a [`WireState`] while `observing` is on.
 #[derive(Debug)]
-pub struct Tapped<S> {
+pub(crate) struct Tapped<S> {
     inner: S,
     wire: std::sync::Arc<WireState>,
     observing: bool,
@@ -555,7 +526,7 @@ where
 
 /// The socket we open ourselves: TCP or a Unix socket.
 #[derive(Debug)]
-pub enum Socket {
+pub(crate) enum Socket {
     /// A TCP connection.
     Tcp(tokio::net::TcpStream),
     /// A Unix-domain socket.

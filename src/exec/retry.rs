@@ -1,7 +1,7 @@
-//! Error classification and retry policy (DESIGN.md D3).
+//! Retry policy: which failures may be retried, how often, and how long to wait.
 //!
 //! Every failure gets one [`ErrorClass`], computed in one place
-//! ([`classify`]) from the SQLSTATE the protocol tap saw (never from message
+//! (`crate::error::classify`) from the SQLSTATE the protocol tap saw (never from message
 //! text, which follows `lc_messages`) and from whether the connection died.
 //! Whether a failure is *retried* then depends on the phase it happened in:
 //!
@@ -22,110 +22,17 @@
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use rand::Rng;
-use tokio_postgres::error::SqlState;
 
-/// What kind of failure an error is, for deciding what to do about it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[non_exhaustive]
-pub enum ErrorClass {
-    /// The transaction lost a race (serialization failure, deadlock, lock
-    /// timeout): re-run it from the top.
-    RetryTransaction,
-    /// The connection failed or the server refused connections for now.
-    Reconnect,
-    /// A write reached a server in recovery: find the primary again.
-    Reroute,
-    /// The connection died while the outcome was being decided (COMMIT in
-    /// flight): it may or may not have committed.
-    Ambiguous,
-    /// A timeout or cancellation (57014, or Railyard's deadline).
-    Timeout,
-    /// An integrity constraint was violated (23xxx).
-    Constraint,
-    /// Anything else: retrying cannot help.
-    Permanent,
-}
-
-impl ErrorClass {
-    /// A short lowercase name, for logs and metrics labels.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ErrorClass::RetryTransaction => "retry_transaction",
-            ErrorClass::Reconnect => "reconnect",
-            ErrorClass::Reroute => "reroute",
-            ErrorClass::Ambiguous => "ambiguous",
-            ErrorClass::Timeout => "timeout",
-            ErrorClass::Constraint => "constraint",
-            ErrorClass::Permanent => "permanent",
-        }
-    }
-}
-
-impl std::fmt::Display for ErrorClass {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// Where in an operation a failure happened.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Phase {
-    /// Opening or checking out a connection.
-    Connect,
-    /// Before any byte of the operation reached the server.
-    BeforeSend,
-    /// While statements were running (inside a transaction, before COMMIT).
-    InFlight,
-    /// While COMMIT (or an autocommit statement) was being decided.
-    Commit,
-}
-
-/// The class of a failure, from the server's SQLSTATE when it sent one and from
-/// whether the connection is gone. The one place SQLSTATEs are interpreted.
-///
-/// ```
-/// use railyard::{classify, ErrorClass};
-/// use tokio_postgres::error::SqlState;
-/// assert_eq!(classify(Some(&SqlState::T_R_DEADLOCK_DETECTED), false), ErrorClass::RetryTransaction);
-/// assert_eq!(classify(None, true), ErrorClass::Reconnect);
-/// ```
-pub fn classify(sqlstate: Option<&SqlState>, connection_lost: bool) -> ErrorClass {
-    let Some(code) = sqlstate else {
-        return if connection_lost {
-            ErrorClass::Reconnect
-        } else {
-            ErrorClass::Permanent
-        };
-    };
-    match code {
-        c if *c == SqlState::T_R_SERIALIZATION_FAILURE
-            || *c == SqlState::T_R_DEADLOCK_DETECTED
-            || *c == SqlState::LOCK_NOT_AVAILABLE =>
-        {
-            ErrorClass::RetryTransaction
-        }
-        c if *c == SqlState::T_R_STATEMENT_COMPLETION_UNKNOWN => ErrorClass::Ambiguous,
-        c if *c == SqlState::READ_ONLY_SQL_TRANSACTION => ErrorClass::Reroute,
-        c if *c == SqlState::QUERY_CANCELED => ErrorClass::Timeout,
-        c if *c == SqlState::ADMIN_SHUTDOWN
-            || *c == SqlState::CRASH_SHUTDOWN
-            || *c == SqlState::CANNOT_CONNECT_NOW
-            || *c == SqlState::TOO_MANY_CONNECTIONS
-            || c.code().starts_with("08") =>
-        {
-            ErrorClass::Reconnect
-        }
-        c if c.code().starts_with("23") => ErrorClass::Constraint,
-        _ => ErrorClass::Permanent,
-    }
-}
+use crate::error::{ErrorClass, Phase};
 
 /// Whether a failure of `class` in `phase` may be retried.
 ///
 /// `idempotent` is the caller's promise that running the work twice is harmless;
 /// `sent` says whether any byte of the operation reached the server.
-pub fn retryable(class: ErrorClass, phase: Phase, idempotent: bool, sent: bool) -> bool {
+pub(crate) fn retryable(class: ErrorClass, phase: Phase, idempotent: bool, sent: bool) -> bool {
     match class {
         ErrorClass::RetryTransaction => true,
         ErrorClass::Reconnect => match phase {
@@ -139,17 +46,23 @@ pub fn retryable(class: ErrorClass, phase: Phase, idempotent: bool, sent: bool) 
 }
 
 /// How many attempts and how long to wait between them.
+///
+/// ```
+/// use std::time::Duration;
+/// let p = railyard::RetryPolicy::default()
+///     .max_attempts(3)
+///     .backoff_between(Duration::from_millis(2), Duration::from_millis(50));
+/// assert_eq!(p.attempts(), 3);
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RetryPolicy {
-    /// Attempts in all, the first included. Defaults to 10.
-    pub max_attempts: u32,
-    /// The first backoff's upper bound. Defaults to 5 ms.
-    pub base_delay: Duration,
-    /// The largest backoff. Defaults to 1 s.
-    pub max_delay: Duration,
+    max_attempts: u32,
+    base_delay: Duration,
+    max_delay: Duration,
 }
 
 impl Default for RetryPolicy {
+    /// 10 attempts, full-jitter backoff from 5 ms up to 1 s.
     fn default() -> Self {
         RetryPolicy {
             max_attempts: 10,
@@ -160,6 +73,24 @@ impl Default for RetryPolicy {
 }
 
 impl RetryPolicy {
+    /// Attempts in all, the first included (at least 1).
+    pub fn max_attempts(mut self, n: u32) -> Self {
+        self.max_attempts = n.max(1);
+        self
+    }
+
+    /// The first backoff's upper bound and the largest backoff.
+    pub fn backoff_between(mut self, base: Duration, max: Duration) -> Self {
+        self.base_delay = base;
+        self.max_delay = max.max(base);
+        self
+    }
+
+    /// Attempts in all, the first included.
+    pub fn attempts(&self) -> u32 {
+        self.max_attempts
+    }
+
     /// No retries at all.
     pub fn never() -> Self {
         RetryPolicy {
@@ -262,6 +193,36 @@ impl RetryBudget {
     }
 }
 
+/// The retry settings and counters of one `Database`.
+#[derive(Debug, Default)]
+pub(crate) struct Retries {
+    pub(crate) policy: RetryPolicy,
+    pub(crate) budget: RetryBudget,
+    counts: [AtomicU64; ErrorClass::ALL.len()],
+}
+
+impl Retries {
+    pub(crate) fn new(policy: RetryPolicy, budget: RetryBudget) -> Self {
+        Retries {
+            policy,
+            budget,
+            counts: Default::default(),
+        }
+    }
+
+    pub(crate) fn note(&self, class: ErrorClass) {
+        self.counts[class.index()].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Retries made so far, by class.
+    pub(crate) fn counts(&self) -> Vec<(ErrorClass, u64)> {
+        ErrorClass::ALL
+            .iter()
+            .map(|c| (*c, self.counts[c.index()].load(Ordering::Relaxed)))
+            .collect()
+    }
+}
+
 impl Default for RetryBudget {
     /// 20 % of recent work plus 10 retries per second, over 10 s.
     fn default() -> Self {
@@ -272,6 +233,8 @@ impl Default for RetryBudget {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::classify;
+    use tokio_postgres::error::SqlState;
 
     #[test]
     fn the_table_holds() {

@@ -1,9 +1,9 @@
 //! Routing: reads may go to replicas, everything else to the primary, and a
-//! session never reads older data than it wrote or already read (DESIGN.md D4).
+//! session never reads older data than it wrote or already read.
 //!
-//! - [`Database::read`] may use a replica; `write` and `transaction` always use
-//!   the primary. The route taken is a [`Route`].
-//! - A [`Session`] records the primary's WAL insert position after each of its
+//! - [`Database::read`](crate::Database::read) may use a replica; `write` and `transaction` always use
+//!   the primary. The route taken is a [`Route`](crate::conn::Route).
+//! - A [`Session`](crate::database::Session) records the primary's WAL insert position after each of its
 //!   writes commits: a [`CausalToken`], which converts to and from a short string
 //!   (for an HTTP header, a cookie or a job payload). A session's read goes to a
 //!   replica only when that replica has replayed past the session's token and
@@ -25,60 +25,37 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use diesel::QueryableByName;
+use tokio_postgres::types::PgLsn;
 
-use crate::error::ConfigError;
-use crate::error::Error;
-use crate::pool::{Opener, TargetPool};
+use crate::conn::Conn;
+use crate::conn::open::Opener;
+use crate::conn::pool::TargetPool;
+use crate::error::{ConfigError, Error, ErrorClass};
 
-/// Where an operation ran.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum Route {
-    /// The primary.
-    Primary,
-    /// A replica, by `host:port`.
-    Replica(Arc<str>),
-}
-
-impl fmt::Display for Route {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Route::Primary => f.write_str("primary"),
-            Route::Replica(name) => write!(f, "replica {name}"),
-        }
-    }
-}
-
-/// A WAL position (`pg_lsn`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
-pub struct Lsn(pub u64);
-
-impl fmt::Display for Lsn {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:X}/{:X}", self.0 >> 32, self.0 & 0xffff_ffff)
-    }
-}
-
-impl FromStr for Lsn {
-    type Err = ConfigError;
-    fn from_str(s: &str) -> Result<Self, ConfigError> {
-        crate::database::parse_lsn(s).map(Lsn).ok_or_else(|| {
-            ConfigError::new("lsn", s, "expected a WAL position such as 16/B374D848")
-        })
-    }
-}
-
-/// The position a session has written (or read) up to. Carry it between
-/// requests as a string; a read with it never sees older data.
+/// The position a session has written (or read) up to: a WAL position of the
+/// primary. Carry it between requests as a string; a read with it never sees
+/// older data.
 ///
 /// ```
 /// use railyard::CausalToken;
 /// let t: CausalToken = "16/B374D848".parse()?;
 /// assert_eq!(t.to_string(), "16/B374D848");
 /// assert!("yesterday".parse::<CausalToken>().is_err());
-/// # Ok::<(), railyard::ConfigError>(())
+/// # Ok::<(), railyard::error::ConfigError>(())
 /// ```
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct CausalToken(pub Lsn);
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct CausalToken(PgLsn);
+
+impl CausalToken {
+    pub(crate) fn new(lsn: PgLsn) -> Self {
+        CausalToken(lsn)
+    }
+
+    /// The WAL position.
+    pub fn lsn(self) -> PgLsn {
+        self.0
+    }
+}
 
 impl fmt::Display for CausalToken {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -89,15 +66,41 @@ impl fmt::Display for CausalToken {
 impl FromStr for CausalToken {
     type Err = ConfigError;
     fn from_str(s: &str) -> Result<Self, ConfigError> {
-        s.trim().parse::<Lsn>().map(CausalToken).map_err(|mut e| {
-            e.field = "causal token".into();
-            e
+        s.trim().parse::<PgLsn>().map(CausalToken).map_err(|_| {
+            ConfigError::new(
+                "causal token",
+                s,
+                "expected a WAL position such as 16/B374D848",
+            )
         })
+    }
+}
+
+/// The oldest data a read may see.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Floor {
+    /// Any healthy replica will do.
+    Any,
+    /// A replica that replayed at least this far.
+    At(PgLsn),
+    /// Only the primary (a commit position could not be read).
+    Primary,
+}
+
+impl Floor {
+    /// The later of two floors.
+    pub(crate) fn max(self, other: Floor) -> Floor {
+        match (self, other) {
+            (Floor::Primary, _) | (_, Floor::Primary) => Floor::Primary,
+            (Floor::Any, f) | (f, Floor::Any) => f,
+            (Floor::At(a), Floor::At(b)) => Floor::At(a.max(b)),
+        }
     }
 }
 
 /// How a read picks among eligible replicas.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub enum ReplicaChoice {
     /// In turn.
     #[default]
@@ -108,6 +111,7 @@ pub enum ReplicaChoice {
 
 /// What a causal read does when no replica has caught up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub enum Fallback {
     /// Read on the primary.
     #[default]
@@ -118,6 +122,7 @@ pub enum Fallback {
 
 /// Whether a read must be causally consistent with the session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub enum Staleness {
     /// Never older than the session's writes and reads.
     #[default]
@@ -127,23 +132,24 @@ pub enum Staleness {
 }
 
 /// Routing settings.
+///
+/// ```
+/// use std::time::Duration;
+/// use railyard::route::{Fallback, RoutingConfig};
+/// let r = RoutingConfig::default()
+///     .fallback(Fallback::Wait(Duration::from_millis(200)))
+///     .max_lag_bytes(1 << 20);
+/// # let _ = r;
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RoutingConfig {
-    /// How replicas are picked. Defaults to round-robin.
-    pub choice: ReplicaChoice,
-    /// What causal reads do when no replica caught up. Defaults to the primary.
-    pub fallback: Fallback,
-    /// A replica further behind than this many WAL bytes is ejected. Defaults to 16 MiB.
-    pub max_lag_bytes: u64,
-    /// A replica whose last replayed commit is older than this while WAL is still
-    /// pending is ejected. Defaults to 10 s.
-    pub max_lag: Duration,
-    /// The monitor's interval (jittered ±25 %). Defaults to 200 ms.
-    pub check_interval: Duration,
-    /// The monitor query's `statement_timeout`. Defaults to 1 s.
-    pub check_timeout: Duration,
-    /// Consecutive good checks before an ejected replica is re-admitted. Defaults to 2.
-    pub readmit_after: u32,
+    pub(crate) choice: ReplicaChoice,
+    pub(crate) fallback: Fallback,
+    pub(crate) max_lag_bytes: u64,
+    pub(crate) max_lag: Duration,
+    pub(crate) check_interval: Duration,
+    pub(crate) check_timeout: Duration,
+    pub(crate) readmit_after: u32,
 }
 
 impl Default for RoutingConfig {
@@ -160,8 +166,48 @@ impl Default for RoutingConfig {
     }
 }
 
+impl RoutingConfig {
+    /// How replicas are picked. Defaults to round-robin.
+    pub fn choice(mut self, c: ReplicaChoice) -> Self {
+        self.choice = c;
+        self
+    }
+    /// What causal reads do when no replica caught up. Defaults to the primary.
+    pub fn fallback(mut self, f: Fallback) -> Self {
+        self.fallback = f;
+        self
+    }
+    /// A replica further behind than this many WAL bytes is ejected. Defaults to 16 MiB.
+    pub fn max_lag_bytes(mut self, n: u64) -> Self {
+        self.max_lag_bytes = n;
+        self
+    }
+    /// A replica whose last replayed commit is older than this while WAL is
+    /// still pending is ejected. Defaults to 10 s.
+    pub fn max_lag(mut self, d: Duration) -> Self {
+        self.max_lag = d;
+        self
+    }
+    /// The monitor's interval (jittered ±25 %). Defaults to 200 ms.
+    pub fn check_interval(mut self, d: Duration) -> Self {
+        self.check_interval = d;
+        self
+    }
+    /// The monitor query's `statement_timeout`. Defaults to 1 s.
+    pub fn check_timeout(mut self, d: Duration) -> Self {
+        self.check_timeout = d;
+        self
+    }
+    /// Consecutive good checks before an ejected replica is re-admitted. Defaults to 2.
+    pub fn readmit_after(mut self, n: u32) -> Self {
+        self.readmit_after = n.max(1);
+        self
+    }
+}
+
 /// A replica's state as routing sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum ReplicaStatus {
     /// Not checked yet.
     Unknown,
@@ -198,13 +244,14 @@ impl ReplicaStatus {
 
 /// A snapshot of one replica's monitored state.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct ReplicaHealth {
     /// `host:port`.
     pub name: String,
     /// Whether reads go there, and why not.
     pub status: ReplicaStatus,
-    /// Its last known replay position.
-    pub replay_lsn: Lsn,
+    /// Its last known replay position (`None` before the first check).
+    pub replay_lsn: Option<PgLsn>,
     /// WAL bytes behind the primary at the last check.
     pub lag_bytes: u64,
     /// Age of its last replayed commit while WAL was pending, at the last check.
@@ -230,9 +277,9 @@ pub(crate) struct ReplicaNode {
 }
 
 impl ReplicaNode {
-    pub(crate) fn new(name: String, pool: TargetPool, opener: Opener) -> Self {
+    pub(crate) fn new(name: Arc<str>, pool: TargetPool, opener: Opener) -> Self {
         ReplicaNode {
-            name: name.into(),
+            name,
             pool,
             opener,
             status: AtomicU8::new(ReplicaStatus::Unknown.as_u8()),
@@ -260,8 +307,26 @@ impl ReplicaNode {
         self.replay_lsn.load(Ordering::Acquire)
     }
 
-    /// A read on this replica failed for a reason that says the replica is in
-    /// trouble (its connection failed): eject it until the monitor re-admits it.
+    /// What a failed read on this replica means, and whether to read on the
+    /// primary instead: a lost connection ejects the replica until the monitor
+    /// re-admits it; a recovery conflict is the replica's business too; any
+    /// other failure is the read's own and is returned to the caller.
+    pub(crate) fn after_failed_read(&self, class: ErrorClass) -> bool {
+        match class {
+            ErrorClass::Reconnect => {
+                self.note_failure(format!("read failed: {class}"));
+                true
+            }
+            ErrorClass::RetryTransaction => {
+                tracing::info!(target: "railyard::route", replica = %self.name, "recovery conflict on a replica; reading on the primary");
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The replica's pool could not hand out a connection: eject it until the
+    /// monitor re-admits it.
     pub(crate) fn note_failure(&self, why: String) {
         if self.status() == ReplicaStatus::Healthy {
             self.set_status(ReplicaStatus::Down);
@@ -274,7 +339,10 @@ impl ReplicaNode {
         ReplicaHealth {
             name: self.name.to_string(),
             status: self.status(),
-            replay_lsn: Lsn(self.replay_lsn()),
+            replay_lsn: match self.replay_lsn() {
+                0 => None,
+                lsn => Some(PgLsn::from(lsn)),
+            },
             lag_bytes: self.lag_bytes.load(Ordering::Relaxed),
             lag: Duration::from_millis(self.lag_ms.load(Ordering::Relaxed)),
             outstanding: self.outstanding.load(Ordering::Relaxed),
@@ -330,8 +398,13 @@ impl Router {
 
     /// Picks a healthy replica that has replayed at least `min_lsn`; cached
     /// figures only, no I/O.
-    pub(crate) fn choose(&self, min_lsn: u64) -> Option<(Arc<ReplicaNode>, Outstanding)> {
+    pub(crate) fn choose(&self, floor: Floor) -> Option<(Arc<ReplicaNode>, Outstanding)> {
         let n = self.replicas.len();
+        let min_lsn = match floor {
+            Floor::Any => 0,
+            Floor::At(lsn) => u64::from(lsn),
+            Floor::Primary => return None,
+        };
         if n == 0 {
             return None;
         }
@@ -383,22 +456,22 @@ fn jittered(d: Duration) -> Duration {
 
 #[derive(QueryableByName)]
 struct PrimaryProbe {
-    #[diesel(sql_type = diesel::sql_types::Text)]
-    lsn: String,
+    #[diesel(sql_type = diesel::pg::sql_types::PgLsn)]
+    lsn: diesel::pg::data_types::PgLsn,
 }
 
 #[derive(QueryableByName)]
 struct ReplicaProbe {
     #[diesel(sql_type = diesel::sql_types::Bool)]
     in_recovery: bool,
-    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Text>)]
-    replay: Option<String>,
+    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::pg::sql_types::PgLsn>)]
+    replay: Option<diesel::pg::data_types::PgLsn>,
     #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Double>)]
     replay_age: Option<f64>,
 }
 
 async fn probe<T: QueryableByName<diesel::pg::Pg> + Send + 'static>(
-    conn: &mut crate::pool::Conn,
+    conn: &mut Conn,
     timeout: Duration,
     sql: &'static str,
 ) -> Result<T, Error> {
@@ -407,9 +480,9 @@ async fn probe<T: QueryableByName<diesel::pg::Pg> + Send + 'static>(
         "SET LOCAL statement_timeout = {}",
         timeout.as_millis().max(1)
     );
-    let work = conn.transaction::<T, Error, _>(async move |c| {
+    let work = conn.transaction(async move |c| {
         diesel::sql_query(sql_timeout).execute(c).await?;
-        Ok(diesel::sql_query(sql).get_result::<T>(c).await?)
+        Ok::<T, Error>(diesel::sql_query(sql).get_result::<T>(c).await?)
     });
     match tokio::time::timeout(timeout + Duration::from_millis(500), work).await {
         Ok(r) => r,
@@ -434,13 +507,9 @@ async fn monitor_primary(router: Weak<Router>, opener: Opener) {
             conn = opener.open().await.ok();
         }
         if let Some(c) = conn.as_mut() {
-            match probe::<PrimaryProbe>(c, timeout, "SELECT pg_current_wal_lsn()::text AS lsn")
-                .await
-            {
+            match probe::<PrimaryProbe>(c, timeout, "SELECT pg_current_wal_lsn() AS lsn").await {
                 Ok(p) => {
-                    if let Some(lsn) = crate::database::parse_lsn(&p.lsn) {
-                        r.primary_lsn.fetch_max(lsn, Ordering::AcqRel);
-                    }
+                    r.primary_lsn.fetch_max(p.lsn.0, Ordering::AcqRel);
                 }
                 Err(e) => {
                     tracing::debug!(target: "railyard::route", error = %e, "primary WAL probe failed");
@@ -469,7 +538,7 @@ async fn monitor_replica(router: Weak<Router>, node: Arc<ReplicaNode>) {
             probe::<ReplicaProbe>(
                 c,
                 cfg.check_timeout,
-                "SELECT pg_is_in_recovery() AS in_recovery, pg_last_wal_replay_lsn()::text AS replay, \
+                "SELECT pg_is_in_recovery() AS in_recovery, pg_last_wal_replay_lsn() AS replay, \
                  extract(epoch FROM now() - pg_last_xact_replay_timestamp())::float8 AS replay_age",
             )
             .await
@@ -482,11 +551,8 @@ async fn monitor_replica(router: Weak<Router>, node: Arc<ReplicaNode>) {
                     Some("recovery ended: the server was promoted".into());
             }
             Ok(p) => {
-                let replay = p
-                    .replay
-                    .as_deref()
-                    .and_then(crate::database::parse_lsn)
-                    .unwrap_or(0);
+                // NULL before the standby replayed anything: nothing yet.
+                let replay = p.replay.map_or(0, |l| l.0);
                 node.replay_lsn.fetch_max(replay, Ordering::AcqRel);
                 let primary = r.primary_lsn.load(Ordering::Acquire);
                 let lag_bytes = primary.saturating_sub(replay);
@@ -531,147 +597,6 @@ async fn monitor_replica(router: Weak<Router>, node: Arc<ReplicaNode>) {
     }
 }
 
-/// A sequence of operations with read-your-writes and monotonic reads: reads go
-/// to a replica only when it has replayed past this session's writes and past
-/// what the session already read.
-///
-/// ```no_run
-/// use diesel_async::RunQueryDsl;
-/// # async fn demo(db: &railyard::Database) -> Result<(), railyard::Error> {
-/// let session = db.session();
-/// session
-///     .write(async |conn| {
-///         diesel::sql_query("UPDATE accounts SET balance_cents = 0 WHERE id = 1")
-///             .execute(conn)
-///             .await
-///             .map_err(railyard::Error::from)
-///     })
-///     .await?;
-/// let token = session.token().expect("a write was recorded").to_string(); // e.g. for a header
-/// // …later, in another request:
-/// let later = db.session_from(token.parse()?);
-/// # Ok(()) }
-/// ```
-#[derive(Debug, Clone)]
-pub struct Session {
-    db: crate::Database,
-    floor: Arc<AtomicU64>,
-    staleness: Staleness,
-}
-
-impl Session {
-    pub(crate) fn new(db: crate::Database, floor: u64) -> Self {
-        Session {
-            db,
-            floor: Arc::new(AtomicU64::new(floor)),
-            staleness: Staleness::Causal,
-        }
-    }
-
-    /// This session's token: the newest position it wrote or read, if any.
-    pub fn token(&self) -> Option<CausalToken> {
-        match self.floor.load(Ordering::Acquire) {
-            0 => None,
-            lsn => Some(CausalToken(Lsn(lsn))),
-        }
-    }
-
-    /// Accepts stale reads explicitly (they still go only to healthy replicas).
-    #[must_use]
-    pub fn staleness(mut self, s: Staleness) -> Self {
-        self.staleness = s;
-        self
-    }
-
-    /// Reads, on a replica that has caught up with this session, else per the
-    /// database's [`Fallback`]. Returns the route taken with the value.
-    pub async fn read<R, E, F>(&self, f: F) -> Result<R, E>
-    where
-        F: for<'r> AsyncFnOnce(&'r mut crate::Conn) -> Result<R, E>
-            + for<'r> crate::ConnFn<&'r mut crate::Conn, Result<R, E>, Fut: Send>
-            + Clone
-            + Send,
-        E: From<Error> + Send + 'static,
-        R: Send,
-    {
-        self.read_routed(f).await.map(|(v, _)| v)
-    }
-
-    /// Like [`Session::read`], and says where the read ran.
-    pub async fn read_routed<R, E, F>(&self, f: F) -> Result<(R, Route), E>
-    where
-        F: for<'r> AsyncFnOnce(&'r mut crate::Conn) -> Result<R, E>
-            + for<'r> crate::ConnFn<&'r mut crate::Conn, Result<R, E>, Fut: Send>
-            + Clone
-            + Send,
-        E: From<Error> + Send + 'static,
-        R: Send,
-    {
-        let floor = match self.staleness {
-            Staleness::Causal => self.floor.load(Ordering::Acquire),
-            Staleness::Any => 0,
-        };
-        let (v, route, seen) = self.db.read_at(floor, f).await?;
-        if self.staleness == Staleness::Causal {
-            // Monotonic reads: never go back to a replica behind what was seen.
-            self.floor.fetch_max(seen, Ordering::AcqRel);
-        }
-        Ok((v, route))
-    }
-
-    /// A write on the primary (see [`crate::Database::write`]); its commit
-    /// position becomes the session's token.
-    pub async fn write<R, E, F>(&self, f: F) -> Result<R, E>
-    where
-        F: for<'r> AsyncFnOnce(&'r mut crate::Conn) -> Result<R, E>
-            + for<'r> crate::ConnFn<&'r mut crate::Conn, Result<R, E>, Fut: Send>
-            + Clone
-            + Send,
-        E: From<Error> + Send + 'static,
-        R: Send,
-    {
-        let (v, lsn) = self.db.build_write().run_recording_lsn(f).await?;
-        self.floor.fetch_max(lsn, Ordering::AcqRel);
-        Ok(v)
-    }
-
-    /// A transaction on the primary (see [`crate::Database::transaction`]); its
-    /// commit position becomes the session's token.
-    pub async fn transaction<R, E, F>(&self, f: F) -> Result<R, E>
-    where
-        F: for<'r> AsyncFnOnce(&'r mut crate::Conn) -> Result<R, E>
-            + for<'r> crate::ConnFn<&'r mut crate::Conn, Result<R, E>, Fut: Send>
-            + Clone
-            + Send,
-        E: From<Error> + Send + 'static,
-        R: Send,
-    {
-        let (v, lsn) = self.db.build_transaction().run_recording_lsn(f).await?;
-        self.floor.fetch_max(lsn, Ordering::AcqRel);
-        Ok(v)
-    }
-}
-
-#[derive(QueryableByName)]
-pub(crate) struct InsertLsn {
-    #[diesel(sql_type = diesel::sql_types::Text)]
-    pub(crate) lsn: String,
-}
-
-/// The primary's WAL insert position, read on the connection that just committed.
-pub(crate) async fn insert_lsn(conn: &mut crate::Conn) -> Result<u64, Error> {
-    use diesel_async::RunQueryDsl;
-    let row: InsertLsn = diesel::sql_query("SELECT pg_current_wal_insert_lsn()::text AS lsn")
-        .get_result(conn)
-        .await?;
-    crate::database::parse_lsn(&row.lsn).ok_or_else(|| {
-        Error::Local(format!(
-            "the server returned an unreadable WAL position {:?}",
-            row.lsn
-        ))
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -679,10 +604,19 @@ mod tests {
     #[test]
     fn tokens_round_trip_as_strings() {
         for v in [0u64, 1, 0x16_B374_D848, u64::MAX] {
-            let t = CausalToken(Lsn(v));
+            let t = CausalToken(PgLsn::from(v));
             assert_eq!(t.to_string().parse::<CausalToken>().unwrap(), t);
         }
         let err = "12345".parse::<CausalToken>().unwrap_err();
         assert_eq!(err.field, "causal token");
+    }
+
+    #[test]
+    fn floors_only_rise() {
+        let a = Floor::At(PgLsn::from(5));
+        let b = Floor::At(PgLsn::from(9));
+        assert_eq!(a.max(b), b);
+        assert_eq!(Floor::Any.max(a), a);
+        assert_eq!(b.max(Floor::Primary), Floor::Primary);
     }
 }

@@ -1,4 +1,6 @@
-//! Per-query timing through diesel's `Instrumentation` (DESIGN.md D6).
+//! What the data layer sees: per-query timing through diesel's
+//! `Instrumentation`, hooks, statement statistics, Railyard's own metrics, the
+//! health verdict ([`health`]) and the Prometheus text (`prometheus`).
 //!
 //! Every connection gets an instrumentation that pairs `StartQuery` with
 //! `FinishQuery` in order (a FIFO, since pipelined queries interleave), and hands
@@ -23,21 +25,31 @@
 //! Railyard's own metrics (durations per route in OpenTelemetry's buckets, errors
 //! by class) are always collected; they feed [`crate::Database::health`] and the
 //! Prometheus endpoint.
+//!
+//! This layer sits above connections, routing and migrations: it reads their
+//! state and never drives them. The connection layer calls into it only through
+//! the `Instrument` seam.
+
+pub mod health;
+pub use health::{HealthCheck, HealthReport, HealthStatus};
+pub(crate) mod prometheus;
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt::{self, Write as _};
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use diesel::connection::{Instrumentation, InstrumentationEvent};
+use diesel_async::AsyncPgConnection;
 
-use crate::retry::{ErrorClass, classify};
-use crate::route::Route;
-use crate::wire::WireState;
+use crate::conn::wire::WireState;
+use crate::conn::{ConnLabels, Instrument, Route};
+use crate::error::{ErrorClass, classify};
 
 /// Whether a query succeeded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Outcome {
     /// It succeeded.
     Ok,
@@ -47,6 +59,7 @@ pub enum Outcome {
 
 /// One finished query.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct QueryEvent<'a> {
     /// The statement text: parameterised, string literals replaced by `'?'`.
     pub sql: &'a str,
@@ -74,6 +87,38 @@ pub struct QueryEvent<'a> {
     pub class: Option<ErrorClass>,
     /// The SQLSTATE of the failure, from the protocol tap.
     pub sqlstate: Option<&'a str>,
+}
+
+impl<'a> QueryEvent<'a> {
+    /// A successful event for `sql` on `route` (operation and table read from
+    /// the text; no host, port or database): for testing your own hooks.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use railyard::{QueryEvent, QueryHook, Route, StatementStats};
+    /// let stats = StatementStats::new();
+    /// let route = Route::Primary;
+    /// stats.on_query(&QueryEvent::new("SELECT 1", &route, Duration::from_millis(2)));
+    /// assert_eq!(stats.snapshot()[0].calls, 1);
+    /// ```
+    pub fn new(sql: &'a str, route: &'a Route, duration: Duration) -> Self {
+        let (operation, table) = operation_and_table(sql);
+        QueryEvent {
+            sql,
+            operation,
+            table,
+            duration,
+            host: "",
+            port: 0,
+            database: "",
+            route,
+            depth: 0,
+            attempt: 1,
+            outcome: Outcome::Ok,
+            class: None,
+            sqlstate: None,
+        }
+    }
 }
 
 /// Receives every finished query. Runs synchronously on the connection's task:
@@ -209,6 +254,7 @@ impl QueryHook for QuerySpans {
 
 /// Statistics of one statement.
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct StatementStat {
     /// The statement text.
     pub sql: String,
@@ -319,7 +365,7 @@ impl QueryHook for StatementStats {
 }
 
 /// OpenTelemetry's recommended bucket bounds for `db.client.operation.duration`, in seconds.
-pub const DURATION_BUCKETS: [f64; 14] = [
+pub(crate) const DURATION_BUCKETS: [f64; 14] = [
     0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
 ];
 
@@ -351,23 +397,11 @@ impl DurationHistogram {
 pub(crate) struct Metrics {
     pub(crate) primary: DurationHistogram,
     pub(crate) replica: DurationHistogram,
-    pub(crate) errors: [AtomicU64; 7],
-    window: Mutex<VecDeque<(u64, u64, [u64; 7])>>,
+    pub(crate) errors: [AtomicU64; CLASS_COUNT],
+    window: Mutex<VecDeque<(u64, u64, [u64; CLASS_COUNT])>>,
 }
 
-pub(crate) const CLASSES: [ErrorClass; 7] = [
-    ErrorClass::RetryTransaction,
-    ErrorClass::Reconnect,
-    ErrorClass::Reroute,
-    ErrorClass::Ambiguous,
-    ErrorClass::Timeout,
-    ErrorClass::Constraint,
-    ErrorClass::Permanent,
-];
-
-pub(crate) fn class_index(c: ErrorClass) -> usize {
-    CLASSES.iter().position(|x| *x == c).unwrap_or(6)
-}
+const CLASS_COUNT: usize = ErrorClass::ALL.len();
 
 fn epoch_secs() -> u64 {
     static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
@@ -380,7 +414,7 @@ impl Metrics {
             Route::Primary => self.primary.record(e.duration),
             Route::Replica(_) => self.replica.record(e.duration),
         }
-        let class = e.class.map(class_index);
+        let class = e.class.map(ErrorClass::index);
         if let Some(i) = class {
             self.errors[i].fetch_add(1, Ordering::Relaxed);
         }
@@ -391,7 +425,7 @@ impl Metrics {
             w.pop_front();
         }
         if w.back().is_none_or(|(t, _, _)| *t != now) {
-            w.push_back((now, 0, [0; 7]));
+            w.push_back((now, 0, [0; CLASS_COUNT]));
         }
         let last = w.back_mut().expect("pushed just above");
         last.1 += 1;
@@ -401,16 +435,16 @@ impl Metrics {
     }
 
     /// Queries and errors by class over the last minute.
-    pub(crate) fn recent(&self) -> (u64, [u64; 7]) {
+    pub(crate) fn recent(&self) -> (u64, [u64; CLASS_COUNT]) {
         let now = epoch_secs();
         let w = self.window.lock().unwrap_or_else(|p| p.into_inner());
         let mut total = 0;
-        let mut errors = [0; 7];
+        let mut errors = [0; CLASS_COUNT];
         for (t, n, e) in w.iter() {
             if now - t < 60 {
                 total += n;
-                for i in 0..7 {
-                    errors[i] += e[i];
+                for (sum, x) in errors.iter_mut().zip(e) {
+                    *sum += x;
                 }
             }
         }
@@ -431,14 +465,18 @@ impl fmt::Debug for Observer {
     }
 }
 
-/// What a connection's instrumentation shares with its `Conn`.
-#[derive(Debug)]
-pub(crate) struct ConnLabels {
-    pub(crate) host: String,
-    pub(crate) port: u16,
-    pub(crate) database: String,
-    pub(crate) route: Route,
-    pub(crate) attempt: AtomicU32,
+impl Instrument for Observer {
+    fn install(
+        self: Arc<Self>,
+        pg: &mut AsyncPgConnection,
+        labels: Arc<ConnLabels>,
+        wire: Arc<WireState>,
+    ) {
+        diesel_async::AsyncConnection::set_instrumentation(
+            pg,
+            ConnInstrumentation::new(self, labels, wire),
+        );
+    }
 }
 
 /// The instrumentation installed on every connection.
@@ -497,13 +535,10 @@ impl fmt::Write for UntilBinds<'_> {
 /// values (a password in `ALTER ROLE`, an email in a hand-written query) never
 /// reach a log.
 ///
-/// ```
-/// assert_eq!(
-///     railyard::sanitize_sql("UPDATE users SET name = 'O''Brien' WHERE id = $1"),
-///     "UPDATE users SET name = '?' WHERE id = $1"
-/// );
-/// ```
-pub fn sanitize_sql(sql: &str) -> String {
+/// `UPDATE users SET name = 'O''Brien' WHERE id = $1` becomes
+/// `UPDATE users SET name = '?' WHERE id = $1`.
+#[cfg(test)]
+fn sanitize_sql(sql: &str) -> String {
     let mut out = String::with_capacity(sql.len());
     sanitize_into(sql, &mut out);
     out

@@ -1,4 +1,4 @@
-//! The rollback-isolated test harness (feature `testing`, DESIGN.md D7).
+//! The rollback-isolated test harness (feature `testing`).
 //!
 //! ```no_run
 //! # mod doc {
@@ -57,11 +57,13 @@ use diesel_async::{AnsiTransactionManager, SimpleAsyncConnection, TransactionMan
 use futures_util::FutureExt;
 
 use crate::config::{Config, ConnectTarget, TargetSessionAttrs};
+use crate::conn::Conn;
+use crate::conn::open::Opener;
+use crate::conn::wire::TxStatus;
 use crate::database::Database;
-use crate::error::Error;
+use crate::error::{ConfigError, Error};
 use crate::local::LocalCluster;
 use crate::migrate::Migrator;
-use crate::pool::{Conn, Opener};
 
 #[doc(hidden)]
 pub use diesel_migrations as __diesel_migrations;
@@ -126,7 +128,7 @@ fn prepared_cache() -> &'static Mutex<HashMap<String, Arc<tokio::sync::OnceCell<
 /// (over its Unix socket).
 async fn admin_target() -> Result<ConnectTarget, Error> {
     if let Ok(url) = std::env::var("TEST_DATABASE_URL") {
-        let t: ConnectTarget = url.parse().map_err(|mut e: crate::ConfigError| {
+        let t: ConnectTarget = url.parse().map_err(|mut e: ConfigError| {
             e.field = format!("TEST_DATABASE_URL ({})", e.field);
             e
         })?;
@@ -187,7 +189,7 @@ async fn checkout(target: &ConnectTarget) -> Result<Conn, Error> {
     background()
         .spawn(connect(t))
         .await
-        .map_err(|e| Error::Local(format!("the harness's connect task failed: {e}")))?
+        .map_err(|e| Error::TestIsolation(format!("the harness's connect task failed: {e}")))?
 }
 
 fn checkin(target: &ConnectTarget, mut conn: Conn) {
@@ -363,13 +365,14 @@ where
         conn,
         stale,
         (options.migrations)(),
-    );
+    )
+    .map_err(|e| e.to_string())?;
     let result = AssertUnwindSafe(test(db.clone())).catch_unwind().await;
     // Whatever happened, end the transaction: deferred constraints first.
     let mut conn = db.primary().await.map_err(|e| e.to_string())?;
     conn.wire().quiesce(Duration::from_millis(200)).await;
-    let still_open = conn.wire().tx_status() != crate::wire::TxStatus::Idle;
-    let deferred = if still_open && conn.wire().tx_status() != crate::wire::TxStatus::Failed {
+    let still_open = conn.wire().tx_status() != TxStatus::Idle;
+    let deferred = if still_open && conn.wire().tx_status() != TxStatus::Failed {
         conn.batch_execute("SET CONSTRAINTS ALL IMMEDIATE")
             .await
             .err()
@@ -382,13 +385,8 @@ where
             .map_err(|e| format!("ROLLBACK failed: {e}"))?;
     }
     drop(conn);
-    if let Some(conn) = db.take_pinned().await {
-        checkin(&target, conn);
-    }
-    if let Some(p) = db.pinned()
-        && let Some(stale) = &p.stale
-        && let Some(conn) = stale.lock().await.take()
-    {
+    let (conn, stale) = db.unpin().await;
+    for conn in conn.into_iter().chain(stale) {
         checkin(&target, conn);
     }
     match result {

@@ -1,5 +1,5 @@
 //! A private PostgreSQL cluster from the server binaries on this machine
-//! (DESIGN.md D8): the default for `cargo run` and the tests.
+//! (feature `local`): the default for `cargo run` and the tests.
 //!
 //! [`LocalCluster::shared`] starts, or joins, one primary and one streaming replica
 //! under `$RAILYARD_LOCAL_DIR` (default `/tmp/railyard-local-<uid>`): `initdb`
@@ -21,7 +21,7 @@
 use std::fmt;
 use std::fs;
 use std::io::Write;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -121,26 +121,21 @@ struct RunAs {
 
 impl RunAs {
     fn detect() -> Result<Self, Error> {
-        let euid = fs::metadata("/proc/self")
-            .map(|m| m.uid())
-            .unwrap_or(u32::MAX);
-        if euid != 0 {
+        if !nix::unistd::Uid::effective().is_root() {
             return Ok(RunAs { ids: None });
         }
-        let passwd = fs::read_to_string("/etc/passwd")
-            .map_err(|e| Error::io("reading /etc/passwd to find an unprivileged user", e))?;
         for wanted in ["postgres", "nobody"] {
-            for line in passwd.lines() {
-                let f: Vec<&str> = line.split(':').collect();
-                if f.len() >= 4
-                    && f[0] == wanted
-                    && let (Ok(uid), Ok(gid)) = (f[2].parse(), f[3].parse())
-                {
-                    tracing::debug!(target: "railyard::local", user = wanted, "running the servers as an unprivileged user");
-                    return Ok(RunAs {
-                        ids: Some((uid, gid)),
-                    });
-                }
+            let user = nix::unistd::User::from_name(wanted).map_err(|e| {
+                Error::io(
+                    format!("looking up the user {wanted:?} to run the servers as"),
+                    std::io::Error::from(e),
+                )
+            })?;
+            if let Some(u) = user {
+                tracing::debug!(target: "railyard::local", user = wanted, "running the servers as an unprivileged user");
+                return Ok(RunAs {
+                    ids: Some((u.uid.as_raw(), u.gid.as_raw())),
+                });
             }
         }
         Err(Error::Local(
@@ -264,7 +259,7 @@ fn default_dir() -> PathBuf {
     if let Some(d) = std::env::var_os("RAILYARD_LOCAL_DIR") {
         return PathBuf::from(d);
     }
-    let uid = fs::metadata("/proc/self").map(|m| m.uid()).unwrap_or(0);
+    let uid = nix::unistd::Uid::effective().as_raw();
     std::env::temp_dir().join(format!("railyard-local-{uid}"))
 }
 

@@ -235,13 +235,14 @@ impl Credentials {
 /// in order, and `target_session_attrs=read-write` skips standbys.
 ///
 /// ```
-/// use railyard::{ConnectTarget, SslMode};
+/// use railyard::SslMode;
+/// use railyard::config::ConnectTarget;
 /// let t: ConnectTarget = "postgres://app:s3cret@db1:5432,db2:5433/ledger?sslmode=verify-full"
 ///     .parse()?;
 /// assert_eq!(t.hosts().len(), 2);
 /// assert_eq!(t.ssl_mode(), Some(SslMode::VerifyFull));
 /// assert!(!t.to_string().contains("s3cret"));
-/// # Ok::<(), railyard::ConfigError>(())
+/// # Ok::<(), railyard::error::ConfigError>(())
 /// ```
 #[derive(Clone, PartialEq, Eq)]
 pub struct ConnectTarget {
@@ -314,9 +315,9 @@ impl ConnectTarget {
     /// Returns a copy connecting to another database on the same servers.
     ///
     /// ```
-    /// let t: railyard::ConnectTarget = "postgres://u@localhost/app".parse()?;
+    /// let t: railyard::config::ConnectTarget = "postgres://u@localhost/app".parse()?;
     /// assert_eq!(t.with_dbname("postgres").dbname(), Some("postgres"));
-    /// # Ok::<(), railyard::ConfigError>(())
+    /// # Ok::<(), railyard::error::ConfigError>(())
     /// ```
     #[must_use]
     pub fn with_dbname(&self, dbname: &str) -> Self {
@@ -446,20 +447,21 @@ impl fmt::Debug for ConnectTarget {
     }
 }
 
+/// Bytes kept as they are in URL parts: RFC 3986's unreserved set, and `/`.
+const URL_PART: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~')
+    .remove(b'/');
+
 fn encode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' | b'/' => {
-                out.push(b as char)
-            }
-            _ => out.push_str(&format!("%{b:02X}")),
-        }
-    }
-    out
+    percent_encoding::utf8_percent_encode(s, URL_PART).to_string()
 }
 
-/// Percent-decodes `s`; `field` and `secret` shape the error.
+/// Percent-decodes `s`; `field` and `secret` shape the error. The check for
+/// malformed escapes is ours: the codec passes them through unchanged, and a
+/// password with a stray `%` must be refused, not guessed at.
 fn decode(s: &str, field: &str, secret: bool) -> Result<String, ConfigError> {
     let shown = || {
         if secret {
@@ -469,31 +471,22 @@ fn decode(s: &str, field: &str, secret: bool) -> Result<String, ConfigError> {
         }
     };
     let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = bytes
+    let malformed = bytes.iter().enumerate().any(|(i, b)| {
+        *b == b'%'
+            && !bytes
                 .get(i + 1..i + 3)
-                .and_then(|h| std::str::from_utf8(h).ok())
-                .and_then(|h| u8::from_str_radix(h, 16).ok());
-            match hex {
-                Some(b) => out.push(b),
-                None => {
-                    return Err(ConfigError::new(
-                        field,
-                        shown(),
-                        "bad percent-encoding: `%` must be followed by two hex digits",
-                    ));
-                }
-            }
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
+                .is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit))
+    });
+    if malformed {
+        return Err(ConfigError::new(
+            field,
+            shown(),
+            "bad percent-encoding: `%` must be followed by two hex digits",
+        ));
     }
-    String::from_utf8(out)
+    percent_encoding::percent_decode_str(s)
+        .decode_utf8()
+        .map(|c| c.into_owned())
         .map_err(|_| ConfigError::new(field, shown(), "percent-decoded text is not UTF-8"))
 }
 
@@ -742,47 +735,20 @@ fn parse_host_port(part: &str) -> Result<(Option<String>, Option<u16>), ConfigEr
     }
 }
 
-/// Parses durations such as `250ms`, `5s`, `2m`, `1h` (and `1.5s`).
-///
-/// ```
-/// use std::time::Duration;
-/// assert_eq!(railyard::parse_duration("RAILYARD_CONNECT_TIMEOUT", "250ms")?, Duration::from_millis(250));
-/// assert!(railyard::parse_duration("RAILYARD_CONNECT_TIMEOUT", "5").is_err()); // no unit
-/// # Ok::<(), railyard::ConfigError>(())
-/// ```
-pub fn parse_duration(field: &str, s: &str) -> Result<Duration, ConfigError> {
-    let t = s.trim();
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .ok_or_else(|| {
-            ConfigError::new(
-                field,
-                s,
-                "duration needs a unit: ms, s, m or h (for example `5s`)",
-            )
-        })?;
-    let (num, unit) = t.split_at(split);
-    let n: f64 = num
-        .parse()
-        .map_err(|_| ConfigError::new(field, s, "expected a number followed by ms, s, m or h"))?;
-    let scale = match unit.trim() {
-        "ms" => 0.001,
-        "s" | "sec" | "secs" => 1.0,
-        "m" | "min" | "mins" => 60.0,
-        "h" => 3600.0,
-        _ => {
-            return Err(ConfigError::new(
-                field,
-                s,
-                "unknown unit; use ms, s, m or h",
-            ));
-        }
-    };
-    let secs = n * scale;
-    if !secs.is_finite() || secs > 10.0 * 365.0 * 86400.0 {
+/// Parses durations such as `250ms`, `5s`, `2m`, `1h 30m` (humantime's
+/// syntax); a bare number is refused, since its unit would be a guess.
+pub(crate) fn parse_duration(field: &str, s: &str) -> Result<Duration, ConfigError> {
+    let d = humantime::parse_duration(s.trim()).map_err(|e| {
+        ConfigError::new(
+            field,
+            s,
+            format!("{e}; write a number with a unit: ms, s, m or h (for example `5s`)"),
+        )
+    })?;
+    if d > Duration::from_secs(10 * 365 * 86400) {
         return Err(ConfigError::new(field, s, "duration out of range"));
     }
-    Ok(Duration::from_secs_f64(secs))
+    Ok(d)
 }
 
 #[cfg(test)]
@@ -833,7 +799,7 @@ impl Default for PoolConfig {
 ///     .statement_timeout(Some(Duration::from_secs(30)));
 /// assert_eq!(config.replicas().len(), 1);
 /// assert!(!format!("{config:?}").contains("pw@"));
-/// # Ok::<(), railyard::ConfigError>(())
+/// # Ok::<(), railyard::error::ConfigError>(())
 /// ```
 #[derive(Clone)]
 pub struct Config {
@@ -931,7 +897,7 @@ impl Config {
     ///     ("RAILYARD_CONNECT_TIMEOUT", "2s"),
     /// ])?;
     /// assert_eq!(config.pool().max_size, 4);
-    /// # Ok::<(), railyard::ConfigError>(())
+    /// # Ok::<(), railyard::error::ConfigError>(())
     /// ```
     pub fn from_vars<K, V>(vars: impl IntoIterator<Item = (K, V)>) -> Result<Self, ConfigError>
     where

@@ -1,0 +1,267 @@
+//! Connections: opening them, pooling them, and watching their wire.
+//!
+//! Railyard opens every connection itself (`open`): the socket (TCP or Unix)
+//! is wrapped in the protocol tap ([`wire`]), TLS comes from our rustls
+//! connector (`tls`), the password is read from the
+//! [`Credentials`](crate::config::Credentials) provider at every connect (so a
+//! rotated password is used without a restart), several hosts are walked in
+//! order and `target_session_attrs` is checked by us. Connect errors keep the
+//! server's SQLSTATE. Each [`Conn`] knows its host, port, role and backend pid.
+//! `pool` is our `bb8::ManageConnection`; `breaker` fails connects fast
+//! while a server is down; `lease` is what a check-out hands out.
+//!
+//! This layer knows nothing of retries, routing or hooks: the timing hooks are
+//! installed through the `Instrument` seam, which `observe` implements.
+
+pub(crate) mod breaker;
+pub(crate) mod lease;
+pub(crate) mod open;
+pub(crate) mod pool;
+pub(crate) mod tls;
+pub mod wire;
+
+use std::fmt;
+use std::ops::{Deref, DerefMut};
+use std::sync::Arc;
+use std::sync::atomic::AtomicU32;
+use std::time::Instant;
+
+use diesel::connection::TransactionManagerStatus;
+use diesel_async::{AnsiTransactionManager, AsyncPgConnection, TransactionManager};
+use tokio_postgres::types::PgLsn;
+
+use crate::config::Host;
+use crate::error::{ConnectError, ConnectStage, Error};
+use tls::Connector;
+use wire::{Socket, Tapped, WireState};
+
+pub use lease::PooledConn;
+pub use pool::PoolStatus;
+
+/// Where an operation ran, or which target a connection serves.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Route {
+    /// The primary.
+    Primary,
+    /// A replica, by `host:port`.
+    Replica(Arc<str>),
+}
+
+impl fmt::Display for Route {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Route::Primary => f.write_str("primary"),
+            Route::Replica(name) => write!(f, "replica {name}"),
+        }
+    }
+}
+
+/// What a connection's timing instrumentation needs to label its events.
+#[derive(Debug)]
+pub(crate) struct ConnLabels {
+    pub(crate) host: String,
+    pub(crate) port: u16,
+    pub(crate) database: String,
+    pub(crate) route: Route,
+    /// The attempt of the operation the connection is serving (set per attempt).
+    pub(crate) attempt: AtomicU32,
+}
+
+/// The seam through which a higher layer (`observe`) puts its instrumentation
+/// on each new connection, so that this layer never depends on hooks.
+pub(crate) trait Instrument: Send + Sync + fmt::Debug {
+    /// Installs the instrumentation on a freshly opened connection.
+    fn install(
+        self: Arc<Self>,
+        pg: &mut AsyncPgConnection,
+        labels: Arc<ConnLabels>,
+        wire: Arc<WireState>,
+    );
+}
+
+/// Whether a server accepts writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ServerRole {
+    /// Not in recovery: accepts writes.
+    Primary,
+    /// In recovery (a hot standby): read-only.
+    Standby,
+}
+
+/// What is known about one connection, recorded when it was opened.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct ConnInfo {
+    /// The host the connection reached.
+    pub host: Host,
+    /// The port it reached.
+    pub port: u16,
+    /// Primary or standby, from `pg_is_in_recovery()` at connect time.
+    pub role: ServerRole,
+    /// The server process serving this connection (`pg_backend_pid()`).
+    pub backend_pid: i32,
+    /// `server_version`, e.g. `15.8 (Debian 15.8-0+deb12u1)`.
+    pub server_version: String,
+    /// Whether the connection is encrypted.
+    pub tls: bool,
+}
+
+/// A connection produced by Railyard's pool: a diesel-async connection plus what
+/// Railyard knows about it. Dereferences to [`AsyncPgConnection`], so diesel
+/// queries take `&mut *conn`.
+pub struct Conn {
+    labels: Option<Arc<ConnLabels>>,
+    pg: AsyncPgConnection,
+    info: ConnInfo,
+    cancel: CancelHandle,
+    wire: Arc<WireState>,
+    created: Instant,
+    last_returned: Instant,
+    generation: u64,
+}
+
+impl fmt::Debug for Conn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Conn")
+            .field("info", &self.info)
+            .field("closed", &self.wire.is_closed())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Conn {
+    /// Host, role, backend pid and server version of this connection.
+    pub fn info(&self) -> &ConnInfo {
+        &self.info
+    }
+    /// What the protocol tap has seen on this connection.
+    pub fn wire(&self) -> &WireState {
+        &self.wire
+    }
+    /// When the connection was opened.
+    pub fn created(&self) -> Instant {
+        self.created
+    }
+    /// Tells the timing hooks which attempt of an operation this is.
+    pub(crate) fn set_attempt(&self, attempt: u32) {
+        if let Some(l) = &self.labels {
+            l.attempt
+                .store(attempt, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    pub(crate) fn wire_arc(&self) -> Arc<WireState> {
+        self.wire.clone()
+    }
+    /// A handle that can cancel the query this connection is running, from
+    /// anywhere (it opens its own connection, through the same TLS settings).
+    pub fn cancel_handle(&self) -> CancelHandle {
+        self.cancel.clone()
+    }
+    /// The diesel connection, for running queries.
+    pub fn pg(&mut self) -> &mut AsyncPgConnection {
+        &mut self.pg
+    }
+    /// Takes the diesel connection out (for long-lived work outside the pool).
+    pub fn into_inner(self) -> AsyncPgConnection {
+        self.pg
+    }
+
+    /// The server's WAL insert position, read on this connection (on the
+    /// primary, right after a commit: the position a causal token records).
+    pub(crate) async fn wal_insert_lsn(&mut self) -> Result<PgLsn, Error> {
+        use diesel_async::RunQueryDsl;
+        // Read in binary as `pg_lsn`: no text to parse, no state to invent.
+        #[derive(diesel::QueryableByName)]
+        struct Row {
+            #[diesel(sql_type = diesel::pg::sql_types::PgLsn)]
+            lsn: diesel::pg::data_types::PgLsn,
+        }
+        let row: Row = diesel::sql_query("SELECT pg_current_wal_insert_lsn() AS lsn")
+            .get_result(&mut self.pg)
+            .await?;
+        Ok(PgLsn::from(row.lsn.0))
+    }
+
+    /// Whether diesel believes this connection is outside any transaction and healthy.
+    fn transaction_idle(&mut self) -> bool {
+        match AnsiTransactionManager::transaction_manager_status_mut(&mut self.pg) {
+            TransactionManagerStatus::Valid(v) => v.transaction_depth().is_none(),
+            TransactionManagerStatus::InError => false,
+        }
+    }
+}
+
+impl Deref for Conn {
+    type Target = AsyncPgConnection;
+    fn deref(&self) -> &AsyncPgConnection {
+        &self.pg
+    }
+}
+
+impl DerefMut for Conn {
+    fn deref_mut(&mut self) -> &mut AsyncPgConnection {
+        &mut self.pg
+    }
+}
+
+/// Sends a cancel request for one connection's running query.
+#[derive(Clone)]
+pub struct CancelHandle {
+    token: tokio_postgres::CancelToken,
+    host: Host,
+    port: u16,
+    tls: Option<Arc<rustls::ClientConfig>>,
+}
+
+impl fmt::Debug for CancelHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "CancelHandle({}:{})", self.host, self.port)
+    }
+}
+
+impl CancelHandle {
+    /// Asks the server to cancel the query running on the connection; the query
+    /// then fails with SQLSTATE 57014. Harmless when nothing is running.
+    pub async fn cancel(&self) -> Result<(), Error> {
+        let fail = |message: String| {
+            Error::Connect(ConnectError {
+                host: self.host.to_string(),
+                port: self.port,
+                stage: ConnectStage::Socket,
+                sqlstate: None,
+                message: format!("cancel request: {message}"),
+                source: None,
+            })
+        };
+        let socket = match &self.host {
+            Host::Tcp(h) => Socket::Tcp(
+                tokio::net::TcpStream::connect((h.as_str(), self.port))
+                    .await
+                    .map_err(|e| fail(e.to_string()))?,
+            ),
+            Host::Unix(dir) => Socket::Unix(
+                tokio::net::UnixStream::connect(dir.join(format!(".s.PGSQL.{}", self.port)))
+                    .await
+                    .map_err(|e| fail(e.to_string()))?,
+            ),
+        };
+        let wire = Arc::new(WireState::default());
+        let name = match &self.host {
+            Host::Tcp(h) => h.clone(),
+            Host::Unix(_) => "localhost".to_owned(),
+        };
+        let tls = if matches!(self.host, Host::Unix(_)) {
+            None
+        } else {
+            self.tls.as_ref()
+        };
+        let connector = Connector::new(tls, &name, wire.clone())?;
+        self.token
+            .cancel_query_raw(Tapped::new(socket, wire, false), connector)
+            .await
+            .map_err(|e| fail(e.to_string()))
+    }
+}

@@ -1,0 +1,383 @@
+//! Opening one connection: socket, tap, TLS, startup, authentication, the role
+//! probe and `target_session_attrs`, walking a target's hosts in order.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Instant;
+
+use diesel_async::AsyncPgConnection;
+use tokio_postgres::SimpleQueryMessage;
+use tokio_postgres::error::SqlState;
+
+use super::breaker::Breaker;
+use super::tls::Connector;
+use super::wire::{Socket, Tapped, WireState};
+use super::{CancelHandle, Conn, ConnInfo, ConnLabels, Instrument, Route, ServerRole};
+use crate::config::{Config, ConnectTarget, Host, SslMode, TargetSessionAttrs};
+use crate::error::{ConnectError, ConnectStage, Error, ErrorClass};
+
+/// Opens connections to one target (the primary, or one replica).
+#[derive(Clone)]
+pub(crate) struct Opener {
+    target: ConnectTarget,
+    config: Arc<Config>,
+    tls: Option<Arc<rustls::ClientConfig>>,
+    ssl_mode: SslMode,
+    attrs: TargetSessionAttrs,
+    pub(crate) breaker: Arc<Breaker>,
+    instrument: Option<(Arc<dyn Instrument>, Route)>,
+}
+
+impl fmt::Debug for Opener {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Opener")
+            .field("target", &self.target)
+            .field("ssl_mode", &self.ssl_mode)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Opener {
+    pub(crate) fn new(
+        target: ConnectTarget,
+        config: Arc<Config>,
+        default_attrs: TargetSessionAttrs,
+    ) -> Result<Self, Error> {
+        let ssl_mode = config.effective_ssl_mode(&target);
+        let root = config.effective_root_cert(&target).cloned();
+        let tls = super::tls::tls_client_config(ssl_mode, root.as_deref())?;
+        let attrs = target.target_session_attrs().unwrap_or(default_attrs);
+        let breaker = Arc::new(Breaker::new(
+            config.breaker_threshold,
+            config.breaker_cooldown,
+        ));
+        Ok(Opener {
+            target,
+            config,
+            tls,
+            ssl_mode,
+            attrs,
+            breaker,
+            instrument: None,
+        })
+    }
+
+    /// Installs the timing instrumentation on every connection this opener makes.
+    pub(crate) fn observed(mut self, instrument: Arc<dyn Instrument>, route: Route) -> Self {
+        self.instrument = Some((instrument, route));
+        self
+    }
+
+    /// Opens one connection, walking the target's hosts in order.
+    pub(crate) async fn open(&self) -> Result<Conn, Error> {
+        let name = self.name();
+        self.breaker.admit(&name)?;
+        let result = self.open_hosts().await;
+        match &result {
+            Ok(_) => self.breaker.success(),
+            Err(e) if e.class() == ErrorClass::Reconnect => self.breaker.failure(e.to_string()),
+            // A refused password or an unknown database says nothing of the
+            // server's health; a probe that ends so still closes nothing.
+            Err(_) => self.breaker.probe_ended(),
+        }
+        result
+    }
+
+    /// The `target_session_attrs` this opener checks.
+    pub(crate) fn attrs(&self) -> TargetSessionAttrs {
+        self.attrs
+    }
+
+    pub(crate) fn name(&self) -> String {
+        self.target
+            .hosts
+            .iter()
+            .map(|(h, p)| format!("{h}:{p}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    async fn open_hosts(&self) -> Result<Conn, Error> {
+        let password = self
+            .config
+            .credentials
+            .password(self.target.password.as_ref())
+            .map_err(|message| {
+                let (host, port) = &self.target.hosts[0];
+                ConnectError {
+                    host: host.to_string(),
+                    port: *port,
+                    stage: ConnectStage::Credentials,
+                    sqlstate: None,
+                    message,
+                    source: None,
+                }
+            })?;
+        let mut last = None;
+        for (host, port) in &self.target.hosts {
+            let timeout = self.config.effective_connect_timeout(&self.target);
+            let attempt = self.open_host(host, *port, password.as_ref().map(|p| p.expose()));
+            let result = match tokio::time::timeout(timeout, attempt).await {
+                Ok(r) => r,
+                Err(_) => Err(ConnectError {
+                    host: host.to_string(),
+                    port: *port,
+                    stage: ConnectStage::Timeout,
+                    sqlstate: None,
+                    message: format!("no answer within the connect timeout of {timeout:?}"),
+                    source: None,
+                }),
+            };
+            match result {
+                Ok(conn) => return Ok(conn),
+                Err(e) => {
+                    tracing::debug!(host = %host, port, stage = %e.stage, error = %e.message, "connect attempt failed");
+                    last = Some(e);
+                }
+            }
+        }
+        Err(Error::Connect(
+            last.expect("a target has at least one host"),
+        ))
+    }
+
+    async fn open_host(
+        &self,
+        host: &Host,
+        port: u16,
+        password: Option<&str>,
+    ) -> Result<Conn, ConnectError> {
+        let fail = |stage, sqlstate: Option<SqlState>, message: String| ConnectError {
+            host: host.to_string(),
+            port,
+            stage,
+            sqlstate,
+            message,
+            source: None,
+        };
+        let socket = match host {
+            Host::Tcp(h) => {
+                let s = tokio::net::TcpStream::connect((h.as_str(), port))
+                    .await
+                    .map_err(|e| fail(ConnectStage::Socket, None, e.to_string()))?;
+                let _ = s.set_nodelay(true);
+                Socket::Tcp(s)
+            }
+            Host::Unix(dir) => {
+                let path = dir.join(format!(".s.PGSQL.{port}"));
+                let s = tokio::net::UnixStream::connect(&path).await.map_err(|e| {
+                    fail(
+                        ConnectStage::Socket,
+                        None,
+                        format!("{}: {e}", path.display()),
+                    )
+                })?;
+                Socket::Unix(s)
+            }
+        };
+        let wire = Arc::new(WireState::default());
+        let tapped = Tapped::new(socket, wire.clone(), true);
+
+        let mut pg = tokio_postgres::Config::new();
+        if let Some(u) = &self.target.user {
+            pg.user(u);
+        }
+        if let Some(p) = password {
+            pg.password(p);
+        }
+        if let Some(db) = &self.target.dbname {
+            pg.dbname(db);
+        }
+        pg.application_name(
+            self.target
+                .application_name()
+                .unwrap_or(&self.config.application_name),
+        );
+        // Session settings travel in the startup packet: no extra round trip.
+        let mut options = self.target.params.options.clone().unwrap_or_default();
+        if let Some(st) = self.config.statement_timeout_setting() {
+            options.push_str(&format!(" -c statement_timeout={st}"));
+        }
+        if !options.trim().is_empty() {
+            pg.options(options.trim());
+        }
+        let unix = matches!(host, Host::Unix(_));
+        pg.ssl_mode(match (self.ssl_mode, unix) {
+            (_, true) | (SslMode::Disable, _) => tokio_postgres::config::SslMode::Disable,
+            (SslMode::Prefer, _) => tokio_postgres::config::SslMode::Prefer,
+            _ => tokio_postgres::config::SslMode::Require,
+        });
+        let server_name = match host {
+            Host::Tcp(h) => h.clone(),
+            Host::Unix(_) => "localhost".to_owned(),
+        };
+        let connector = Connector::new(
+            if unix { None } else { self.tls.as_ref() },
+            &server_name,
+            wire.clone(),
+        )
+        .map_err(|e| fail(ConnectStage::Tls, None, e.to_string()))?;
+
+        let (client, connection) = match pg.connect_raw(tapped, connector).await {
+            Ok(pair) => pair,
+            Err(e) => return Err(self.classify_connect_error(host, port, &wire, e)),
+        };
+        let driver_wire = wire.clone();
+        tokio::spawn(async move {
+            let result = connection.await;
+            driver_wire.mark_closed(result.err().map(|e| e.to_string()));
+        });
+
+        // One round trip: time zone, then who we reached.
+        let tz = self.config.time_zone.replace('\'', "''");
+        let probe = format!(
+            "SET TIME ZONE '{tz}'; SELECT pg_backend_pid()::text, pg_is_in_recovery()::text, current_setting('server_version'), current_setting('transaction_read_only')"
+        );
+        let rows = client
+            .simple_query(&probe)
+            .await
+            .map_err(|e| fail(ConnectStage::Setup, e.code().cloned(), e.to_string()))?;
+        let row = rows
+            .iter()
+            .find_map(|m| match m {
+                SimpleQueryMessage::Row(r) => Some(r),
+                _ => None,
+            })
+            .ok_or_else(|| {
+                fail(
+                    ConnectStage::Setup,
+                    None,
+                    "role probe returned no row".into(),
+                )
+            })?;
+        let col = |i: usize| row.get(i).unwrap_or_default().to_owned();
+        let backend_pid: i32 = col(0).parse().map_err(|_| {
+            fail(
+                ConnectStage::Setup,
+                None,
+                format!("the server sent an unreadable backend pid {:?}", col(0)),
+            )
+        })?;
+        let in_recovery = col(1) == "true";
+        let read_only = col(3) == "on";
+        let role = if in_recovery {
+            ServerRole::Standby
+        } else {
+            ServerRole::Primary
+        };
+        let acceptable = match self.attrs {
+            TargetSessionAttrs::Any => true,
+            TargetSessionAttrs::ReadWrite => !in_recovery && !read_only,
+            TargetSessionAttrs::Standby => in_recovery,
+        };
+        if !acceptable {
+            return Err(fail(
+                ConnectStage::SessionAttrs,
+                None,
+                format!(
+                    "server is a {} but target_session_attrs={} was asked for",
+                    if in_recovery {
+                        "standby"
+                    } else {
+                        "read-write primary"
+                    },
+                    self.attrs.as_str()
+                ),
+            ));
+        }
+        let cancel = CancelHandle {
+            token: client.cancel_token(),
+            host: host.clone(),
+            port,
+            tls: if unix { None } else { self.tls.clone() },
+        };
+        let mut pg_conn = AsyncPgConnection::try_from(client)
+            .await
+            .map_err(|e| fail(ConnectStage::Setup, None, e.to_string()))?;
+        if self.config.time_zone != "UTC" {
+            // diesel-async's setup forces UTC; put the configured zone back.
+            use diesel_async::SimpleAsyncConnection;
+            pg_conn
+                .batch_execute(&format!("SET TIME ZONE '{tz}'"))
+                .await
+                .map_err(|e| fail(ConnectStage::Setup, None, e.to_string()))?;
+        }
+        let labels = self.instrument.as_ref().map(|(instrument, route)| {
+            let labels = Arc::new(ConnLabels {
+                host: host.to_string(),
+                port,
+                database: self
+                    .target
+                    .dbname
+                    .clone()
+                    .or_else(|| self.target.user.clone())
+                    .unwrap_or_default(),
+                route: route.clone(),
+                attempt: std::sync::atomic::AtomicU32::new(1),
+            });
+            instrument
+                .clone()
+                .install(&mut pg_conn, labels.clone(), wire.clone());
+            labels
+        });
+        let now = Instant::now();
+        Ok(Conn {
+            labels,
+            pg: pg_conn,
+            cancel,
+            info: ConnInfo {
+                host: host.clone(),
+                port,
+                role,
+                backend_pid,
+                server_version: col(2),
+                tls: wire.is_tls(),
+            },
+            wire,
+            created: now,
+            last_returned: now,
+            generation: 0,
+        })
+    }
+
+    fn classify_connect_error(
+        &self,
+        host: &Host,
+        port: u16,
+        wire: &WireState,
+        e: tokio_postgres::Error,
+    ) -> ConnectError {
+        let (stage, sqlstate, mut message) = if let Some(db) = e.as_db_error() {
+            (
+                ConnectStage::Startup,
+                Some(db.code().clone()),
+                format!("{}: {}", db.severity(), db.message()),
+            )
+        } else if wire.tls_failed() || e.to_string().contains("TLS") {
+            let detail = std::error::Error::source(&e)
+                .map(|s| s.to_string())
+                .unwrap_or_else(|| e.to_string());
+            (ConnectStage::Tls, None, detail)
+        } else {
+            (ConnectStage::Startup, None, e.to_string())
+        };
+        if sqlstate.as_ref() == Some(&SqlState::INVALID_AUTHORIZATION_SPECIFICATION)
+            && self.ssl_mode == SslMode::Disable
+        {
+            message.push_str(
+                " (the server may accept only TLS connections: use sslmode=require or verify-full)",
+            );
+        }
+        if sqlstate.as_ref() == Some(&SqlState::INVALID_PASSWORD) {
+            message.push_str(" (check the password, or its provider: RAILYARD_PASSWORD_FILE / RAILYARD_PASSWORD_ENV)");
+        }
+        ConnectError {
+            host: host.to_string(),
+            port,
+            stage,
+            sqlstate,
+            message,
+            source: Some(Box::new(e)),
+        }
+    }
+}

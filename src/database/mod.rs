@@ -1,0 +1,828 @@
+//! [`Database`]: the handle applications keep, and the one place connections
+//! are handed out.
+//!
+//! Every way a `Database` gives out a connection (`primary`, `replica`,
+//! `with_primary`, `read`, `write`, `transaction`, sessions, builders, health)
+//! goes through one function, `Database::checkout`. It alone knows whether the handle is
+//! pinned to one shared connection (the test harness's): then every route
+//! hands out that connection, *enclosed* in the test's transaction, and the
+//! work runs in savepoints. A new entry point cannot leak past the harness by
+//! forgetting a branch, because there is no other branch.
+
+mod builders;
+mod session;
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use diesel::QueryableByName;
+use diesel_async::{RunQueryDsl, SimpleAsyncConnection};
+use tokio_postgres::types::PgLsn;
+
+use crate::config::{Config, ConnectTarget, TargetSessionAttrs};
+use crate::conn::lease::SharedConn;
+use crate::conn::open::Opener;
+use crate::conn::pool::TargetPool;
+use crate::conn::{PoolStatus, PooledConn, Route, ServerRole};
+use crate::error::{ConfigError, Error, ErrorClass, classify};
+use crate::exec::retry::{Retries, RetryBudget, RetryPolicy};
+use crate::exec::{self, CommitPosition, ConnWork, Source};
+use crate::migrate::{MigrationReport, Migrator};
+use crate::observe::health::{self, HealthReport, PrimaryProbe};
+use crate::observe::{Observer, QueryHook, prometheus};
+use crate::route::{
+    CausalToken, Fallback, Floor, Outstanding, ReplicaHealth, ReplicaNode, Router, RoutingConfig,
+};
+
+pub use builders::{TransactionBuilder, WriteBuilder};
+pub use session::Session;
+
+/// Builds a [`Database`]: pools, and migrations at boot.
+#[must_use = "a builder does nothing until `connect` is called"]
+pub struct DatabaseBuilder {
+    config: Config,
+    migrator: Option<Migrator>,
+    policy: RetryPolicy,
+    budget: RetryBudget,
+    routing: RoutingConfig,
+    hooks: Vec<Arc<dyn QueryHook>>,
+}
+
+impl fmt::Debug for DatabaseBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DatabaseBuilder")
+            .field("config", &self.config)
+            .field("migrator", &self.migrator)
+            .field("policy", &self.policy)
+            .finish_non_exhaustive()
+    }
+}
+
+impl DatabaseBuilder {
+    /// Runs these migrations at boot, before the pools serve. Defaults to none.
+    pub fn migrations(mut self, migrator: Migrator) -> Self {
+        self.migrator = Some(migrator);
+        self
+    }
+
+    /// Attempts and backoff of `transaction` and `write`. Defaults to
+    /// [`RetryPolicy::default`] (10 attempts, 5 ms to 1 s full-jitter backoff).
+    pub fn retry_policy(mut self, p: RetryPolicy) -> Self {
+        self.policy = p;
+        self
+    }
+
+    /// The retry budget shared by every operation of this `Database`. Defaults to
+    /// [`RetryBudget::default`] (20 % of recent work plus 10 per second).
+    pub fn retry_budget(mut self, b: RetryBudget) -> Self {
+        self.budget = b;
+        self
+    }
+
+    /// How reads are routed to replicas and when replicas are ejected. Defaults
+    /// to [`RoutingConfig::default`].
+    pub fn routing(mut self, r: RoutingConfig) -> Self {
+        self.routing = r;
+        self
+    }
+
+    /// Registers a hook that sees every finished query (hooks must be cheap:
+    /// see [`QueryHook`]). Built-in hooks: [`crate::SlowQueryLog`],
+    /// [`crate::StatementStats`], [`crate::QuerySpans`], [`crate::AuditLog`].
+    pub fn hook(mut self, hook: impl QueryHook) -> Self {
+        self.hooks.push(Arc::new(hook));
+        self
+    }
+
+    /// Validates the config, runs the migrations (if any) on a dedicated
+    /// connection, opens the first primary connection (so a wrong password or an
+    /// unreachable server fails here, with its SQLSTATE), and builds the pools.
+    pub async fn connect(self) -> Result<Database, Error> {
+        let started = Instant::now();
+        self.config.validate()?;
+        let config = Arc::new(self.config);
+        let migrations = match &self.migrator {
+            Some(m) => Some(m.run(&config).await?),
+            None => None,
+        };
+        let observer = Arc::new(Observer {
+            hooks: self.hooks,
+            metrics: Default::default(),
+        });
+        // Monitors use uninstrumented openers: their polling is not the
+        // application's traffic.
+        let monitor = Opener::new(
+            config.primary.clone(),
+            config.clone(),
+            TargetSessionAttrs::ReadWrite,
+        )?;
+        let opener = monitor.clone().observed(observer.clone(), Route::Primary);
+        let first = opener.open().await?;
+        let primary = TargetPool::build(Route::Primary, opener, config.pool.max_size, &config);
+        if let Err(e) = primary.pool.add(first) {
+            drop(e);
+        }
+        let mut replicas = Vec::new();
+        for target in &config.replicas {
+            let name: Arc<str> = replica_name(target).into();
+            let route = Route::Replica(name.clone());
+            let replica = Opener::new(target.clone(), config.clone(), TargetSessionAttrs::Any)?
+                .observed(observer.clone(), route.clone());
+            let pool = TargetPool::build(
+                route,
+                replica.clone(),
+                config.replica_pool_max_size,
+                &config,
+            );
+            replicas.push(Arc::new(ReplicaNode::new(name, pool, replica)));
+        }
+        let router = Arc::new(Router::new(replicas, self.routing));
+        Router::spawn_monitors(&router, monitor);
+        Ok(Database {
+            inner: Arc::new(Inner {
+                retries: Retries::new(self.policy, self.budget),
+                config,
+                primary,
+                router,
+                pin: None,
+                observer,
+                migrator: self.migrator,
+                migrations,
+                boot_time: started.elapsed(),
+            }),
+        })
+    }
+}
+
+fn replica_name(t: &ConnectTarget) -> String {
+    t.hosts()
+        .iter()
+        .map(|(h, p)| format!("{h}:{p}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// A harness-made `Database`'s connections: every route uses `conn` (inside
+/// the test's transaction); in stale-replica mode, reads without a causal
+/// token use `stale`, which cannot see the test's uncommitted writes.
+struct Pin {
+    conn: SharedConn,
+    stale: Option<SharedConn>,
+}
+
+/// How long a pinned check-out waits for the shared connection.
+const PIN_PATIENCE: Duration = Duration::from_secs(30);
+
+struct Inner {
+    retries: Retries,
+    config: Arc<Config>,
+    primary: TargetPool,
+    router: Arc<Router>,
+    pin: Option<Pin>,
+    observer: Arc<Observer>,
+    migrator: Option<Migrator>,
+    migrations: Option<MigrationReport>,
+    boot_time: Duration,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // The monitors hold only weak references; this stops them at once.
+        self.router.stop();
+    }
+}
+
+/// The handle applications keep: cheap to clone, `Send + Sync`.
+///
+/// # Example
+/// ```no_run
+/// use diesel_async::RunQueryDsl;
+/// use diesel_migrations::{embed_migrations, EmbeddedMigrations};
+/// const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
+///
+/// # async fn app() -> Result<(), railyard::Error> {
+/// let db = railyard::Database::builder(railyard::Config::from_env()?)
+///     .migrations(railyard::Migrator::new(MIGRATIONS))
+///     .connect()
+///     .await?;
+/// let n: i64 = db
+///     .with_primary(async |conn| {
+///         diesel::select(diesel::dsl::sql::<diesel::sql_types::BigInt>("1"))
+///             .get_result(conn)
+///             .await
+///             .map_err(railyard::Error::from)
+///     })
+///     .await?;
+/// assert_eq!(n, 1);
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct Database {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for Database {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Database")
+            .field("config", &self.inner.config)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a check-out is for.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Want {
+    /// The primary.
+    Primary,
+    /// Replica `i`, in configuration order.
+    Replica(usize),
+}
+
+/// A connection for a read, and what it promises.
+struct ReadLease {
+    conn: PooledConn,
+    route: Route,
+    /// The replica it came from, so a failure can be judged.
+    node: Option<Arc<ReplicaNode>>,
+    /// The oldest data this read may return (what the session may assume after).
+    seen: Floor,
+    /// Counts the read in flight on its replica while it lives.
+    _outstanding: Option<Outstanding>,
+}
+
+impl Database {
+    /// Starts building a database handle from a config.
+    pub fn builder(config: Config) -> DatabaseBuilder {
+        DatabaseBuilder {
+            config,
+            migrator: None,
+            policy: RetryPolicy::default(),
+            budget: RetryBudget::default(),
+            routing: RoutingConfig::default(),
+            hooks: Vec::new(),
+        }
+    }
+
+    /// Builds the pools without running migrations. See [`DatabaseBuilder::connect`].
+    pub async fn connect(config: Config) -> Result<Database, Error> {
+        Database::builder(config).connect().await
+    }
+
+    /// The configuration in use.
+    pub fn config(&self) -> &Config {
+        &self.inner.config
+    }
+
+    /// What the boot's migration run did, when migrations were configured.
+    pub fn migration_report(&self) -> Option<&MigrationReport> {
+        self.inner.migrations.as_ref()
+    }
+
+    /// How long [`DatabaseBuilder::connect`] took (migrations included).
+    pub fn boot_time(&self) -> Duration {
+        self.inner.boot_time
+    }
+
+    // ---- The one check-out path -------------------------------------------
+
+    /// Hands out a connection for `want`. The only function that knows about
+    /// the harness's pin: a pinned handle gives its shared connection, enclosed
+    /// in the test's transaction, whatever was asked for.
+    pub(crate) async fn checkout(&self, want: Want) -> Result<PooledConn, Error> {
+        if let Some(pin) = &self.inner.pin {
+            return PooledConn::shared(&pin.conn, PIN_PATIENCE, true).await;
+        }
+        let pool = match want {
+            Want::Primary => &self.inner.primary,
+            Want::Replica(i) => &self.replica_node(i)?.pool,
+        };
+        Ok(PooledConn::pooled(pool.get_owned().await?))
+    }
+
+    /// A connection for a read at or past `floor`: a caught-up replica, else
+    /// the primary (per the routing config's [`Fallback`]). Goes through the
+    /// same pin check as [`Database::checkout`].
+    async fn checkout_read(&self, floor: Floor) -> Result<ReadLease, Error> {
+        if let Some(pin) = &self.inner.pin {
+            // Stale-replica mode: reads without a token see only committed data.
+            if let (Floor::Any, Some(stale)) = (floor, &pin.stale) {
+                return Ok(ReadLease {
+                    conn: PooledConn::shared(stale, PIN_PATIENCE, false).await?,
+                    route: Route::Replica("stale-replica".into()),
+                    node: None,
+                    seen: Floor::Any,
+                    _outstanding: None,
+                });
+            }
+            return Ok(ReadLease {
+                conn: PooledConn::shared(&pin.conn, PIN_PATIENCE, true).await?,
+                route: Route::Replica("test-connection".into()),
+                node: None,
+                seen: floor,
+                _outstanding: None,
+            });
+        }
+        let router = &self.inner.router;
+        let mut choice = router.choose(floor);
+        if choice.is_none()
+            && let Floor::At(_) = floor
+            && let Fallback::Wait(bound) = router.config.fallback
+        {
+            let deadline = tokio::time::Instant::now() + bound;
+            while choice.is_none() && tokio::time::Instant::now() < deadline {
+                router
+                    .changed(deadline.saturating_duration_since(tokio::time::Instant::now()))
+                    .await;
+                choice = router.choose(floor);
+            }
+        }
+        if let Some((node, outstanding)) = choice {
+            // Cached before the read: the data read includes at least this.
+            let seen = match node.replay_lsn() {
+                0 => floor,
+                lsn => floor.max(Floor::At(PgLsn::from(lsn))),
+            };
+            match node.pool.get_owned().await {
+                Ok(conn) => {
+                    return Ok(ReadLease {
+                        conn: PooledConn::pooled(conn),
+                        route: Route::Replica(node.name.clone()),
+                        node: Some(node),
+                        seen,
+                        _outstanding: Some(outstanding),
+                    });
+                }
+                Err(e) => node.note_failure(e.to_string()),
+            }
+        }
+        Ok(ReadLease {
+            conn: self.checkout(Want::Primary).await?,
+            route: Route::Primary,
+            node: None,
+            seen: floor,
+            _outstanding: None,
+        })
+    }
+
+    fn replica_node(&self, index: usize) -> Result<&Arc<ReplicaNode>, Error> {
+        let replicas = &self.inner.router.replicas;
+        replicas.get(index).ok_or_else(|| {
+            Error::Config(ConfigError::new(
+                "replica index",
+                index.to_string(),
+                format!("{} replicas are configured", replicas.len()),
+            ))
+        })
+    }
+
+    // ---- Connections --------------------------------------------------------
+
+    /// Checks out a primary connection.
+    pub async fn primary(&self) -> Result<PooledConn, Error> {
+        self.checkout(Want::Primary).await
+    }
+
+    /// Checks out a connection to replica `index` (in configuration order): the
+    /// raw access, without routing.
+    pub async fn replica(&self, index: usize) -> Result<PooledConn, Error> {
+        self.checkout(Want::Replica(index)).await
+    }
+
+    /// Runs `f` on a primary connection in autocommit mode (each statement is
+    /// its own transaction unless `f` opens one), once: no retries. Prefer
+    /// [`Database::write`] or [`Database::transaction`].
+    pub async fn with_primary<F: ConnWork>(&self, f: F) -> Result<F::Value, F::Error> {
+        let conn = self.checkout(Want::Primary).await?;
+        run_once(conn, f).await
+    }
+
+    // ---- Work ---------------------------------------------------------------
+
+    /// Runs `f` in a transaction on the primary, re-run from the top when a retry
+    /// is safe (see [`TransactionBuilder::run`]).
+    ///
+    /// ```no_run
+    /// use diesel_async::RunQueryDsl;
+    /// # async fn demo(db: &railyard::Database) -> Result<(), railyard::Error> {
+    /// let moved = db
+    ///     .transaction(async |conn| {
+    ///         diesel::sql_query("UPDATE accounts SET balance_cents = balance_cents - 5 WHERE id = 1")
+    ///             .execute(conn)
+    ///             .await
+    ///             .map_err(railyard::Error::from)
+    ///     })
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn transaction<F: ConnWork>(&self, f: F) -> Result<F::Value, F::Error> {
+        self.build_transaction().run(f).await
+    }
+
+    /// A transaction with options: isolation level, read-only, deferrable,
+    /// statement timeout, deadline, retry policy.
+    pub fn build_transaction(&self) -> TransactionBuilder<'_> {
+        TransactionBuilder::new(self, None)
+    }
+
+    /// Runs `f` in autocommit mode on the primary, retried only when safe (see
+    /// [`WriteBuilder::run`]).
+    pub async fn write<F: ConnWork>(&self, f: F) -> Result<F::Value, F::Error> {
+        self.build_write().run(f).await
+    }
+
+    /// An autocommit write with options: idempotency, deadline, retry policy.
+    pub fn build_write(&self) -> WriteBuilder<'_> {
+        WriteBuilder::new(self, None)
+    }
+
+    /// Reads, on a healthy replica when there is one (round-robin or least
+    /// outstanding), else on the primary. Without a [`Session`] there is no
+    /// read-your-writes guarantee: use [`Database::session`] after writes.
+    /// A read that fails on a replica because of the replica (its connection,
+    /// a recovery conflict) runs again on the primary.
+    pub async fn read<F: ConnWork>(&self, f: F) -> Result<F::Value, F::Error> {
+        self.read_at(Floor::Any, f).await.map(|(v, _, _)| v)
+    }
+
+    /// Like [`Database::read`], and says where the read ran.
+    pub async fn read_routed<F: ConnWork>(&self, f: F) -> Result<(F::Value, Route), F::Error> {
+        self.read_at(Floor::Any, f).await.map(|(v, r, _)| (v, r))
+    }
+
+    /// A new session (read-your-writes, monotonic reads).
+    pub fn session(&self) -> Session {
+        Session::new(self.clone(), Floor::Any)
+    }
+
+    /// A session that continues from a token, typically from another request.
+    pub fn session_from(&self, token: CausalToken) -> Session {
+        Session::new(self.clone(), Floor::At(token.lsn()))
+    }
+
+    /// Where a read would go now, for a session at `token` (or any session when
+    /// `None`): the routing decision alone, from cached figures, no I/O.
+    pub fn route_for_read(&self, token: Option<CausalToken>) -> Route {
+        let floor = token.map_or(Floor::Any, |t| Floor::At(t.lsn()));
+        match self.inner.router.choose(floor) {
+            Some((node, _outstanding)) => Route::Replica(node.name.clone()),
+            None => Route::Primary,
+        }
+    }
+
+    /// Runs a read at or past `floor`. Returns the value, the route, and the
+    /// floor the data is known to include.
+    pub(crate) async fn read_at<F: ConnWork>(
+        &self,
+        floor: Floor,
+        f: F,
+    ) -> Result<(F::Value, Route, Floor), F::Error> {
+        let lease = self.checkout_read(floor).await?;
+        if lease.conn.enclosed() {
+            let (v, _) = exec::in_savepoint(lease.conn, f, false, None).await?;
+            return Ok((v, lease.route, lease.seen));
+        }
+        let ReadLease {
+            mut conn,
+            route,
+            node,
+            seen,
+            _outstanding,
+        } = lease;
+        let Some(node) = node else {
+            let v = f(&mut conn).await?;
+            return Ok((v, route, self.after_primary_read(&mut conn, seen).await));
+        };
+        let wire = conn.wire_arc();
+        let mark = wire.mark();
+        match f.clone()(&mut conn).await {
+            Ok(v) => Ok((v, route, seen)),
+            Err(e) => {
+                let server = wire.error_since(mark);
+                let class = classify(
+                    server.as_ref().map(|s| s.sqlstate()).as_ref(),
+                    wire.is_closed(),
+                );
+                drop(conn);
+                if !node.after_failed_read(class) {
+                    return Err(e);
+                }
+                let mut conn = self.checkout(Want::Primary).await?;
+                let v = f(&mut conn).await?;
+                Ok((
+                    v,
+                    Route::Primary,
+                    self.after_primary_read(&mut conn, floor).await,
+                ))
+            }
+        }
+    }
+
+    /// The primary's data is the newest: a causal session must not read older
+    /// data afterwards, so it learns the primary's position (only on this
+    /// fallback path, never on replica reads).
+    async fn after_primary_read(&self, conn: &mut PooledConn, floor: Floor) -> Floor {
+        match floor {
+            Floor::Any => Floor::Any,
+            _ => match conn.wal_insert_lsn().await {
+                Ok(lsn) => floor.max(Floor::At(lsn)),
+                Err(_) => floor,
+            },
+        }
+    }
+
+    // ---- Reports ------------------------------------------------------------
+
+    /// Each replica's monitored state.
+    pub fn replica_health(&self) -> Vec<ReplicaHealth> {
+        self.inner
+            .router
+            .replicas
+            .iter()
+            .map(|r| r.health())
+            .collect()
+    }
+
+    /// Retries made so far, by class.
+    pub fn retry_counts(&self) -> Vec<(ErrorClass, u64)> {
+        self.inner.retries.counts()
+    }
+
+    /// Snapshots of the primary pool and each replica pool.
+    pub fn pool_status(&self) -> Vec<PoolStatus> {
+        std::iter::once(&self.inner.primary)
+            .chain(self.inner.router.replicas.iter().map(|r| &r.pool))
+            .map(TargetPool::status)
+            .collect()
+    }
+
+    /// Probes each replica: reachable, in recovery, streaming, and its lag.
+    pub async fn replica_report(&self) -> Vec<ReplicaReport> {
+        #[derive(QueryableByName)]
+        struct Position {
+            #[diesel(sql_type = diesel::pg::sql_types::PgLsn)]
+            lsn: diesel::pg::data_types::PgLsn,
+        }
+        #[derive(QueryableByName)]
+        struct Probe {
+            #[diesel(sql_type = diesel::sql_types::Bool)]
+            in_recovery: bool,
+            #[diesel(sql_type = diesel::sql_types::Nullable<diesel::pg::sql_types::PgLsn>)]
+            replay_lsn: Option<diesel::pg::data_types::PgLsn>,
+            #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Text>)]
+            receiver: Option<String>,
+            #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Double>)]
+            delay_secs: Option<f64>,
+        }
+        let primary_lsn = match self.checkout(Want::Primary).await {
+            Ok(mut c) => diesel::sql_query("SELECT pg_current_wal_lsn() AS lsn")
+                .get_result::<Position>(&mut **c)
+                .await
+                .ok()
+                .map(|p| p.lsn.0),
+            Err(_) => None,
+        };
+        let mut out = Vec::new();
+        for (i, target) in self.inner.config.replicas.iter().enumerate() {
+            let probe = async {
+                let mut c = self.checkout(Want::Replica(i)).await?;
+                let p: Probe = diesel::sql_query(
+                    "SELECT pg_is_in_recovery() AS in_recovery, pg_last_wal_replay_lsn() AS replay_lsn, \
+                     (SELECT status FROM pg_stat_wal_receiver LIMIT 1) AS receiver, \
+                     extract(epoch FROM now() - pg_last_xact_replay_timestamp())::float8 AS delay_secs",
+                )
+                .get_result(&mut **c)
+                .await?;
+                Ok::<_, Error>(p)
+            };
+            let state = match probe.await {
+                Ok(p) => ReplicaState::Reachable {
+                    role: if p.in_recovery {
+                        ServerRole::Standby
+                    } else {
+                        ServerRole::Primary
+                    },
+                    streaming: p.receiver.as_deref() == Some("streaming"),
+                    lag_bytes: match (primary_lsn, p.replay_lsn.map(|l| l.0)) {
+                        (Some(a), Some(b)) => Some(a.saturating_sub(b)),
+                        _ => None,
+                    },
+                    replay_delay: p.delay_secs.map(|s| Duration::from_secs_f64(s.max(0.0))),
+                },
+                Err(e) => ReplicaState::Unreachable {
+                    error: e.to_string(),
+                },
+            };
+            out.push(ReplicaReport {
+                target: target.to_string(),
+                state,
+            });
+        }
+        out
+    }
+
+    /// Checks the primary (a round trip, timed), each replica (from the monitor's
+    /// figures), the migrations (when the database was built with them), pool
+    /// saturation, the error rate of the last minute by class, and the circuit
+    /// breakers.
+    ///
+    /// ```no_run
+    /// # async fn demo(db: railyard::Database) {
+    /// use railyard::observe::HealthStatus;
+    /// let report = db.health().await;
+    /// if report.status != HealthStatus::Healthy {
+    ///     for c in &report.checks {
+    ///         eprintln!("{}: {:?} — {}", c.name, c.status, c.reason);
+    ///     }
+    /// }
+    /// # }
+    /// ```
+    pub async fn health(&self) -> HealthReport {
+        let mut checks = vec![health::primary(self.probe_primary().await)];
+        if let Some(c) = self.migration_check().await {
+            checks.push(c);
+        }
+        checks.extend(self.replica_health().iter().map(health::replica));
+        checks.extend(self.pool_status().iter().map(health::pool));
+        checks.push(health::errors(&self.inner.observer.metrics));
+        HealthReport::of(checks)
+    }
+
+    /// Ready to serve: the primary answers and the migrations are current.
+    pub async fn readiness(&self) -> HealthReport {
+        let mut checks = vec![health::primary(self.probe_primary().await)];
+        if let Some(c) = self.migration_check().await {
+            checks.push(c);
+        }
+        HealthReport::of(checks)
+    }
+
+    async fn probe_primary(&self) -> PrimaryProbe {
+        const BOUND: Duration = Duration::from_secs(2);
+        let started = Instant::now();
+        let probe = async {
+            let mut conn = self.checkout(Want::Primary).await?;
+            conn.batch_execute("SELECT 1").await?;
+            Ok::<_, Error>(())
+        };
+        match tokio::time::timeout(BOUND, probe).await {
+            Ok(Ok(())) => PrimaryProbe::Answered(started.elapsed()),
+            Ok(Err(e)) => PrimaryProbe::Failed(e.to_string()),
+            Err(_) => PrimaryProbe::Silent(BOUND),
+        }
+    }
+
+    async fn migration_check(&self) -> Option<health::HealthCheck> {
+        let migrator = self.inner.migrator.as_ref()?;
+        const BOUND: Duration = Duration::from_secs(5);
+        let rows = match tokio::time::timeout(BOUND, migrator.status(self.config())).await {
+            Ok(Ok(rows)) => Ok(rows),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err(format!("no answer within {BOUND:?}")),
+        };
+        Some(health::migrations(rows))
+    }
+
+    /// Prometheus text exposition of query durations (OpenTelemetry's bucket
+    /// bounds), pool gauges, retries and errors by class, and replica lag.
+    pub fn metrics_text(&self) -> String {
+        prometheus::render(&prometheus::Figures {
+            metrics: &self.inner.observer.metrics,
+            retries: self.retry_counts(),
+            pools: self.pool_status(),
+            replicas: self.replica_health(),
+        })
+    }
+
+    // ---- The harness's pin --------------------------------------------------
+
+    #[cfg(feature = "testing")]
+    /// A `Database` whose every route uses `conn` (already inside the test's
+    /// transaction), and, in stale-replica mode, `stale` for untokened reads.
+    pub(crate) fn pinned_to(
+        config: Config,
+        conn: crate::conn::Conn,
+        stale: Option<crate::conn::Conn>,
+        migrator: Migrator,
+    ) -> Result<Self, Error> {
+        let config = Arc::new(config);
+        let opener = Opener::new(
+            config.primary.clone(),
+            config.clone(),
+            TargetSessionAttrs::Any,
+        )?;
+        let primary = TargetPool::build(Route::Primary, opener, 1, &config);
+        let shared = |c| Arc::new(tokio::sync::Mutex::new(Some(c)));
+        Ok(Database {
+            inner: Arc::new(Inner {
+                retries: Retries::new(RetryPolicy::never(), RetryBudget::default()),
+                config,
+                primary,
+                router: Arc::new(Router::new(Vec::new(), RoutingConfig::default())),
+                pin: Some(Pin {
+                    conn: shared(conn),
+                    stale: stale.map(shared),
+                }),
+                observer: Arc::new(Observer::default()),
+                migrator: Some(migrator),
+                migrations: None,
+                boot_time: Duration::ZERO,
+            }),
+        })
+    }
+
+    #[cfg(feature = "testing")]
+    /// Takes the test's connections back from a harness-made `Database`: the
+    /// pinned one and the stale-replica one.
+    pub(crate) async fn unpin(&self) -> (Option<crate::conn::Conn>, Option<crate::conn::Conn>) {
+        let Some(pin) = &self.inner.pin else {
+            return (None, None);
+        };
+        let conn = pin.conn.lock().await.take();
+        let stale = match &pin.stale {
+            Some(s) => s.lock().await.take(),
+            None => None,
+        };
+        (conn, stale)
+    }
+}
+
+/// Work run once on a connection: a savepoint when enclosed, else as is.
+async fn run_once<F: ConnWork>(mut conn: PooledConn, f: F) -> Result<F::Value, F::Error> {
+    if conn.enclosed() {
+        return exec::in_savepoint(conn, f, false, None)
+            .await
+            .map(|(v, _)| v);
+    }
+    f(&mut conn).await
+}
+
+impl Source for Database {
+    fn checkout_primary(&self) -> impl Future<Output = Result<PooledConn, Error>> + Send {
+        self.checkout(Want::Primary)
+    }
+
+    fn reroute_primary(&self) {
+        self.inner.primary.reroute();
+    }
+
+    fn retries(&self) -> &Retries {
+        &self.inner.retries
+    }
+}
+
+/// The state of one replica, as probed by [`Database::replica_report`].
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct ReplicaReport {
+    /// The replica's URL (password redacted).
+    pub target: String,
+    /// What the probe found.
+    pub state: ReplicaState,
+}
+
+/// What a replica probe found.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum ReplicaState {
+    /// A connection was opened and the probe answered.
+    Reachable {
+        /// Whether it is in recovery (a standby).
+        role: ServerRole,
+        /// Whether its WAL receiver is streaming.
+        streaming: bool,
+        /// WAL bytes between the primary's current position and the replica's
+        /// replay, when both are known.
+        lag_bytes: Option<u64>,
+        /// Time since the last replayed transaction committed on the primary;
+        /// `None` before any replay (meaningless on an idle primary, so read it
+        /// with the bytes).
+        replay_delay: Option<Duration>,
+    },
+    /// No connection, or the probe failed.
+    Unreachable {
+        /// Why.
+        error: String,
+    },
+}
+
+impl CommitPosition {
+    /// The floor a session must read at after this commit.
+    pub(crate) fn floor(self) -> Floor {
+        match self {
+            CommitPosition::NotRecorded => Floor::Any,
+            CommitPosition::At(lsn) => Floor::At(lsn),
+            CommitPosition::Unknown => Floor::Primary,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn _handles_are_send_and_sync() {
+        fn check<T: Send + Sync + Clone>() {}
+        check::<Database>();
+    }
+}

@@ -1,0 +1,123 @@
+//! [`Session`]: read-your-writes and monotonic reads across replicas.
+
+use std::sync::{Arc, Mutex};
+
+use super::{Database, TransactionBuilder, WriteBuilder};
+use crate::conn::Route;
+use crate::exec::ConnWork;
+use crate::route::{CausalToken, Floor, Staleness};
+
+/// A sequence of operations with read-your-writes and monotonic reads: reads go
+/// to a replica only when it has replayed past this session's writes and past
+/// what the session already read.
+///
+/// Its transactions and writes take the same options as the `Database`'s
+/// ([`Session::build_transaction`], [`Session::build_write`]).
+///
+/// ```no_run
+/// use diesel_async::RunQueryDsl;
+/// # async fn demo(db: &railyard::Database) -> Result<(), railyard::Error> {
+/// let session = db.session();
+/// session
+///     .build_transaction()
+///     .serializable()
+///     .run(async |conn| {
+///         diesel::sql_query("UPDATE accounts SET balance_cents = 0 WHERE id = 1")
+///             .execute(conn)
+///             .await
+///             .map_err(railyard::Error::from)
+///     })
+///     .await?;
+/// let token = session.token().expect("a write was recorded").to_string(); // e.g. for a header
+/// // …later, in another request:
+/// let later = db.session_from(token.parse()?);
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct Session {
+    db: Database,
+    floor: Arc<Mutex<Floor>>,
+    staleness: Staleness,
+}
+
+impl Session {
+    pub(crate) fn new(db: Database, floor: Floor) -> Self {
+        Session {
+            db,
+            floor: Arc::new(Mutex::new(floor)),
+            staleness: Staleness::Causal,
+        }
+    }
+
+    fn floor(&self) -> Floor {
+        *self.floor.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Moves the session's floor forward (never back).
+    pub(crate) fn advance(&self, to: Floor) {
+        let mut f = self.floor.lock().unwrap_or_else(|p| p.into_inner());
+        *f = f.max(to);
+    }
+
+    /// This session's token: the newest position it wrote or read, if any.
+    /// `None` also when a commit position could not be read (the session then
+    /// reads from the primary, which needs no token).
+    pub fn token(&self) -> Option<CausalToken> {
+        match self.floor() {
+            Floor::At(lsn) => Some(CausalToken::new(lsn)),
+            Floor::Any | Floor::Primary => None,
+        }
+    }
+
+    /// Accepts stale reads explicitly (they still go only to healthy replicas).
+    #[must_use]
+    pub fn staleness(mut self, s: Staleness) -> Self {
+        self.staleness = s;
+        self
+    }
+
+    /// Reads, on a replica that has caught up with this session, else per the
+    /// database's [`Fallback`](crate::route::Fallback).
+    pub async fn read<F: ConnWork>(&self, f: F) -> Result<F::Value, F::Error> {
+        self.read_routed(f).await.map(|(v, _)| v)
+    }
+
+    /// Like [`Session::read`], and says where the read ran.
+    pub async fn read_routed<F: ConnWork>(&self, f: F) -> Result<(F::Value, Route), F::Error> {
+        let floor = match self.staleness {
+            Staleness::Causal => self.floor(),
+            Staleness::Any => Floor::Any,
+        };
+        let (v, route, seen) = self.db.read_at(floor, f).await?;
+        if self.staleness == Staleness::Causal {
+            // Monotonic reads: never go back to a replica behind what was seen.
+            self.advance(seen);
+        }
+        Ok((v, route))
+    }
+
+    /// A write on the primary (see [`Database::write`]); its commit position
+    /// becomes the session's token.
+    pub async fn write<F: ConnWork>(&self, f: F) -> Result<F::Value, F::Error> {
+        self.build_write().run(f).await
+    }
+
+    /// A write with options (idempotency, deadline, retry policy); its commit
+    /// position becomes the session's token.
+    pub fn build_write(&self) -> WriteBuilder<'_> {
+        WriteBuilder::new(&self.db, Some(self))
+    }
+
+    /// A transaction on the primary (see [`Database::transaction`]); its
+    /// commit position becomes the session's token.
+    pub async fn transaction<F: ConnWork>(&self, f: F) -> Result<F::Value, F::Error> {
+        self.build_transaction().run(f).await
+    }
+
+    /// A transaction with options (isolation, read-only, deferrable, statement
+    /// timeout, deadline, retry policy); its commit position becomes the
+    /// session's token.
+    pub fn build_transaction(&self) -> TransactionBuilder<'_> {
+        TransactionBuilder::new(&self.db, Some(self))
+    }
+}

@@ -1,0 +1,714 @@
+//! Running work on a connection: transactions retried from the top when safe,
+//! autocommit writes retried only when safe, nested blocks as savepoints that
+//! are always released, deadlines that cancel.
+//!
+//! A transaction runs a closure inside `BEGIN … COMMIT` on the primary. When
+//! it fails with a [`RetryTransaction`](ErrorClass::RetryTransaction) error
+//! (serialization failure, deadlock, lock timeout), or the connection is lost
+//! before COMMIT was sent, the whole closure runs again on a fresh attempt,
+//! after a jittered backoff, within the attempt limit and the `Database`'s
+//! retry budget. [`Conn::transaction`] inside it opens a savepoint; nested
+//! blocks are never retried on their own.
+//!
+//! Work is any [`ConnWork`]: an `async |conn| …` closure that is `Clone`
+//! (each attempt runs a fresh clone, which is what lets the returned future be
+//! `Send` on stable Rust; closures that capture references are `Clone`
+//! already).
+//!
+//! The class of a failure comes from the protocol tap: the SQLSTATE the server
+//! sent during this attempt, and whether the connection died, whatever error
+//! type the closure returns. When the closure's error type is [`Error`], its
+//! diesel error is replaced by an [`Error::Database`] carrying the SQLSTATE, the
+//! class, the phase and the attempt count.
+//!
+//! A connection handed out *enclosed* (inside a transaction its holder does not
+//! own: the test harness's) runs the same work in a savepoint, once.
+//!
+//! This layer does not know where connections come from: it asks a `Source`.
+
+pub mod retry;
+
+use std::any::Any;
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use diesel::connection::TransactionManagerStatus;
+use diesel_async::{AnsiTransactionManager, SimpleAsyncConnection, TransactionManager};
+use tokio::time::Instant;
+use tokio_postgres::types::PgLsn;
+
+use crate::conn::wire::{TxStatus, WireMark, WireState};
+use crate::conn::{CancelHandle, Conn, PooledConn};
+use crate::error::{DbError, Error, ErrorClass, Phase, ServerError, classify};
+use retry::{Retries, RetryPolicy, retryable};
+
+/// Work on a connection that Railyard may run more than once: an
+/// `async |conn| …` closure, `Clone` and `Send`, whose future is `Send`, and
+/// whose error type can hold a Railyard [`Error`]. Every closure-taking API
+/// (`transaction`, `write`, `read`, `with_primary`, sessions, builders,
+/// [`Conn::transaction`]) takes one. It is implemented for every such
+/// closure; you never implement it yourself, and closure parameters need no
+/// annotation:
+///
+/// ```no_run
+/// use diesel_async::RunQueryDsl;
+/// # async fn demo(db: railyard::Database) -> Result<(), railyard::Error> {
+/// let n = db
+///     .transaction(async |conn| {
+///         diesel::sql_query("UPDATE accounts SET balance_cents = 0 WHERE id = 1")
+///             .execute(conn)
+///             .await
+///             .map_err(railyard::Error::from)
+///     })
+///     .await?;
+/// # Ok(()) }
+/// ```
+pub trait ConnWork:
+    Clone
+    + Send
+    + for<'c> AsyncFnOnce(
+        &'c mut Conn,
+    ) -> Result<<Self as ConnWork>::Value, <Self as ConnWork>::Error>
+    + for<'c> ConnFn<
+        &'c mut Conn,
+        Result<<Self as ConnWork>::Value, <Self as ConnWork>::Error>,
+        Fut: Send,
+    >
+{
+    /// What the work returns on success.
+    type Value: Send;
+    /// What it returns on failure.
+    type Error: From<Error> + Send + 'static;
+}
+
+impl<F, R, E> ConnWork for F
+where
+    F: Clone
+        + Send
+        + for<'c> AsyncFnOnce(&'c mut Conn) -> Result<R, E>
+        + for<'c> ConnFn<&'c mut Conn, Result<R, E>, Fut: Send>,
+    R: Send,
+    E: From<Error> + Send + 'static,
+{
+    type Value = R;
+    type Error = E;
+}
+
+/// Names the future of an async closure, so that [`ConnWork`] can require it
+/// to be `Send` (the future type of `AsyncFnOnce` cannot be bounded on stable
+/// Rust). Implemented for every closure; an implementation detail.
+#[doc(hidden)]
+pub trait ConnFn<T, R>: AsyncFnOnce(T) -> R + FnOnce(T) -> <Self as ConnFn<T, R>>::Fut {
+    /// The future the closure returns.
+    type Fut: Future<Output = R>;
+}
+
+impl<F, T, Fut, R> ConnFn<T, R> for F
+where
+    F: AsyncFnOnce(T) -> R + FnOnce(T) -> Fut,
+    Fut: Future<Output = R>,
+{
+    type Fut = Fut;
+}
+
+/// Where the work's connections come from, and what it reports back: the
+/// `Database` implements it (its one check-out function is behind it).
+pub(crate) trait Source: Sync {
+    /// A primary connection (possibly enclosed: see [`PooledConn::enclosed`]).
+    fn checkout_primary(&self) -> impl Future<Output = Result<PooledConn, Error>> + Send;
+    /// A write reached a standby: find the primary again.
+    fn reroute_primary(&self);
+    /// Policy, budget and counters.
+    fn retries(&self) -> &Retries;
+}
+
+/// Where a committed piece of work left the primary's WAL, for causal tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum CommitPosition {
+    /// Not asked for.
+    NotRecorded,
+    /// The primary's WAL insert position right after the commit.
+    At(PgLsn),
+    /// Asked for but unreadable: a session must read from the primary.
+    Unknown,
+}
+
+/// Transaction isolation levels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum IsolationLevel {
+    /// PostgreSQL's default.
+    #[default]
+    ReadCommitted,
+    /// Snapshot isolation.
+    RepeatableRead,
+    /// Full serializability; expect 40001 failures, which are retried.
+    Serializable,
+}
+
+impl IsolationLevel {
+    fn sql(self) -> &'static str {
+        match self {
+            IsolationLevel::ReadCommitted => "READ COMMITTED",
+            IsolationLevel::RepeatableRead => "REPEATABLE READ",
+            IsolationLevel::Serializable => "SERIALIZABLE",
+        }
+    }
+}
+
+/// What went wrong in one attempt, as the tap saw it.
+#[derive(Debug)]
+struct Failure {
+    class: ErrorClass,
+    phase: Phase,
+    sent: bool,
+    server: Option<ServerError>,
+    host: String,
+}
+
+impl Failure {
+    async fn from_wire(wire: &WireState, mark: WireMark, phase: Phase, host: String) -> Self {
+        if wire.error_since(mark).is_none() && !wire.is_closed() && wire.in_flight() > 0 {
+            // A request is unanswered and no error came: the connection may be
+            // dying, and its driver about to say so. Give it a moment.
+            wire.quiesce(Duration::from_millis(100)).await;
+        }
+        let server = wire.error_since(mark);
+        let lost = wire.is_closed();
+        let sent = wire.written_since(mark) > 0;
+        let class = match &server {
+            // A FATAL from a dying backend (57P01) and an ordinary error both count.
+            Some(s) => classify(Some(&s.sqlstate()), lost),
+            None if lost && phase == Phase::Commit && sent => ErrorClass::Ambiguous,
+            None => classify(None, lost),
+        };
+        Failure {
+            class,
+            phase,
+            sent,
+            server,
+            host,
+        }
+    }
+
+    fn connect(e: &Error) -> Self {
+        Failure {
+            class: e.class(),
+            phase: Phase::Connect,
+            sent: false,
+            server: None,
+            host: String::new(),
+        }
+    }
+}
+
+/// Replaces a bare diesel error in `e` (when `E` is [`Error`]) by one that carries
+/// what the tap saw.
+fn enrich<E: 'static>(mut e: E, f: &Failure, attempts: u32) -> E {
+    if let Some(err) = (&mut e as &mut dyn Any).downcast_mut::<Error>() {
+        let taken = std::mem::replace(err, Error::Local(String::new()));
+        *err = match taken {
+            Error::Query(d) => {
+                let db = Box::new(DbError {
+                    class: f.class,
+                    sqlstate: f.server.as_ref().map(ServerError::sqlstate),
+                    server: f.server.clone(),
+                    phase: f.phase,
+                    attempts,
+                    host: f.host.clone(),
+                    source: Box::new(d),
+                });
+                if f.class == ErrorClass::Ambiguous {
+                    Error::Ambiguous(db)
+                } else {
+                    Error::Database(db)
+                }
+            }
+            Error::Database(mut d) => {
+                d.attempts = attempts;
+                Error::Database(d)
+            }
+            other => other,
+        };
+    }
+    e
+}
+
+fn host_of(conn: &Conn) -> String {
+    format!("{}:{}", conn.info().host, conn.info().port)
+}
+
+/// The options of a transaction (see `TransactionBuilder`).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct TxOptions {
+    pub(crate) isolation: Option<IsolationLevel>,
+    pub(crate) read_only: bool,
+    pub(crate) deferrable: bool,
+    pub(crate) statement_timeout: Option<Duration>,
+    pub(crate) deadline: Option<Duration>,
+    pub(crate) policy: Option<RetryPolicy>,
+}
+
+impl TxOptions {
+    fn begin_sql(&self) -> String {
+        let mut sql = String::from("BEGIN");
+        let mut modes = Vec::new();
+        if let Some(level) = self.isolation {
+            modes.push(format!("ISOLATION LEVEL {}", level.sql()));
+        }
+        if self.read_only {
+            modes.push("READ ONLY".to_owned());
+        }
+        if self.deferrable {
+            modes.push("DEFERRABLE".to_owned());
+        }
+        if !modes.is_empty() {
+            sql.push_str(" TRANSACTION ");
+            sql.push_str(&modes.join(", "));
+        }
+        if let Some(t) = self.statement_timeout {
+            // One round trip: BEGIN and SET LOCAL travel together.
+            sql.push_str(&format!(
+                "; SET LOCAL statement_timeout = {}",
+                t.as_millis().max(1)
+            ));
+        }
+        sql
+    }
+}
+
+/// The options of an autocommit write (see `WriteBuilder`).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct WriteOptions {
+    pub(crate) idempotent: bool,
+    pub(crate) deadline: Option<Duration>,
+    pub(crate) policy: Option<RetryPolicy>,
+}
+
+/// Runs `f` in a transaction on the source's primary, re-running it from the
+/// top when a retry is safe. On an enclosed connection, runs it once in a
+/// savepoint instead (isolation level, `READ ONLY` and `DEFERRABLE` cannot
+/// change inside a transaction and are not applied there; a statement timeout
+/// is, with `SET LOCAL`, and lasts until the enclosing transaction ends).
+pub(crate) async fn transaction<S: Source, F: ConnWork>(
+    src: &S,
+    opts: &TxOptions,
+    record: bool,
+    f: F,
+) -> Result<(F::Value, CommitPosition), F::Error> {
+    let first = src.checkout_primary().await;
+    if let Ok(conn) = &first
+        && conn.enclosed()
+    {
+        let conn = first.map_err(F::Error::from)?;
+        return in_savepoint(conn, f, record, opts.statement_timeout).await;
+    }
+    let begin = opts.begin_sql();
+    let policy = opts.policy.as_ref().unwrap_or(&src.retries().policy);
+    let attempts = AtomicU32::new(0);
+    let cancel = CancelSlot::default();
+    let first = std::sync::Mutex::new(Some(first));
+    let work = retrying(src, policy, false, "transaction", &attempts, |attempt| {
+        let lease = first.lock().unwrap_or_else(|p| p.into_inner()).take();
+        attempt_transaction(src, lease, &begin, f.clone(), &cancel, record, attempt)
+    });
+    let span = tracing::info_span!(target: "railyard::tx", "railyard.transaction", otel.kind = "client", db.system.name = "postgresql");
+    tracing::Instrument::instrument(with_deadline(opts.deadline, work, &attempts, &cancel), span)
+        .await
+}
+
+/// Runs `f` on a primary connection in autocommit mode (each statement commits
+/// on its own), retried only when that is safe: nothing was sent, or the work
+/// is idempotent, or the server rolled the statement back (40001, 40P01). On an
+/// enclosed connection, runs it once in a savepoint, so that a failing
+/// statement spoils no more than it would in autocommit.
+pub(crate) async fn write<S: Source, F: ConnWork>(
+    src: &S,
+    opts: &WriteOptions,
+    record: bool,
+    f: F,
+) -> Result<(F::Value, CommitPosition), F::Error> {
+    let first = src.checkout_primary().await;
+    if let Ok(conn) = &first
+        && conn.enclosed()
+    {
+        let conn = first.map_err(F::Error::from)?;
+        return in_savepoint(conn, f, record, None).await;
+    }
+    let policy = opts.policy.as_ref().unwrap_or(&src.retries().policy);
+    let idempotent = opts.idempotent;
+    let attempts = AtomicU32::new(0);
+    let cancel = CancelSlot::default();
+    let first = std::sync::Mutex::new(Some(first));
+    let work = retrying(src, policy, idempotent, "write", &attempts, |attempt| {
+        let lease = first.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let f = f.clone();
+        let cancel = &cancel;
+        async move {
+            let mut conn = match checked_out(src, lease).await {
+                Ok(c) => c,
+                Err(e) => {
+                    let failure = Failure::connect(&e);
+                    return Err((F::Error::from(e), failure));
+                }
+            };
+            cancel.set(&conn);
+            conn.set_attempt(attempt);
+            let wire = conn.wire_arc();
+            let host = host_of(&conn);
+            let mark = wire.mark();
+            match f(&mut conn).await {
+                Ok(v) => {
+                    let at = if record {
+                        commit_position(&mut conn).await
+                    } else {
+                        CommitPosition::NotRecorded
+                    };
+                    Ok((v, at))
+                }
+                Err(e) => Err((
+                    e,
+                    Failure::from_wire(&wire, mark, Phase::Commit, host).await,
+                )),
+            }
+        }
+    });
+    let span = tracing::info_span!(target: "railyard::tx", "railyard.write", otel.kind = "client", db.system.name = "postgresql", railyard.idempotent = idempotent);
+    tracing::Instrument::instrument(with_deadline(opts.deadline, work, &attempts, &cancel), span)
+        .await
+}
+
+/// The first attempt's lease (checked out before the loop, to learn whether it
+/// is enclosed), or a new one.
+async fn checked_out<S: Source>(
+    src: &S,
+    lease: Option<Result<PooledConn, Error>>,
+) -> Result<PooledConn, Error> {
+    match lease {
+        Some(r) => r,
+        None => src.checkout_primary().await,
+    }
+}
+
+/// Runs attempts until one succeeds or retrying is not safe, not allowed by the
+/// policy, or not affordable from the budget; backs off between attempts.
+async fn retrying<S: Source, T, E, Fut>(
+    src: &S,
+    policy: &RetryPolicy,
+    idempotent: bool,
+    what: &'static str,
+    attempts: &AtomicU32,
+    mut attempt_fn: impl FnMut(u32) -> Fut,
+) -> Result<T, E>
+where
+    Fut: Future<Output = Result<T, (E, Failure)>>,
+    E: 'static,
+{
+    let retries = src.retries();
+    let mut attempt = 0u32;
+    loop {
+        attempt += 1;
+        attempts.store(attempt, Ordering::Relaxed);
+        if attempt == 1 {
+            retries.budget.deposit();
+        }
+        let (e, failure) = match attempt_fn(attempt).await {
+            Ok(v) => return Ok(v),
+            Err(failed) => failed,
+        };
+        let give_up = !retryable(failure.class, failure.phase, idempotent, failure.sent)
+            || attempt >= policy.attempts()
+            || !retries.budget.withdraw();
+        if give_up {
+            return Err(enrich(e, &failure, attempt));
+        }
+        retries.note(failure.class);
+        if failure.class == ErrorClass::Reroute {
+            src.reroute_primary();
+        }
+        tracing::info!(
+            target: "railyard::retry",
+            class = %failure.class,
+            sqlstate = failure.server.as_ref().map(|s| s.code.as_str()).unwrap_or(""),
+            attempt,
+            what,
+            "retrying"
+        );
+        tokio::time::sleep(policy.backoff(attempt)).await;
+    }
+}
+
+/// The connection an attempt is using, so that a deadline can cancel its query.
+#[derive(Clone, Default)]
+struct CancelSlot(Arc<std::sync::Mutex<Option<Running>>>);
+
+/// The connection an attempt runs on: how to cancel it, and its wire state.
+type Running = (CancelHandle, Arc<WireState>);
+
+impl CancelSlot {
+    fn set(&self, conn: &Conn) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some((conn.cancel_handle(), conn.wire_arc()));
+    }
+    fn take(&self) -> Option<Running> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+}
+
+async fn with_deadline<R, E>(
+    deadline: Option<Duration>,
+    work: impl Future<Output = Result<R, E>>,
+    attempts: &AtomicU32,
+    cancel: &CancelSlot,
+) -> Result<R, E>
+where
+    E: From<Error>,
+{
+    let Some(deadline) = deadline else {
+        return work.await;
+    };
+    match tokio::time::timeout_at(Instant::now() + deadline, work).await {
+        Ok(r) => r,
+        Err(_) => {
+            // The attempt's future is gone; its connection goes back to the pool,
+            // which refuses it until it is idle again. Cancel what it was running.
+            if let Some((handle, wire)) = cancel.take()
+                && wire.in_flight() > 0
+            {
+                tokio::spawn(async move {
+                    if let Err(e) = handle.cancel().await {
+                        tracing::warn!(target: "railyard::tx", error = %e, "cancel request failed");
+                    }
+                });
+            }
+            Err(E::from(Error::Timeout {
+                deadline,
+                attempts: attempts.load(Ordering::Relaxed),
+                last: None,
+            }))
+        }
+    }
+}
+
+/// The error for a closure that swallowed a server error: the server aborted
+/// the transaction, and COMMIT would silently have rolled it back.
+fn swallowed(failure: &Failure) -> Error {
+    Error::Database(Box::new(DbError {
+        class: failure.class,
+        sqlstate: failure.server.as_ref().map(ServerError::sqlstate),
+        server: failure.server.clone(),
+        phase: Phase::InFlight,
+        attempts: 1,
+        host: failure.host.clone(),
+        source: "the transaction was aborted by an error that the closure did not return; it was rolled back, not committed".into(),
+    }))
+}
+
+async fn attempt_transaction<S: Source, F: ConnWork>(
+    src: &S,
+    lease: Option<Result<PooledConn, Error>>,
+    begin: &str,
+    f: F,
+    cancel: &CancelSlot,
+    record: bool,
+    attempt: u32,
+) -> Result<(F::Value, CommitPosition), (F::Error, Failure)> {
+    let mut conn = match checked_out(src, lease).await {
+        Ok(c) => c,
+        Err(e) => {
+            let failure = Failure::connect(&e);
+            return Err((F::Error::from(e), failure));
+        }
+    };
+    cancel.set(&conn);
+    conn.set_attempt(attempt);
+    let wire = conn.wire_arc();
+    let host = host_of(&conn);
+    let mark = wire.mark();
+    if let Err(e) = AnsiTransactionManager::begin_transaction_sql(&mut **conn, begin).await {
+        let failure = Failure::from_wire(&wire, mark, Phase::InFlight, host).await;
+        return Err((F::Error::from(Error::Query(e)), failure));
+    }
+    match f(&mut conn).await {
+        Ok(value) => {
+            wire.quiesce(Duration::from_millis(100)).await;
+            if wire.tx_status() == TxStatus::Failed {
+                let failure = Failure::from_wire(&wire, mark, Phase::InFlight, host).await;
+                let _ = AnsiTransactionManager::rollback_transaction(&mut **conn).await;
+                return Err((F::Error::from(swallowed(&failure)), failure));
+            }
+            let commit_mark = wire.mark();
+            match AnsiTransactionManager::commit_transaction(&mut **conn).await {
+                Ok(()) => {
+                    let at = if record {
+                        commit_position(&mut conn).await
+                    } else {
+                        CommitPosition::NotRecorded
+                    };
+                    Ok((value, at))
+                }
+                Err(e) => {
+                    let failure = Failure::from_wire(&wire, commit_mark, Phase::Commit, host).await;
+                    Err((F::Error::from(Error::Query(e)), failure))
+                }
+            }
+        }
+        Err(e) => {
+            let failure = Failure::from_wire(&wire, mark, Phase::InFlight, host).await;
+            if !wire.is_closed() {
+                // A failed rollback leaves the connection broken; the pool drops it.
+                let _ = AnsiTransactionManager::rollback_transaction(&mut **conn).await;
+            }
+            Err((e, failure))
+        }
+    }
+}
+
+/// The primary's WAL insert position right after a commit on `conn`. When it
+/// cannot be read, the session's reads all go to the primary: slower, never
+/// stale.
+async fn commit_position(conn: &mut Conn) -> CommitPosition {
+    match conn.wal_insert_lsn().await {
+        Ok(lsn) => CommitPosition::At(lsn),
+        Err(e) => {
+            tracing::warn!(target: "railyard::route", error = %e, "could not read the commit position; this session reads from the primary");
+            CommitPosition::Unknown
+        }
+    }
+}
+
+/// Checks that the enclosing transaction is still open after the work ran.
+async fn ensure_enclosure_open(conn: &Conn) -> Result<(), Error> {
+    conn.wire().quiesce(Duration::from_millis(200)).await;
+    if conn.wire().tx_status() == TxStatus::Idle {
+        return Err(Error::TestIsolation(
+            "the code under test ended the test's transaction (COMMIT or ROLLBACK on the connection); \
+             what it wrote may have been committed to the test database. Use `db.transaction`, or \
+             `isolation = \"database\"` for tests that must commit"
+                .into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Work on an enclosed connection: one savepoint, rolled back and released on
+/// error, never retried.
+pub(crate) async fn in_savepoint<F: ConnWork>(
+    mut conn: PooledConn,
+    f: F,
+    record: bool,
+    statement_timeout: Option<Duration>,
+) -> Result<(F::Value, CommitPosition), F::Error> {
+    ensure_enclosure_open(&conn).await.map_err(F::Error::from)?;
+    let wire = conn.wire_arc();
+    let host = host_of(&conn);
+    AnsiTransactionManager::begin_transaction(conn.pg())
+        .await
+        .map_err(|e| F::Error::from(Error::Query(e)))?;
+    if let Some(t) = statement_timeout {
+        conn.pg()
+            .batch_execute(&format!(
+                "SET LOCAL statement_timeout = {}",
+                t.as_millis().max(1)
+            ))
+            .await
+            .map_err(|e| F::Error::from(Error::Query(e)))?;
+    }
+    let mark = wire.mark();
+    let result = f(&mut conn).await;
+    wire.quiesce(Duration::from_millis(100)).await;
+    let outcome = match result {
+        Ok(_) if wire.tx_status() == TxStatus::Failed => {
+            let failure = Failure::from_wire(&wire, mark, Phase::InFlight, host).await;
+            let _ = conn.rollback_and_release().await;
+            Err(F::Error::from(swallowed(&failure)))
+        }
+        Ok(v) => match AnsiTransactionManager::commit_transaction(conn.pg()).await {
+            Ok(()) => Ok(v),
+            Err(e) => Err(F::Error::from(Error::Query(e))),
+        },
+        Err(e) => {
+            let failure = Failure::from_wire(&wire, mark, Phase::InFlight, host).await;
+            let _ = conn.rollback_and_release().await;
+            Err(enrich(e, &failure, 1))
+        }
+    };
+    ensure_enclosure_open(&conn).await.map_err(F::Error::from)?;
+    let v = outcome?;
+    let at = if record {
+        commit_position(&mut conn).await
+    } else {
+        CommitPosition::NotRecorded
+    };
+    Ok((v, at))
+}
+
+impl Conn {
+    /// Runs `f` in a nested transaction: a savepoint when a transaction is open,
+    /// else a top-level transaction. On error the savepoint is rolled back *and
+    /// released* (diesel-async only rolls back to it, and thousands of dead
+    /// savepoints exhaust the server's lock table). Nested blocks are never
+    /// retried on their own: a retryable failure propagates to the enclosing
+    /// [`Database::transaction`](crate::Database::transaction).
+    ///
+    /// ```no_run
+    /// use diesel_async::RunQueryDsl;
+    /// # async fn demo(db: &railyard::Database) -> Result<(), railyard::Error> {
+    /// db.transaction(async |conn| {
+    ///     let inner: Result<(), railyard::Error> = conn
+    ///         .transaction(async |conn| {
+    ///             diesel::sql_query("INSERT INTO users (email, name) VALUES ('a@x', 'A')")
+    ///                 .execute(conn)
+    ///                 .await?;
+    ///             // diesel's way of saying "undo this block":
+    ///             Err(diesel::result::Error::RollbackTransaction.into())
+    ///         })
+    ///         .await;
+    ///     assert!(inner.is_err()); // the insert is undone, the outer transaction goes on
+    ///     Ok::<_, railyard::Error>(())
+    /// })
+    /// .await
+    /// # }
+    /// ```
+    pub async fn transaction<F: ConnWork>(&mut self, f: F) -> Result<F::Value, F::Error> {
+        AnsiTransactionManager::begin_transaction(self.pg())
+            .await
+            .map_err(|e| F::Error::from(Error::Query(e)))?;
+        match f(self).await {
+            Ok(v) => {
+                AnsiTransactionManager::commit_transaction(self.pg())
+                    .await
+                    .map_err(|e| F::Error::from(Error::Query(e)))?;
+                Ok(v)
+            }
+            Err(e) => {
+                if let Err(rb) = self.rollback_and_release().await {
+                    tracing::warn!(target: "railyard::tx", error = %rb, "rolling back a nested transaction failed");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// The current transaction depth (0 outside a transaction).
+    pub fn transaction_depth(&mut self) -> u32 {
+        match AnsiTransactionManager::transaction_manager_status_mut(self.pg()) {
+            TransactionManagerStatus::Valid(v) => v.transaction_depth().map_or(0, |d| d.get()),
+            TransactionManagerStatus::InError => 0,
+        }
+    }
+
+    pub(crate) async fn rollback_and_release(&mut self) -> Result<(), Error> {
+        let depth = self.transaction_depth();
+        AnsiTransactionManager::rollback_transaction(self.pg()).await?;
+        if depth > 1 && self.transaction_depth() == depth - 1 {
+            // diesel names the savepoint of depth d+1 `diesel_savepoint_{d}`.
+            self.pg()
+                .batch_execute(&format!("RELEASE SAVEPOINT diesel_savepoint_{}", depth - 1))
+                .await?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,257 @@
+//! Health verdicts with reasons: the rules that turn what the lower layers
+//! report (the primary's probe, migrations, replicas, pools, recent errors)
+//! into healthy, degraded or unhealthy. The `Database` gathers the figures;
+//! the rules live here, with no I/O of their own.
+
+use std::time::Duration;
+
+use serde::Serialize;
+
+use super::Metrics;
+use crate::conn::{PoolStatus, Route};
+use crate::error::ErrorClass;
+use crate::migrate::{ChecksumState, MigrationState, MigrationStatus};
+use crate::route::{ReplicaHealth, ReplicaStatus};
+
+/// A verdict, worst last.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+#[non_exhaustive]
+pub enum HealthStatus {
+    /// Everything works.
+    Healthy,
+    /// Serving, with reduced capacity or guarantees (reads on the primary, a
+    /// saturated pool, errors above the usual rate).
+    Degraded,
+    /// Not serving: the primary is unreachable, or the schema is not the binary's.
+    Unhealthy,
+}
+
+/// One check behind a verdict.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[non_exhaustive]
+pub struct HealthCheck {
+    /// What was checked (`primary`, `replica localhost:5433`, `migrations`, …).
+    pub name: String,
+    /// Its verdict.
+    pub status: HealthStatus,
+    /// Why, in words.
+    pub reason: String,
+    /// Round-trip time, for checks that made one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub latency_ms: Option<f64>,
+}
+
+/// The health of a `Database`: the worst of its checks.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[non_exhaustive]
+pub struct HealthReport {
+    /// The overall verdict.
+    pub status: HealthStatus,
+    /// Every check, with its reason.
+    pub checks: Vec<HealthCheck>,
+}
+
+impl HealthReport {
+    /// A report whose verdict is the worst of `checks`.
+    pub(crate) fn of(checks: Vec<HealthCheck>) -> Self {
+        let status = checks
+            .iter()
+            .map(|c| c.status)
+            .max()
+            .unwrap_or(HealthStatus::Healthy);
+        HealthReport { status, checks }
+    }
+
+    /// The report as JSON.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
+    }
+}
+
+fn check(name: impl Into<String>, status: HealthStatus, reason: impl Into<String>) -> HealthCheck {
+    HealthCheck {
+        name: name.into(),
+        status,
+        reason: reason.into(),
+        latency_ms: None,
+    }
+}
+
+/// How the primary answered its probe.
+#[derive(Debug)]
+pub(crate) enum PrimaryProbe {
+    /// It answered, in this time.
+    Answered(Duration),
+    /// The probe failed.
+    Failed(String),
+    /// No answer within the bound.
+    Silent(Duration),
+}
+
+pub(crate) fn primary(p: PrimaryProbe) -> HealthCheck {
+    match p {
+        PrimaryProbe::Answered(rtt) => HealthCheck {
+            name: "primary".into(),
+            status: HealthStatus::Healthy,
+            reason: "reachable".into(),
+            latency_ms: Some(rtt.as_secs_f64() * 1000.0),
+        },
+        PrimaryProbe::Failed(e) => check(
+            "primary",
+            HealthStatus::Unhealthy,
+            format!("unreachable: {e}"),
+        ),
+        PrimaryProbe::Silent(bound) => check(
+            "primary",
+            HealthStatus::Unhealthy,
+            format!("no answer within {bound:?}"),
+        ),
+    }
+}
+
+/// The migrations' verdict: the schema must be exactly the binary's.
+pub(crate) fn migrations(rows: Result<Vec<MigrationStatus>, String>) -> HealthCheck {
+    let rows = match rows {
+        Ok(rows) => rows,
+        Err(e) => {
+            return check(
+                "migrations",
+                HealthStatus::Unhealthy,
+                format!("cannot read: {e}"),
+            );
+        }
+    };
+    let mut pending = Vec::new();
+    for r in &rows {
+        match r.state {
+            MigrationState::Unknown => {
+                return check(
+                    "migrations",
+                    HealthStatus::Unhealthy,
+                    format!(
+                        "the database has {} applied, unknown to this binary",
+                        r.version
+                    ),
+                );
+            }
+            MigrationState::Applied {
+                checksum: ChecksumState::Edited,
+                ..
+            } => {
+                return check(
+                    "migrations",
+                    HealthStatus::Unhealthy,
+                    format!("{} was edited after it was applied", r.version),
+                );
+            }
+            MigrationState::Pending => pending.push(r.version.clone()),
+            MigrationState::Applied { .. } => {}
+        }
+    }
+    if pending.is_empty() {
+        check(
+            "migrations",
+            HealthStatus::Healthy,
+            format!("{} applied, checksums match", rows.len()),
+        )
+    } else {
+        check(
+            "migrations",
+            HealthStatus::Unhealthy,
+            format!("pending: {}", pending.join(", ")),
+        )
+    }
+}
+
+pub(crate) fn replica(r: &ReplicaHealth) -> HealthCheck {
+    let (status, reason) = match r.status {
+        ReplicaStatus::Healthy => (
+            HealthStatus::Healthy,
+            format!("streaming, {} bytes behind", r.lag_bytes),
+        ),
+        ReplicaStatus::Unknown => (HealthStatus::Degraded, "not checked yet".to_owned()),
+        ReplicaStatus::Lagging => (
+            HealthStatus::Degraded,
+            format!(
+                "ejected: {} bytes and {:.1?} behind; reads go elsewhere",
+                r.lag_bytes, r.lag
+            ),
+        ),
+        ReplicaStatus::Down => (
+            HealthStatus::Degraded,
+            format!(
+                "ejected: {}; reads go to the primary",
+                r.last_error.as_deref().unwrap_or("checks fail")
+            ),
+        ),
+        ReplicaStatus::Promoted => (
+            HealthStatus::Degraded,
+            "no longer a replica: it was promoted".to_owned(),
+        ),
+    };
+    check(format!("replica {}", r.name), status, reason)
+}
+
+pub(crate) fn pool(p: &PoolStatus) -> HealthCheck {
+    let used = p.connections.saturating_sub(p.idle);
+    let saturated = used >= p.max_size && p.gets_waited > 0;
+    let status = if p.circuit_open {
+        match p.route {
+            Route::Primary => HealthStatus::Unhealthy,
+            Route::Replica(_) => HealthStatus::Degraded,
+        }
+    } else if saturated {
+        HealthStatus::Degraded
+    } else {
+        HealthStatus::Healthy
+    };
+    let reason = if p.circuit_open {
+        "circuit breaker open: connections fail fast".to_owned()
+    } else {
+        format!(
+            "{used} of {} connections in use, {} checkouts waited, {} timed out",
+            p.max_size, p.gets_waited, p.gets_timed_out
+        )
+    };
+    check(format!("pool {}", p.name), status, reason)
+}
+
+/// The error rate of the last minute, by class. Constraint violations are the
+/// application's business, not the database's.
+pub(crate) fn errors(metrics: &Metrics) -> HealthCheck {
+    let (total, errors) = metrics.recent();
+    let failing: u64 = ErrorClass::ALL
+        .iter()
+        .filter(|c| **c != ErrorClass::Constraint)
+        .map(|c| errors[c.index()])
+        .sum();
+    let by_class = ErrorClass::ALL
+        .iter()
+        .filter(|c| errors[c.index()] > 0)
+        .map(|c| format!("{c} {}", errors[c.index()]))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let rate = if total == 0 {
+        0.0
+    } else {
+        failing as f64 / total as f64
+    };
+    check(
+        "errors",
+        if total >= 20 && rate > 0.05 {
+            HealthStatus::Degraded
+        } else {
+            HealthStatus::Healthy
+        },
+        format!(
+            "{failing} of {total} queries failed in the last minute ({:.1} %){}",
+            rate * 100.0,
+            if by_class.is_empty() {
+                String::new()
+            } else {
+                format!(": {by_class}")
+            }
+        ),
+    )
+}
