@@ -234,6 +234,7 @@ impl Error {
 /// secret, the value is replaced by `***`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid {field} {value:?}: {reason}")]
+#[non_exhaustive]
 pub struct ConfigError {
     /// The field (URL parameter, environment variable or builder setter) at fault.
     pub field: String,
@@ -294,6 +295,7 @@ impl fmt::Display for ConnectStage {
 /// A failed attempt to open a connection, with the server's SQLSTATE when it sent one.
 #[derive(Debug, thiserror::Error)]
 #[error("connecting to {host}{} failed at {stage}{}: {message}", if *port == 0 { String::new() } else { format!(":{port}") }, sqlstate.as_ref().map(|s| format!(" (SQLSTATE {})", s.code())).unwrap_or_default())]
+#[non_exhaustive]
 pub struct ConnectError {
     /// The host (or socket directory) tried last.
     pub host: String,
@@ -417,6 +419,7 @@ pub enum ViolationKind {
 
 /// An integrity violation, with the names the server reported.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Violation {
     /// Which kind of rule.
     pub kind: ViolationKind,
@@ -432,6 +435,7 @@ pub struct Violation {
 /// keeps only six), the constraint, table and column, the phase it failed in,
 /// and how many attempts were made.
 #[derive(Debug)]
+#[non_exhaustive]
 pub struct DbError {
     /// The class, from the SQLSTATE and the connection's fate.
     pub class: ErrorClass,
@@ -619,6 +623,7 @@ pub(crate) fn classify(sqlstate: Option<&SqlState>, connection_lost: bool) -> Er
 
 /// The fields of a server `ErrorResponse` that classification needs.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub struct ServerError {
     /// The SQLSTATE (field `C`).
     pub code: String,

@@ -248,11 +248,17 @@ async fn serve(addr: std::net::SocketAddr) -> Result<(), railyard::Error> {
         .await?;
     let listener = tokio::net::TcpListener::bind(addr)
         .await
-        .map_err(|e| railyard::Error::Local(format!("cannot listen on {addr}: {e}")))?;
+        .map_err(|source| railyard::Error::Io {
+            context: format!("cannot listen on {addr}"),
+            source,
+        })?;
     out!("serving /healthz /readyz /health /metrics on http://{addr}");
     axum::serve(listener, railyard::http::router(db))
         .await
-        .map_err(|e| railyard::Error::Local(format!("HTTP server: {e}")))
+        .map_err(|source| railyard::Error::Io {
+            context: "HTTP server".into(),
+            source,
+        })
 }
 
 async fn migrate(action: MigrateAction) -> Result<(), railyard::Error> {
@@ -268,11 +274,13 @@ async fn migrate(action: MigrateAction) -> Result<(), railyard::Error> {
                             ChecksumState::Verified => "checksum ok",
                             ChecksumState::Edited => "EDITED since applied",
                             ChecksumState::Unrecorded => "no checksum yet",
+                            _ => "checksum state unknown to this CLI",
                         },
                         duration.map(|d| format!(" in {d:.2?}")).unwrap_or_default()
                     ),
                     MigrationState::Pending => "pending".into(),
                     MigrationState::Unknown => "UNKNOWN to this binary".into(),
+                    _ => "in a state this CLI does not know".into(),
                 };
                 out!("{:<16} {:<45} {state}", row.version, row.name);
             }

@@ -72,6 +72,7 @@ impl fmt::Debug for Migrator {
 
 /// One migration applied by a run.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct AppliedMigration {
     /// The migration version (digits of its directory name's prefix).
     pub version: String,
@@ -83,6 +84,7 @@ pub struct AppliedMigration {
 
 /// What a run did.
 #[derive(Debug, Clone, Default)]
+#[non_exhaustive]
 pub struct MigrationReport {
     /// Migrations applied by this run, in order.
     pub applied: Vec<AppliedMigration>,
@@ -99,6 +101,7 @@ pub struct MigrationReport {
 
 /// Whether an applied migration still matches the binary.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum ChecksumState {
     /// The recorded checksum equals the embedded one.
     Verified,
@@ -110,6 +113,7 @@ pub enum ChecksumState {
 
 /// The state of one version.
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub enum MigrationState {
     /// Applied to the database.
     Applied {
@@ -126,6 +130,7 @@ pub enum MigrationState {
 
 /// One row of [`Migrator::status`].
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct MigrationStatus {
     /// The version.
     pub version: String,

@@ -62,6 +62,7 @@ impl fmt::Debug for Secret {
 /// | `verify-ca` | yes | yes | no |
 /// | `verify-full` | yes | yes | yes |
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[non_exhaustive]
 pub enum SslMode {
     /// Plain TCP only.
     Disable,
@@ -124,6 +125,7 @@ impl fmt::Display for SslMode {
 
 /// Which servers a connection may land on (libpq's `target_session_attrs`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[non_exhaustive]
 pub enum TargetSessionAttrs {
     /// Any server that accepts the connection.
     #[default]
@@ -163,6 +165,7 @@ impl FromStr for TargetSessionAttrs {
 
 /// One host of a target: a TCP host name or address, or a Unix-socket directory.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum Host {
     /// A host name or IP address reached over TCP.
     Tcp(String),
@@ -182,6 +185,7 @@ impl fmt::Display for Host {
 /// Where the password for new connections comes from. It is read again for every
 /// new connection, so a rotated password is used without a restart.
 #[derive(Clone, Default)]
+#[non_exhaustive]
 pub enum Credentials {
     /// The password in the URL, or none.
     #[default]
@@ -762,6 +766,7 @@ fn format_duration(d: Duration) -> String {
 
 /// Pool sizes and timeouts.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct PoolConfig {
     /// Most connections the pool opens. Defaults to 10.
     pub max_size: u32,

@@ -27,6 +27,7 @@ use crate::error::ServerError;
 
 /// The transaction status from the latest `ReadyForQuery`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum TxStatus {
     /// Not in a transaction block (`I`).
     Idle,

@@ -1,13 +1,16 @@
 //! [`Database`]: the handle applications keep, and the one place connections
 //! are handed out.
 //!
-//! Every way a `Database` gives out a connection (`primary`, `replica`,
-//! `with_primary`, `read`, `write`, `transaction`, sessions, builders, health)
-//! goes through one function, `Database::checkout`. It alone knows whether the handle is
-//! pinned to one shared connection (the test harness's): then every route
-//! hands out that connection, *enclosed* in the test's transaction, and the
-//! work runs in savepoints. A new entry point cannot leak past the harness by
-//! forgetting a branch, because there is no other branch.
+//! A `Database` gets its connections from one of two sources: a pool per
+//! target with a router over the replicas (production), or the test harness's
+//! pinned connection. Every way it hands out a connection (`primary`,
+//! `replica`, `with_primary`, `read`, `write`, `transaction`, sessions,
+//! builders, health) goes through one function, `Database::checkout` (reads
+//! through its routed sibling `checkout_read`), the only code that looks at
+//! the source. A pinned source hands out the test's connection *enclosed* in
+//! the test's transaction, and the work runs in savepoints. A new entry point
+//! cannot leak past the harness by forgetting a branch: there is no branch to
+//! forget.
 
 mod builders;
 mod session;
@@ -143,9 +146,7 @@ impl DatabaseBuilder {
             inner: Arc::new(Inner {
                 retries: Retries::new(self.policy, self.budget),
                 config,
-                primary,
-                router,
-                pin: None,
+                connections: Connections::Pooled { primary, router },
                 observer,
                 migrator: self.migrator,
                 migrations,
@@ -163,23 +164,30 @@ fn replica_name(t: &ConnectTarget) -> String {
         .join(",")
 }
 
-/// A harness-made `Database`'s connections: every route uses `conn` (inside
-/// the test's transaction); in stale-replica mode, reads without a causal
-/// token use `stale`, which cannot see the test's uncommitted writes.
-struct Pin {
-    conn: SharedConn,
-    stale: Option<SharedConn>,
+/// Where a `Database`'s connections come from.
+enum Connections {
+    /// A pool per target, and the router over the replicas: production.
+    Pooled {
+        primary: TargetPool,
+        router: Arc<Router>,
+    },
+    /// The test harness's: every route uses `conn` (inside the test's
+    /// transaction); in stale-replica mode, reads without a causal token use
+    /// `stale`, which cannot see the test's uncommitted writes.
+    #[cfg_attr(not(feature = "testing"), allow(dead_code))]
+    Pinned {
+        conn: SharedConn,
+        stale: Option<SharedConn>,
+    },
 }
 
-/// How long a pinned check-out waits for the shared connection.
+/// How long a check-out of the harness's shared connection waits for it.
 const PIN_PATIENCE: Duration = Duration::from_secs(30);
 
 struct Inner {
     retries: Retries,
     config: Arc<Config>,
-    primary: TargetPool,
-    router: Arc<Router>,
-    pin: Option<Pin>,
+    connections: Connections,
     observer: Arc<Observer>,
     migrator: Option<Migrator>,
     migrations: Option<MigrationReport>,
@@ -189,7 +197,9 @@ struct Inner {
 impl Drop for Inner {
     fn drop(&mut self) {
         // The monitors hold only weak references; this stops them at once.
-        self.router.stop();
+        if let Connections::Pooled { router, .. } = &self.connections {
+            router.stop();
+        }
     }
 }
 
@@ -228,6 +238,16 @@ impl fmt::Debug for Database {
             .field("config", &self.inner.config)
             .finish_non_exhaustive()
     }
+}
+
+fn replica_node(router: &Router, index: usize) -> Result<&Arc<ReplicaNode>, Error> {
+    router.replicas.get(index).ok_or_else(|| {
+        Error::Config(ConfigError::new(
+            "replica index",
+            index.to_string(),
+            format!("{} replicas are configured", router.replicas.len()),
+        ))
+    })
 }
 
 /// What a check-out is for.
@@ -290,12 +310,15 @@ impl Database {
     /// the harness's pin: a pinned handle gives its shared connection, enclosed
     /// in the test's transaction, whatever was asked for.
     pub(crate) async fn checkout(&self, want: Want) -> Result<PooledConn, Error> {
-        if let Some(pin) = &self.inner.pin {
-            return PooledConn::shared(&pin.conn, PIN_PATIENCE, true).await;
-        }
+        let (primary, router) = match &self.inner.connections {
+            Connections::Pinned { conn, .. } => {
+                return PooledConn::shared(conn, PIN_PATIENCE, true).await;
+            }
+            Connections::Pooled { primary, router } => (primary, router),
+        };
         let pool = match want {
-            Want::Primary => &self.inner.primary,
-            Want::Replica(i) => &self.replica_node(i)?.pool,
+            Want::Primary => primary,
+            Want::Replica(i) => &replica_node(router, i)?.pool,
         };
         Ok(PooledConn::pooled(pool.get_owned().await?))
     }
@@ -304,26 +327,12 @@ impl Database {
     /// the primary (per the routing config's [`Fallback`]). Goes through the
     /// same pin check as [`Database::checkout`].
     async fn checkout_read(&self, floor: Floor) -> Result<ReadLease, Error> {
-        if let Some(pin) = &self.inner.pin {
-            // Stale-replica mode: reads without a token see only committed data.
-            if let (Floor::Any, Some(stale)) = (floor, &pin.stale) {
-                return Ok(ReadLease {
-                    conn: PooledConn::shared(stale, PIN_PATIENCE, false).await?,
-                    route: Route::Replica("stale-replica".into()),
-                    node: None,
-                    seen: Floor::Any,
-                    _outstanding: None,
-                });
+        let router = match &self.inner.connections {
+            Connections::Pooled { router, .. } => router,
+            Connections::Pinned { conn, stale } => {
+                return Self::pinned_read(conn, stale.as_ref(), floor).await;
             }
-            return Ok(ReadLease {
-                conn: PooledConn::shared(&pin.conn, PIN_PATIENCE, true).await?,
-                route: Route::Replica("test-connection".into()),
-                node: None,
-                seen: floor,
-                _outstanding: None,
-            });
-        }
-        let router = &self.inner.router;
+        };
         let mut choice = router.choose(floor);
         if choice.is_none()
             && let Floor::At(_) = floor
@@ -365,15 +374,38 @@ impl Database {
         })
     }
 
-    fn replica_node(&self, index: usize) -> Result<&Arc<ReplicaNode>, Error> {
-        let replicas = &self.inner.router.replicas;
-        replicas.get(index).ok_or_else(|| {
-            Error::Config(ConfigError::new(
-                "replica index",
-                index.to_string(),
-                format!("{} replicas are configured", replicas.len()),
-            ))
+    /// A read on the harness's connections: the test's own connection
+    /// (enclosed), or, in stale-replica mode without a token, the connection
+    /// that sees only committed data.
+    async fn pinned_read(
+        conn: &SharedConn,
+        stale: Option<&SharedConn>,
+        floor: Floor,
+    ) -> Result<ReadLease, Error> {
+        if let (Floor::Any, Some(stale)) = (floor, stale) {
+            return Ok(ReadLease {
+                conn: PooledConn::shared(stale, PIN_PATIENCE, false).await?,
+                route: Route::Replica("stale-replica".into()),
+                node: None,
+                seen: Floor::Any,
+                _outstanding: None,
+            });
+        }
+        Ok(ReadLease {
+            conn: PooledConn::shared(conn, PIN_PATIENCE, true).await?,
+            route: Route::Replica("test-connection".into()),
+            node: None,
+            seen: floor,
+            _outstanding: None,
         })
+    }
+
+    /// The replicas, when the handle has pools.
+    fn replicas(&self) -> &[Arc<ReplicaNode>] {
+        match &self.inner.connections {
+            Connections::Pooled { router, .. } => &router.replicas,
+            Connections::Pinned { .. } => &[],
+        }
     }
 
     // ---- Connections --------------------------------------------------------
@@ -464,7 +496,10 @@ impl Database {
     /// `None`): the routing decision alone, from cached figures, no I/O.
     pub fn route_for_read(&self, token: Option<CausalToken>) -> Route {
         let floor = token.map_or(Floor::Any, |t| Floor::At(t.lsn()));
-        match self.inner.router.choose(floor) {
+        let Connections::Pooled { router, .. } = &self.inner.connections else {
+            return Route::Replica("test-connection".into());
+        };
+        match router.choose(floor) {
             Some((node, _outstanding)) => Route::Replica(node.name.clone()),
             None => Route::Primary,
         }
@@ -535,12 +570,7 @@ impl Database {
 
     /// Each replica's monitored state.
     pub fn replica_health(&self) -> Vec<ReplicaHealth> {
-        self.inner
-            .router
-            .replicas
-            .iter()
-            .map(|r| r.health())
-            .collect()
+        self.replicas().iter().map(|r| r.health()).collect()
     }
 
     /// Retries made so far, by class.
@@ -550,8 +580,11 @@ impl Database {
 
     /// Snapshots of the primary pool and each replica pool.
     pub fn pool_status(&self) -> Vec<PoolStatus> {
-        std::iter::once(&self.inner.primary)
-            .chain(self.inner.router.replicas.iter().map(|r| &r.pool))
+        let Connections::Pooled { primary, router } = &self.inner.connections else {
+            return Vec::new();
+        };
+        std::iter::once(primary)
+            .chain(router.replicas.iter().map(|r| &r.pool))
             .map(TargetPool::status)
             .collect()
     }
@@ -704,42 +737,33 @@ impl Database {
         conn: crate::conn::Conn,
         stale: Option<crate::conn::Conn>,
         migrator: Migrator,
-    ) -> Result<Self, Error> {
-        let config = Arc::new(config);
-        let opener = Opener::new(
-            config.primary.clone(),
-            config.clone(),
-            TargetSessionAttrs::Any,
-        )?;
-        let primary = TargetPool::build(Route::Primary, opener, 1, &config);
+    ) -> Self {
         let shared = |c| Arc::new(tokio::sync::Mutex::new(Some(c)));
-        Ok(Database {
+        Database {
             inner: Arc::new(Inner {
                 retries: Retries::new(RetryPolicy::never(), RetryBudget::default()),
-                config,
-                primary,
-                router: Arc::new(Router::new(Vec::new(), RoutingConfig::default())),
-                pin: Some(Pin {
+                config: Arc::new(config),
+                connections: Connections::Pinned {
                     conn: shared(conn),
                     stale: stale.map(shared),
-                }),
+                },
                 observer: Arc::new(Observer::default()),
                 migrator: Some(migrator),
                 migrations: None,
                 boot_time: Duration::ZERO,
             }),
-        })
+        }
     }
 
     #[cfg(feature = "testing")]
     /// Takes the test's connections back from a harness-made `Database`: the
     /// pinned one and the stale-replica one.
     pub(crate) async fn unpin(&self) -> (Option<crate::conn::Conn>, Option<crate::conn::Conn>) {
-        let Some(pin) = &self.inner.pin else {
+        let Connections::Pinned { conn, stale } = &self.inner.connections else {
             return (None, None);
         };
-        let conn = pin.conn.lock().await.take();
-        let stale = match &pin.stale {
+        let conn = conn.lock().await.take();
+        let stale = match stale {
             Some(s) => s.lock().await.take(),
             None => None,
         };
@@ -763,7 +787,9 @@ impl Source for Database {
     }
 
     fn reroute_primary(&self) {
-        self.inner.primary.reroute();
+        if let Connections::Pooled { primary, .. } = &self.inner.connections {
+            primary.reroute();
+        }
     }
 
     fn retries(&self) -> &Retries {

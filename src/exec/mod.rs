@@ -206,34 +206,45 @@ impl Failure {
 
 /// Replaces a bare diesel error in `e` (when `E` is [`Error`]) by one that carries
 /// what the tap saw.
-fn enrich<E: 'static>(mut e: E, f: &Failure, attempts: u32) -> E {
-    if let Some(err) = (&mut e as &mut dyn Any).downcast_mut::<Error>() {
-        let taken = std::mem::replace(err, Error::Local(String::new()));
-        *err = match taken {
-            Error::Query(d) => {
-                let db = Box::new(DbError {
-                    class: f.class,
-                    sqlstate: f.server.as_ref().map(ServerError::sqlstate),
-                    server: f.server.clone(),
-                    phase: f.phase,
-                    attempts,
-                    host: f.host.clone(),
-                    source: Box::new(d),
-                });
-                if f.class == ErrorClass::Ambiguous {
-                    Error::Ambiguous(db)
-                } else {
-                    Error::Database(db)
-                }
-            }
-            Error::Database(mut d) => {
-                d.attempts = attempts;
-                Error::Database(d)
-            }
-            other => other,
-        };
+fn enrich<E: 'static>(e: E, f: &Failure, attempts: u32) -> E {
+    let any: Box<dyn Any> = Box::new(e);
+    match any.downcast::<Error>() {
+        Ok(err) => {
+            let enriched: Box<dyn Any> = Box::new(enrich_error(*err, f, attempts));
+            *enriched
+                .downcast::<E>()
+                .expect("E is Error: it was just downcast to it")
+        }
+        Err(any) => *any
+            .downcast::<E>()
+            .expect("the value boxed just above is an E"),
     }
-    e
+}
+
+fn enrich_error(err: Error, f: &Failure, attempts: u32) -> Error {
+    match err {
+        Error::Query(d) => {
+            let db = Box::new(DbError {
+                class: f.class,
+                sqlstate: f.server.as_ref().map(ServerError::sqlstate),
+                server: f.server.clone(),
+                phase: f.phase,
+                attempts,
+                host: f.host.clone(),
+                source: Box::new(d),
+            });
+            if f.class == ErrorClass::Ambiguous {
+                Error::Ambiguous(db)
+            } else {
+                Error::Database(db)
+            }
+        }
+        Error::Database(mut d) => {
+            d.attempts = attempts;
+            Error::Database(d)
+        }
+        other => other,
+    }
 }
 
 fn host_of(conn: &Conn) -> String {

@@ -39,6 +39,7 @@ const SLOT: &str = "railyard_replica";
 
 /// How a cluster came to be running.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum StartKind {
     /// Another process had it running; this one joined.
     Joined,

@@ -365,8 +365,7 @@ where
         conn,
         stale,
         (options.migrations)(),
-    )
-    .map_err(|e| e.to_string())?;
+    );
     let result = AssertUnwindSafe(test(db.clone())).catch_unwind().await;
     // Whatever happened, end the transaction: deferred constraints first.
     let mut conn = db.primary().await.map_err(|e| e.to_string())?;

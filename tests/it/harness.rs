@@ -106,7 +106,7 @@ async fn app_flow(db: &Database, tag: &str) -> Result<Vec<String>, Error> {
         let nested: Result<(), Error> = c
             .transaction(async |c| {
                 add_user(c, &format!("undone-{tag}@app.test")).await?;
-                Err(Error::Local("changed my mind".into()))
+                Err(Error::from(diesel::result::Error::RollbackTransaction))
             })
             .await;
         assert!(nested.is_err());
@@ -177,7 +177,7 @@ async fn twenty_thousand_rolled_back_savepoints_in_one_test(db: Database) {
         let r = db
             .transaction(async |c| {
                 add_user(c, &format!("sp-{i}@savepoint.test")).await?;
-                Err::<(), _>(Error::Local("undo".into()))
+                Err::<(), _>(Error::from(diesel::result::Error::RollbackTransaction))
             })
             .await;
         assert!(r.is_err());

@@ -373,7 +373,7 @@ async fn twenty_thousand_failed_inner_blocks_fit_in_one_transaction() {
                         .bind::<BigInt, _>(ids[0])
                         .execute(conn)
                         .await?;
-                        Err(Error::Local("undo".into()))
+                        Err(Error::from(diesel::result::Error::RollbackTransaction))
                     })
                     .await;
                 assert!(r.is_err());
@@ -521,7 +521,7 @@ fn run_block<'a>(
         if block.commit {
             Ok(())
         } else {
-            Err(Error::Local("roll back".into()))
+            Err(Error::from(diesel::result::Error::RollbackTransaction))
         }
     })
 }
