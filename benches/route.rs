@@ -38,6 +38,104 @@ where
     )
 }
 
+type RawPool = bb8::Pool<AsyncDieselConnectionManager<AsyncPgConnection>>;
+
+/// 8 tasks × 50 primary-key lookups through a plain bb8 pool on the replica.
+async fn raw_batch(raw: &RawPool, ids: &Arc<Vec<i64>>) {
+    let mut tasks = Vec::new();
+    for t in 0..TASKS {
+        let (pool, ids) = (raw.clone(), ids.clone());
+        tasks.push(tokio::spawn(async move {
+            for i in 0..LOOKUPS_PER_TASK {
+                let mut conn = pool.get().await.expect("get");
+                let id = ids[((t * 131 + i * 7) % ids.len() as u64) as usize];
+                lookup(&mut conn, id).await.expect("lookup");
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("task");
+    }
+}
+
+/// The same lookups through `db.read`, routed to the replica.
+async fn railyard_batch(db: &Database, ids: &Arc<Vec<i64>>) {
+    let mut tasks = Vec::new();
+    for t in 0..TASKS {
+        let (db, ids) = (db.clone(), ids.clone());
+        tasks.push(tokio::spawn(async move {
+            for i in 0..LOOKUPS_PER_TASK {
+                let id = ids[((t * 131 + i * 7) % ids.len() as u64) as usize];
+                let (_, route) = db
+                    .read_routed(async |c| lookup(c, id).await)
+                    .await
+                    .expect("read");
+                assert!(matches!(route, Route::Replica(_)));
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("task");
+    }
+}
+
+/// CPU time (user + system) this process has used.
+fn cpu_time() -> f64 {
+    use nix::sys::resource::{UsageWho, getrusage};
+    let u = getrusage(UsageWho::RUSAGE_SELF).expect("getrusage");
+    let secs = |t: nix::sys::time::TimeVal| t.tv_sec() as f64 + t.tv_usec() as f64 / 1e6;
+    secs(u.user_time()) + secs(u.system_time())
+}
+
+/// Paired rounds: each round times raw batches and Railyard batches back to
+/// back (in alternating order), so that the machine's drift (checkpoints, the
+/// other core's load) hits both sides of each ratio alike. Criterion's groups
+/// run one variant after the other, seconds apart, and on this 2-core machine
+/// their ratio swings by ±8 % from run to run; the median of paired ratios
+/// swings far less. The client's CPU time per lookup (this process: the
+/// runtime's threads, the tap, the hooks, routing) says where any difference
+/// goes on the client side; the rest of each lookup is the server and the
+/// kernel.
+fn paired(rt: &tokio::runtime::Runtime, db: &Database, raw: &RawPool, ids: &Arc<Vec<i64>>) {
+    const ROUNDS: usize = 40;
+    const BATCHES: usize = 3;
+    let lookups = (ROUNDS * BATCHES) as f64 * (TASKS * LOOKUPS_PER_TASK) as f64;
+    let mut ratios = Vec::with_capacity(ROUNDS);
+    let mut cpu = [0.0f64; 2];
+    for round in 0..ROUNDS {
+        let mut time = |railyard: bool| {
+            let (started, cpu_before) = (std::time::Instant::now(), cpu_time());
+            for _ in 0..BATCHES {
+                if railyard {
+                    rt.block_on(railyard_batch(db, ids));
+                } else {
+                    rt.block_on(raw_batch(raw, ids));
+                }
+            }
+            cpu[usize::from(railyard)] += cpu_time() - cpu_before;
+            started.elapsed().as_secs_f64()
+        };
+        let (raw_s, railyard_s) = if round % 2 == 0 {
+            let r = time(false);
+            (r, time(true))
+        } else {
+            let y = time(true);
+            (time(false), y)
+        };
+        ratios.push(raw_s / railyard_s);
+    }
+    ratios.sort_by(f64::total_cmp);
+    let q = |p: f64| ratios[((ratios.len() - 1) as f64 * p).round() as usize];
+    println!(
+        "paired replica_read: db.read vs raw bb8 on the replica, median speed ratio {:.3} (quartiles {:.3}–{:.3}, {ROUNDS} rounds); client CPU per lookup: raw {:.1} µs, railyard {:.1} µs",
+        q(0.5),
+        q(0.25),
+        q(0.75),
+        cpu[0] / lookups * 1e6,
+        cpu[1] / lookups * 1e6,
+    );
+}
+
 fn benches(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -107,49 +205,14 @@ fn benches(c: &mut Criterion) {
     let mut group = c.benchmark_group("replica_read");
     group.throughput(Throughput::Elements(TASKS * LOOKUPS_PER_TASK));
     group.bench_function("raw_bb8_on_replica", |b| {
-        b.iter(|| {
-            rt.block_on(async {
-                let mut tasks = Vec::new();
-                for t in 0..TASKS {
-                    let (pool, ids) = (raw.clone(), ids.clone());
-                    tasks.push(tokio::spawn(async move {
-                        for i in 0..LOOKUPS_PER_TASK {
-                            let mut conn = pool.get().await.expect("get");
-                            let id = ids[((t * 131 + i * 7) % ids.len() as u64) as usize];
-                            lookup(&mut conn, id).await.expect("lookup");
-                        }
-                    }));
-                }
-                for t in tasks {
-                    t.await.expect("task");
-                }
-            })
-        })
+        b.iter(|| rt.block_on(raw_batch(&raw, &ids)))
     });
     group.bench_function("railyard_db_read", |b| {
-        b.iter(|| {
-            rt.block_on(async {
-                let mut tasks = Vec::new();
-                for t in 0..TASKS {
-                    let (db, ids) = (db.clone(), ids.clone());
-                    tasks.push(tokio::spawn(async move {
-                        for i in 0..LOOKUPS_PER_TASK {
-                            let id = ids[((t * 131 + i * 7) % ids.len() as u64) as usize];
-                            let (_, route) = db
-                                .read_routed(async |c| lookup(c, id).await)
-                                .await
-                                .expect("read");
-                            assert!(matches!(route, Route::Replica(_)));
-                        }
-                    }));
-                }
-                for t in tasks {
-                    t.await.expect("task");
-                }
-            })
-        })
+        b.iter(|| rt.block_on(railyard_batch(&db, &ids)))
     });
     group.finish();
+
+    paired(&rt, &db, &raw, &ids);
 
     let mut group = c.benchmark_group("routing_decision");
     let token = Some("0/1".parse::<CausalToken>().expect("a token"));

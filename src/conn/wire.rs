@@ -18,7 +18,7 @@
 use std::io;
 use std::pin::Pin;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -62,6 +62,28 @@ pub struct WireState {
     syncs_sent: AtomicU64,
     last_error: Mutex<Option<ServerError>>,
     ready_notify: tokio::sync::Notify,
+    /// Tasks waiting in `settle` or `quiesce`: the framer wakes them (which
+    /// takes the `Notify`'s lock) only when there are any.
+    waiting: AtomicUsize,
+}
+
+/// Counts a task as waiting for the wire for as long as it lives (a waiting
+/// future may be dropped at any await).
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl<'a> Waiting<'a> {
+    fn new(n: &'a AtomicUsize) -> Self {
+        // SeqCst pairs with the framer's: either the framer sees this waiter,
+        // or the waiter's next check sees the framer's update.
+        n.fetch_add(1, Ordering::SeqCst);
+        Waiting(n)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// A point in a connection's traffic, taken before an operation, to tell what the
@@ -127,7 +149,7 @@ impl WireState {
     }
     /// `ReadyForQuery` messages seen: one per completed round trip.
     pub fn ready_count(&self) -> u64 {
-        self.ready_count.load(Ordering::Relaxed)
+        self.ready_count.load(Ordering::SeqCst)
     }
     /// `ErrorResponse` messages seen.
     pub fn error_count(&self) -> u64 {
@@ -151,6 +173,11 @@ impl WireState {
     /// need that moment; one still running a (cancelled) query or inside a
     /// transaction does not settle and is refused.
     pub(crate) async fn settle(&self, patience: std::time::Duration) -> bool {
+        // The common case, every check-out: nothing to wait for, no lock taken.
+        if self.is_settled_idle() {
+            return true;
+        }
+        let _waiting = Waiting::new(&self.waiting);
         let deadline = tokio::time::Instant::now() + patience;
         loop {
             let notified = self.ready_notify.notified();
@@ -175,6 +202,10 @@ impl WireState {
     /// so that [`WireState::tx_status`] describes the latest request; returns
     /// whether it did.
     pub async fn quiesce(&self, patience: std::time::Duration) -> bool {
+        if self.in_flight() == 0 {
+            return true;
+        }
+        let _waiting = Waiting::new(&self.waiting);
         let deadline = tokio::time::Instant::now() + patience;
         loop {
             let notified = self.ready_notify.notified();
@@ -228,7 +259,9 @@ impl WireState {
         if let Some(r) = reason {
             *self.close_reason.lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
         }
-        self.closed.store(true, Ordering::Release);
+        self.closed.store(true, Ordering::SeqCst);
+        // Waiters give up on a closed connection at once.
+        self.ready_notify.notify_waiters();
     }
 
     fn on_message(&self, kind: u8, body: &[u8]) {
@@ -238,8 +271,10 @@ impl WireState {
                 if let Some(&status) = body.first() {
                     self.tx_status.store(status, Ordering::Release);
                 }
-                self.ready_count.fetch_add(1, Ordering::Release);
-                self.ready_notify.notify_waiters();
+                self.ready_count.fetch_add(1, Ordering::SeqCst);
+                if self.waiting.load(Ordering::SeqCst) > 0 {
+                    self.ready_notify.notify_waiters();
+                }
             }
             b'E' => {
                 let e = parse_error(body);

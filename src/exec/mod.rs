@@ -323,7 +323,20 @@ pub(crate) async fn transaction<S: Source, F: ConnWork>(
     let first = std::sync::Mutex::new(Some(first));
     let work = retrying(src, policy, false, "transaction", &attempts, |attempt| {
         let lease = first.lock().unwrap_or_else(|p| p.into_inner()).take();
-        attempt_transaction(src, lease, &begin, f.clone(), &cancel, record, attempt)
+        let read_only = opts.read_only;
+        let (begin, f, cancel) = (&begin, f.clone(), &cancel);
+        async move {
+            let mut r = attempt_transaction(src, lease, begin, f, cancel, record, attempt).await;
+            if let Err((_, failure)) = &mut r
+                && read_only
+                && failure.class == ErrorClass::Reroute
+            {
+                // 25006 in a transaction we opened READ ONLY is the caller's
+                // write, refused as asked: not a standby, nothing to reroute.
+                failure.class = ErrorClass::Permanent;
+            }
+            r
+        }
     });
     let span = tracing::info_span!(target: "railyard::tx", "railyard.transaction", otel.kind = "client", db.system.name = "postgresql");
     tracing::Instrument::instrument(with_deadline(opts.deadline, work, &attempts, &cancel), span)

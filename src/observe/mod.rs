@@ -393,12 +393,37 @@ impl DurationHistogram {
 
 /// Railyard's own always-on figures: durations per route, errors by class, and
 /// a sliding window of recent outcomes for the health report.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct Metrics {
     pub(crate) primary: DurationHistogram,
     pub(crate) replica: DurationHistogram,
     pub(crate) errors: [AtomicU64; CLASS_COUNT],
-    window: Mutex<VecDeque<(u64, u64, [u64; CLASS_COUNT])>>,
+    /// Per-second buckets of the last minute, indexed by second modulo 60:
+    /// bounded, and lock-free (a query records with atomics only).
+    window: [Second; WINDOW],
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            primary: DurationHistogram::default(),
+            replica: DurationHistogram::default(),
+            errors: Default::default(),
+            window: std::array::from_fn(|_| Second::default()),
+        }
+    }
+}
+
+/// Seconds kept for the recent error rate.
+const WINDOW: usize = 60;
+
+/// Queries and errors by class in one second.
+#[derive(Debug, Default)]
+struct Second {
+    /// Which second (since the process's first query) the counts are for.
+    at: AtomicU64,
+    total: AtomicU64,
+    errors: [AtomicU64; CLASS_COUNT],
 }
 
 const CLASS_COUNT: usize = ErrorClass::ALL.len();
@@ -418,33 +443,42 @@ impl Metrics {
         if let Some(i) = class {
             self.errors[i].fetch_add(1, Ordering::Relaxed);
         }
-        // Per-second buckets over the last minute.
         let now = epoch_secs();
-        let mut w = self.window.lock().unwrap_or_else(|p| p.into_inner());
-        while w.front().is_some_and(|(t, _, _)| now - t >= 60) {
-            w.pop_front();
+        let slot = &self.window[(now % WINDOW as u64) as usize];
+        let at = slot.at.load(Ordering::Acquire);
+        // A bucket last used a minute (or more) ago is taken over by the first
+        // query of this second; counts from another thread racing the takeover
+        // may land before the reset and be lost: an approximation of a second's
+        // worth at most, which the health rate can afford.
+        if at != now
+            && slot
+                .at
+                .compare_exchange(at, now, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+        {
+            slot.total.store(0, Ordering::Relaxed);
+            for e in &slot.errors {
+                e.store(0, Ordering::Relaxed);
+            }
         }
-        if w.back().is_none_or(|(t, _, _)| *t != now) {
-            w.push_back((now, 0, [0; CLASS_COUNT]));
-        }
-        let last = w.back_mut().expect("pushed just above");
-        last.1 += 1;
+        slot.total.fetch_add(1, Ordering::Relaxed);
         if let Some(i) = class {
-            last.2[i] += 1;
+            slot.errors[i].fetch_add(1, Ordering::Relaxed);
         }
     }
 
     /// Queries and errors by class over the last minute.
     pub(crate) fn recent(&self) -> (u64, [u64; CLASS_COUNT]) {
         let now = epoch_secs();
-        let w = self.window.lock().unwrap_or_else(|p| p.into_inner());
         let mut total = 0;
         let mut errors = [0; CLASS_COUNT];
-        for (t, n, e) in w.iter() {
-            if now - t < 60 {
-                total += n;
-                for (sum, x) in errors.iter_mut().zip(e) {
-                    *sum += x;
+        for slot in &self.window {
+            let at = slot.at.load(Ordering::Acquire);
+            // Slot 0 starts at second 0 with nothing in it: harmless.
+            if now.saturating_sub(at) < WINDOW as u64 {
+                total += slot.total.load(Ordering::Relaxed);
+                for (sum, e) in errors.iter_mut().zip(&slot.errors) {
+                    *sum += e.load(Ordering::Relaxed);
                 }
             }
         }
@@ -486,6 +520,9 @@ pub(crate) struct ConnInstrumentation {
     wire: Arc<WireState>,
     pending: VecDeque<Instant>,
     depth: u32,
+    /// The statement as diesel displays it, up to the binds (reused buffer).
+    raw: String,
+    /// The statement with its literals replaced (reused buffer).
     sql: String,
 }
 
@@ -501,6 +538,7 @@ impl ConnInstrumentation {
             wire,
             pending: VecDeque::with_capacity(4),
             depth: 0,
+            raw: String::with_capacity(256),
             sql: String::with_capacity(256),
         }
     }
@@ -657,11 +695,21 @@ impl Instrumentation for ConnInstrumentation {
                     return;
                 };
                 let duration = start.elapsed();
-                let mut raw = String::new();
-                let _ = write!(UntilBinds(&mut raw, false), "{query}");
+                // The statement's text is for hooks; Railyard's own metrics
+                // need only the route, the duration and the class. Without
+                // hooks, the text is never formatted.
+                let hooked = !self.observer.hooks.is_empty();
+                self.raw.clear();
                 self.sql.clear();
-                sanitize_into(raw.trim(), &mut self.sql);
-                let (operation, table) = operation_and_table(&self.sql);
+                if hooked {
+                    let _ = write!(UntilBinds(&mut self.raw, false), "{query}");
+                    sanitize_into(self.raw.trim(), &mut self.sql);
+                }
+                let (operation, table) = if hooked {
+                    operation_and_table(&self.sql)
+                } else {
+                    ("", None)
+                };
                 let (class, code) = match error {
                     None => (None, None),
                     Some(_) => {
@@ -711,6 +759,23 @@ impl Instrumentation for ConnInstrumentation {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_recent_window_counts_queries_and_errors_by_class() {
+        let m = Metrics::default();
+        let route = Route::Primary;
+        let mut e = QueryEvent::new("SELECT 1", &route, Duration::from_millis(1));
+        for _ in 0..5 {
+            m.record(&e);
+        }
+        e.outcome = Outcome::Error;
+        e.class = Some(ErrorClass::Timeout);
+        m.record(&e);
+        let (total, errors) = m.recent();
+        assert_eq!(total, 6);
+        assert_eq!(errors[ErrorClass::Timeout.index()], 1);
+        assert_eq!(errors.iter().sum::<u64>(), 1);
+    }
 
     #[test]
     fn string_literals_are_replaced() {

@@ -177,6 +177,92 @@ async fn reads_go_to_a_replica_with_no_extra_round_trip() {
 }
 
 #[tokio::test]
+async fn a_session_transaction_takes_the_same_options_and_records_a_token() {
+    let Some(cluster) = support::cluster().await else {
+        return;
+    };
+    support::ledger(|c| c).await;
+    let config = Config::new(cluster.primary_socket_target("railyard_it"))
+        .replica(cluster.replica_socket_target("railyard_it").unwrap());
+    let db = Database::builder(config)
+        .routing(fast_routing())
+        .connect()
+        .await
+        .unwrap();
+    wait_healthy(&db).await;
+
+    #[derive(diesel::QueryableByName)]
+    struct Iso {
+        #[diesel(sql_type = Text)]
+        iso: String,
+    }
+    let session = db.session();
+    assert!(session.token().is_none(), "a new session has no token");
+    let email = format!("{}@example.test", support::unique("opts"));
+    let iso = session
+        .build_transaction()
+        .serializable()
+        .statement_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(10))
+        .run(async |c| {
+            insert_user(c, &email).await?;
+            Ok::<_, Error>(
+                diesel::sql_query("SELECT current_setting('transaction_isolation') AS iso")
+                    .get_result::<Iso>(c)
+                    .await?
+                    .iso,
+            )
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        iso, "serializable",
+        "the session's transaction ran SERIALIZABLE"
+    );
+    let first = session.token().expect("the commit recorded a token");
+
+    // A read-only transaction through the session is refused a write by the server.
+    let refused = session
+        .build_transaction()
+        .read_only()
+        .run(async |c| insert_user(c, &format!("ro-{email}")).await)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        refused.sqlstate().map(|s| s.code()),
+        Some("25006"),
+        "{refused}"
+    );
+    assert_eq!(
+        refused.class(),
+        railyard::ErrorClass::Permanent,
+        "a write refused by READ ONLY is the caller's, not a standby to reroute from: {refused}"
+    );
+
+    // An idempotent session write moves the token forward.
+    session
+        .build_write()
+        .idempotent(true)
+        .run(async |c| {
+            diesel::sql_query("UPDATE users SET name = 'opts' WHERE email = $1")
+                .bind::<Text, _>(&email)
+                .execute(c)
+                .await
+                .map_err(Error::from)
+        })
+        .await
+        .unwrap();
+    let second = session.token().unwrap();
+    assert!(second > first, "{second} after {first}");
+    // And the session reads its own write, wherever the read goes.
+    let n = session
+        .read(async |c| count_user(c, &email).await)
+        .await
+        .unwrap();
+    assert_eq!(n, 1);
+}
+
+#[tokio::test]
 async fn read_your_writes_holds_while_replay_is_paused_and_across_a_token_string() {
     let (cluster, config) = private("ryw").await;
     let routing = RoutingConfig::default().check_interval(Duration::from_millis(5));
