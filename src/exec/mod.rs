@@ -371,18 +371,12 @@ pub(crate) async fn write<S: Source, F: ConnWork>(
         let f = f.clone();
         let cancel = &cancel;
         async move {
-            let mut conn = match checked_out(src, lease).await {
-                Ok(c) => c,
-                Err(e) => {
-                    let failure = Failure::connect(&e);
-                    return Err((F::Error::from(e), failure));
-                }
-            };
-            cancel.set(&conn);
-            conn.set_attempt(attempt);
-            let wire = conn.wire_arc();
-            let host = host_of(&conn);
-            let mark = wire.mark();
+            let Attempt {
+                mut conn,
+                wire,
+                host,
+                mark,
+            } = start_attempt::<S, F::Error>(src, lease, cancel, attempt).await?;
             match f(&mut conn).await {
                 Ok(v) => {
                     let at = if record {
@@ -414,6 +408,42 @@ async fn checked_out<S: Source>(
         Some(r) => r,
         None => src.checkout_primary().await,
     }
+}
+
+/// One attempt's connection and where its traffic began.
+struct Attempt {
+    conn: PooledConn,
+    wire: Arc<WireState>,
+    host: String,
+    mark: WireMark,
+}
+
+/// Checks out the attempt's connection (or takes the one checked out before the
+/// loop), makes it cancellable by the deadline, and marks the wire.
+async fn start_attempt<S: Source, E: From<Error>>(
+    src: &S,
+    lease: Option<Result<PooledConn, Error>>,
+    cancel: &CancelSlot,
+    attempt: u32,
+) -> Result<Attempt, (E, Failure)> {
+    let conn = match checked_out(src, lease).await {
+        Ok(c) => c,
+        Err(e) => {
+            let failure = Failure::connect(&e);
+            return Err((E::from(e), failure));
+        }
+    };
+    cancel.set(&conn);
+    conn.set_attempt(attempt);
+    let wire = conn.wire_arc();
+    let host = host_of(&conn);
+    let mark = wire.mark();
+    Ok(Attempt {
+        conn,
+        wire,
+        host,
+        mark,
+    })
 }
 
 /// Runs attempts until one succeeds or retrying is not safe, not allowed by the
@@ -539,18 +569,12 @@ async fn attempt_transaction<S: Source, F: ConnWork>(
     record: bool,
     attempt: u32,
 ) -> Result<(F::Value, CommitPosition), (F::Error, Failure)> {
-    let mut conn = match checked_out(src, lease).await {
-        Ok(c) => c,
-        Err(e) => {
-            let failure = Failure::connect(&e);
-            return Err((F::Error::from(e), failure));
-        }
-    };
-    cancel.set(&conn);
-    conn.set_attempt(attempt);
-    let wire = conn.wire_arc();
-    let host = host_of(&conn);
-    let mark = wire.mark();
+    let Attempt {
+        mut conn,
+        wire,
+        host,
+        mark,
+    } = start_attempt::<S, F::Error>(src, lease, cancel, attempt).await?;
     if let Err(e) = AnsiTransactionManager::begin_transaction_sql(&mut **conn, begin).await {
         let failure = Failure::from_wire(&wire, mark, Phase::InFlight, host).await;
         return Err((F::Error::from(Error::Query(e)), failure));
