@@ -309,13 +309,13 @@ pub(crate) async fn transaction<S: Source, F: ConnWork>(
     record: bool,
     f: F,
 ) -> Result<(F::Value, CommitPosition), F::Error> {
-    let first = src.checkout_primary().await;
-    if let Ok(conn) = &first
-        && conn.enclosed()
-    {
-        let conn = first.map_err(F::Error::from)?;
-        return in_savepoint(conn, f, record, opts.statement_timeout).await;
-    }
+    let deadline = Deadline::start(opts.deadline);
+    let first = match first_lease(src, deadline).await? {
+        First::Enclosed(conn) => {
+            return in_savepoint(conn, f, record, opts.statement_timeout).await;
+        }
+        First::Lease(first) => first,
+    };
     let begin = opts.begin_sql();
     let policy = opts.policy.as_ref().unwrap_or(&src.retries().policy);
     let attempts = AtomicU32::new(0);
@@ -339,8 +339,7 @@ pub(crate) async fn transaction<S: Source, F: ConnWork>(
         }
     });
     let span = tracing::info_span!(target: "railyard::tx", "railyard.transaction", otel.kind = "client", db.system.name = "postgresql");
-    tracing::Instrument::instrument(with_deadline(opts.deadline, work, &attempts, &cancel), span)
-        .await
+    tracing::Instrument::instrument(with_deadline(deadline, work, &attempts, &cancel), span).await
 }
 
 /// Runs `f` on a primary connection in autocommit mode (each statement commits
@@ -354,13 +353,11 @@ pub(crate) async fn write<S: Source, F: ConnWork>(
     record: bool,
     f: F,
 ) -> Result<(F::Value, CommitPosition), F::Error> {
-    let first = src.checkout_primary().await;
-    if let Ok(conn) = &first
-        && conn.enclosed()
-    {
-        let conn = first.map_err(F::Error::from)?;
-        return in_savepoint(conn, f, record, None).await;
-    }
+    let deadline = Deadline::start(opts.deadline);
+    let first = match first_lease(src, deadline).await? {
+        First::Enclosed(conn) => return in_savepoint(conn, f, record, None).await,
+        First::Lease(first) => first,
+    };
     let policy = opts.policy.as_ref().unwrap_or(&src.retries().policy);
     let idempotent = opts.idempotent;
     let attempts = AtomicU32::new(0);
@@ -394,8 +391,51 @@ pub(crate) async fn write<S: Source, F: ConnWork>(
         }
     });
     let span = tracing::info_span!(target: "railyard::tx", "railyard.write", otel.kind = "client", db.system.name = "postgresql", railyard.idempotent = idempotent);
-    tracing::Instrument::instrument(with_deadline(opts.deadline, work, &attempts, &cancel), span)
-        .await
+    tracing::Instrument::instrument(with_deadline(deadline, work, &attempts, &cancel), span).await
+}
+
+/// An operation's deadline: how long it was given, and when it passes.
+#[derive(Debug, Clone, Copy)]
+struct Deadline(Option<(Duration, Instant)>);
+
+impl Deadline {
+    fn start(after: Option<Duration>) -> Self {
+        Deadline(after.map(|d| (d, Instant::now() + d)))
+    }
+
+    fn passed(self, attempts: u32) -> Error {
+        Error::Timeout {
+            deadline: self.0.map_or(Duration::ZERO, |(d, _)| d),
+            attempts,
+            last: None,
+        }
+    }
+}
+
+/// What the first check-out of an operation gave.
+enum First {
+    /// A connection inside someone else's transaction: run once, in a savepoint.
+    Enclosed(PooledConn),
+    /// The first attempt's lease, or why there is none (a failure the retry
+    /// loop judges like any other attempt's).
+    Lease(Result<PooledConn, Error>),
+}
+
+/// Checks out the first connection before the retry loop, to learn whether it
+/// is enclosed; within the operation's deadline (an exhausted pool must not
+/// outwait it).
+async fn first_lease<S: Source, E: From<Error>>(src: &S, deadline: Deadline) -> Result<First, E> {
+    let lease = match deadline.0 {
+        None => src.checkout_primary().await,
+        Some((_, until)) => match tokio::time::timeout_at(until, src.checkout_primary()).await {
+            Ok(lease) => lease,
+            Err(_) => return Err(E::from(deadline.passed(0))),
+        },
+    };
+    Ok(match lease {
+        Ok(conn) if conn.enclosed() => First::Enclosed(conn),
+        other => First::Lease(other),
+    })
 }
 
 /// The first attempt's lease (checked out before the loop, to learn whether it
@@ -512,7 +552,7 @@ impl CancelSlot {
 }
 
 async fn with_deadline<R, E>(
-    deadline: Option<Duration>,
+    deadline: Deadline,
     work: impl Future<Output = Result<R, E>>,
     attempts: &AtomicU32,
     cancel: &CancelSlot,
@@ -520,10 +560,10 @@ async fn with_deadline<R, E>(
 where
     E: From<Error>,
 {
-    let Some(deadline) = deadline else {
+    let Some((_, until)) = deadline.0 else {
         return work.await;
     };
-    match tokio::time::timeout_at(Instant::now() + deadline, work).await {
+    match tokio::time::timeout_at(until, work).await {
         Ok(r) => r,
         Err(_) => {
             // The attempt's future is gone; its connection goes back to the pool,
@@ -537,11 +577,7 @@ where
                     }
                 });
             }
-            Err(E::from(Error::Timeout {
-                deadline,
-                attempts: attempts.load(Ordering::Relaxed),
-                last: None,
-            }))
+            Err(E::from(deadline.passed(attempts.load(Ordering::Relaxed))))
         }
     }
 }

@@ -4,34 +4,10 @@
 //! database). One test per writing entry point; each reads through every
 //! reading entry point.
 
-use diesel::sql_types::{BigInt, Text};
-use diesel_async::RunQueryDsl;
 use railyard::testing::{Isolation, TestOptions};
 use railyard::{Conn, Database, Error};
 
-#[derive(diesel::QueryableByName)]
-struct N {
-    #[diesel(sql_type = BigInt)]
-    n: i64,
-}
-
-async fn insert(conn: &mut Conn, email: &str) -> Result<(), Error> {
-    diesel::sql_query("INSERT INTO users (email, name) VALUES ($1, 'entry')")
-        .bind::<Text, _>(email)
-        .execute(conn)
-        .await?;
-    Ok(())
-}
-
-async fn count(conn: &mut Conn, email: &str) -> Result<i64, Error> {
-    Ok(
-        diesel::sql_query("SELECT count(*) AS n FROM users WHERE email = $1")
-            .bind::<Text, _>(email)
-            .get_result::<N>(conn)
-            .await?
-            .n,
-    )
-}
+use crate::support::{count_user as count, insert_user as insert};
 
 #[derive(Debug, Clone, Copy)]
 enum Via {

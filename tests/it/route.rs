@@ -11,7 +11,7 @@ use diesel_async::{RunQueryDsl, SimpleAsyncConnection};
 use railyard::route::ReplicaStatus;
 use railyard::{CausalToken, Config, Conn, Database, Error, LocalCluster, Route, RoutingConfig};
 
-use crate::support;
+use crate::support::{self, count_user, insert_user};
 
 #[derive(diesel::QueryableByName)]
 struct N {
@@ -94,24 +94,6 @@ async fn sql(db: &Database, sql: &str) {
     c.batch_execute(sql)
         .await
         .unwrap_or_else(|e| panic!("{sql}: {e}"));
-}
-
-async fn insert_user(conn: &mut Conn, email: &str) -> Result<(), Error> {
-    diesel::sql_query("INSERT INTO users (email, name) VALUES ($1, 'r')")
-        .bind::<Text, _>(email)
-        .execute(conn)
-        .await?;
-    Ok(())
-}
-
-async fn count_user(conn: &mut Conn, email: &str) -> Result<i64, Error> {
-    Ok(
-        diesel::sql_query("SELECT count(*) AS n FROM users WHERE email = $1")
-            .bind::<Text, _>(email)
-            .get_result::<N>(conn)
-            .await?
-            .n,
-    )
 }
 
 #[tokio::test]

@@ -164,3 +164,28 @@ pub async fn accounts(db: &Database, n: usize, balance: i64) -> Vec<i64> {
     }
     ids
 }
+
+/// Adds a user with this email (the tests' usual row).
+pub async fn insert_user(conn: &mut railyard::Conn, email: &str) -> Result<(), railyard::Error> {
+    diesel::sql_query("INSERT INTO users (email, name) VALUES ($1, 'it')")
+        .bind::<diesel::sql_types::Text, _>(email)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// How many users have this email (0 or 1).
+pub async fn count_user(conn: &mut railyard::Conn, email: &str) -> Result<i64, railyard::Error> {
+    #[derive(diesel::QueryableByName)]
+    struct N {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        n: i64,
+    }
+    Ok(
+        diesel::sql_query("SELECT count(*) AS n FROM users WHERE email = $1")
+            .bind::<diesel::sql_types::Text, _>(email)
+            .get_result::<N>(conn)
+            .await?
+            .n,
+    )
+}

@@ -200,6 +200,43 @@ async fn a_deadline_cancels_the_running_query_and_the_connection_is_not_reused_b
     );
 }
 
+#[tokio::test]
+async fn a_deadline_bounds_the_wait_for_a_pooled_connection_too() {
+    let db =
+        support::ledger(|c| c.pool_max_size(1).checkout_timeout(Duration::from_secs(10))).await;
+    // The pool's only connection is held: a check-out would wait 10 s.
+    let held = db.primary().await.unwrap();
+    let started = std::time::Instant::now();
+    let tx = db
+        .build_transaction()
+        .timeout(Duration::from_millis(200))
+        .run(async |conn| {
+            diesel::sql_query("SELECT 1").execute(conn).await?;
+            Ok::<_, Error>(())
+        })
+        .await
+        .unwrap_err();
+    let write = db
+        .build_write()
+        .timeout(Duration::from_millis(200))
+        .run(async |conn| {
+            diesel::sql_query("SELECT 1").execute(conn).await?;
+            Ok::<_, Error>(())
+        })
+        .await
+        .unwrap_err();
+    let waited = started.elapsed();
+    for err in [&tx, &write] {
+        assert!(
+            matches!(err, Error::Timeout { attempts: 0, .. }),
+            "the deadline, not the pool's timeout, ends the wait: {err}"
+        );
+        assert_eq!(err.class(), ErrorClass::Timeout);
+    }
+    assert!(waited < Duration::from_secs(2), "{waited:?}");
+    drop(held);
+}
+
 async fn terminate(pid: i32) {
     support::admin_sql(&format!("SELECT pg_terminate_backend({pid})")).await;
 }
