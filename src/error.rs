@@ -134,6 +134,24 @@ impl Error {
         }
     }
 
+    /// Why retrying stopped, when this error is of a retryable kind but the
+    /// attempts ran out or the retry budget was spent. `None` for errors that
+    /// were not retryable, and for operations that were not retried by Railyard.
+    ///
+    /// ```
+    /// # fn check(err: railyard::Error) {
+    /// if let Some(why) = err.retries_exhausted() {
+    ///     eprintln!("gave up: {why}; the system is overloaded, shed load");
+    /// }
+    /// # }
+    /// ```
+    pub fn retries_exhausted(&self) -> Option<RetriesExhausted> {
+        match self {
+            Error::Database(d) | Error::Ambiguous(d) => d.exhausted,
+            _ => None,
+        }
+    }
+
     /// What kind of failure this is (see [`ErrorClass`] and the table in the
     /// `retry` module docs).
     ///
@@ -449,8 +467,38 @@ pub struct DbError {
     pub attempts: u32,
     /// `host:port` of the server.
     pub host: String,
+    /// Set when the failure was of a retryable kind but retrying stopped.
+    pub exhausted: Option<RetriesExhausted>,
     /// The error as diesel (or Railyard) reported it.
     pub source: Box<dyn std::error::Error + Send + Sync>,
+}
+
+/// Why retrying stopped although the last failure was of a kind that may be
+/// retried (see [`Error::retries_exhausted`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RetriesExhausted {
+    /// The retry policy's attempt limit was reached.
+    AttemptLimit {
+        /// The limit (attempts in all, the first included).
+        limit: u32,
+    },
+    /// The `Database`'s retry budget was spent: retries across all callers
+    /// already took their allowed share of recent work.
+    Budget,
+}
+
+impl fmt::Display for RetriesExhausted {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RetriesExhausted::AttemptLimit { limit } => {
+                write!(f, "the attempt limit ({limit}) was reached")
+            }
+            RetriesExhausted::Budget => f.write_str(
+                "the retry budget is spent (retries across this Database already took their share of recent work)",
+            ),
+        }
+    }
 }
 
 impl DbError {
@@ -494,6 +542,9 @@ impl fmt::Display for DbError {
         if self.attempts > 1 {
             write!(f, ", after {} attempts", self.attempts)?;
         }
+        if let Some(why) = &self.exhausted {
+            write!(f, "; retries stopped: {why}")?;
+        }
         f.write_str(")")
     }
 }
@@ -522,19 +573,24 @@ pub enum ErrorClass {
     Timeout,
     /// An integrity constraint was violated (23xxx).
     Constraint,
+    /// A lock asked for with `NOWAIT` is held by someone else (55P03 raised by
+    /// the lock request itself, not by `lock_timeout`). The caller said not to
+    /// wait, so it is never retried: answer "busy, try again later".
+    LockNotAvailable,
     /// Anything else: retrying cannot help.
     Permanent,
 }
 
 impl ErrorClass {
     /// Every class, in a fixed order (the order of metrics and reports).
-    pub const ALL: [ErrorClass; 7] = [
+    pub const ALL: [ErrorClass; 8] = [
         ErrorClass::RetryTransaction,
         ErrorClass::Reconnect,
         ErrorClass::Reroute,
         ErrorClass::Ambiguous,
         ErrorClass::Timeout,
         ErrorClass::Constraint,
+        ErrorClass::LockNotAvailable,
         ErrorClass::Permanent,
     ];
 
@@ -549,7 +605,8 @@ impl ErrorClass {
             ErrorClass::Ambiguous => 3,
             ErrorClass::Timeout => 4,
             ErrorClass::Constraint => 5,
-            ErrorClass::Permanent => 6,
+            ErrorClass::LockNotAvailable => 6,
+            ErrorClass::Permanent => 7,
         }
     }
 
@@ -562,6 +619,7 @@ impl ErrorClass {
             ErrorClass::Ambiguous => "ambiguous",
             ErrorClass::Timeout => "timeout",
             ErrorClass::Constraint => "constraint",
+            ErrorClass::LockNotAvailable => "lock_not_available",
             ErrorClass::Permanent => "permanent",
         }
     }
@@ -599,12 +657,12 @@ pub(crate) fn classify(sqlstate: Option<&SqlState>, connection_lost: bool) -> Er
         };
     };
     match code {
-        c if *c == SqlState::T_R_SERIALIZATION_FAILURE
-            || *c == SqlState::T_R_DEADLOCK_DETECTED
-            || *c == SqlState::LOCK_NOT_AVAILABLE =>
-        {
+        c if *c == SqlState::T_R_SERIALIZATION_FAILURE || *c == SqlState::T_R_DEADLOCK_DETECTED => {
             ErrorClass::RetryTransaction
         }
+        // Without the error's routine, a 55P03 is taken for NOWAIT's: not
+        // retrying a lock timeout costs less than retrying a NOWAIT.
+        c if *c == SqlState::LOCK_NOT_AVAILABLE => ErrorClass::LockNotAvailable,
         c if *c == SqlState::T_R_STATEMENT_COMPLETION_UNKNOWN => ErrorClass::Ambiguous,
         c if *c == SqlState::READ_ONLY_SQL_TRANSACTION => ErrorClass::Reroute,
         c if *c == SqlState::QUERY_CANCELED => ErrorClass::Timeout,
@@ -639,6 +697,8 @@ pub struct ServerError {
     pub schema: Option<String>,
     /// The (possibly localised) message (field `M`): for people, never for decisions.
     pub message: String,
+    /// The server function that raised the error (field `R`, never localised).
+    pub routine: Option<String>,
 }
 
 impl ServerError {
@@ -646,4 +706,28 @@ impl ServerError {
     pub fn sqlstate(&self) -> tokio_postgres::error::SqlState {
         tokio_postgres::error::SqlState::from_code(&self.code)
     }
+
+    /// The class of this error; `connection_lost` says whether the connection
+    /// died with it.
+    ///
+    /// 55P03 has two causes that call for opposite answers: a `lock_timeout`
+    /// that expired (the wait was bounded; another attempt may find the lock
+    /// free: [`ErrorClass::RetryTransaction`]) and a `NOWAIT` request that found
+    /// the lock taken (the caller asked not to wait:
+    /// [`ErrorClass::LockNotAvailable`]). The server raises the first from its
+    /// interrupt handler and the second from the lock request, and says which
+    /// in the routine field, which, unlike the message, is never translated.
+    pub fn class(&self, connection_lost: bool) -> ErrorClass {
+        let code = self.sqlstate();
+        if code == SqlState::LOCK_NOT_AVAILABLE
+            && self.routine.as_deref() == Some(LOCK_TIMEOUT_ROUTINE)
+        {
+            return ErrorClass::RetryTransaction;
+        }
+        classify(Some(&code), connection_lost)
+    }
 }
+
+/// The server function that raises `lock_timeout`'s 55P03 (PostgreSQL's
+/// interrupt handler, in `postgres.c`); NOWAIT's come from the lock managers.
+const LOCK_TIMEOUT_ROUTINE: &str = "ProcessInterrupts";

@@ -316,6 +316,7 @@ fn parse_error(body: &[u8]) -> ServerError {
             b't' => e.table = Some(value),
             b's' => e.schema = Some(value),
             b'M' => e.message = value,
+            b'R' => e.routine = Some(value),
             _ => {}
         }
         rest = tail.get(end + 1..).unwrap_or(&[]);

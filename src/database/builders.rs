@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use super::{Database, Session};
 use crate::exec::retry::RetryPolicy;
-use crate::exec::{self, ConnWork, IsolationLevel, TxOptions, WriteOptions};
+use crate::exec::{self, ConnWork, Failed, IsolationLevel, TxOptions, WriteOptions};
 
 /// Options for [`Database::build_transaction`] and
 /// [`Session::build_transaction`].
@@ -90,6 +90,13 @@ impl<'a> TransactionBuilder<'a> {
     /// # }
     /// ```
     pub async fn run<F: ConnWork>(self, f: F) -> Result<F::Value, F::Error> {
+        self.run_detailed(f).await.map_err(Failed::into_error)
+    }
+
+    /// As [`run`](Self::run), with what Railyard learned of a failure (class,
+    /// SQLSTATE, attempts, why retries stopped) beside the closure's error:
+    /// for closures whose error type is not [`crate::Error`].
+    pub async fn run_detailed<F: ConnWork>(self, f: F) -> Result<F::Value, Failed<F::Error>> {
         let (v, at) = exec::transaction(self.db, &self.opts, self.session.is_some(), f).await?;
         if let Some(s) = self.session {
             s.advance(at.floor());
@@ -141,6 +148,12 @@ impl<'a> WriteBuilder<'a> {
     /// is idempotent, or the server rolled the statement back (40001, 40P01).
     /// For a session, the commit position becomes its token.
     pub async fn run<F: ConnWork>(self, f: F) -> Result<F::Value, F::Error> {
+        self.run_detailed(f).await.map_err(Failed::into_error)
+    }
+
+    /// As [`run`](Self::run), with what Railyard learned of a failure beside
+    /// the closure's error (see [`Failed`]).
+    pub async fn run_detailed<F: ConnWork>(self, f: F) -> Result<F::Value, Failed<F::Error>> {
         let (v, at) = exec::write(self.db, &self.opts, self.session.is_some(), f).await?;
         if let Some(s) = self.session {
             s.advance(at.floor());

@@ -514,7 +514,9 @@ impl Database {
     ) -> Result<(F::Value, Route, Floor), F::Error> {
         let lease = self.checkout_read(floor).await?;
         if lease.conn.enclosed() {
-            let (v, _) = exec::in_savepoint(lease.conn, f, false, None).await?;
+            let (v, _) = exec::in_savepoint(lease.conn, f, false, None)
+                .await
+                .map_err(exec::Failed::into_error)?;
             return Ok((v, lease.route, lease.seen));
         }
         let ReadLease {
@@ -534,10 +536,10 @@ impl Database {
             Ok(v) => Ok((v, route, seen)),
             Err(e) => {
                 let server = wire.error_since(mark);
-                let class = classify(
-                    server.as_ref().map(|s| s.sqlstate()).as_ref(),
-                    wire.is_closed(),
-                );
+                let class = match &server {
+                    Some(s) => s.class(wire.is_closed()),
+                    None => classify(None, wire.is_closed()),
+                };
                 drop(conn);
                 if !node.after_failed_read(class) {
                     return Err(e);
@@ -776,7 +778,8 @@ async fn run_once<F: ConnWork>(mut conn: PooledConn, f: F) -> Result<F::Value, F
     if conn.enclosed() {
         return exec::in_savepoint(conn, f, false, None)
             .await
-            .map(|(v, _)| v);
+            .map(|(v, _)| v)
+            .map_err(exec::Failed::into_error);
     }
     f(&mut conn).await
 }

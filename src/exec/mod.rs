@@ -41,7 +41,7 @@ use tokio_postgres::types::PgLsn;
 
 use crate::conn::wire::{TxStatus, WireMark, WireState};
 use crate::conn::{CancelHandle, Conn, PooledConn};
-use crate::error::{DbError, Error, ErrorClass, Phase, ServerError, classify};
+use crate::error::{DbError, Error, ErrorClass, Phase, RetriesExhausted, ServerError, classify};
 use retry::{Retries, RetryPolicy, retryable};
 
 /// Work on a connection that Railyard may run more than once: an
@@ -180,7 +180,7 @@ impl Failure {
         let sent = wire.written_since(mark) > 0;
         let class = match &server {
             // A FATAL from a dying backend (57P01) and an ordinary error both count.
-            Some(s) => classify(Some(&s.sqlstate()), lost),
+            Some(s) => s.class(lost),
             None if lost && phase == Phase::Commit && sent => ErrorClass::Ambiguous,
             None => classify(None, lost),
         };
@@ -204,13 +204,132 @@ impl Failure {
     }
 }
 
+/// A failed transaction or write, with what Railyard learned of the failure,
+/// whatever the closure's error type: returned by the builders' `run_detailed`.
+///
+/// When the closure returns [`Error`], the error itself carries all this
+/// ([`Error::sqlstate`], [`Error::class`], [`Error::retries_exhausted`]). An
+/// application error type that wraps a Railyard error cannot be looked into,
+/// so `run_detailed` hands the facts over beside it:
+///
+/// ```no_run
+/// use diesel_async::RunQueryDsl;
+/// #[derive(Debug)]
+/// enum AppError { Db(railyard::Error), Overdrawn }
+/// impl From<railyard::Error> for AppError {
+///     fn from(e: railyard::Error) -> Self { AppError::Db(e) }
+/// }
+/// # async fn demo(db: railyard::Database) {
+/// let r = db
+///     .build_transaction()
+///     .serializable()
+///     .run_detailed(async |conn| {
+///         diesel::sql_query("UPDATE accounts SET balance_cents = balance_cents - 5 WHERE id = 1")
+///             .execute(conn)
+///             .await
+///             .map_err(|e| AppError::Db(e.into()))
+///     })
+///     .await;
+/// if let Err(failed) = r {
+///     eprintln!(
+///         "SQLSTATE {:?} after {} attempt(s), exhausted: {:?}",
+///         failed.sqlstate().map(|s| s.code()),
+///         failed.attempts(),
+///         failed.retries_exhausted(),
+///     );
+///     let _app_error: AppError = failed.into_error();
+/// }
+/// # }
+/// ```
+#[derive(Debug)]
+pub struct Failed<E> {
+    error: E,
+    class: Option<ErrorClass>,
+    sqlstate: Option<tokio_postgres::error::SqlState>,
+    attempts: u32,
+    exhausted: Option<RetriesExhausted>,
+}
+
+impl<E> Failed<E> {
+    fn bare(error: E, class: Option<ErrorClass>, attempts: u32) -> Self {
+        Failed {
+            error,
+            class,
+            sqlstate: None,
+            attempts,
+            exhausted: None,
+        }
+    }
+
+    fn of(error: E, f: &Failure, attempts: u32, exhausted: Option<RetriesExhausted>) -> Self {
+        Failed {
+            error,
+            class: Some(f.class),
+            sqlstate: f.server.as_ref().map(ServerError::sqlstate),
+            attempts,
+            exhausted,
+        }
+    }
+
+    /// The closure's error (enriched as [`Error::Database`] when it is an [`Error`]).
+    pub fn error(&self) -> &E {
+        &self.error
+    }
+
+    /// Takes the error out.
+    pub fn into_error(self) -> E {
+        self.error
+    }
+
+    /// The failure's class, when Railyard saw the failure (it did not for an
+    /// error the closure made up without touching the server).
+    pub fn class(&self) -> Option<ErrorClass> {
+        self.class
+    }
+
+    /// The SQLSTATE the server sent during the last attempt, if any.
+    pub fn sqlstate(&self) -> Option<&tokio_postgres::error::SqlState> {
+        self.sqlstate.as_ref()
+    }
+
+    /// Attempts started (1 when not retried; 0 when no attempt could start).
+    pub fn attempts(&self) -> u32 {
+        self.attempts
+    }
+
+    /// Why retrying stopped, when the failure was retryable.
+    pub fn retries_exhausted(&self) -> Option<RetriesExhausted> {
+        self.exhausted
+    }
+}
+
+impl<E: std::fmt::Display> std::fmt::Display for Failed<E> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.error)?;
+        if let Some(why) = &self.exhausted {
+            write!(
+                f,
+                " (after {} attempts; retries stopped: {why})",
+                self.attempts
+            )?;
+        }
+        Ok(())
+    }
+}
+
+impl<E: std::error::Error + 'static> std::error::Error for Failed<E> {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.error)
+    }
+}
+
 /// Replaces a bare diesel error in `e` (when `E` is [`Error`]) by one that carries
 /// what the tap saw.
-fn enrich<E: 'static>(e: E, f: &Failure, attempts: u32) -> E {
+fn enrich<E: 'static>(e: E, f: &Failure, attempts: u32, exhausted: Option<RetriesExhausted>) -> E {
     let any: Box<dyn Any> = Box::new(e);
     match any.downcast::<Error>() {
         Ok(err) => {
-            let enriched: Box<dyn Any> = Box::new(enrich_error(*err, f, attempts));
+            let enriched: Box<dyn Any> = Box::new(enrich_error(*err, f, attempts, exhausted));
             *enriched
                 .downcast::<E>()
                 .expect("E is Error: it was just downcast to it")
@@ -221,7 +340,12 @@ fn enrich<E: 'static>(e: E, f: &Failure, attempts: u32) -> E {
     }
 }
 
-fn enrich_error(err: Error, f: &Failure, attempts: u32) -> Error {
+fn enrich_error(
+    err: Error,
+    f: &Failure,
+    attempts: u32,
+    exhausted: Option<RetriesExhausted>,
+) -> Error {
     match err {
         Error::Query(d) => {
             let db = Box::new(DbError {
@@ -231,6 +355,7 @@ fn enrich_error(err: Error, f: &Failure, attempts: u32) -> Error {
                 phase: f.phase,
                 attempts,
                 host: f.host.clone(),
+                exhausted,
                 source: Box::new(d),
             });
             if f.class == ErrorClass::Ambiguous {
@@ -241,6 +366,7 @@ fn enrich_error(err: Error, f: &Failure, attempts: u32) -> Error {
         }
         Error::Database(mut d) => {
             d.attempts = attempts;
+            d.exhausted = exhausted;
             Error::Database(d)
         }
         other => other,
@@ -308,7 +434,7 @@ pub(crate) async fn transaction<S: Source, F: ConnWork>(
     opts: &TxOptions,
     record: bool,
     f: F,
-) -> Result<(F::Value, CommitPosition), F::Error> {
+) -> Result<(F::Value, CommitPosition), Failed<F::Error>> {
     let deadline = Deadline::start(opts.deadline);
     let first = match first_lease(src, deadline).await? {
         First::Enclosed(conn) => {
@@ -352,7 +478,7 @@ pub(crate) async fn write<S: Source, F: ConnWork>(
     opts: &WriteOptions,
     record: bool,
     f: F,
-) -> Result<(F::Value, CommitPosition), F::Error> {
+) -> Result<(F::Value, CommitPosition), Failed<F::Error>> {
     let deadline = Deadline::start(opts.deadline);
     let first = match first_lease(src, deadline).await? {
         First::Enclosed(conn) => return in_savepoint(conn, f, record, None).await,
@@ -424,12 +550,21 @@ enum First {
 /// Checks out the first connection before the retry loop, to learn whether it
 /// is enclosed; within the operation's deadline (an exhausted pool must not
 /// outwait it).
-async fn first_lease<S: Source, E: From<Error>>(src: &S, deadline: Deadline) -> Result<First, E> {
+async fn first_lease<S: Source, E: From<Error>>(
+    src: &S,
+    deadline: Deadline,
+) -> Result<First, Failed<E>> {
     let lease = match deadline.0 {
         None => src.checkout_primary().await,
         Some((_, until)) => match tokio::time::timeout_at(until, src.checkout_primary()).await {
             Ok(lease) => lease,
-            Err(_) => return Err(E::from(deadline.passed(0))),
+            Err(_) => {
+                return Err(Failed::bare(
+                    E::from(deadline.passed(0)),
+                    Some(ErrorClass::Timeout),
+                    0,
+                ));
+            }
         },
     };
     Ok(match lease {
@@ -495,7 +630,7 @@ async fn retrying<S: Source, T, E, Fut>(
     what: &'static str,
     attempts: &AtomicU32,
     mut attempt_fn: impl FnMut(u32) -> Fut,
-) -> Result<T, E>
+) -> Result<T, Failed<E>>
 where
     Fut: Future<Output = Result<T, (E, Failure)>>,
     E: 'static,
@@ -512,11 +647,38 @@ where
             Ok(v) => return Ok(v),
             Err(failed) => failed,
         };
-        let give_up = !retryable(failure.class, failure.phase, idempotent, failure.sent)
-            || attempt >= policy.attempts()
-            || !retries.budget.withdraw();
-        if give_up {
-            return Err(enrich(e, &failure, attempt));
+        if !retryable(failure.class, failure.phase, idempotent, failure.sent) {
+            return Err(Failed::of(
+                enrich(e, &failure, attempt, None),
+                &failure,
+                attempt,
+                None,
+            ));
+        }
+        let exhausted = if attempt >= policy.attempts() {
+            Some(RetriesExhausted::AttemptLimit {
+                limit: policy.attempts(),
+            })
+        } else if !retries.budget.withdraw() {
+            Some(RetriesExhausted::Budget)
+        } else {
+            None
+        };
+        if let Some(why) = exhausted {
+            tracing::warn!(
+                target: "railyard::retry",
+                class = %failure.class,
+                sqlstate = failure.server.as_ref().map(|s| s.code.as_str()).unwrap_or(""),
+                attempt,
+                what,
+                "retries stopped: {why}"
+            );
+            return Err(Failed::of(
+                enrich(e, &failure, attempt, exhausted),
+                &failure,
+                attempt,
+                exhausted,
+            ));
         }
         retries.note(failure.class);
         if failure.class == ErrorClass::Reroute {
@@ -553,10 +715,10 @@ impl CancelSlot {
 
 async fn with_deadline<R, E>(
     deadline: Deadline,
-    work: impl Future<Output = Result<R, E>>,
+    work: impl Future<Output = Result<R, Failed<E>>>,
     attempts: &AtomicU32,
     cancel: &CancelSlot,
-) -> Result<R, E>
+) -> Result<R, Failed<E>>
 where
     E: From<Error>,
 {
@@ -577,7 +739,12 @@ where
                     }
                 });
             }
-            Err(E::from(deadline.passed(attempts.load(Ordering::Relaxed))))
+            let attempts = attempts.load(Ordering::Relaxed);
+            Err(Failed::bare(
+                E::from(deadline.passed(attempts)),
+                Some(ErrorClass::Timeout),
+                attempts,
+            ))
         }
     }
 }
@@ -592,6 +759,7 @@ fn swallowed(failure: &Failure) -> Error {
         phase: Phase::InFlight,
         attempts: 1,
         host: failure.host.clone(),
+        exhausted: None,
         source: "the transaction was aborted by an error that the closure did not return; it was rolled back, not committed".into(),
     }))
 }
@@ -684,13 +852,17 @@ pub(crate) async fn in_savepoint<F: ConnWork>(
     f: F,
     record: bool,
     statement_timeout: Option<Duration>,
-) -> Result<(F::Value, CommitPosition), F::Error> {
-    ensure_enclosure_open(&conn).await.map_err(F::Error::from)?;
+) -> Result<(F::Value, CommitPosition), Failed<F::Error>> {
+    let plain = |e: Error| {
+        let class = e.class();
+        Failed::bare(F::Error::from(e), Some(class), 1)
+    };
+    ensure_enclosure_open(&conn).await.map_err(plain)?;
     let wire = conn.wire_arc();
     let host = host_of(&conn);
     AnsiTransactionManager::begin_transaction(conn.pg())
         .await
-        .map_err(|e| F::Error::from(Error::Query(e)))?;
+        .map_err(|e| plain(Error::Query(e)))?;
     if let Some(t) = statement_timeout {
         conn.pg()
             .batch_execute(&format!(
@@ -698,7 +870,7 @@ pub(crate) async fn in_savepoint<F: ConnWork>(
                 t.as_millis().max(1)
             ))
             .await
-            .map_err(|e| F::Error::from(Error::Query(e)))?;
+            .map_err(|e| plain(Error::Query(e)))?;
     }
     let mark = wire.mark();
     let result = f(&mut conn).await;
@@ -707,19 +879,24 @@ pub(crate) async fn in_savepoint<F: ConnWork>(
         Ok(_) if wire.tx_status() == TxStatus::Failed => {
             let failure = Failure::from_wire(&wire, mark, Phase::InFlight, host).await;
             let _ = conn.rollback_and_release().await;
-            Err(F::Error::from(swallowed(&failure)))
+            Err(Failed::of(
+                F::Error::from(swallowed(&failure)),
+                &failure,
+                1,
+                None,
+            ))
         }
         Ok(v) => match AnsiTransactionManager::commit_transaction(conn.pg()).await {
             Ok(()) => Ok(v),
-            Err(e) => Err(F::Error::from(Error::Query(e))),
+            Err(e) => Err(plain(Error::Query(e))),
         },
         Err(e) => {
             let failure = Failure::from_wire(&wire, mark, Phase::InFlight, host).await;
             let _ = conn.rollback_and_release().await;
-            Err(enrich(e, &failure, 1))
+            Err(Failed::of(enrich(e, &failure, 1, None), &failure, 1, None))
         }
     };
-    ensure_enclosure_open(&conn).await.map_err(F::Error::from)?;
+    ensure_enclosure_open(&conn).await.map_err(plain)?;
     let v = outcome?;
     let at = if record {
         commit_position(&mut conn).await

@@ -7,7 +7,8 @@
 //!
 //! | SQLSTATE / event | class | retried when |
 //! |---|---|---|
-//! | 40001 serialization failure, 40P01 deadlock, 55P03 lock not available | `RetryTransaction` | always, the whole transaction from the top (never a nested block alone) |
+//! | 40001 serialization failure, 40P01 deadlock, 55P03 raised by `lock_timeout` | `RetryTransaction` | always, the whole transaction from the top (never a nested block alone) |
+//! | 55P03 raised by a `NOWAIT` lock request (told apart by the error's routine field, never its message) | `LockNotAvailable` | never: the caller asked not to wait |
 //! | 08xxx, 57P01/02/03 (shutdown, terminated), 53300 (too many connections), socket closed | `Reconnect` | nothing was sent, or the work is idempotent, or it failed before COMMIT was sent |
 //! | connection lost while COMMIT (or an autocommit statement) was in flight | `Ambiguous` | never: the outcome is unknown, the caller must check |
 //! | 25006 read-only transaction (a write reached a standby) | `Reroute` | after re-resolving the primary |
@@ -17,7 +18,11 @@
 //!
 //! Backoff is exponential with full jitter, bounded by an attempt limit and by a
 //! [`RetryBudget`] shared per `Database`: retries may spend at most a fraction of
-//! recent successful work, so an outage cannot turn into a retry storm.
+//! recent successful work, so an outage cannot turn into a retry storm. When
+//! either stops a retryable failure, the error says so
+//! ([`Error::retries_exhausted`](crate::Error::retries_exhausted), and
+//! [`Failed::retries_exhausted`](crate::exec::Failed::retries_exhausted) for
+//! closures with their own error type).
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -41,7 +46,10 @@ pub(crate) fn retryable(class: ErrorClass, phase: Phase, idempotent: bool, sent:
         },
         ErrorClass::Reroute => phase != Phase::Commit || idempotent,
         ErrorClass::Ambiguous => idempotent,
-        ErrorClass::Timeout | ErrorClass::Constraint | ErrorClass::Permanent => false,
+        ErrorClass::Timeout
+        | ErrorClass::Constraint
+        | ErrorClass::LockNotAvailable
+        | ErrorClass::Permanent => false,
     }
 }
 
@@ -242,7 +250,7 @@ mod tests {
         let cases = [
             ("40001", RetryTransaction),
             ("40P01", RetryTransaction),
-            ("55P03", RetryTransaction),
+            ("55P03", LockNotAvailable),
             ("40003", Ambiguous),
             ("25006", Reroute),
             ("57014", Timeout),
@@ -268,6 +276,41 @@ mod tests {
         }
         assert_eq!(classify(None, true), Reconnect);
         assert_eq!(classify(None, false), Permanent);
+    }
+
+    #[test]
+    fn a_lock_timeout_is_told_from_nowait_by_the_routine_not_the_message() {
+        use crate::error::ServerError;
+        let error = |routine: &str, message: &str| ServerError {
+            code: "55P03".into(),
+            routine: Some(routine.into()),
+            message: message.into(),
+            ..ServerError::default()
+        };
+        let timeout = error(
+            "ProcessInterrupts",
+            "Abbruch der Anweisung wegen Zeitüberschreitung einer Sperre",
+        );
+        assert_eq!(timeout.class(false), ErrorClass::RetryTransaction);
+        for routine in [
+            "heap_lock_tuple",
+            "heapam_tuple_lock",
+            "RangeVarGetRelidExtended",
+            "",
+        ] {
+            let nowait = error(routine, "canceling statement due to lock timeout");
+            assert_eq!(
+                nowait.class(false),
+                ErrorClass::LockNotAvailable,
+                "{routine}"
+            );
+        }
+        assert!(!retryable(
+            ErrorClass::LockNotAvailable,
+            Phase::InFlight,
+            true,
+            false
+        ));
     }
 
     #[test]

@@ -118,22 +118,82 @@ async fn the_victim_of_a_deadlock_is_retried() {
     assert_eq!(balance(&mut conn, ids[0]).await.unwrap(), 998);
 }
 
-#[tokio::test]
-async fn nowait_lock_failures_are_55p03_and_retried_until_the_attempts_run_out() {
-    let db = support::ledger(|c| c).await;
-    let ids = support::accounts(&db, 1, 10).await;
+/// A connection in a transaction holding `FOR UPDATE` on account `id`.
+async fn lock_row(db: &Database, id: i64) -> railyard::PooledConn {
     let mut holder = db.primary().await.unwrap();
     holder.batch_execute("BEGIN").await.unwrap();
     diesel::sql_query("SELECT id AS n FROM accounts WHERE id = $1 FOR UPDATE")
-        .bind::<BigInt, _>(ids[0])
+        .bind::<BigInt, _>(id)
         .execute(&mut holder)
         .await
         .unwrap();
+    holder
+}
+
+/// Switches the transaction's messages to German, when the locale exists.
+async fn german(conn: &mut Conn) -> bool {
+    conn.batch_execute("SAVEPOINT lc").await.unwrap();
+    let ok = conn
+        .batch_execute("SET LOCAL lc_messages TO 'de_DE.UTF-8'")
+        .await
+        .is_ok();
+    let end = if ok {
+        "RELEASE lc"
+    } else {
+        "ROLLBACK TO lc; RELEASE lc"
+    };
+    conn.batch_execute(end).await.unwrap();
+    ok
+}
+
+#[tokio::test]
+async fn a_nowait_lock_failure_surfaces_at_once_and_a_lock_timeout_is_retried_in_any_language() {
+    let db = support::ledger(|c| c).await;
+    let ids = support::accounts(&db, 1, 10).await;
+    let mut holder = lock_row(&db, ids[0]).await;
+    let spoke_german = Arc::new(AtomicU32::new(0));
+    let policy = RetryPolicy::default()
+        .max_attempts(3)
+        .backoff_between(Duration::from_millis(1), Duration::from_millis(5));
+
+    // NOWAIT: the caller asked not to wait; one attempt, never retried.
+    let sg = spoke_german.clone();
     let err = db
         .build_transaction()
-        .retry_policy(RetryPolicy::default().max_attempts(3))
+        .retry_policy(policy.clone())
         .run(async |conn| {
+            if german(conn).await {
+                sg.fetch_add(1, Ordering::Relaxed);
+            }
             diesel::sql_query("SELECT id AS n FROM accounts WHERE id = $1 FOR UPDATE NOWAIT")
+                .bind::<BigInt, _>(ids[0])
+                .execute(conn)
+                .await?;
+            Ok::<_, Error>(())
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.sqlstate(), Some(&SqlState::LOCK_NOT_AVAILABLE), "{err}");
+    assert_eq!(err.class(), ErrorClass::LockNotAvailable, "{err}");
+    assert_eq!(err.retries_exhausted(), None);
+    let Error::Database(d) = &err else {
+        panic!("{err}")
+    };
+    assert_eq!(d.attempts, 1, "NOWAIT is never retried: {err}");
+    assert_eq!(retries(&db, ErrorClass::RetryTransaction), 0);
+
+    // lock_timeout: the wait was bounded; another attempt may find the row free.
+    let sg = spoke_german.clone();
+    let err = db
+        .build_transaction()
+        .retry_policy(policy)
+        .run(async |conn| {
+            if german(conn).await {
+                sg.fetch_add(1, Ordering::Relaxed);
+            }
+            conn.batch_execute("SET LOCAL lock_timeout = '20ms'")
+                .await?;
+            diesel::sql_query("SELECT id AS n FROM accounts WHERE id = $1 FOR UPDATE")
                 .bind::<BigInt, _>(ids[0])
                 .execute(conn)
                 .await?;
@@ -143,11 +203,113 @@ async fn nowait_lock_failures_are_55p03_and_retried_until_the_attempts_run_out()
         .unwrap_err();
     holder.batch_execute("ROLLBACK").await.unwrap();
     assert_eq!(err.sqlstate(), Some(&SqlState::LOCK_NOT_AVAILABLE), "{err}");
-    assert_eq!(err.class(), ErrorClass::RetryTransaction);
+    assert_eq!(err.class(), ErrorClass::RetryTransaction, "{err}");
     let Error::Database(d) = &err else {
         panic!("{err}")
     };
-    assert_eq!(d.attempts, 3);
+    assert_eq!(d.attempts, 3, "{err}");
+    assert_eq!(
+        err.retries_exhausted(),
+        Some(railyard::error::RetriesExhausted::AttemptLimit { limit: 3 })
+    );
+    let text = err.to_string();
+    assert!(
+        text.contains("retries stopped: the attempt limit (3) was reached"),
+        "{text}"
+    );
+    assert_eq!(retries(&db, ErrorClass::RetryTransaction), 2);
+    if std::sync::atomic::AtomicU32::load(&spoke_german, Ordering::Relaxed) == 0 {
+        eprintln!("note: de_DE.UTF-8 is not installed; the classes were checked in English only");
+    } else {
+        let message = &d.server.as_ref().unwrap().message;
+        assert!(
+            !message.contains("lock"),
+            "the message was German: {message}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_spent_retry_budget_says_so_in_the_error() {
+    let target = support::ledger(|c| c).await.config().primary().clone();
+    let db = Database::builder(railyard::Config::new(target))
+        // No floor and no share of recent work: the first retry is refused.
+        .retry_budget(railyard::RetryBudget::new(
+            0.0,
+            0.0,
+            Duration::from_secs(10),
+        ))
+        .connect()
+        .await
+        .unwrap();
+    let ids = support::accounts(&db, 1, 10).await;
+    let mut holder = lock_row(&db, ids[0]).await;
+    let err = db
+        .transaction(async |conn| {
+            conn.batch_execute("SET LOCAL lock_timeout = '10ms'")
+                .await?;
+            diesel::sql_query("SELECT id AS n FROM accounts WHERE id = $1 FOR UPDATE")
+                .bind::<BigInt, _>(ids[0])
+                .execute(conn)
+                .await?;
+            Ok::<_, Error>(())
+        })
+        .await
+        .unwrap_err();
+    holder.batch_execute("ROLLBACK").await.unwrap();
+    assert_eq!(
+        err.retries_exhausted(),
+        Some(railyard::error::RetriesExhausted::Budget),
+        "{err}"
+    );
+    assert!(err.to_string().contains("retry budget is spent"), "{err}");
+}
+
+#[derive(Debug)]
+enum AppError {
+    Db(#[allow(dead_code)] Error),
+}
+
+impl From<Error> for AppError {
+    fn from(e: Error) -> Self {
+        AppError::Db(e)
+    }
+}
+
+#[tokio::test]
+async fn an_application_error_type_still_learns_the_sqlstate_and_the_attempts() {
+    let db = support::ledger(|c| c).await;
+    let ids = support::accounts(&db, 1, 10).await;
+    let mut holder = lock_row(&db, ids[0]).await;
+    let failed = db
+        .build_transaction()
+        .retry_policy(
+            RetryPolicy::default()
+                .max_attempts(2)
+                .backoff_between(Duration::from_millis(1), Duration::from_millis(2)),
+        )
+        .run_detailed(async |conn| {
+            conn.batch_execute("SET LOCAL lock_timeout = '10ms'")
+                .await
+                .map_err(|e| AppError::Db(e.into()))?;
+            diesel::sql_query("SELECT id AS n FROM accounts WHERE id = $1 FOR UPDATE")
+                .bind::<BigInt, _>(ids[0])
+                .execute(conn)
+                .await
+                .map_err(|e| AppError::Db(e.into()))?;
+            Ok::<_, AppError>(())
+        })
+        .await
+        .unwrap_err();
+    holder.batch_execute("ROLLBACK").await.unwrap();
+    assert_eq!(failed.sqlstate(), Some(&SqlState::LOCK_NOT_AVAILABLE));
+    assert_eq!(failed.class(), Some(ErrorClass::RetryTransaction));
+    assert_eq!(failed.attempts(), 2);
+    assert_eq!(
+        failed.retries_exhausted(),
+        Some(railyard::error::RetriesExhausted::AttemptLimit { limit: 2 })
+    );
+    assert!(matches!(failed.into_error(), AppError::Db(_)));
 }
 
 #[tokio::test]
