@@ -7,9 +7,14 @@ use crate::error::Error;
 
 /// A circuit breaker per target: after `threshold` consecutive connect failures
 /// of the reconnect kind (refused, timed out, starting up, too many
-/// connections), calls fail fast for a jittered cooldown that doubles while the
-/// server stays down; then one probe connection is let through, and its success
-/// closes the circuit.
+/// connections), calls fail fast for a jittered cooldown; then one probe
+/// connection is let through. Its success closes the circuit; its failure
+/// doubles the cooldown (up to `MAX_COOLDOWN`).
+///
+/// Only failed *probes* lengthen the cooldown. Connect attempts that were
+/// already in flight when the server went down fail together, and count once:
+/// they all say the same thing, and counting each would push the cooldown to its
+/// maximum in one outage, keeping the circuit open long after the server is back.
 #[derive(Debug)]
 pub(crate) struct Breaker {
     threshold: u32,
@@ -17,6 +22,19 @@ pub(crate) struct Breaker {
     max: Duration,
     state: Mutex<BreakerState>,
 }
+
+/// What [`Breaker::admit`] let through: report its outcome with the same value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Admission {
+    /// An attempt while the circuit was closed.
+    Closed,
+    /// The one probe of an open circuit.
+    Probe,
+}
+
+/// The longest cooldown: one probe connection per host this often is cheap,
+/// and a server back from a long outage is noticed within this bound.
+const MAX_COOLDOWN: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Default)]
 struct BreakerState {
@@ -32,7 +50,7 @@ impl Breaker {
         Breaker {
             threshold: threshold.max(1),
             base,
-            max: Duration::from_secs(30),
+            max: MAX_COOLDOWN.max(base),
             state: Mutex::new(BreakerState::default()),
         }
     }
@@ -59,16 +77,16 @@ impl Breaker {
 
     /// Admits a connect attempt: always while closed, one probe once the
     /// cooldown is over.
-    pub(crate) fn admit(&self, host: &str) -> Result<(), Error> {
+    pub(crate) fn admit(&self, host: &str) -> Result<Admission, Error> {
         let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
         match s.open_until {
-            None => Ok(()),
+            None => Ok(Admission::Closed),
             Some(until) if Instant::now() < until || s.probing => {
                 Err(self.open_error(&s, host, until))
             }
             Some(_) => {
                 s.probing = true;
-                Ok(())
+                Ok(Admission::Probe)
             }
         }
     }
@@ -81,31 +99,49 @@ impl Breaker {
         *s = BreakerState::default();
     }
 
-    pub(crate) fn failure(&self, message: String) {
+    /// A connect attempt admitted as `admission` failed in a way that speaks of
+    /// the server's health.
+    pub(crate) fn failure(&self, admission: Admission, message: String) {
         let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        s.failures += 1;
         s.last = message;
-        let was_open = s.open_until.is_some();
-        s.probing = false;
-        if s.failures >= self.threshold {
-            s.cooldown = if was_open {
-                (s.cooldown * 2).min(self.max)
-            } else {
-                self.base
-            };
-            // Jitter (50–100 %) so that many clients do not probe in step.
-            let jitter = rand::random_range(0.5..=1.0);
-            s.open_until = Some(Instant::now() + s.cooldown.mul_f64(jitter));
-            if !was_open {
-                tracing::warn!(target: "railyard::pool", failures = s.failures, "circuit opened: connections fail fast until a probe succeeds");
+        match (admission, s.open_until.is_some()) {
+            // Began before the circuit opened: the outage is already counted.
+            (Admission::Closed, true) => {}
+            (Admission::Closed, false) => {
+                s.failures += 1;
+                if s.failures >= self.threshold {
+                    s.cooldown = self.base;
+                    s.open_until = Some(Instant::now() + jittered(s.cooldown));
+                    tracing::warn!(target: "railyard::pool", failures = s.failures, "circuit opened: connections fail fast until a probe succeeds");
+                }
+            }
+            (Admission::Probe, _) => {
+                s.failures += 1;
+                s.probing = false;
+                s.cooldown = (s.cooldown * 2).clamp(self.base, self.max);
+                s.open_until = Some(Instant::now() + jittered(s.cooldown));
             }
         }
     }
 
-    /// A probe ended without saying anything of the server's health (a refused
-    /// password, an unknown database): let the next one through.
-    pub(crate) fn probe_ended(&self) {
-        self.state.lock().unwrap_or_else(|p| p.into_inner()).probing = false;
+    /// An attempt ended without saying anything of the server's health (a
+    /// refused password, an unknown database): if it was the probe, let the
+    /// next one through.
+    pub(crate) fn inconclusive(&self, admission: Admission) {
+        if admission == Admission::Probe {
+            self.state.lock().unwrap_or_else(|p| p.into_inner()).probing = false;
+        }
+    }
+
+    /// The cooldown in force (zero while closed).
+    #[cfg(test)]
+    fn cooldown(&self) -> Duration {
+        let s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if s.open_until.is_some() {
+            s.cooldown
+        } else {
+            Duration::ZERO
+        }
     }
 
     /// Whether the circuit is open now.
@@ -115,5 +151,68 @@ impl Breaker {
             .unwrap_or_else(|p| p.into_inner())
             .open_until
             .is_some()
+    }
+}
+
+/// 50–100 % of `d`, so that many clients do not probe in step.
+fn jittered(d: Duration) -> Duration {
+    d.mul_f64(rand::random_range(0.5..=1.0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn attempts_in_flight_when_the_server_went_down_count_once() {
+        let b = Breaker::new(3, Duration::from_millis(250));
+        // 50 connects were in flight; all fail together.
+        let tickets: Vec<_> = (0..50).map(|_| b.admit("h").unwrap()).collect();
+        for t in tickets {
+            b.failure(t, "refused".into());
+        }
+        assert!(b.is_open());
+        assert_eq!(
+            b.cooldown(),
+            Duration::from_millis(250),
+            "one outage, the base cooldown"
+        );
+        assert!(b.admit("h").is_err(), "fails fast while cooling down");
+    }
+
+    #[test]
+    fn each_failed_probe_doubles_the_cooldown_up_to_the_bound_and_a_success_closes() {
+        let b = Breaker::new(1, Duration::from_millis(1));
+        let t = b.admit("h").unwrap();
+        b.failure(t, "refused".into());
+        let mut expected = Duration::from_millis(1);
+        for _ in 0..20 {
+            assert_eq!(b.cooldown(), expected);
+            // Let the probe through as if the cooldown had passed.
+            b.state.lock().unwrap().open_until = Some(Instant::now());
+            let probe = b.admit("h").unwrap();
+            assert_eq!(probe, Admission::Probe);
+            assert!(b.admit("h").is_err(), "one probe at a time");
+            b.failure(probe, "refused".into());
+            expected = (expected * 2).min(MAX_COOLDOWN);
+        }
+        assert_eq!(b.cooldown(), MAX_COOLDOWN);
+        b.state.lock().unwrap().open_until = Some(Instant::now());
+        let probe = b.admit("h").unwrap();
+        b.success();
+        assert!(!b.is_open());
+        assert_eq!(b.admit("h").unwrap(), Admission::Closed);
+        let _ = probe;
+    }
+
+    #[test]
+    fn an_inconclusive_probe_lets_the_next_one_through() {
+        let b = Breaker::new(1, Duration::from_millis(1));
+        let t = b.admit("h").unwrap();
+        b.failure(t, "refused".into());
+        b.state.lock().unwrap().open_until = Some(Instant::now());
+        let probe = b.admit("h").unwrap();
+        b.inconclusive(probe);
+        assert_eq!(b.admit("h").unwrap(), Admission::Probe);
     }
 }

@@ -71,14 +71,16 @@ impl Opener {
     /// Opens one connection, walking the target's hosts in order.
     pub(crate) async fn open(&self) -> Result<Conn, Error> {
         let name = self.name();
-        self.breaker.admit(&name)?;
+        let admission = self.breaker.admit(&name)?;
         let result = self.open_hosts().await;
         match &result {
             Ok(_) => self.breaker.success(),
-            Err(e) if e.class() == ErrorClass::Reconnect => self.breaker.failure(e.to_string()),
+            Err(e) if e.class() == ErrorClass::Reconnect => {
+                self.breaker.failure(admission, e.to_string())
+            }
             // A refused password or an unknown database says nothing of the
             // server's health; a probe that ends so still closes nothing.
-            Err(_) => self.breaker.probe_ended(),
+            Err(_) => self.breaker.inconclusive(admission),
         }
         result
     }

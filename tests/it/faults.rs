@@ -87,3 +87,74 @@ async fn a_refused_server_opens_the_circuit_and_its_restart_closes_it() {
     drop(db);
     restarted.destroy().unwrap();
 }
+
+#[tokio::test]
+async fn after_a_two_second_outage_under_load_readiness_is_green_within_three_seconds() {
+    if crate::support::cluster().await.is_none() {
+        return; // needs the PostgreSQL binaries, not only TEST_DATABASE_URL
+    }
+    let dir = std::env::temp_dir().join(crate::support::unique("outage"));
+    let cluster = LocalCluster::builder()
+        .dir(&dir)
+        .replica(false)
+        .start()
+        .await
+        .unwrap();
+    let config = cluster
+        .config_for("railyard")
+        .pool_max_size(8)
+        .checkout_timeout(Duration::from_millis(500))
+        .connect_timeout(Duration::from_millis(500));
+    let db = Database::connect(config).await.unwrap();
+    select_one(&db).await.expect("the server is up");
+
+    // 50 clients keep asking throughout.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let clients: Vec<_> = (0..50)
+        .map(|_| {
+            let (db, stop) = (db.clone(), stop.clone());
+            tokio::spawn(async move {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let _ = select_one(&db).await;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    cluster.stop().unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        db.pool_status()[0].circuit_open,
+        "the outage opened the circuit"
+    );
+    let restarted = LocalCluster::builder()
+        .dir(&dir)
+        .replica(false)
+        .start()
+        .await
+        .unwrap();
+    let back = Instant::now();
+    let green = loop {
+        let report = db.readiness().await;
+        if report.status == railyard::HealthStatus::Healthy {
+            break back.elapsed();
+        }
+        assert!(
+            back.elapsed() < Duration::from_secs(10),
+            "readiness stayed red: {report:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    eprintln!("readiness green {green:?} after the server came back");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for c in clients {
+        c.await.unwrap();
+    }
+    drop(db);
+    restarted.destroy().unwrap();
+    assert!(
+        green < Duration::from_secs(3),
+        "readiness green {green:?} after the server came back"
+    );
+}
