@@ -360,9 +360,42 @@ pub enum MigrationError {
         /// The version found in the database.
         version: String,
     },
+    /// A version is recorded in `railyard_schema_migrations` but not in
+    /// diesel's `__diesel_schema_migrations`: the two tables disagree.
+    #[error(
+        "migration {version} is recorded in railyard_schema_migrations but not in __diesel_schema_migrations; the bookkeeping was edited by hand or a revert was interrupted. Check whether its changes are in the schema, then either insert its version into __diesel_schema_migrations or delete its row from railyard_schema_migrations"
+    )]
+    Orphaned {
+        /// The version found only in Railyard's table.
+        version: String,
+    },
+    /// The connection was lost while a migration ran.
+    #[error(
+        "the connection was lost while migration {name} was running{}: {source}",
+        if *in_transaction { " (its transaction was rolled back by the server unless the loss came during COMMIT: run `migrate status` to see whether it is recorded)" } else { " (it runs outside a transaction and may be partly applied: inspect the schema before running it again)" }
+    )]
+    Interrupted {
+        /// The migration's directory name (version and name).
+        name: String,
+        /// Whether it ran inside a transaction.
+        in_transaction: bool,
+        /// The cause.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// A development setting was given where it is not honoured.
+    #[error("{setting}: {reason}")]
+    Setting {
+        /// The variable or setter.
+        setting: String,
+        /// Why it is refused, and what to do.
+        reason: String,
+    },
     /// Another instance held the migration lock for longer than the lock timeout.
     #[error(
-        "timed out after {waited:?} waiting for the migration lock held by backend pid {holder_pid:?}; another instance is migrating, or a stuck session holds the lock (see pg_locks)"
+        "timed out after {} waiting for the migration lock held by {}; another instance is migrating, or a stuck session holds the lock (see pg_locks)",
+        humantime::format_duration(Duration::from_millis(waited.as_millis() as u64)),
+        holder_pid.map(|p| format!("backend pid {p}")).unwrap_or_else(|| "a backend that could not be identified".into())
     )]
     LockTimeout {
         /// How long this instance waited.

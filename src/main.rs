@@ -70,6 +70,14 @@ enum MigrateAction {
     Revert,
     /// Check applied migrations against the binary without running anything.
     Verify,
+    /// Development: revert the newest migration with this binary's down.sql and
+    /// apply its up.sql again, recording its new checksum (its data is lost).
+    Redo,
+    /// Record this binary's checksum for the newest migration, edited and redone
+    /// by other means (`diesel migration redo`); runs no migration SQL.
+    Repair,
+    /// List the migrations embedded in this binary (no database needed).
+    Embedded,
 }
 
 #[derive(Subcommand)]
@@ -82,6 +90,13 @@ enum LocalAction {
     Status,
     /// Print DATABASE_URL and DATABASE_REPLICA_URLS lines, for `eval` or a .env file.
     Env,
+    /// Reclaim what test runs left: scratch databases and private clusters of
+    /// dead runs, and harness templates not prepared recently; print the space freed.
+    Gc {
+        /// Keep harness templates prepared within this long (e.g. `10m`, `0s`).
+        #[arg(long, default_value = "10m")]
+        template_idle: humantime::Duration,
+    },
 }
 
 #[tokio::main]
@@ -262,8 +277,14 @@ async fn serve(addr: std::net::SocketAddr) -> Result<(), railyard::Error> {
 }
 
 async fn migrate(action: MigrateAction) -> Result<(), railyard::Error> {
-    let (config, _cluster) = config().await?;
     let migrator = Migrator::new(MIGRATIONS);
+    if let MigrateAction::Embedded = action {
+        for (version, name) in migrator.versions()? {
+            out!("{version:<16} {name}");
+        }
+        return Ok(());
+    }
+    let (config, _cluster) = config().await?;
     match action {
         MigrateAction::Status => {
             for row in migrator.status(&config).await? {
@@ -280,6 +301,9 @@ async fn migrate(action: MigrateAction) -> Result<(), railyard::Error> {
                     ),
                     MigrationState::Pending => "pending".into(),
                     MigrationState::Unknown => "UNKNOWN to this binary".into(),
+                    MigrationState::Orphaned => {
+                        "ORPHANED: in railyard_schema_migrations only".into()
+                    }
                     _ => "in a state this CLI does not know".into(),
                 };
                 out!("{:<16} {:<45} {state}", row.version, row.name);
@@ -301,6 +325,15 @@ async fn migrate(action: MigrateAction) -> Result<(), railyard::Error> {
             Some(v) => out!("reverted {v}"),
             None => out!("nothing to revert"),
         },
+        MigrateAction::Redo => match migrator.redo_last(&config).await? {
+            Some(v) => out!("redid {v}: reverted and applied again"),
+            None => out!("nothing to redo"),
+        },
+        MigrateAction::Repair => match migrator.repair_last(&config).await? {
+            Some(v) => out!("recorded the new checksum of {v}"),
+            None => out!("nothing to repair: the newest migration matches this binary"),
+        },
+        MigrateAction::Embedded => unreachable!("answered above without a database"),
         MigrateAction::Verify => {
             let pending = migrator.verify(&config).await?;
             out!(
@@ -346,6 +379,27 @@ async fn local(action: LocalAction) -> Result<(), railyard::Error> {
             }
             None => out!("not running ({})", default_cluster_dir().display()),
         },
+        LocalAction::Gc { template_idle } => {
+            let c = LocalCluster::shared().await?;
+            let report = c.gc(template_idle.into()).await?;
+            for (name, bytes) in report.databases.iter().chain(&report.templates) {
+                out!("dropped {name:<48} {:>8.1} MB", *bytes as f64 / 1e6);
+            }
+            for (dir, bytes) in &report.clusters {
+                out!(
+                    "removed {:<48} {:>8.1} MB",
+                    dir.display(),
+                    *bytes as f64 / 1e6
+                );
+            }
+            out!(
+                "freed {:.1} MB ({} databases, {} templates, {} clusters)",
+                report.bytes() as f64 / 1e6,
+                report.databases.len(),
+                report.templates.len(),
+                report.clusters.len()
+            );
+        }
         LocalAction::Env => {
             let c = LocalCluster::shared().await?;
             out!("{}", c.env_lines().trim_end());

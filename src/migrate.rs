@@ -19,7 +19,27 @@
 //! diesel-async's `AsyncConnectionWrapper`, which works on both runtime flavours.
 //!
 //! Migrations applied earlier by the diesel CLI have no checksum row; the first
-//! boot records the embedded checksum for them ("adopted").
+//! boot records the embedded checksum for them ("adopted"). A version recorded
+//! in Railyard's table but missing from diesel's is refused, like an unknown one.
+//!
+//! # Editing the newest migration while developing
+//!
+//! An edited migration is refused at boot. While a migration is still being
+//! written (`diesel migration redo` after each edit), set
+//! `RAILYARD_MIGRATIONS_ALLOW_EDITED=latest` (or call
+//! [`Migrator::allow_edited_latest`]): the newest migration, and only it, may
+//! differ from what was applied; boot logs a warning and records the new
+//! checksum. Its SQL is not run again: redo it with `diesel migration redo` or
+//! `railyard migrate redo`. The setting is refused in release builds.
+//! [`Migrator::redo_last`] and [`Migrator::repair_last`] are the same tools as
+//! functions (the reference CLI's `migrate redo` and `migrate repair`).
+//!
+//! # Picking up new migrations in incremental builds
+//!
+//! `embed_migrations!` reads the directory at compile time, and cargo does not
+//! know that: a migration added after the last build is missing from the next
+//! binary unless the package has a `build.rs` that says
+//! `println!("cargo:rerun-if-changed=migrations");` (this crate's does).
 
 use std::any::Any;
 use std::fmt;
@@ -60,7 +80,11 @@ type SyncConn = AsyncConnectionWrapper<AsyncPgConnection>;
 pub struct Migrator {
     source: Source,
     lock_timeout: Option<Duration>,
+    allow_edited_latest: bool,
 }
+
+/// The environment variable of the development override for edited migrations.
+pub const ALLOW_EDITED_VAR: &str = "RAILYARD_MIGRATIONS_ALLOW_EDITED";
 
 impl fmt::Debug for Migrator {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -93,6 +117,9 @@ pub struct MigrationReport {
     /// Versions applied earlier without a checksum (by the diesel CLI) whose
     /// checksum this run recorded.
     pub adopted: Vec<String>,
+    /// The newest migration, edited after it was applied, whose new checksum
+    /// this run recorded under the development override (see the module docs).
+    pub accepted_edits: Vec<String>,
     /// Time spent waiting for the lock.
     pub lock_wait: Duration,
     /// Wall time of the whole run, connection included.
@@ -126,6 +153,8 @@ pub enum MigrationState {
     Pending,
     /// Applied to the database but unknown to this binary.
     Unknown,
+    /// Recorded in `railyard_schema_migrations` but not in diesel's table.
+    Orphaned,
 }
 
 /// One row of [`Migrator::status`].
@@ -233,7 +262,49 @@ impl Migrator {
         Migrator {
             source: Arc::new(source),
             lock_timeout: None,
+            allow_edited_latest: false,
         }
+    }
+
+    /// Development only: accept an edit of the newest migration after it was
+    /// applied, recording its new checksum (see the module docs). Also turned
+    /// on by `RAILYARD_MIGRATIONS_ALLOW_EDITED=latest`. A run fails when this
+    /// is on in a release build.
+    #[must_use]
+    pub fn allow_edited_latest(mut self, yes: bool) -> Self {
+        self.allow_edited_latest = yes;
+        self
+    }
+
+    /// Whether an edit of the newest migration is accepted: the setter or the
+    /// variable, in a debug build only.
+    fn edits_allowed(&self) -> Result<bool, Error> {
+        let from_env = match std::env::var(ALLOW_EDITED_VAR) {
+            Err(_) => false,
+            Ok(v) if v.is_empty() => false,
+            Ok(v) if v == "latest" => true,
+            Ok(v) => {
+                return Err(Error::Migration(MigrationError::Setting {
+                    setting: ALLOW_EDITED_VAR.into(),
+                    reason: format!(
+                        "{:?} is not understood; the only value is `latest` (or unset it)",
+                        v.chars().take(40).collect::<String>()
+                    ),
+                }));
+            }
+        };
+        let allowed = from_env || self.allow_edited_latest;
+        if allowed && !cfg!(debug_assertions) {
+            return Err(Error::Migration(MigrationError::Setting {
+                setting: if from_env {
+                    ALLOW_EDITED_VAR.into()
+                } else {
+                    "Migrator::allow_edited_latest".into()
+                },
+                reason: "accepting edited migrations is a development setting, and this is a release build; unset it and add a new migration instead".into(),
+            }));
+        }
+        Ok(allowed)
     }
 
     /// How long to wait for another instance's lock. Defaults to the config's
@@ -295,24 +366,25 @@ impl Migrator {
     ) -> Result<MigrationReport, Error> {
         let started = Instant::now();
         let source = self.source.clone();
+        let allow = self.edits_allowed()?;
         let mut report = blocking(conn, move |c| {
             let known = load(&source)?;
             // The common boot: everything applied and unchanged. Checking that
             // needs no lock (only committed history is read) and writes nothing.
-            let (applied, recorded) = read_applied(c)?;
-            if recorded
-                && check_history(&applied, &known)?.is_empty()
+            let applied = read_applied(c)?;
+            if applied.recorded
+                && check_history(&applied, &known, allow)?.is_empty()
                 && known
                     .iter()
-                    .all(|k| applied.iter().any(|a| a.version == k.version))
+                    .all(|k| applied.rows.iter().any(|a| a.version == k.version))
             {
                 return Ok(MigrationReport {
-                    already_applied: applied.len(),
+                    already_applied: applied.rows.len(),
                     ..MigrationReport::default()
                 });
             }
             with_lock(c, lock_timeout, |c, lock_wait| {
-                let mut report = apply_pending(c, &known)?;
+                let mut report = apply_pending(c, &known, allow)?;
                 report.lock_wait = lock_wait;
                 Ok(report)
             })
@@ -341,11 +413,11 @@ impl Migrator {
         let source = self.source.clone();
         blocking(conn, move |c| {
             let known = load(&source)?;
-            let (applied, _) = read_applied(c)?;
-            check_history(&applied, &known)?;
+            let applied = read_applied(c)?;
+            check_history(&applied, &known, false)?;
             Ok(known
                 .iter()
-                .filter(|k| !applied.iter().any(|a| a.version == k.version))
+                .filter(|k| !applied.rows.iter().any(|a| a.version == k.version))
                 .map(|k| k.version.clone())
                 .collect())
         })
@@ -361,6 +433,51 @@ impl Migrator {
         blocking(conn, move |c| {
             let known = load(&source)?;
             with_lock(c, lock_timeout, |c, _| revert_last(c, &known))
+        })
+        .await
+    }
+
+    /// Reverts the newest applied migration with this binary's `down.sql` and
+    /// applies it again with its `up.sql`, recording the new checksum: for the
+    /// author of a migration that is still being written (it works when that
+    /// migration was edited). Returns the version, or `None` when nothing is
+    /// applied. Data the migration's tables held is gone afterwards.
+    pub async fn redo_last(&self, config: &Config) -> Result<Option<String>, Error> {
+        let conn = Self::connect(config).await?;
+        let source = self.source.clone();
+        let lock_timeout = self.lock_timeout.unwrap_or(config.migration_lock_timeout);
+        blocking(conn, move |c| {
+            let known = load(&source)?;
+            with_lock(c, lock_timeout, |c, _| redo_last(c, &known))
+        })
+        .await
+    }
+
+    /// Records this binary's checksums for the newest applied migration when
+    /// it was edited, without running any SQL: for when it was redone by other
+    /// means (`diesel migration redo`). Older edited migrations are still
+    /// refused. Returns the version repaired, or `None` when it matched.
+    pub async fn repair_last(&self, config: &Config) -> Result<Option<String>, Error> {
+        let conn = Self::connect(config).await?;
+        let source = self.source.clone();
+        let lock_timeout = self.lock_timeout.unwrap_or(config.migration_lock_timeout);
+        blocking(conn, move |c| {
+            let known = load(&source)?;
+            with_lock(c, lock_timeout, |c, _| {
+                let applied = read_applied(c)?;
+                let to_record = check_history(&applied, &known, true)?;
+                let Some(last) = applied.rows.last() else {
+                    return Ok(None);
+                };
+                match to_record.iter().find(|k| k.version == last.version) {
+                    Some(k) if last.up_sha256.is_some() => {
+                        ensure_tables(c)?;
+                        record(c, k, None)?;
+                        Ok(Some(k.version.clone()))
+                    }
+                    _ => Ok(None),
+                }
+            })
         })
         .await
     }
@@ -463,17 +580,55 @@ struct Tables {
     ours: bool,
 }
 
-/// The applied versions with their recorded checksums, and whether both
-/// bookkeeping tables exist.
-fn read_applied(c: &mut SyncConn) -> Result<(Vec<AppliedRow>, bool), Error> {
+/// What the bookkeeping tables say.
+struct Applied {
+    /// diesel's applied versions, with Railyard's checksums when recorded.
+    rows: Vec<AppliedRow>,
+    /// Whether Railyard's table exists.
+    recorded: bool,
+    /// Versions in Railyard's table that diesel's lacks.
+    orphans: Vec<String>,
+}
+
+#[derive(QueryableByName)]
+struct VersionRow {
+    #[diesel(sql_type = Text)]
+    version: String,
+}
+
+/// The applied versions with their recorded checksums, whether both
+/// bookkeeping tables exist, and the versions only Railyard's table has.
+fn read_applied(c: &mut SyncConn) -> Result<Applied, Error> {
     let tables: Tables = diesel::sql_query(
         "SELECT to_regclass('__diesel_schema_migrations') IS NOT NULL AS diesel, \
          to_regclass('railyard_schema_migrations') IS NOT NULL AS ours",
     )
     .get_result(c)
     .map_err(q)?;
+    let orphans = match (tables.ours, tables.diesel) {
+        (false, _) => Vec::new(),
+        (true, true) => diesel::sql_query(
+            "SELECT r.version::text AS version FROM railyard_schema_migrations r \
+             WHERE NOT EXISTS (SELECT 1 FROM __diesel_schema_migrations d WHERE d.version = r.version) \
+             ORDER BY r.version",
+        )
+        .load::<VersionRow>(c)
+        .map_err(q)?,
+        (true, false) => diesel::sql_query(
+            "SELECT version::text AS version FROM railyard_schema_migrations ORDER BY version",
+        )
+        .load::<VersionRow>(c)
+        .map_err(q)?,
+    }
+    .into_iter()
+    .map(|r| r.version)
+    .collect();
     if !tables.diesel {
-        return Ok((Vec::new(), false));
+        return Ok(Applied {
+            rows: Vec::new(),
+            recorded: false,
+            orphans,
+        });
     }
     let sql = if tables.ours {
         "SELECT d.version::text AS version, r.up_sha256, r.down_sha256, r.duration_ms \
@@ -483,15 +638,31 @@ fn read_applied(c: &mut SyncConn) -> Result<(Vec<AppliedRow>, bool), Error> {
          FROM __diesel_schema_migrations ORDER BY version"
     };
     let rows = diesel::sql_query(sql).load(c).map_err(q)?;
-    Ok((rows, tables.ours))
+    Ok(Applied {
+        rows,
+        recorded: tables.ours,
+        orphans,
+    })
 }
 
-/// Checks the applied history against the binary: an unknown version or an
-/// edited migration is an error; returns the applied migrations that have no
-/// checksum yet (applied by the diesel CLI).
-fn check_history<'k>(applied: &[AppliedRow], known: &'k [Known]) -> Result<Vec<&'k Known>, Error> {
+/// Checks the applied history against the binary: an unknown or orphaned
+/// version or an edited migration is an error; returns the applied migrations
+/// whose checksum is to be recorded: those applied by the diesel CLI, and,
+/// when `allow_latest`, the newest migration if it was edited.
+fn check_history<'k>(
+    applied: &Applied,
+    known: &'k [Known],
+    allow_latest: bool,
+) -> Result<Vec<&'k Known>, Error> {
+    if let Some(version) = applied.orphans.first() {
+        return Err(Error::Migration(MigrationError::Orphaned {
+            version: version.clone(),
+        }));
+    }
+    let newest_applied = applied.rows.last().map(|a| a.version.as_str());
+    let newest_known = known.last().map(|k| k.version.as_str());
     let mut unrecorded = Vec::new();
-    for a in applied {
+    for a in &applied.rows {
         let Some(k) = known.iter().find(|k| k.version == a.version) else {
             return Err(Error::Migration(MigrationError::UnknownVersion {
                 version: a.version.clone(),
@@ -506,6 +677,13 @@ fn check_history<'k>(applied: &[AppliedRow], known: &'k [Known]) -> Result<Vec<&
                 } else {
                     continue;
                 };
+                if allow_latest
+                    && newest_applied == Some(a.version.as_str())
+                    && newest_known == Some(a.version.as_str())
+                {
+                    unrecorded.push(k);
+                    continue;
+                }
                 return Err(Error::Migration(MigrationError::Edited {
                     version: a.version.clone(),
                     recorded: format!("{which}.sql {}", short(recorded)),
@@ -519,10 +697,15 @@ fn check_history<'k>(applied: &[AppliedRow], known: &'k [Known]) -> Result<Vec<&
 }
 
 fn status(c: &mut SyncConn, known: &[Known]) -> Result<Vec<MigrationStatus>, Error> {
-    let (applied, _) = read_applied(c)?;
+    let Applied {
+        rows: applied,
+        orphans,
+        ..
+    } = read_applied(c)?;
     let mut out = Vec::new();
     for k in known {
         let state = match applied.iter().find(|a| a.version == k.version) {
+            None if orphans.contains(&k.version) => MigrationState::Orphaned,
             None => MigrationState::Pending,
             Some(a) => MigrationState::Applied {
                 checksum: match (&a.up_sha256, &a.down_sha256) {
@@ -550,46 +733,53 @@ fn status(c: &mut SyncConn, known: &[Known]) -> Result<Vec<MigrationStatus>, Err
             });
         }
     }
+    for o in &orphans {
+        if !known.iter().any(|k| k.version == *o) {
+            out.push(MigrationStatus {
+                version: o.clone(),
+                name: String::new(),
+                state: MigrationState::Orphaned,
+            });
+        }
+    }
     out.sort_by(|a, b| a.version.cmp(&b.version));
     Ok(out)
 }
 
-fn apply_pending(c: &mut SyncConn, known: &[Known]) -> Result<MigrationReport, Error> {
+fn apply_pending(
+    c: &mut SyncConn,
+    known: &[Known],
+    allow_latest: bool,
+) -> Result<MigrationReport, Error> {
     ensure_tables(c)?;
     // Re-read under the lock: another instance may have just migrated.
-    let (applied, _) = read_applied(c)?;
+    let applied = read_applied(c)?;
     let mut report = MigrationReport::default();
-    for k in check_history(&applied, known)? {
+    for k in check_history(&applied, known, allow_latest)? {
+        let edited = applied
+            .rows
+            .iter()
+            .any(|a| a.version == k.version && a.up_sha256.is_some());
+        if edited {
+            tracing::warn!(
+                target: "railyard::migrate",
+                version = %k.version,
+                "migration {} was edited after it was applied; {ALLOW_EDITED_VAR}=latest accepts it and records the new checksum, \
+                 but its SQL is NOT run again (redo it: `diesel migration redo` or `railyard migrate redo`). Never set this in production",
+                k.name
+            );
+            report.accepted_edits.push(k.version.clone());
+        } else {
+            report.adopted.push(k.version.clone());
+        }
         record(c, k, None)?;
-        report.adopted.push(k.version.clone());
     }
-    report.already_applied = applied.len();
+    report.already_applied = applied.rows.len();
     for k in known {
-        if applied.iter().any(|a| a.version == k.version) {
+        if applied.rows.iter().any(|a| a.version == k.version) {
             continue;
         }
-        let started = Instant::now();
-        let in_tx = k.migration.metadata().run_in_transaction();
-        let run = |c: &mut SyncConn| -> Result<(), Error> {
-            k.migration.run(c).map_err(|e| {
-                Error::Migration(MigrationError::Failed {
-                    version: k.version.clone(),
-                    sqlstate: None,
-                    message: e.to_string(),
-                })
-            })?;
-            diesel::sql_query("INSERT INTO __diesel_schema_migrations (version) VALUES ($1)")
-                .bind::<Text, _>(&k.version)
-                .execute(c)
-                .map_err(q)?;
-            record(c, k, Some(started.elapsed()))
-        };
-        if in_tx {
-            c.transaction::<_, Error, _>(|c| run(c))?;
-        } else {
-            run(c)?;
-        }
-        let duration = started.elapsed();
+        let duration = apply_one(c, k)?;
         tracing::info!(target: "railyard::migrate", version = %k.version, name = %k.name, ?duration, "applied migration");
         report.applied.push(AppliedMigration {
             version: k.version.clone(),
@@ -598,6 +788,73 @@ fn apply_pending(c: &mut SyncConn, known: &[Known]) -> Result<MigrationReport, E
         });
     }
     Ok(report)
+}
+
+/// Runs one migration's `up.sql` with its bookkeeping rows, in one
+/// transaction unless the migration opts out.
+fn apply_one(c: &mut SyncConn, k: &Known) -> Result<Duration, Error> {
+    let started = Instant::now();
+    let in_tx = k.migration.metadata().run_in_transaction();
+    let run = |c: &mut SyncConn| -> Result<(), Error> {
+        k.migration
+            .run(c)
+            .map_err(|e| failed(k, diesel_sqlstate(&*e), e.to_string()))?;
+        diesel::sql_query("INSERT INTO __diesel_schema_migrations (version) VALUES ($1)")
+            .bind::<Text, _>(&k.version)
+            .execute(c)
+            .map_err(q)?;
+        record(c, k, Some(started.elapsed()))
+    };
+    let outcome = if in_tx {
+        c.transaction::<_, Error, _>(|c| run(c))
+    } else {
+        run(c)
+    };
+    outcome.map_err(|e| name_failure(c, k, in_tx, e))?;
+    Ok(started.elapsed())
+}
+
+fn failed(k: &Known, sqlstate: Option<tokio_postgres::error::SqlState>, message: String) -> Error {
+    Error::Migration(MigrationError::Failed {
+        version: k.version.clone(),
+        sqlstate,
+        message,
+    })
+}
+
+/// The SQLSTATE of a diesel error boxed by the migration harness.
+fn diesel_sqlstate(
+    e: &(dyn std::error::Error + Send + Sync + 'static),
+) -> Option<tokio_postgres::error::SqlState> {
+    let source: &(dyn std::error::Error + 'static) = e;
+    let mut cur = Some(source);
+    while let Some(err) = cur {
+        if let Some(pg) = err.downcast_ref::<tokio_postgres::Error>() {
+            return pg.code().cloned();
+        }
+        cur = err.source();
+    }
+    None
+}
+
+/// An error met while migration `k` ran, named after it: `Interrupted` when
+/// the connection is gone, `Failed` otherwise.
+fn name_failure(c: &mut SyncConn, k: &Known, in_tx: bool, e: Error) -> Error {
+    let alive = c.batch_execute("SELECT 1").is_ok();
+    if !alive {
+        return Error::Migration(MigrationError::Interrupted {
+            name: k.name.clone(),
+            in_transaction: in_tx,
+            source: Box::new(e),
+        });
+    }
+    match e {
+        e @ Error::Migration(MigrationError::Failed { .. }) => e,
+        other => {
+            let sqlstate = other.sqlstate().cloned();
+            failed(k, sqlstate, other.to_string())
+        }
+    }
 }
 
 fn record(c: &mut SyncConn, k: &Known, duration: Option<Duration>) -> Result<(), Error> {
@@ -616,9 +873,18 @@ fn record(c: &mut SyncConn, k: &Known, duration: Option<Duration>) -> Result<(),
     Ok(())
 }
 
-fn revert_last(c: &mut SyncConn, known: &[Known]) -> Result<Option<String>, Error> {
-    let (applied, _) = read_applied(c)?;
-    let Some(last) = applied.last() else {
+/// The newest applied migration, which this binary must know.
+fn newest<'k>(
+    c: &mut SyncConn,
+    known: &'k [Known],
+) -> Result<Option<(AppliedRow, &'k Known)>, Error> {
+    let applied = read_applied(c)?;
+    if let Some(version) = applied.orphans.first() {
+        return Err(Error::Migration(MigrationError::Orphaned {
+            version: version.clone(),
+        }));
+    }
+    let Some(last) = applied.rows.into_iter().last() else {
         return Ok(None);
     };
     let k = known
@@ -630,6 +896,13 @@ fn revert_last(c: &mut SyncConn, known: &[Known]) -> Result<Option<String>, Erro
                 last.version
             )))
         })?;
+    Ok(Some((last, k)))
+}
+
+fn revert_last(c: &mut SyncConn, known: &[Known]) -> Result<Option<String>, Error> {
+    let Some((last, k)) = newest(c, known)? else {
+        return Ok(None);
+    };
     if let Some(up) = &last.up_sha256
         && *up != k.up_sha
     {
@@ -639,6 +912,24 @@ fn revert_last(c: &mut SyncConn, known: &[Known]) -> Result<Option<String>, Erro
             embedded: short(&k.up_sha).to_owned(),
         }));
     }
+    revert_one(c, k)?;
+    Ok(Some(k.version.clone()))
+}
+
+fn redo_last(c: &mut SyncConn, known: &[Known]) -> Result<Option<String>, Error> {
+    let Some((_, k)) = newest(c, known)? else {
+        return Ok(None);
+    };
+    ensure_tables(c)?;
+    revert_one(c, k)?;
+    apply_one(c, k)?;
+    tracing::warn!(target: "railyard::migrate", version = %k.version, "redid migration {}: reverted and applied again", k.name);
+    Ok(Some(k.version.clone()))
+}
+
+/// Runs one migration's `down.sql` and deletes its bookkeeping rows, in one
+/// transaction unless the migration opts out.
+fn revert_one(c: &mut SyncConn, k: &Known) -> Result<(), Error> {
     let revert = |c: &mut SyncConn| -> Result<(), Error> {
         k.migration.revert(c).map_err(|e| {
             Error::Migration(MigrationError::CannotRevert(format!("{}: {e}", k.version)))
@@ -653,10 +944,14 @@ fn revert_last(c: &mut SyncConn, known: &[Known]) -> Result<Option<String>, Erro
             .map_err(q)?;
         Ok(())
     };
-    if k.migration.metadata().run_in_transaction() {
-        c.transaction::<_, Error, _>(|c| revert(c))?;
+    let in_tx = k.migration.metadata().run_in_transaction();
+    let outcome = if in_tx {
+        c.transaction::<_, Error, _>(|c| revert(c))
     } else {
-        revert(c)?;
-    }
-    Ok(Some(k.version.clone()))
+        revert(c)
+    };
+    outcome.map_err(|e| match e {
+        e @ Error::Migration(MigrationError::CannotRevert(_)) => e,
+        other => name_failure(c, k, in_tx, other),
+    })
 }

@@ -33,6 +33,8 @@ use rand::distr::Alphanumeric;
 use crate::config::{Config, ConnectTarget, Host, Secret, SslMode};
 use crate::error::Error;
 
+pub mod scratch;
+
 const USER: &str = "railyard";
 const DBNAME: &str = "railyard";
 const SLOT: &str = "railyard_replica";
@@ -209,6 +211,7 @@ impl State {
 pub struct LocalClusterBuilder {
     dir: PathBuf,
     replica: bool,
+    ephemeral: bool,
 }
 
 impl LocalClusterBuilder {
@@ -216,6 +219,15 @@ impl LocalClusterBuilder {
     /// `/tmp/railyard-local-<uid>`.
     pub fn dir(mut self, dir: impl Into<PathBuf>) -> Self {
         self.dir = dir.into();
+        self
+    }
+
+    /// Marks the cluster as this process's: once the process is gone (killed,
+    /// even), [`scratch::reap_private_clusters`] and `railyard local gc` stop
+    /// it and remove its directory. For private clusters of tests. Defaults
+    /// to `false`.
+    pub fn ephemeral(mut self, yes: bool) -> Self {
+        self.ephemeral = yes;
         self
     }
 
@@ -228,9 +240,14 @@ impl LocalClusterBuilder {
     /// Starts the cluster, or joins it when another process already runs it.
     pub async fn start(self) -> Result<LocalCluster, Error> {
         let handle = tokio::runtime::Handle::current();
-        tokio::task::spawn_blocking(move || start_blocking(&self, &handle))
-            .await
-            .map_err(|e| Error::Local(format!("start task failed: {e}")))?
+        tokio::task::spawn_blocking(move || {
+            if self.ephemeral {
+                scratch::claim_dir(&self.dir)?;
+            }
+            start_blocking(&self, &handle)
+        })
+        .await
+        .map_err(|e| Error::Local(format!("start task failed: {e}")))?
     }
 }
 
@@ -271,6 +288,7 @@ impl LocalCluster {
         LocalClusterBuilder {
             dir: default_dir(),
             replica: true,
+            ephemeral: false,
         }
     }
 
@@ -435,6 +453,17 @@ impl LocalCluster {
             }
         }
         Ok(())
+    }
+
+    /// Reclaims what test runs left behind: scratch databases and private
+    /// clusters (in the system's temporary directory) of processes that are
+    /// gone, and harness templates not prepared within `template_idle` and not
+    /// in use (or left unfinished by a failed migration run). Dropping is
+    /// serialised with the harness's creation of databases.
+    pub async fn gc(&self, template_idle: Duration) -> Result<scratch::GcReport, Error> {
+        let client = admin_client(self, "postgres").await?;
+        let parent = std::env::temp_dir();
+        scratch::gc(&client, template_idle, &parent).await
     }
 
     /// Stops the servers (replica first). The data directories are kept, so the

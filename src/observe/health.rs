@@ -145,6 +145,16 @@ pub(crate) fn migrations(rows: Result<Vec<MigrationStatus>, String>) -> HealthCh
                     format!("{} was edited after it was applied", r.version),
                 );
             }
+            MigrationState::Orphaned => {
+                return check(
+                    "migrations",
+                    HealthStatus::Unhealthy,
+                    format!(
+                        "{} is recorded in railyard_schema_migrations but not in diesel's table",
+                        r.version
+                    ),
+                );
+            }
             MigrationState::Pending => pending.push(r.version.clone()),
             MigrationState::Applied { .. } => {}
         }

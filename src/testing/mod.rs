@@ -208,8 +208,9 @@ fn quote_ident(name: &str) -> String {
 }
 
 /// Serialises database creation across processes (CREATE DATABASE … TEMPLATE
-/// needs the template idle, and two processes must not both make it).
-const HARNESS_LOCK: i64 = 0x5241_494c_5445_5354; // "RAILTEST"
+/// needs the template idle, and two processes must not both make it), and
+/// with `railyard local gc`.
+use crate::local::scratch::{HARNESS_LOCK, TEMPLATE_READY};
 
 async fn with_harness_lock<T>(
     admin: &mut Conn,
@@ -235,7 +236,7 @@ async fn database_exists(admin: &mut Conn, name: &str, ready_only: bool) -> Resu
     use diesel_async::RunQueryDsl;
     let sql = if ready_only {
         "SELECT EXISTS (SELECT 1 FROM pg_database d JOIN pg_shdescription s ON s.objoid = d.oid \
-         AND s.classoid = 'pg_database'::regclass WHERE d.datname = $1 AND s.description = 'railyard template ready') AS ok"
+         AND s.classoid = 'pg_database'::regclass WHERE d.datname = $1 AND s.description LIKE 'railyard template ready%') AS ok"
     } else {
         "SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1) AS ok"
     };
@@ -244,6 +245,34 @@ async fn database_exists(admin: &mut Conn, name: &str, ready_only: bool) -> Resu
         .get_result(admin)
         .await?;
     Ok(f.ok)
+}
+
+/// Once per process, on the local cluster: reclaims what dead runs left
+/// (their scratch databases and private clusters) and templates not prepared
+/// for an hour.
+async fn reap_once() {
+    static STARTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if std::env::var_os("TEST_DATABASE_URL").is_some()
+        || STARTED.swap(true, std::sync::atomic::Ordering::SeqCst)
+    {
+        return;
+    }
+    let Ok(cluster) = LocalCluster::shared().await else {
+        return;
+    };
+    match cluster.gc(std::time::Duration::from_secs(3600)).await {
+        Ok(r) if r.bytes() > 0 => eprintln!(
+            "railyard test harness: reclaimed {} MB left by earlier runs ({} databases, {} templates, {} clusters)",
+            r.bytes() / 1_000_000,
+            r.databases.len(),
+            r.templates.len(),
+            r.clusters.len()
+        ),
+        Ok(_) => {}
+        Err(e) => {
+            tracing::warn!(target: "railyard::test", error = %e, "could not reclaim earlier runs' leftovers")
+        }
+    }
 }
 
 /// Creates (once per migration set, across processes) the migrated template and
@@ -259,6 +288,7 @@ async fn prepare(migrations: fn() -> Migrator) -> Result<Prepared, Error> {
         let admin_target = admin_target().await?;
         let template = format!("railyard_tpl_{fingerprint}");
         let shared = format!("railyard_test_{fingerprint}");
+        reap_once().await;
         let mut admin = connect(admin_target.clone()).await?;
         with_harness_lock(&mut admin, async |admin| {
             if !database_exists(admin, &template, true).await? {
@@ -272,14 +302,28 @@ async fn prepare(migrations: fn() -> Migrator) -> Result<Prepared, Error> {
                     .batch_execute(&format!("CREATE DATABASE {}", quote_ident(&template)))
                     .await?;
                 let config = Config::new(admin_target.with_dbname(&template));
-                migrator.run(&config).await?;
-                admin
-                    .batch_execute(&format!(
-                        "COMMENT ON DATABASE {} IS 'railyard template ready'",
-                        quote_ident(&template)
-                    ))
-                    .await?;
+                if let Err(e) = migrator.run(&config).await {
+                    // No half-made template stays behind.
+                    let _ = admin
+                        .batch_execute(&format!(
+                            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                            quote_ident(&template)
+                        ))
+                        .await;
+                    return Err(e);
+                }
             }
+            // When it was last prepared: `railyard local gc` keeps recent ones.
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs();
+            admin
+                .batch_execute(&format!(
+                    "COMMENT ON DATABASE {} IS '{TEMPLATE_READY}; prepared={now}'",
+                    quote_ident(&template)
+                ))
+                .await?;
             if !database_exists(admin, &shared, false).await? {
                 admin
                     .batch_execute(&format!(
@@ -434,7 +478,15 @@ where
             .batch_execute(&format!(
                 "CREATE DATABASE {} TEMPLATE {}",
                 quote_ident(&name),
-                quote_ident(&prepared.template)
+                quote_ident(&prepared.template),
+            ))
+            .await?;
+        // A killed run's database is dropped by a later run.
+        admin
+            .batch_execute(&format!(
+                "COMMENT ON DATABASE {} IS '{}'",
+                quote_ident(&name),
+                crate::local::scratch::scratch_comment(),
             ))
             .await
             .map_err(Error::from)

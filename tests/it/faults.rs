@@ -25,6 +25,7 @@ async fn a_refused_server_opens_the_circuit_and_its_restart_closes_it() {
     let dir = std::env::temp_dir().join(crate::support::unique("breaker"));
     let cluster = LocalCluster::builder()
         .dir(&dir)
+        .ephemeral(true)
         .replica(false)
         .start()
         .await
@@ -62,6 +63,7 @@ async fn a_refused_server_opens_the_circuit_and_its_restart_closes_it() {
 
     let restarted = LocalCluster::builder()
         .dir(&dir)
+        .ephemeral(true)
         .replica(false)
         .start()
         .await
@@ -96,6 +98,7 @@ async fn after_a_two_second_outage_under_load_readiness_is_green_within_three_se
     let dir = std::env::temp_dir().join(crate::support::unique("outage"));
     let cluster = LocalCluster::builder()
         .dir(&dir)
+        .ephemeral(true)
         .replica(false)
         .start()
         .await
@@ -130,6 +133,7 @@ async fn after_a_two_second_outage_under_load_readiness_is_green_within_three_se
     );
     let restarted = LocalCluster::builder()
         .dir(&dir)
+        .ephemeral(true)
         .replica(false)
         .start()
         .await

@@ -78,6 +78,8 @@ fn child_report(child: std::process::Child) -> (String, u16) {
 #[tokio::test]
 async fn two_processes_starting_at_once_share_one_cluster() {
     let dir = std::env::temp_dir().join(crate::support::unique("shared_cluster"));
+    // This test owns it (not the children): a killed run's is reclaimed.
+    railyard::local::scratch::claim_dir(&dir).unwrap();
     let a = spawn_child(&dir, true, None);
     let b = spawn_child(&dir, true, None);
     let (kind_a, port_a) = child_report(a);
@@ -110,7 +112,7 @@ async fn the_cluster_starts_for_an_unprivileged_user_too() {
         .map(|f| (f[2].parse().unwrap(), f[3].parse().unwrap()));
     let Some((uid, gid)) = ids else { return };
     let dir = std::env::temp_dir().join(crate::support::unique("nobody_cluster"));
-    std::fs::create_dir_all(&dir).unwrap();
+    railyard::local::scratch::claim_dir(&dir).unwrap();
     std::os::unix::fs::chown(&dir, Some(uid), Some(gid)).unwrap();
     let (kind, _) = child_report(spawn_child(&dir, false, Some((uid, gid))));
     assert_eq!(kind, "Cold");

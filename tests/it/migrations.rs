@@ -16,11 +16,13 @@ const V1: EmbeddedMigrations = embed_migrations!("tests/migrations/v1");
 const V2: EmbeddedMigrations = embed_migrations!("tests/migrations/v2");
 const EDITED: EmbeddedMigrations = embed_migrations!("tests/migrations/edited");
 const FAILING: EmbeddedMigrations = embed_migrations!("tests/migrations/failing");
+const SLOW: EmbeddedMigrations = embed_migrations!("tests/migrations/slow");
 const LEDGER: EmbeddedMigrations = embed_migrations!("migrations");
 
 #[tokio::test]
 async fn a_fresh_database_gets_every_migration_and_a_second_boot_applies_nothing() {
-    let (_, config) = support::fresh_database("mig_fresh").await;
+    let fresh = support::fresh_database("mig_fresh").await;
+    let config = fresh.config.clone();
     let db = Database::builder(config.clone())
         .migrations(Migrator::new(LEDGER))
         .connect()
@@ -59,7 +61,8 @@ async fn a_fresh_database_gets_every_migration_and_a_second_boot_applies_nothing
 
 #[tokio::test]
 async fn refuses_to_boot_when_an_applied_migration_was_edited() {
-    let (_, config) = support::fresh_database("mig_edited").await;
+    let fresh = support::fresh_database("mig_edited").await;
+    let config = fresh.config.clone();
     Migrator::new(V1).run(&config).await.unwrap();
     let err = Migrator::new(EDITED).run(&config).await.unwrap_err();
     match &err {
@@ -82,7 +85,8 @@ async fn refuses_to_boot_when_an_applied_migration_was_edited() {
 
 #[tokio::test]
 async fn refuses_to_boot_when_the_database_is_ahead_of_the_binary() {
-    let (_, config) = support::fresh_database("mig_ahead").await;
+    let fresh = support::fresh_database("mig_ahead").await;
+    let config = fresh.config.clone();
     Migrator::new(V2).run(&config).await.unwrap();
     let err = Database::builder(config)
         .migrations(Migrator::new(V1))
@@ -99,7 +103,8 @@ async fn refuses_to_boot_when_the_database_is_ahead_of_the_binary() {
 
 #[tokio::test]
 async fn eight_racing_boots_apply_each_migration_exactly_once_and_all_succeed() {
-    let (_, config) = support::fresh_database("mig_race").await;
+    let fresh = support::fresh_database("mig_race").await;
+    let config = fresh.config.clone();
     let mut tasks = Vec::new();
     for _ in 0..8 {
         let config = config.clone();
@@ -128,7 +133,8 @@ async fn eight_racing_boots_apply_each_migration_exactly_once_and_all_succeed() 
 
 #[tokio::test]
 async fn a_failing_migration_leaves_nothing_behind_and_frees_the_lock() {
-    let (_, config) = support::fresh_database("mig_fail").await;
+    let fresh = support::fresh_database("mig_fail").await;
+    let config = fresh.config.clone();
     let err = Migrator::new(FAILING).run(&config).await.unwrap_err();
     match &err {
         Error::Migration(MigrationError::Failed {
@@ -179,7 +185,8 @@ async fn a_failing_migration_leaves_nothing_behind_and_frees_the_lock() {
 
 #[tokio::test]
 async fn a_held_lock_times_out_naming_the_holder() {
-    let (_, config) = support::fresh_database("mig_lock").await;
+    let fresh = support::fresh_database("mig_lock").await;
+    let config = fresh.config.clone();
     let holder = Database::connect(config.clone().pool_max_size(1))
         .await
         .unwrap();
@@ -196,6 +203,9 @@ async fn a_held_lock_times_out_naming_the_holder() {
     match &err {
         Error::Migration(MigrationError::LockTimeout { holder_pid, waited }) => {
             assert_eq!(*holder_pid, Some(pid), "{err}");
+            let text = err.to_string();
+            assert!(text.contains(&format!("backend pid {pid}")), "{text}");
+            assert!(!text.contains("Some("), "no Rust debug forms: {text}");
             assert!(*waited >= Duration::from_millis(300));
         }
         other => panic!("expected LockTimeout, got {other}"),
@@ -211,7 +221,8 @@ async fn a_held_lock_times_out_naming_the_holder() {
 
 #[tokio::test]
 async fn status_lists_pending_and_applied_and_revert_undoes_the_last() {
-    let (_, config) = support::fresh_database("mig_status").await;
+    let fresh = support::fresh_database("mig_status").await;
+    let config = fresh.config.clone();
     let m = Migrator::new(V2);
     let before = m.status(&config).await.unwrap();
     assert!(before.iter().all(|s| s.state == MigrationState::Pending));
@@ -262,7 +273,8 @@ async fn status_lists_pending_and_applied_and_revert_undoes_the_last() {
 
 #[tokio::test]
 async fn migrations_applied_by_the_diesel_cli_are_adopted_with_their_checksum() {
-    let (_, config) = support::fresh_database("mig_adopt").await;
+    let fresh = support::fresh_database("mig_adopt").await;
+    let config = fresh.config.clone();
     // What `diesel migration run` leaves: the table and diesel's row, no checksum.
     let db = Database::connect(config.clone().pool_max_size(1))
         .await
@@ -287,4 +299,134 @@ async fn migrations_applied_by_the_diesel_cli_are_adopted_with_their_checksum() 
             ..
         }
     )));
+}
+
+async fn exec(config: &railyard::Config, sql: &str) {
+    let db = Database::connect(config.clone().pool_max_size(1))
+        .await
+        .unwrap();
+    let mut conn = db.primary().await.unwrap();
+    conn.batch_execute(sql).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_version_recorded_only_in_railyards_table_is_refused() {
+    let fresh = support::fresh_database("mig_orphan").await;
+    let config = fresh.config.clone();
+    Migrator::new(V1).run(&config).await.unwrap();
+    // diesel's row of the newest migration deleted by hand: without the check,
+    // the next boot would run its SQL a second time.
+    exec(
+        &config,
+        "DELETE FROM __diesel_schema_migrations WHERE version = '20200101000002'",
+    )
+    .await;
+    let err = Migrator::new(V1).run(&config).await.unwrap_err();
+    match &err {
+        Error::Migration(MigrationError::Orphaned { version }) => {
+            assert_eq!(version, "20200101000002")
+        }
+        other => panic!("expected Orphaned, got {other}"),
+    }
+    assert!(Migrator::new(V1).verify(&config).await.is_err());
+    let status = Migrator::new(V1).status(&config).await.unwrap();
+    assert_eq!(status[1].state, MigrationState::Orphaned);
+    // A version no binary knows, only in Railyard's table, is refused too.
+    exec(&config, "INSERT INTO __diesel_schema_migrations (version) VALUES ('20200101000002'); \
+        INSERT INTO railyard_schema_migrations (version, name, up_sha256, down_sha256) VALUES ('20990101000000', 'x', 'a', 'b')").await;
+    let err = Migrator::new(V1).run(&config).await.unwrap_err();
+    assert!(
+        matches!(&err, Error::Migration(MigrationError::Orphaned { version }) if version == "20990101000000"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn a_connection_lost_in_the_middle_of_a_migration_names_it() {
+    let fresh = support::fresh_database("mig_lost").await;
+    let config = fresh.config.clone();
+    let name = fresh.name.clone();
+    let killer = tokio::spawn(async move {
+        for _ in 0..200 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let n = support::count_admin(&format!(
+                "SELECT count(pg_terminate_backend(pid)) AS n FROM pg_stat_activity \
+                 WHERE datname = '{name}' AND query LIKE '%pg_sleep(60)%' AND pid <> pg_backend_pid()"
+            ))
+            .await;
+            if n > 0 {
+                return true;
+            }
+        }
+        false
+    });
+    let err = Migrator::new(SLOW).run(&config).await.unwrap_err();
+    assert!(
+        killer.await.unwrap(),
+        "the migration's backend was terminated"
+    );
+    match &err {
+        Error::Migration(MigrationError::Interrupted {
+            name,
+            in_transaction,
+            ..
+        }) => {
+            assert_eq!(name, "2020-01-01-000001_slow");
+            assert!(*in_transaction);
+        }
+        other => panic!("expected Interrupted, got {other}"),
+    }
+    assert!(err.to_string().contains("2020-01-01-000001_slow"), "{err}");
+}
+
+#[tokio::test]
+async fn the_newest_migration_may_be_edited_in_development_and_redone_or_repaired() {
+    let fresh = support::fresh_database("mig_dev").await;
+    let config = fresh.config.clone();
+    Migrator::new(V1).run(&config).await.unwrap();
+    // Refused by default.
+    assert!(Migrator::new(EDITED).run(&config).await.is_err());
+    // The override accepts the newest migration's edit and records it.
+    let report = Migrator::new(EDITED)
+        .allow_edited_latest(true)
+        .run(&config)
+        .await
+        .unwrap();
+    assert_eq!(report.accepted_edits, vec!["20200101000002".to_owned()]);
+    Migrator::new(EDITED)
+        .run(&config)
+        .await
+        .expect("the new checksum is recorded");
+    // Back to v1's file: repair records its checksum without running SQL.
+    assert!(Migrator::new(V1).run(&config).await.is_err());
+    assert_eq!(
+        Migrator::new(V1)
+            .repair_last(&config)
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("20200101000002")
+    );
+    Migrator::new(V1).run(&config).await.unwrap();
+    assert_eq!(Migrator::new(V1).repair_last(&config).await.unwrap(), None);
+    // Redo runs the edited down and up: the new column exists afterwards.
+    assert_eq!(
+        Migrator::new(EDITED)
+            .redo_last(&config)
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("20200101000002")
+    );
+    assert_eq!(
+        count(
+            &config,
+            "SELECT count(*) AS n FROM information_schema.columns WHERE table_name = 'gadgets' AND column_name = 'colour'"
+        )
+        .await,
+        1
+    );
+    Migrator::new(EDITED).run(&config).await.unwrap();
+    // Only the newest: with v2 applied, an edit of the second is still refused.
+    Migrator::new(V2).repair_last(&config).await.unwrap_err();
 }

@@ -273,7 +273,12 @@ async fn no_password_or_bind_value_reaches_the_logs() {
 async fn health_degrades_without_the_replica_and_readiness_fails_without_the_primary() {
     support::server().await;
     let dir = std::env::temp_dir().join(support::unique("health"));
-    let cluster = LocalCluster::builder().dir(&dir).start().await.unwrap();
+    let cluster = LocalCluster::builder()
+        .dir(&dir)
+        .ephemeral(true)
+        .start()
+        .await
+        .unwrap();
     let config = Config::new(cluster.primary_socket_target("railyard"))
         .replica(cluster.replica_socket_target("railyard").unwrap())
         .checkout_timeout(Duration::from_millis(500));

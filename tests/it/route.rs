@@ -46,6 +46,7 @@ async fn private(name: &str) -> (LocalCluster, Config) {
     let dir = std::env::temp_dir().join(support::unique(name));
     let cluster = LocalCluster::builder()
         .dir(&dir)
+        .ephemeral(true)
         .start()
         .await
         .expect("private cluster");

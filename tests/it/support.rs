@@ -32,6 +32,15 @@ pub async fn server() -> &'static Server {
             let cluster = LocalCluster::shared()
                 .await
                 .expect("the local cluster starts (or set TEST_DATABASE_URL)");
+            // What killed runs left: their scratch databases and clusters.
+            match cluster.gc(std::time::Duration::from_secs(3600)).await {
+                Ok(r) if r.bytes() > 0 => eprintln!(
+                    "reclaimed {} MB left by earlier runs",
+                    r.bytes() / 1_000_000
+                ),
+                Ok(_) => {}
+                Err(e) => eprintln!("could not reclaim earlier runs' leftovers: {e}"),
+            }
             Server {
                 admin: cluster.primary_target("postgres"),
                 cluster: Some(cluster),
@@ -69,12 +78,62 @@ pub async fn admin_sql(sql: &str) {
         .unwrap_or_else(|e| panic!("admin SQL failed: {sql}: {e}"));
 }
 
+/// An empty database of one test, dropped when this is dropped (a panic
+/// included); a killed run's are marked with its process, for the next run to
+/// drop.
+pub struct FreshDb {
+    pub name: String,
+    pub config: Config,
+}
+
+impl Drop for FreshDb {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        // Drop may run on a runtime thread: the drop runs on a thread of its own.
+        let dropped = std::thread::spawn(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a runtime")
+                .block_on(try_admin_sql(&format!(
+                    "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+                )))
+        })
+        .join();
+        if !matches!(dropped, Ok(Ok(()))) {
+            eprintln!("could not drop test database {}", self.name);
+        }
+    }
+}
+
 /// Creates an empty database and returns a config for it (primary only).
-pub async fn fresh_database(prefix: &str) -> (String, Config) {
+pub async fn fresh_database(prefix: &str) -> FreshDb {
     let name = unique(prefix);
+    // Two statements: CREATE DATABASE cannot share an implicit transaction.
     admin_sql(&format!("CREATE DATABASE {name}")).await;
+    admin_sql(&format!(
+        "COMMENT ON DATABASE {name} IS '{}'",
+        railyard::local::scratch::scratch_comment()
+    ))
+    .await;
     let target = server().await.admin.with_dbname(&name);
-    (name, Config::new(target))
+    FreshDb {
+        name,
+        config: Config::new(target),
+    }
+}
+
+/// Runs SQL as the superuser on the `postgres` database, returning failure.
+async fn try_admin_sql(sql: &str) -> Result<(), railyard::Error> {
+    let db = Database::connect(Config::new(server().await.admin.clone()).pool_max_size(1)).await?;
+    let mut conn = db.primary().await?;
+    conn.batch_execute(sql).await?;
+    Ok(())
+}
+
+/// Counts, as the superuser on `postgres`: a query returning one bigint `n`.
+pub async fn count_admin(sql: &str) -> i64 {
+    count(&Config::new(server().await.admin.clone()), sql).await
 }
 
 /// Counts rows of a query returning one bigint column named `n`.
