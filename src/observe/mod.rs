@@ -41,9 +41,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use diesel::connection::{Instrumentation, InstrumentationEvent};
+use diesel::result::{DatabaseErrorKind, Error as DieselError};
 use diesel_async::AsyncPgConnection;
+use tokio_postgres::error::SqlState;
 
-use crate::conn::wire::WireState;
+use crate::conn::wire::{WireMark, WireState};
 use crate::conn::{ConnLabels, Instrument, Route};
 use crate::error::{ErrorClass, classify};
 
@@ -518,12 +520,17 @@ pub(crate) struct ConnInstrumentation {
     observer: Arc<Observer>,
     labels: Arc<ConnLabels>,
     wire: Arc<WireState>,
-    pending: VecDeque<Instant>,
+    /// Queries started and not finished, oldest first: when each started, and
+    /// where the connection's traffic stood then (pipelined queries finish in
+    /// the order they started). Reused: it grows to the deepest pipeline once.
+    pending: VecDeque<(Instant, WireMark)>,
     depth: u32,
     /// The statement as diesel displays it, up to the binds (reused buffer).
     raw: String,
     /// The statement with its literals replaced (reused buffer).
     sql: String,
+    /// The SQLSTATE of the query being reported (reused buffer).
+    code: String,
 }
 
 impl ConnInstrumentation {
@@ -536,10 +543,11 @@ impl ConnInstrumentation {
             observer,
             labels,
             wire,
-            pending: VecDeque::with_capacity(4),
+            pending: VecDeque::with_capacity(8),
             depth: 0,
             raw: String::with_capacity(256),
             sql: String::with_capacity(256),
+            code: String::with_capacity(8),
         }
     }
 }
@@ -686,12 +694,52 @@ pub(crate) fn operation_and_table(sql: &str) -> (&'static str, Option<&str>) {
     )
 }
 
+/// The SQLSTATE of a query that failed with `error` and began at `mark`, into
+/// `out` (whether there is one).
+///
+/// The tap keeps only the latest `ErrorResponse`. It is this query's when it
+/// arrived after the query began *and* is the one the driver reports (same
+/// message): in a pipeline, the tap may already have read the errors of later
+/// queries, and a query can fail in the client after an earlier one failed on
+/// the server. Otherwise the driver's own kind names the SQLSTATE for the few
+/// kinds it keeps; for the rest there is none rather than another query's.
+fn sqlstate_of(wire: &WireState, mark: WireMark, error: &DieselError, out: &mut String) -> bool {
+    let DieselError::DatabaseError(kind, info) = error else {
+        return false;
+    };
+    let from_tap = wire.with_error_since(mark, |server| {
+        let ours = server.message == info.message();
+        if ours {
+            out.push_str(&server.code);
+        }
+        ours
+    });
+    if from_tap == Some(true) {
+        return true;
+    }
+    let code = match kind {
+        DatabaseErrorKind::UniqueViolation => "23505",
+        DatabaseErrorKind::ForeignKeyViolation => "23503",
+        DatabaseErrorKind::NotNullViolation => "23502",
+        DatabaseErrorKind::CheckViolation => "23514",
+        DatabaseErrorKind::RestrictViolation => "23001",
+        DatabaseErrorKind::ExclusionViolation => "23P01",
+        DatabaseErrorKind::SerializationFailure => "40001",
+        DatabaseErrorKind::ReadOnlyTransaction => "25006",
+        _ => return false,
+    };
+    out.push_str(code);
+    true
+}
+
 impl Instrumentation for ConnInstrumentation {
     fn on_connection_event(&mut self, event: InstrumentationEvent<'_>) {
         match event {
-            InstrumentationEvent::StartQuery { .. } => self.pending.push_back(Instant::now()),
+            InstrumentationEvent::StartQuery { .. } => {
+                self.pending.push_back((Instant::now(), self.wire.mark()))
+            }
             InstrumentationEvent::FinishQuery { query, error, .. } => {
-                let Some(start) = self.pending.pop_front() else {
+                let Some((start, mark)) = self.pending.pop_front() else {
                     return;
                 };
                 let duration = start.elapsed();
@@ -710,16 +758,15 @@ impl Instrumentation for ConnInstrumentation {
                 } else {
                     ("", None)
                 };
-                let (class, code) = match error {
-                    None => (None, None),
-                    Some(_) => {
-                        let server = self.wire.last_error();
-                        let code = server.as_ref().map(|s| s.code.clone());
-                        let class = classify(
-                            server.as_ref().map(|s| s.sqlstate()).as_ref(),
-                            self.wire.is_closed(),
-                        );
-                        (Some(class), code)
+                self.code.clear();
+                let (class, coded) = match error {
+                    None => (None, false),
+                    Some(error) => {
+                        let coded = sqlstate_of(&self.wire, mark, error, &mut self.code);
+                        // A known code is a constant: no allocation.
+                        let state = coded.then(|| SqlState::from_code(&self.code));
+                        let class = classify(state.as_ref(), self.wire.is_closed());
+                        (Some(class), coded)
                     }
                 };
                 let event = QueryEvent {
@@ -739,7 +786,7 @@ impl Instrumentation for ConnInstrumentation {
                         Outcome::Ok
                     },
                     class,
-                    sqlstate: code.as_deref(),
+                    sqlstate: coded.then_some(self.code.as_str()),
                 };
                 self.observer.metrics.record(&event);
                 for hook in &self.observer.hooks {
