@@ -530,3 +530,113 @@ async fn pipelined_failures_carry_only_their_own_sqlstate() {
         );
     }
 }
+
+/// Counts each thread's allocations, for the tests that check a path allocates
+/// nothing; otherwise the system allocator, unchanged.
+mod counting {
+    use std::alloc::{GlobalAlloc, Layout, System};
+    use std::cell::Cell;
+
+    pub struct Counting;
+
+    thread_local! {
+        // Const-initialised and without a destructor: usable inside the allocator.
+        static COUNT: Cell<u64> = const { Cell::new(0) };
+    }
+
+    fn note() {
+        let _ = COUNT.try_with(|c| c.set(c.get() + 1));
+    }
+
+    // SAFETY: every call is passed unchanged to the system allocator.
+    unsafe impl GlobalAlloc for Counting {
+        unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+            note();
+            unsafe { System.alloc(layout) }
+        }
+        unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+            note();
+            unsafe { System.alloc_zeroed(layout) }
+        }
+        unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+            note();
+            unsafe { System.realloc(ptr, layout, new_size) }
+        }
+        unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+            unsafe { System.dealloc(ptr, layout) }
+        }
+    }
+
+    #[global_allocator]
+    static ALLOCATOR: Counting = Counting;
+
+    /// Allocations this thread has made.
+    pub fn allocations() -> u64 {
+        COUNT.with(Cell::get)
+    }
+}
+
+#[test]
+fn statement_statistics_allocate_nothing_for_known_or_overflowing_statements() {
+    use railyard::QueryHook;
+    let route = Route::Primary;
+    let known = [
+        "SELECT * FROM accounts WHERE id = 42",
+        "SELECT * FROM users WHERE email = E'a\\'b' AND id IN (1, 2, 3)",
+        "UPDATE accounts SET balance_cents = balance_cents - $1 WHERE id = $2",
+    ];
+    let stats = StatementStats::with_capacity(known.len());
+    let beyond: Vec<String> = (0..100)
+        .map(|i| format!("SELECT * FROM table_{i} WHERE id = $$x$$"))
+        .collect();
+    let mut events: Vec<QueryEvent<'_>> = known
+        .iter()
+        .copied()
+        .chain(beyond.iter().map(String::as_str))
+        .map(|sql| QueryEvent::new(sql, &route, Duration::from_micros(120)))
+        .collect();
+    events[1].outcome = Outcome::Error;
+    for e in &events {
+        stats.on_query(e);
+    }
+    let before = counting::allocations();
+    for round in 0..100u64 {
+        for e in &mut events {
+            e.duration = Duration::from_micros(100 + round);
+            stats.on_query(e);
+        }
+    }
+    assert_eq!(counting::allocations() - before, 0);
+    let snap = stats.snapshot();
+    assert_eq!(snap.len(), known.len() + 1);
+    assert_eq!(snap.iter().map(|s| s.calls).sum::<u64>(), 101 * 103);
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn hooks_add_no_allocation_to_a_failing_query() {
+    let stats = StatementStats::new();
+    let plain = ledger_with(|b| b).await;
+    let hooked = ledger_with(|b| b.hook(stats.clone()).hook(|_: &QueryEvent<'_>| {})).await;
+    let email = format!("{}@example.test", support::unique("obs_alloc"));
+    let per_query = async |db: &Database| {
+        let mut conn = db.primary().await.unwrap();
+        let mut run = async |n: u64| {
+            let before = counting::allocations();
+            for _ in 0..n {
+                diesel::sql_query("INSERT INTO users (email, name) VALUES ($1, 'a')")
+                    .bind::<Text, _>(&email)
+                    .execute(&mut conn)
+                    .await
+                    .ok();
+            }
+            counting::allocations() - before
+        };
+        run(20).await;
+        run(200).await as f64 / 200.0
+    };
+    let plain = per_query(&plain).await;
+    let hooked = per_query(&hooked).await;
+    eprintln!("allocations per failing query: {plain} without hooks, {hooked} with them");
+    assert!(hooked <= plain + 0.1, "{hooked} > {plain}");
+    assert!(stats.snapshot()[0].errors >= 200);
+}
