@@ -18,23 +18,54 @@ use super::{Outcome, QueryEvent, QueryHook};
 // multi-byte UTF-8 character are all >= 0x80, which (as in PostgreSQL's own
 // lexer) continue identifiers; so every cut below falls on a char boundary.
 
+/// Byte classes, looked up once per byte (the lexer's inner loops).
+const SPACE: u8 = 1;
+const IDENT_START: u8 = 2;
+const IDENT: u8 = 4;
+
+static CLASSES: [u8; 256] = {
+    let mut table = [0u8; 256];
+    let mut i = 0;
+    while i < 256 {
+        let c = i as u8;
+        let mut class = 0;
+        if matches!(c, b' ' | b'\t' | b'\n' | b'\r' | 0x0b | 0x0c) {
+            class |= SPACE;
+        }
+        if c.is_ascii_alphabetic() || c == b'_' || c >= 0x80 {
+            class |= IDENT_START | IDENT;
+        }
+        if c.is_ascii_digit() || c == b'$' {
+            class |= IDENT;
+        }
+        table[i] = class;
+        i += 1;
+    }
+    table
+};
+
+#[inline]
 fn is_space(c: u8) -> bool {
-    matches!(c, b' ' | b'\t' | b'\n' | b'\r' | 0x0b | 0x0c)
+    CLASSES[usize::from(c)] & SPACE != 0
 }
 
+#[inline]
 fn is_ident_start(c: u8) -> bool {
-    c.is_ascii_alphabetic() || c == b'_' || c >= 0x80
+    CLASSES[usize::from(c)] & IDENT_START != 0
 }
 
+#[inline]
 fn is_ident_char(c: u8) -> bool {
-    is_ident_start(c) || c.is_ascii_digit() || c == b'$'
+    CLASSES[usize::from(c)] & IDENT != 0
 }
 
+#[inline]
 fn is_digit_at(b: &[u8], i: usize) -> bool {
     b.get(i).is_some_and(u8::is_ascii_digit)
 }
 
 /// Whether a numeric constant starts at `i` (`5`, `.5`).
+#[inline]
 fn starts_number(b: &[u8], i: usize) -> bool {
     match b.get(i) {
         Some(c) if c.is_ascii_digit() => true,
@@ -43,6 +74,7 @@ fn starts_number(b: &[u8], i: usize) -> bool {
     }
 }
 
+#[inline]
 fn ident_end(b: &[u8], i: usize) -> usize {
     let mut j = i + 1;
     while j < b.len() && is_ident_char(b[j]) {
@@ -51,6 +83,7 @@ fn ident_end(b: &[u8], i: usize) -> usize {
     j
 }
 
+#[inline]
 fn digits_end(b: &[u8], mut j: usize) -> usize {
     while j < b.len() && (b[j].is_ascii_digit() || b[j] == b'_') {
         j += 1;
@@ -135,6 +168,7 @@ fn dollar_body_end(b: &[u8], from: usize, tag: &[u8]) -> usize {
 /// A string constant at `i`: where it ends, and how many bytes of prefix
 /// (`E`, `B`, `X`, `N`, `U&`) precede its opening quote. Plain `'…'` (`''`
 /// escapes), `E'…'` (backslash escapes too), `$$…$$` and `$tag$…$tag$`.
+#[inline]
 fn string_at(b: &[u8], i: usize) -> Option<(usize, usize)> {
     match b[i] {
         b'\'' => Some((quoted_end(b, i, b'\'', false), 0)),
@@ -187,6 +221,7 @@ fn block_comment_end(b: &[u8], i: usize) -> usize {
 }
 
 /// The comment starting at `i`, if one does: where it ends.
+#[inline]
 fn comment_at(b: &[u8], i: usize) -> Option<usize> {
     match (b[i], b.get(i + 1)) {
         (b'-', Some(b'-')) => Some(line_comment_end(b, i)),
@@ -307,10 +342,16 @@ enum Last {
 /// Where a key is written: tokens separated by at most one space, cut at a
 /// token boundary once [`StatementStats::MAX_KEY_LEN`] would be passed.
 struct KeyOut<'a> {
+    src: &'a str,
     s: &'a mut String,
     start: usize,
     space: bool,
     full: bool,
+    /// Whether the key cannot reach the limit (a key is at most twice as long
+    /// as its text): then tokens kept as written, and the single spaces between
+    /// them, are copied in runs (`span`) rather than one by one.
+    short: bool,
+    span: (usize, usize),
 }
 
 /// Marks a key that was cut short.
@@ -321,14 +362,51 @@ impl KeyOut<'_> {
         self.s.len() - self.start
     }
 
+    fn flush(&mut self) {
+        if self.span.0 < self.span.1 {
+            self.s.push_str(&self.src[self.span.0..self.span.1]);
+            self.span = (0, 0);
+        }
+    }
+
+    /// The token `from..to` of the text, kept as written.
+    #[inline]
+    fn verbatim(&mut self, from: usize, to: usize) {
+        if !self.short {
+            let src = self.src;
+            return self.push(&src[from..to]);
+        }
+        if self.span.0 < self.span.1 {
+            let (_, end) = self.span;
+            let joined = if self.space {
+                from == end + 1 && self.src.as_bytes()[end] == b' '
+            } else {
+                from == end
+            };
+            if joined {
+                self.span.1 = to;
+                self.space = false;
+                return;
+            }
+            self.flush();
+        }
+        if self.space && self.written() > 0 {
+            self.s.push(' ');
+        }
+        self.space = false;
+        self.span = (from, to);
+    }
+
     fn push2(&mut self, a: &str, b: &str) {
+        self.flush();
         if self.full {
             return;
         }
         let space = self.space && self.written() > 0;
         self.space = false;
-        if self.written() + usize::from(space) + a.len() + b.len()
-            > StatementStats::MAX_KEY_LEN - CUT.len()
+        if !self.short
+            && self.written() + usize::from(space) + a.len() + b.len()
+                > StatementStats::MAX_KEY_LEN - CUT.len()
         {
             let cut = if self.written() > 0 {
                 CUT
@@ -351,6 +429,7 @@ impl KeyOut<'_> {
     }
 
     fn string(&mut self, prefix: &str) {
+        self.flush();
         // Two strings written back to back would read as one with a doubled quote.
         if prefix.is_empty() && self.written() > 0 && self.s.ends_with('\'') {
             self.space = true;
@@ -363,10 +442,13 @@ impl KeyOut<'_> {
 pub(super) fn normalize_into(sql: &str, out: &mut String) {
     let b = sql.as_bytes();
     let mut o = KeyOut {
+        src: sql,
         start: out.len(),
         s: out,
         space: false,
         full: false,
+        short: 2 * sql.len() <= StatementStats::MAX_KEY_LEN - CUT.len(),
+        span: (0, 0),
     };
     let mut last = Last::Operator;
     let mut i = 0;
@@ -377,12 +459,50 @@ pub(super) fn normalize_into(sql: &str, out: &mut String) {
             i += 1;
             continue;
         }
+        // Most tokens are words: they come first.
+        if is_ident_start(c) {
+            if matches!(b.get(i + 1), Some(b'\'' | b'&'))
+                && let Some((end, prefix)) = string_at(b, i)
+            {
+                o.string(&sql[i..i + prefix]);
+                last = Last::Operand;
+                i = end;
+                continue;
+            }
+            let end = ident_end(b, i);
+            let word = &sql[i..end];
+            let list = match end - i {
+                2 if word.eq_ignore_ascii_case("IN") => {
+                    constant_list_end(b, end, b'(', b')').map(|e| (e, true, "(...)"))
+                }
+                5 if word.eq_ignore_ascii_case("ARRAY") => {
+                    constant_list_end(b, end, b'[', b']').map(|e| (e, false, "[...]"))
+                }
+                _ => None,
+            };
+            o.verbatim(i, end);
+            match list {
+                Some((after, space, collapsed)) => {
+                    o.space = space;
+                    o.push(collapsed);
+                    last = Last::Operand;
+                    i = after;
+                }
+                None => {
+                    last = Last::Word(i, end);
+                    i = end;
+                }
+            }
+            continue;
+        }
         if let Some(end) = comment_at(b, i) {
             o.space = true;
             i = end;
             continue;
         }
-        if let Some((end, prefix)) = string_at(b, i) {
+        if matches!(c, b'\'' | b'$')
+            && let Some((end, prefix)) = string_at(b, i)
+        {
             o.string(&sql[i..i + prefix]);
             last = Last::Operand;
             i = end;
@@ -404,44 +524,19 @@ pub(super) fn normalize_into(sql: &str, out: &mut String) {
         match c {
             b'"' => {
                 let end = quoted_end(b, i, b'"', false);
-                o.push(&sql[i..end]);
+                o.verbatim(i, end);
                 last = Last::Operand;
                 i = end;
             }
             b'$' if is_digit_at(b, i + 1) => {
                 let end = digits_end(b, i + 1);
-                o.push(&sql[i..end]);
+                o.verbatim(i, end);
                 last = Last::Operand;
                 i = end;
             }
-            _ if is_ident_start(c) => {
-                let end = ident_end(b, i);
-                let word = &sql[i..end];
-                let list = if word.eq_ignore_ascii_case("IN") {
-                    constant_list_end(b, end, b'(', b')').map(|e| (e, " ", "(...)"))
-                } else if word.eq_ignore_ascii_case("ARRAY") {
-                    constant_list_end(b, end, b'[', b']').map(|e| (e, "", "[...]"))
-                } else {
-                    None
-                };
-                match list {
-                    Some((after, space, collapsed)) => {
-                        o.push(word);
-                        o.space = !space.is_empty();
-                        o.push(collapsed);
-                        last = Last::Operand;
-                        i = after;
-                    }
-                    None => {
-                        o.push(word);
-                        last = Last::Word(i, end);
-                        i = end;
-                    }
-                }
-            }
             _ => {
                 // ASCII here: every byte >= 0x80 starts an identifier.
-                o.push(&sql[i..i + 1]);
+                o.verbatim(i, i + 1);
                 last = if matches!(c, b')' | b']' | b'?') {
                     Last::Operand
                 } else {
@@ -451,6 +546,7 @@ pub(super) fn normalize_into(sql: &str, out: &mut String) {
             }
         }
     }
+    o.flush();
 }
 
 // ---------------------------------------------------------------------------
@@ -631,6 +727,8 @@ struct Shard {
 struct Inner {
     shards: [Shard; SHARDS],
     hasher: RandomState,
+    /// This instance, for the per-thread caches of keys and hashes.
+    id: u64,
     capacity: usize,
     /// Statements held (at most `capacity`).
     len: AtomicUsize,
@@ -643,8 +741,8 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Inner {
-    fn record(&self, key: &str, e: &QueryEvent<'_>) {
-        let hash = self.hasher.hash_one(key);
+    /// Records `e` under `key`, whose hash by `self.hasher` is `hash`.
+    fn record(&self, key: &str, hash: u64, e: &QueryEvent<'_>) {
         // Bits the map's own layout (low bits, top seven) does not use.
         let shard = &self.shards[(hash >> 32) as usize % SHARDS];
         {
@@ -735,9 +833,12 @@ impl Inner {
 ///
 /// # Cost per query
 ///
-/// Normalising the text into a per-thread buffer, one hash, a read lock on one
-/// of 16 shards (chosen by the hash) and the statement's own lock: statements
-/// in different shards never contend, and a statement already known costs no
+/// A statement text seen recently on the same thread finds its key and hash
+/// in a small per-thread cache (64 slots, texts up to 1 KiB, a few KiB of
+/// memory per thread); any other is
+/// normalised into a reused buffer and hashed. Then a read lock on one of 16
+/// shards (chosen by the hash) and the statement's own lock: statements in
+/// different shards never contend, and a statement already known costs no
 /// allocation.
 #[derive(Clone)]
 pub struct StatementStats {
@@ -761,11 +862,51 @@ impl Default for StatementStats {
     }
 }
 
-thread_local! {
-    /// The key of the query being recorded: reused, so a known statement costs
-    /// no allocation.
-    static KEY: RefCell<String> = const { RefCell::new(String::new()) };
+/// A thread's recent statements, so that a text seen again is neither
+/// normalised nor hashed again: slots chosen by a cheap hash of the text,
+/// checked by comparing the whole text. Reused buffers: a statement already
+/// known costs no allocation.
+struct Recent {
+    slots: Vec<RecentSlot>,
 }
+
+#[derive(Default)]
+struct RecentSlot {
+    /// The [`StatementStats`] (its `id`) the key's hash is for; 0 for none.
+    owner: u64,
+    sql: String,
+    key: String,
+    hash: u64,
+}
+
+/// Slots per thread (a power of two).
+const RECENT_SLOTS: usize = 64;
+/// Longer texts are normalised every time. A thread's slots hold at most
+/// 64 × (1 KiB + a 4 KiB key), typically a few KiB.
+const RECENT_MAX_SQL: usize = 1_024;
+
+thread_local! {
+    static RECENT: RefCell<Recent> = const { RefCell::new(Recent { slots: Vec::new() }) };
+}
+
+/// A slot for `sql` from its length and three 8-byte windows: constant time.
+fn recent_slot(sql: &[u8]) -> usize {
+    let n = sql.len();
+    let word = |at: usize| {
+        let mut w = [0u8; 8];
+        let end = (at + 8).min(n);
+        w[..end - at].copy_from_slice(&sql[at..end]);
+        u64::from_le_bytes(w)
+    };
+    let h = (n as u64)
+        ^ word(0)
+        ^ word(n.saturating_sub(8)).rotate_left(21)
+        ^ word(n / 2).rotate_left(42);
+    (h.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (64 - RECENT_SLOTS.trailing_zeros())) as usize
+}
+
+/// Gives each [`StatementStats`] an identity for the thread caches.
+static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 impl StatementStats {
     /// Statements kept by [`StatementStats::new`].
@@ -798,7 +939,8 @@ impl StatementStats {
     /// assert_eq!(snap.len(), 3);
     /// let other = snap.iter().find(|s| s.sql == StatementStats::OTHER).unwrap();
     /// assert_eq!(other.calls, 2);
-    /// assert_eq!(stats.overflowed(), 2);
+    /// // An estimate, close for large numbers (here, 2 or perhaps 1).
+    /// assert!((1..=2).contains(&stats.overflowed()));
     /// ```
     pub fn with_capacity(statements: usize) -> Self {
         StatementStats {
@@ -808,6 +950,7 @@ impl StatementStats {
                     other: OnceLock::new(),
                 }),
                 hasher: RandomState::new(),
+                id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
                 capacity: statements,
                 len: AtomicUsize::new(0),
                 overflowed: Distinct::new(),
@@ -897,14 +1040,36 @@ impl StatementStats {
 
 impl QueryHook for StatementStats {
     fn on_query(&self, e: &QueryEvent<'_>) {
-        KEY.with(|key| match key.try_borrow_mut() {
-            Ok(mut key) => {
-                key.clear();
-                normalize_into(e.sql, &mut key);
-                self.inner.record(&key, e);
+        let inner = &*self.inner;
+        let fresh = |key: &mut String, sql: &str| {
+            key.clear();
+            normalize_into(sql, key);
+            inner.hasher.hash_one(key.as_str())
+        };
+        RECENT.with(|recent| match recent.try_borrow_mut() {
+            Ok(mut recent) => {
+                if recent.slots.is_empty() {
+                    recent.slots.resize_with(RECENT_SLOTS, RecentSlot::default);
+                }
+                let slot = &mut recent.slots[recent_slot(e.sql.as_bytes())];
+                if slot.owner != inner.id || slot.sql != e.sql {
+                    slot.hash = fresh(&mut slot.key, e.sql);
+                    slot.sql.clear();
+                    if e.sql.len() <= RECENT_MAX_SQL {
+                        slot.sql.push_str(e.sql);
+                        slot.owner = inner.id;
+                    } else {
+                        slot.owner = 0;
+                    }
+                }
+                inner.record(&slot.key, slot.hash, e);
             }
             // Only if a hook re-entered on this thread.
-            Err(_) => self.inner.record(&StatementStats::key(e.sql), e),
+            Err(_) => {
+                let mut key = String::new();
+                let hash = fresh(&mut key, e.sql);
+                inner.record(&key, hash, e);
+            }
         })
     }
 }
@@ -1248,7 +1413,12 @@ mod tests {
             .find(|s| s.sql == StatementStats::OTHER)
             .unwrap();
         assert_eq!((other.calls, other.errors), (14, 2));
-        assert_eq!(stats.overflowed(), 7);
+        // An estimate: two of the seven may share a register.
+        assert!(
+            (6..=7).contains(&stats.overflowed()),
+            "{}",
+            stats.overflowed()
+        );
         let kept = snap
             .iter()
             .find(|s| s.sql == "SELECT * FROM table_0 WHERE id = ?")
