@@ -835,11 +835,10 @@ impl Inner {
 ///
 /// A statement text seen recently on the same thread finds its key and hash
 /// in a small per-thread cache (64 slots, texts up to 1 KiB, a few KiB of
-/// memory per thread); any other is
-/// normalised into a reused buffer and hashed. Then a read lock on one of 16
-/// shards (chosen by the hash) and the statement's own lock: statements in
-/// different shards never contend, and a statement already known costs no
-/// allocation.
+/// memory per thread); any other text is normalised into a reused buffer and
+/// hashed. Then a read lock on one of 16 shards (chosen by the hash) and the
+/// statement's own lock: statements in different shards never contend, and a
+/// statement already known costs no allocation.
 #[derive(Clone)]
 pub struct StatementStats {
     inner: std::sync::Arc<Inner>,
