@@ -246,6 +246,22 @@ impl WireState {
             None
         }
     }
+    /// Like [`WireState::error_since`], reading the error in place instead of
+    /// copying it (for the per-query path, which must not allocate).
+    pub(crate) fn with_error_since<R>(
+        &self,
+        mark: WireMark,
+        read: impl FnOnce(&ServerError) -> R,
+    ) -> Option<R> {
+        if self.error_count() <= mark.errors {
+            return None;
+        }
+        self.last_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(read)
+    }
     pub(crate) fn tls_failed(&self) -> bool {
         self.tls_failed.load(Ordering::Relaxed)
     }

@@ -5,16 +5,19 @@
 //! Every connection gets an instrumentation that pairs `StartQuery` with
 //! `FinishQuery` in order (a FIFO, since pipelined queries interleave), and hands
 //! each finished query to the hooks as a [`QueryEvent`]: the statement text
-//! (parameterised; string literals replaced by `'?'`; never bind values), its
-//! duration, host, route, transaction depth, retry attempt, outcome, and for
-//! failures the SQLSTATE (from the protocol tap) and [`ErrorClass`].
+//! (parameterised; the contents of string literals, in every quoting form,
+//! replaced by `?`; never bind values), its duration, host, route, transaction
+//! depth, retry attempt, outcome, and for failures the query's own SQLSTATE
+//! (from the protocol tap) and [`ErrorClass`]. The per-query path reuses its
+//! buffers: once warm, it allocates nothing of its own.
 //!
 //! Hooks run synchronously on the connection's task, so they must be cheap: no
 //! I/O, no blocking locks held for long. The built-in ones are:
 //!
 //! - [`SlowQueryLog`]: a `tracing` warning on target `railyard::slow` above a threshold;
 //! - [`StatementStats`]: calls, errors, total and mean time and p50/p95/p99 per
-//!   statement (an HDR histogram), as a snapshot sorted by total time;
+//!   statement (statements differing only in constants share one entry), in
+//!   bounded memory, as a snapshot sorted by total time;
 //! - [`QuerySpans`]: a `tracing` span per query named and attributed per
 //!   OpenTelemetry's database conventions (`db.system.name`, `db.namespace`,
 //!   `db.operation.name`, `db.collection.name`, `db.query.text`,
@@ -33,17 +36,22 @@
 pub mod health;
 pub use health::{HealthCheck, HealthReport, HealthStatus};
 pub(crate) mod prometheus;
+mod stats;
+use stats::sanitize_into;
+pub use stats::{StatementStat, StatementStats};
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::fmt::{self, Write as _};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use diesel::connection::{Instrumentation, InstrumentationEvent};
+use diesel::result::{DatabaseErrorKind, Error as DieselError};
 use diesel_async::AsyncPgConnection;
+use tokio_postgres::error::SqlState;
 
-use crate::conn::wire::WireState;
+use crate::conn::wire::{WireMark, WireState};
 use crate::conn::{ConnLabels, Instrument, Route};
 use crate::error::{ErrorClass, classify};
 
@@ -61,7 +69,8 @@ pub enum Outcome {
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct QueryEvent<'a> {
-    /// The statement text: parameterised, string literals replaced by `'?'`.
+    /// The statement text: parameterised, the contents of string literals
+    /// (`'…'`, `E'…'`, `$$…$$`, `$tag$…$tag$`, …) replaced by `?`.
     pub sql: &'a str,
     /// The operation (`SELECT`, `INSERT`, `BEGIN`, …).
     pub operation: &'a str,
@@ -85,7 +94,11 @@ pub struct QueryEvent<'a> {
     pub outcome: Outcome,
     /// The class of the failure.
     pub class: Option<ErrorClass>,
-    /// The SQLSTATE of the failure, from the protocol tap.
+    /// The SQLSTATE of this query's failure, from the protocol tap (or from the
+    /// driver's error kind). `None` when the failure was not the server's (a
+    /// value that did not serialise, a lost connection), and for the rare
+    /// pipelined query whose error the tap had already seen replaced by a later
+    /// query's before this event: never another query's code.
     pub sqlstate: Option<&'a str>,
 }
 
@@ -252,118 +265,6 @@ impl QueryHook for QuerySpans {
     }
 }
 
-/// Statistics of one statement.
-#[derive(Debug, Clone, PartialEq)]
-#[non_exhaustive]
-pub struct StatementStat {
-    /// The statement text.
-    pub sql: String,
-    /// Executions.
-    pub calls: u64,
-    /// Failed executions.
-    pub errors: u64,
-    /// Sum of durations.
-    pub total: Duration,
-    /// Mean duration.
-    pub mean: Duration,
-    /// Median.
-    pub p50: Duration,
-    /// 95th percentile.
-    pub p95: Duration,
-    /// 99th percentile.
-    pub p99: Duration,
-}
-
-struct Stat {
-    calls: u64,
-    errors: u64,
-    total_ns: u128,
-    hist: hdrhistogram::Histogram<u64>,
-}
-
-/// Per-statement statistics, the client-side view `pg_stat_statements` gives
-/// server-side. Clone it before registering to keep a handle for snapshots.
-///
-/// ```no_run
-/// # async fn demo(config: railyard::Config) -> Result<(), railyard::Error> {
-/// let stats = railyard::StatementStats::new();
-/// let db = railyard::Database::builder(config).hook(stats.clone()).connect().await?;
-/// // … work …
-/// for s in stats.snapshot().iter().take(5) {
-///     println!("{:>8.1} ms total  {:>6} calls  p99 {:?}  {}", s.total.as_secs_f64() * 1e3, s.calls, s.p99, s.sql);
-/// }
-/// # Ok(()) }
-/// ```
-#[derive(Clone, Default)]
-pub struct StatementStats {
-    inner: Arc<Mutex<HashMap<String, Stat>>>,
-}
-
-impl fmt::Debug for StatementStats {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let n = self.inner.lock().map(|m| m.len()).unwrap_or(0);
-        write!(f, "StatementStats({n} statements)")
-    }
-}
-
-impl StatementStats {
-    /// Empty statistics.
-    pub fn new() -> Self {
-        StatementStats::default()
-    }
-
-    /// All statements, sorted by total time, largest first.
-    pub fn snapshot(&self) -> Vec<StatementStat> {
-        let map = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        let mut out: Vec<StatementStat> = map
-            .iter()
-            .map(|(sql, s)| {
-                let q = |p: f64| Duration::from_micros(s.hist.value_at_quantile(p));
-                StatementStat {
-                    sql: sql.clone(),
-                    calls: s.calls,
-                    errors: s.errors,
-                    total: Duration::from_nanos(s.total_ns.min(u64::MAX as u128) as u64),
-                    mean: Duration::from_nanos((s.total_ns / s.calls.max(1) as u128) as u64),
-                    p50: q(0.5),
-                    p95: q(0.95),
-                    p99: q(0.99),
-                }
-            })
-            .collect();
-        out.sort_by_key(|s| std::cmp::Reverse(s.total));
-        out
-    }
-
-    /// Forgets everything.
-    pub fn reset(&self) {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner()).clear();
-    }
-}
-
-impl QueryHook for StatementStats {
-    fn on_query(&self, e: &QueryEvent<'_>) {
-        let mut map = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        let stat = match map.get_mut(e.sql) {
-            Some(s) => s,
-            None => map.entry(e.sql.to_owned()).or_insert_with(|| Stat {
-                calls: 0,
-                errors: 0,
-                total_ns: 0,
-                // 1 µs to 1 h at 3 significant digits.
-                hist: hdrhistogram::Histogram::new_with_bounds(1, 3_600_000_000, 3)
-                    .expect("valid histogram bounds"),
-            }),
-        };
-        stat.calls += 1;
-        if e.outcome == Outcome::Error {
-            stat.errors += 1;
-        }
-        stat.total_ns += e.duration.as_nanos();
-        let _ = stat.hist.record((e.duration.as_micros() as u64).max(1));
-    }
-}
-
 /// OpenTelemetry's recommended bucket bounds for `db.client.operation.duration`, in seconds.
 pub(crate) const DURATION_BUCKETS: [f64; 14] = [
     0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
@@ -518,12 +419,17 @@ pub(crate) struct ConnInstrumentation {
     observer: Arc<Observer>,
     labels: Arc<ConnLabels>,
     wire: Arc<WireState>,
-    pending: VecDeque<Instant>,
+    /// Queries started and not finished, oldest first: when each started, and
+    /// where the connection's traffic stood then (pipelined queries finish in
+    /// the order they started). Reused: it grows to the deepest pipeline once.
+    pending: VecDeque<(Instant, WireMark)>,
     depth: u32,
     /// The statement as diesel displays it, up to the binds (reused buffer).
     raw: String,
     /// The statement with its literals replaced (reused buffer).
     sql: String,
+    /// The SQLSTATE of the query being reported (reused buffer).
+    code: String,
 }
 
 impl ConnInstrumentation {
@@ -536,10 +442,11 @@ impl ConnInstrumentation {
             observer,
             labels,
             wire,
-            pending: VecDeque::with_capacity(4),
+            pending: VecDeque::with_capacity(8),
             depth: 0,
             raw: String::with_capacity(256),
             sql: String::with_capacity(256),
+            code: String::with_capacity(8),
         }
     }
 }
@@ -569,46 +476,11 @@ impl fmt::Write for UntilBinds<'_> {
     }
 }
 
-/// Replaces the contents of single-quoted string literals by `?`, so literal
-/// values (a password in `ALTER ROLE`, an email in a hand-written query) never
-/// reach a log.
-///
-/// `UPDATE users SET name = 'O''Brien' WHERE id = $1` becomes
-/// `UPDATE users SET name = '?' WHERE id = $1`.
 #[cfg(test)]
 fn sanitize_sql(sql: &str) -> String {
     let mut out = String::with_capacity(sql.len());
     sanitize_into(sql, &mut out);
     out
-}
-
-fn sanitize_into(sql: &str, out: &mut String) {
-    if !sql.contains('\'') {
-        out.push_str(sql);
-        return;
-    }
-    let mut in_literal = false;
-    let mut chars = sql.chars().peekable();
-    while let Some(c) = chars.next() {
-        if in_literal {
-            if c == '\'' {
-                if chars.peek() == Some(&'\'') {
-                    chars.next();
-                } else {
-                    in_literal = false;
-                    out.push_str("?'");
-                }
-            }
-        } else {
-            out.push(c);
-            if c == '\'' {
-                in_literal = true;
-            }
-        }
-    }
-    if in_literal {
-        out.push_str("?'");
-    }
 }
 
 /// The operation keyword and the first table a statement names.
@@ -686,12 +558,52 @@ pub(crate) fn operation_and_table(sql: &str) -> (&'static str, Option<&str>) {
     )
 }
 
+/// The SQLSTATE of a query that failed with `error` and began at `mark`, into
+/// `out` (whether there is one).
+///
+/// The tap keeps only the latest `ErrorResponse`. It is this query's when it
+/// arrived after the query began *and* is the one the driver reports (same
+/// message): in a pipeline, the tap may already have read the errors of later
+/// queries, and a query can fail in the client after an earlier one failed on
+/// the server. Otherwise the driver's own kind names the SQLSTATE for the few
+/// kinds it keeps; for the rest there is none rather than another query's.
+fn sqlstate_of(wire: &WireState, mark: WireMark, error: &DieselError, out: &mut String) -> bool {
+    let DieselError::DatabaseError(kind, info) = error else {
+        return false;
+    };
+    let from_tap = wire.with_error_since(mark, |server| {
+        let ours = server.message == info.message();
+        if ours {
+            out.push_str(&server.code);
+        }
+        ours
+    });
+    if from_tap == Some(true) {
+        return true;
+    }
+    let code = match kind {
+        DatabaseErrorKind::UniqueViolation => "23505",
+        DatabaseErrorKind::ForeignKeyViolation => "23503",
+        DatabaseErrorKind::NotNullViolation => "23502",
+        DatabaseErrorKind::CheckViolation => "23514",
+        DatabaseErrorKind::RestrictViolation => "23001",
+        DatabaseErrorKind::ExclusionViolation => "23P01",
+        DatabaseErrorKind::SerializationFailure => "40001",
+        DatabaseErrorKind::ReadOnlyTransaction => "25006",
+        _ => return false,
+    };
+    out.push_str(code);
+    true
+}
+
 impl Instrumentation for ConnInstrumentation {
     fn on_connection_event(&mut self, event: InstrumentationEvent<'_>) {
         match event {
-            InstrumentationEvent::StartQuery { .. } => self.pending.push_back(Instant::now()),
+            InstrumentationEvent::StartQuery { .. } => {
+                self.pending.push_back((Instant::now(), self.wire.mark()))
+            }
             InstrumentationEvent::FinishQuery { query, error, .. } => {
-                let Some(start) = self.pending.pop_front() else {
+                let Some((start, mark)) = self.pending.pop_front() else {
                     return;
                 };
                 let duration = start.elapsed();
@@ -710,16 +622,15 @@ impl Instrumentation for ConnInstrumentation {
                 } else {
                     ("", None)
                 };
-                let (class, code) = match error {
-                    None => (None, None),
-                    Some(_) => {
-                        let server = self.wire.last_error();
-                        let code = server.as_ref().map(|s| s.code.clone());
-                        let class = classify(
-                            server.as_ref().map(|s| s.sqlstate()).as_ref(),
-                            self.wire.is_closed(),
-                        );
-                        (Some(class), code)
+                self.code.clear();
+                let (class, coded) = match error {
+                    None => (None, false),
+                    Some(error) => {
+                        let coded = sqlstate_of(&self.wire, mark, error, &mut self.code);
+                        // A known code is a constant: no allocation.
+                        let state = coded.then(|| SqlState::from_code(&self.code));
+                        let class = classify(state.as_ref(), self.wire.is_closed());
+                        (Some(class), coded)
                     }
                 };
                 let event = QueryEvent {
@@ -739,7 +650,7 @@ impl Instrumentation for ConnInstrumentation {
                         Outcome::Ok
                     },
                     class,
-                    sqlstate: code.as_deref(),
+                    sqlstate: coded.then_some(self.code.as_str()),
                 };
                 self.observer.metrics.record(&event);
                 for hook in &self.observer.hooks {
@@ -826,6 +737,158 @@ mod tests {
         let mut out = String::new();
         let _ = write!(UntilBinds(&mut out, false), "{}", Q);
         assert_eq!(out, "SELECT $1");
+    }
+
+    /// An `ErrorResponse` as the server sends it.
+    fn error_response(code: &str, message: &str) -> Vec<u8> {
+        let mut body = Vec::new();
+        for (field, value) in [
+            (b'S', "ERROR"),
+            (b'V', "ERROR"),
+            (b'C', code),
+            (b'M', message),
+        ] {
+            body.push(field);
+            body.extend_from_slice(value.as_bytes());
+            body.push(0);
+        }
+        body.push(0);
+        let mut m = vec![b'E'];
+        m.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
+        m.extend_from_slice(&body);
+        m
+    }
+
+    fn db_error(kind: DatabaseErrorKind, message: &str) -> DieselError {
+        DieselError::DatabaseError(kind, Box::new(message.to_owned()))
+    }
+
+    type Seen = Arc<std::sync::Mutex<Vec<(String, Option<String>)>>>;
+
+    fn instrumented() -> (ConnInstrumentation, Arc<WireState>, Seen) {
+        let seen: Seen = Arc::default();
+        let hook = {
+            let seen = seen.clone();
+            move |e: &QueryEvent<'_>| {
+                seen.lock()
+                    .unwrap()
+                    .push((e.sql.to_owned(), e.sqlstate.map(str::to_owned)))
+            }
+        };
+        let observer = Arc::new(Observer {
+            hooks: vec![Arc::new(hook), Arc::new(StatementStats::new())],
+            metrics: Metrics::default(),
+        });
+        let labels = Arc::new(ConnLabels {
+            host: "h".into(),
+            port: 5432,
+            database: "d".into(),
+            route: Route::Primary,
+            attempt: Default::default(),
+        });
+        let wire = Arc::new(WireState::default());
+        (
+            ConnInstrumentation::new(observer, labels, wire.clone()),
+            wire,
+            seen,
+        )
+    }
+
+    fn start(i: &mut ConnInstrumentation, sql: &str) {
+        let q = diesel::connection::StrQueryHelper::new(sql);
+        i.on_connection_event(InstrumentationEvent::start_query(&q));
+    }
+
+    fn finish(i: &mut ConnInstrumentation, sql: &str, error: Option<&DieselError>) {
+        let q = diesel::connection::StrQueryHelper::new(sql);
+        i.on_connection_event(InstrumentationEvent::finish_query(&q, error));
+    }
+
+    #[test]
+    fn each_event_carries_its_own_sqlstate_or_none() {
+        let (mut inst, wire, seen) = instrumented();
+        let mut tap = crate::conn::wire::Framer::default();
+        let div = db_error(DatabaseErrorKind::Unknown, "division by zero");
+        let syntax = db_error(DatabaseErrorKind::Unknown, "invalid input syntax");
+        let dup = db_error(DatabaseErrorKind::UniqueViolation, "duplicate key value");
+        let client = DieselError::SerializationError("overflow".into());
+
+        // A server error during the query: the tap's.
+        start(&mut inst, "SELECT 1/0");
+        tap.on_read(&error_response("22012", "division by zero"), &wire);
+        finish(&mut inst, "SELECT 1/0", Some(&div));
+        // A failure in the client after it: not the earlier query's code.
+        start(&mut inst, "SELECT $1::interval");
+        finish(&mut inst, "SELECT $1::interval", Some(&client));
+        // A pipeline whose errors all reached the tap before the first event:
+        // the first has none rather than the second's; the second its own; the
+        // driver names a unique violation itself.
+        for sql in ["SELECT 2/0", "SELECT 'x'::int", "SELECT 1", "INSERT INTO u"] {
+            start(&mut inst, sql);
+        }
+        tap.on_read(&error_response("22012", "division by zero"), &wire);
+        tap.on_read(&error_response("22P02", "invalid input syntax"), &wire);
+        tap.on_read(&error_response("23505", "duplicate key value"), &wire);
+        finish(&mut inst, "SELECT 2/0", Some(&div));
+        finish(&mut inst, "SELECT 'x'::int", Some(&syntax));
+        finish(&mut inst, "SELECT 1", None);
+        finish(&mut inst, "INSERT INTO u", Some(&dup));
+        // An error from before the query began, with the same message: not this one's.
+        start(&mut inst, "SELECT 3/0");
+        finish(&mut inst, "SELECT 3/0", Some(&syntax));
+
+        let code = |c: &str| Some(c.to_owned());
+        assert_eq!(
+            *seen.lock().unwrap(),
+            [
+                ("SELECT 1/0".to_owned(), code("22012")),
+                ("SELECT $1::interval".to_owned(), None),
+                ("SELECT 2/0".to_owned(), None),
+                ("SELECT '?'::int".to_owned(), None),
+                ("SELECT 1".to_owned(), None),
+                ("INSERT INTO u".to_owned(), code("23505")),
+                ("SELECT 3/0".to_owned(), None),
+            ]
+        );
+    }
+
+    #[test]
+    fn the_per_query_path_reuses_its_buffers() {
+        let (mut inst, wire, seen) = instrumented();
+        // Only the first hook's copies allocate; drop it.
+        Arc::get_mut(&mut inst.observer).unwrap().hooks.remove(0);
+        drop(seen);
+        let mut tap = crate::conn::wire::Framer::default();
+        let err = db_error(DatabaseErrorKind::Unknown, "division by zero");
+        let response = error_response("22012", "division by zero");
+        let sql = "SELECT balance_cents FROM accounts WHERE id = $1 AND note = 'x'";
+        let mut round = |inst: &mut ConnInstrumentation| {
+            for _ in 0..6 {
+                start(inst, sql);
+            }
+            for _ in 0..6 {
+                tap.on_read(&response, &wire);
+                finish(inst, sql, Some(&err));
+            }
+        };
+        round(&mut inst);
+        let buffers = |i: &ConnInstrumentation| {
+            (
+                i.raw.as_ptr(),
+                i.raw.capacity(),
+                i.sql.as_ptr(),
+                i.sql.capacity(),
+                i.code.as_ptr(),
+                i.code.capacity(),
+                i.pending.capacity(),
+            )
+        };
+        let warm = buffers(&inst);
+        for _ in 0..100 {
+            round(&mut inst);
+        }
+        assert_eq!(buffers(&inst), warm);
+        assert_eq!(inst.code, "22012");
     }
 
     #[test]

@@ -395,3 +395,253 @@ async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
         .unwrap_or_default();
     (code, body)
 }
+
+/// The events of one statement (by a marker in its text).
+fn events_of(seen: &Arc<Mutex<Vec<Seen>>>, marker: &str) -> Vec<Seen> {
+    seen.lock()
+        .unwrap()
+        .iter()
+        .filter(|e| e.sql.contains(marker))
+        .cloned()
+        .collect()
+}
+
+#[tokio::test]
+async fn a_failure_the_server_did_not_report_carries_no_earlier_sqlstate() {
+    let (seen, hook) = recorder();
+    let db = ledger_with(|b| b.hook(hook)).await;
+    let email = format!("{}@example.test", support::unique("obs_stale"));
+    let mut conn = db.primary().await.unwrap();
+    let insert = || {
+        diesel::sql_query(
+            "INSERT INTO users (email, name) VALUES ($1, 'o') RETURNING id AS stale_dup",
+        )
+        .bind::<Text, _>(email.clone())
+    };
+    insert().execute(&mut conn).await.unwrap();
+    insert().execute(&mut conn).await.unwrap_err();
+    // Fails in the client (the bind value does not serialise): nothing reaches
+    // the server, so no SQLSTATE is this query's.
+    diesel::sql_query("SELECT $1::interval AS client_side")
+        .bind::<diesel::sql_types::Interval, _>(chrono::TimeDelta::MAX)
+        .execute(&mut conn)
+        .await
+        .unwrap_err();
+    diesel::sql_query("SELECT 1 AS after_both")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let dup = events_of(&seen, "stale_dup");
+    assert_eq!(dup.len(), 2);
+    assert_eq!(dup[1].sqlstate.as_deref(), Some("23505"));
+    let client = events_of(&seen, "client_side");
+    assert_eq!(client.len(), 1);
+    assert_eq!(
+        (
+            client[0].outcome,
+            client[0].sqlstate.as_deref(),
+            client[0].class
+        ),
+        (Outcome::Error, None, Some(ErrorClass::Permanent)),
+        "the unique violation of the query before is not this one's"
+    );
+    let after = events_of(&seen, "after_both");
+    assert_eq!(
+        (after[0].outcome, after[0].sqlstate.as_deref()),
+        (Outcome::Ok, None)
+    );
+}
+
+mod pipe {
+    diesel::table! {
+        users (id) {
+            id -> BigInt,
+            email -> Text,
+            name -> Text,
+        }
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn pipelined_failures_carry_only_their_own_sqlstate() {
+    use diesel::dsl::{now, select};
+    use diesel::sql_types::Integer;
+    use diesel::{ExpressionMethods, IntoSql};
+
+    let (seen, record) = recorder();
+    // The hook holds the (only) runtime thread after the pipeline's first
+    // query: meanwhile the server answers the rest, and the connection's task
+    // then reads every answer (three errors among them) before the next event.
+    let hook = move |e: &QueryEvent<'_>| {
+        record(e);
+        if e.sql.contains("CURRENT_TIMESTAMP") {
+            std::thread::sleep(Duration::from_millis(30));
+        }
+    };
+    let db = ledger_with(|b| b.hook(hook)).await;
+    let email = format!("{}@example.test", support::unique("obs_pipe"));
+    let conn = db.primary().await.unwrap();
+    let pg: &diesel_async::AsyncPgConnection = &conn;
+    let dup = || {
+        diesel::insert_into(pipe::users::table).values((
+            pipe::users::email.eq(email.clone()),
+            pipe::users::name.eq("p"),
+        ))
+    };
+    dup().execute(&mut &*pg).await.unwrap();
+    let int = |n: i32| n.into_sql::<Integer>();
+    const ROUNDS: usize = 10;
+    // Round 0 prepares each statement, one at a time; later rounds find them
+    // in the statement cache and send all six at once.
+    for _ in 0..=ROUNDS {
+        seen.lock().unwrap().clear();
+        // One pipeline: each query has its own Sync, so a failure does not
+        // abort the ones after it.
+        let (pause, div, ok_a, dup, ok_b, overflow) = futures_util::join!(
+            select(now).execute(&mut &*pg),
+            select(int(1) / int(0)).execute(&mut &*pg),
+            select(int(1)).execute(&mut &*pg),
+            dup().execute(&mut &*pg),
+            select(int(1) * int(2)).execute(&mut &*pg),
+            select(int(i32::MAX) + int(1)).execute(&mut &*pg),
+        );
+        assert!(div.is_err() && dup.is_err() && overflow.is_err());
+        assert!(pause.is_ok() && ok_a.is_ok() && ok_b.is_ok());
+        let events = seen.lock().unwrap().clone();
+        assert_eq!(events.len(), 6);
+        let got: Vec<_> = events
+            .iter()
+            .map(|e| (e.outcome, e.sqlstate.as_deref()))
+            .collect();
+        use Outcome::{Error, Ok};
+        // Never another statement's SQLSTATE. The unique violation is named
+        // by the driver too and the overflow is the last error the tap saw:
+        // both always exact. The division by zero is exact unless the tap had
+        // moved on to a later error before its event (then it has none).
+        assert!(
+            matches!(
+                got.as_slice(),
+                [
+                    (Ok, None),
+                    (Error, None | Some("22012")),
+                    (Ok, None),
+                    (Error, Some("23505")),
+                    (Ok, None),
+                    (Error, Some("22003")),
+                ]
+            ),
+            "{got:?} for {:#?}",
+            events.iter().map(|e| &e.sql).collect::<Vec<_>>()
+        );
+    }
+}
+
+/// Counts each thread's allocations, for the tests that check a path allocates
+/// nothing; otherwise the system allocator, unchanged.
+mod counting {
+    use std::alloc::{GlobalAlloc, Layout, System};
+    use std::cell::Cell;
+
+    pub struct Counting;
+
+    thread_local! {
+        // Const-initialised and without a destructor: usable inside the allocator.
+        static COUNT: Cell<u64> = const { Cell::new(0) };
+    }
+
+    fn note() {
+        let _ = COUNT.try_with(|c| c.set(c.get() + 1));
+    }
+
+    // SAFETY: every call is passed unchanged to the system allocator.
+    unsafe impl GlobalAlloc for Counting {
+        unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+            note();
+            unsafe { System.alloc(layout) }
+        }
+        unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+            note();
+            unsafe { System.alloc_zeroed(layout) }
+        }
+        unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+            note();
+            unsafe { System.realloc(ptr, layout, new_size) }
+        }
+        unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+            unsafe { System.dealloc(ptr, layout) }
+        }
+    }
+
+    #[global_allocator]
+    static ALLOCATOR: Counting = Counting;
+
+    /// Allocations this thread has made.
+    pub fn allocations() -> u64 {
+        COUNT.with(Cell::get)
+    }
+}
+
+#[test]
+fn statement_statistics_allocate_nothing_for_known_or_overflowing_statements() {
+    use railyard::QueryHook;
+    let route = Route::Primary;
+    let known = [
+        "SELECT * FROM accounts WHERE id = 42",
+        "SELECT * FROM users WHERE email = E'a\\'b' AND id IN (1, 2, 3)",
+        "UPDATE accounts SET balance_cents = balance_cents - $1 WHERE id = $2",
+    ];
+    let stats = StatementStats::with_capacity(known.len());
+    let beyond: Vec<String> = (0..100)
+        .map(|i| format!("SELECT * FROM table_{i} WHERE id = $$x$$"))
+        .collect();
+    let mut events: Vec<QueryEvent<'_>> = known
+        .iter()
+        .copied()
+        .chain(beyond.iter().map(String::as_str))
+        .map(|sql| QueryEvent::new(sql, &route, Duration::from_micros(120)))
+        .collect();
+    events[1].outcome = Outcome::Error;
+    for e in &events {
+        stats.on_query(e);
+    }
+    let before = counting::allocations();
+    for round in 0..100u64 {
+        for e in &mut events {
+            e.duration = Duration::from_micros(100 + round);
+            stats.on_query(e);
+        }
+    }
+    assert_eq!(counting::allocations() - before, 0);
+    let snap = stats.snapshot();
+    assert_eq!(snap.len(), known.len() + 1);
+    assert_eq!(snap.iter().map(|s| s.calls).sum::<u64>(), 101 * 103);
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn hooks_add_no_allocation_to_a_failing_query() {
+    let stats = StatementStats::new();
+    let plain = ledger_with(|b| b).await;
+    let hooked = ledger_with(|b| b.hook(stats.clone()).hook(|_: &QueryEvent<'_>| {})).await;
+    let email = format!("{}@example.test", support::unique("obs_alloc"));
+    let per_query = async |db: &Database| {
+        let mut conn = db.primary().await.unwrap();
+        let mut run = async |n: u64| {
+            let before = counting::allocations();
+            for _ in 0..n {
+                diesel::sql_query("INSERT INTO users (email, name) VALUES ($1, 'a')")
+                    .bind::<Text, _>(&email)
+                    .execute(&mut conn)
+                    .await
+                    .ok();
+            }
+            counting::allocations() - before
+        };
+        run(20).await;
+        run(200).await as f64 / 200.0
+    };
+    let plain = per_query(&plain).await;
+    let hooked = per_query(&hooked).await;
+    eprintln!("allocations per failing query: {plain} without hooks, {hooked} with them");
+    assert!(hooked <= plain + 0.1, "{hooked} > {plain}");
+    assert!(stats.snapshot()[0].errors >= 200);
+}
