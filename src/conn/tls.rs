@@ -281,3 +281,26 @@ where
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sslmode_disable_reads_no_root_certificate() {
+        let none = tls_client_config(SslMode::Disable, Some(Path::new("/nonexistent/ca.pem")));
+        assert!(none.unwrap().is_none());
+    }
+
+    #[test]
+    fn a_root_certificate_that_is_not_a_small_regular_file_is_refused_unread() {
+        for (path, says) in [
+            ("/dev/zero", "character device"),
+            ("/", "a directory"),
+            ("/nonexistent/ca.pem", "/nonexistent/ca.pem"),
+        ] {
+            let err = tls_client_config(SslMode::VerifyFull, Some(Path::new(path))).unwrap_err();
+            assert!(err.to_string().contains(says), "{err}");
+        }
+    }
+}
