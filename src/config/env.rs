@@ -143,11 +143,11 @@ fn apply(config: &mut Config, setting: Setting, key: &str, value: &str) -> Resul
             config.credentials = Credentials::File(value.into());
         }
         Setting::PasswordEnv => {
-            if value.contains(['=', '\0']) {
+            if !env_var_name(value) {
                 return Err(ConfigError::new(
                     key,
                     value,
-                    "not an environment variable name (it holds `=` or a NUL byte)",
+                    "not an environment variable name (ASCII letters, digits and `_`, not starting with a digit)",
                 ));
             }
             config.credentials = Credentials::Env(value.to_owned());
@@ -158,6 +158,15 @@ fn apply(config: &mut Config, setting: Setting, key: &str, value: &str) -> Resul
         }
     }
     Ok(())
+}
+
+/// Whether `s` is a portable environment variable name.
+pub(crate) fn env_var_name(s: &str) -> bool {
+    s.len() <= 255
+        && s.bytes()
+            .next()
+            .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
+        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
 }
 
 /// A pool size: a whole number, at most [`MAX_POOL_SIZE`] (the lower bound is
@@ -413,6 +422,10 @@ mod tests {
             ("RAILYARD_TIME_ZONE", "UTC\n"),
             ("RAILYARD_TIME_ZONE", &"A".repeat(300)),
             ("RAILYARD_PASSWORD_ENV", "A=B"),
+            ("RAILYARD_PASSWORD_ENV", "1PW"),
+            ("RAILYARD_TIME_ZONE", "postgres://u:pw@h/db"),
+            ("RAILYARD_SSLROOTCERT", "postgres://u:pw@h/db"),
+            ("RAILYARD_PASSWORD_FILE", "u:pw@h"),
             ("RAILYARD_SSLROOTCERT", "/tmp/a\0b"),
             ("RAILYARD_SSLMODE", "sometimes"),
         ] {

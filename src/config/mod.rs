@@ -38,6 +38,8 @@ use std::time::Duration;
 use crate::error::ConfigError;
 
 mod env;
+#[cfg(test)]
+mod leaks;
 mod secret;
 mod url;
 
@@ -568,7 +570,7 @@ impl Config {
         }
         match &self.credentials {
             Credentials::File(p) => check_path(self.field(S::PasswordFile), &p.to_string_lossy())?,
-            Credentials::Env(v) if v.is_empty() || v.contains(['=', '\0']) => {
+            Credentials::Env(v) if !env::env_var_name(v) => {
                 return Err(ConfigError::new(
                     self.field(S::PasswordEnv),
                     v.as_str(),

@@ -406,10 +406,18 @@ fn check_options(value: &str) -> Result<(), ConfigError> {
     Ok(())
 }
 
-/// Checks a file path (`sslrootcert`, the password file).
+/// Checks a file path (`sslrootcert`, the password file): not empty, no NUL
+/// byte, at most [`MAX_PATH_LEN`] bytes, and not in the shape of a URL or of
+/// credentials (`://`, or `@` with `:`).
 pub(crate) fn check_path(field: &str, value: &str) -> Result<(), ConfigError> {
     if value.is_empty() {
         return Err(ConfigError::hidden(field, "empty; unset it or give a path"));
+    }
+    if value.contains("://") || (value.contains('@') && value.contains(':')) {
+        return Err(ConfigError::hidden(
+            field,
+            "looks like a URL or credentials (it holds `://`, or `@` with `:`), so it is not shown; expected a file path",
+        ));
     }
     if value.contains('\0') {
         return Err(ConfigError::new(
@@ -432,9 +440,16 @@ pub(crate) fn check_path(field: &str, value: &str) -> Result<(), ConfigError> {
 }
 
 /// Checks a session time zone before it reaches the server: not empty, at most
-/// [`MAX_TIME_ZONE_LEN`] bytes, no quote, backslash or control character.
+/// [`MAX_TIME_ZONE_LEN`] bytes, no quote, backslash, control character, `@`
+/// or `://`.
 /// Whether the server knows the zone is found out at the first connection.
 pub(crate) fn check_time_zone(field: &str, value: &str) -> Result<(), ConfigError> {
+    if value.contains('@') || value.contains("://") {
+        return Err(ConfigError::hidden(
+            field,
+            "looks like a URL or credentials (it holds `@` or `://`), so it is not shown; expected a time zone such as UTC, Europe/Paris or +02:00",
+        ));
+    }
     if value.trim().is_empty() {
         return Err(ConfigError::new(
             field,
