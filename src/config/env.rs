@@ -78,6 +78,8 @@ impl Config {
             }
         }
         config.env_urls = Some(config.replicas.len());
+        // Errors about a default name the variable that would change it.
+        config.from_env = Setting::ALL.into_iter().collect();
         for setting in Setting::ALL {
             let key = setting.env();
             let Some(value) = vars.get(key) else {
@@ -94,7 +96,6 @@ impl Config {
                 ));
             }
             apply(&mut config, setting, key, value)?;
-            config.from_env.insert(setting);
         }
         if vars.contains_key(Setting::PasswordFile.env())
             && vars.contains_key(Setting::PasswordEnv.env())
@@ -120,7 +121,31 @@ fn apply(config: &mut Config, setting: Setting, key: &str, value: &str) -> Resul
         Setting::CheckoutTimeout => config.pool.checkout_timeout = parse_duration(key, value)?,
         Setting::IdleTimeout => config.pool.idle_timeout = optional_duration(key, value)?,
         Setting::MaxLifetime => config.pool.max_lifetime = optional_duration(key, value)?,
-        Setting::StatementTimeout => config.statement_timeout = optional_duration(key, value)?,
+        Setting::StatementTimeout => {
+            let d = optional_duration(key, value)?;
+            if let Some(d) = d {
+                // The server takes whole milliseconds up to i32::MAX; said here
+                // with the value as typed (the validator says it for setters).
+                if d < Duration::from_millis(1) {
+                    return Err(ConfigError::new(
+                        key,
+                        value,
+                        "less than 1ms (which the server would read as no limit); use 0 or off to disable it",
+                    ));
+                }
+                if d.as_millis() > super::MAX_STATEMENT_TIMEOUT_MS {
+                    return Err(ConfigError::new(
+                        key,
+                        value,
+                        format!(
+                            "too large, at most {}ms (about 24.8 days, the server's limit)",
+                            super::MAX_STATEMENT_TIMEOUT_MS
+                        ),
+                    ));
+                }
+            }
+            config.statement_timeout = d;
+        }
         Setting::MigrationLockTimeout => {
             config.migration_lock_timeout = parse_duration(key, value)?
         }

@@ -64,7 +64,7 @@ pub const MAX_DURATION: Duration = Duration::from_secs(10 * 365 * 86_400);
 pub const MAX_ROOT_CERT_LEN: u64 = 1 << 20;
 
 /// The longest `statement_timeout`, in milliseconds: the server's limit.
-const MAX_STATEMENT_TIMEOUT_MS: u128 = i32::MAX as u128;
+pub(crate) const MAX_STATEMENT_TIMEOUT_MS: u128 = i32::MAX as u128;
 
 /// TLS mode, with libpq's meanings.
 ///
@@ -337,8 +337,9 @@ pub struct Config {
     pub(crate) time_zone: String,
     pub(crate) breaker_threshold: u32,
     pub(crate) breaker_cooldown: Duration,
-    /// The settings whose value came from the environment (a setter called
-    /// later takes its setting out), so that errors name the variable.
+    /// The settings named by their environment variable in errors: all of them
+    /// for a configuration read from the environment (a default is changed
+    /// there too), less those a setter changed later.
     pub(crate) from_env: BTreeSet<Setting>,
     /// Whether the primary came from `DATABASE_URL`, and how many of the first
     /// replicas from `DATABASE_REPLICA_URLS`.
