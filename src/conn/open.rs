@@ -21,7 +21,9 @@ use crate::error::{ConnectError, ConnectStage, Error, ErrorClass};
 pub(crate) struct Opener {
     target: ConnectTarget,
     config: Arc<Config>,
-    tls: Option<Arc<rustls::ClientConfig>>,
+    /// The TLS client configuration: settled at construction when no CA file is
+    /// read, else built on the blocking pool at the first connection.
+    tls: Arc<tokio::sync::OnceCell<Option<Arc<rustls::ClientConfig>>>>,
     ssl_mode: SslMode,
     attrs: TargetSessionAttrs,
     pub(crate) breaker: Arc<Breaker>,
@@ -44,8 +46,16 @@ impl Opener {
         default_attrs: TargetSessionAttrs,
     ) -> Result<Self, Error> {
         let ssl_mode = config.effective_ssl_mode(&target);
-        let root = config.effective_root_cert(&target).cloned();
-        let tls = super::tls::tls_client_config(ssl_mode, root.as_deref())?;
+        let tcp = target.hosts.iter().any(|(h, _)| matches!(h, Host::Tcp(_)));
+        // No CA file is read when TLS is off (sslmode=disable, or only Unix sockets).
+        let tls = if ssl_mode == SslMode::Disable || !tcp {
+            tokio::sync::OnceCell::new_with(Some(None))
+        } else if config.effective_root_cert(&target).is_none() {
+            tokio::sync::OnceCell::new_with(Some(super::tls::tls_client_config(ssl_mode, None)?))
+        } else {
+            tokio::sync::OnceCell::new()
+        };
+        let tls = Arc::new(tls);
         let attrs = target.target_session_attrs().unwrap_or(default_attrs);
         let breaker = Arc::new(Breaker::new(
             config.breaker_threshold,
@@ -85,6 +95,23 @@ impl Opener {
         result
     }
 
+    /// The TLS client configuration, reading the CA file (on the blocking pool,
+    /// not on the caller's task) the first time it is needed.
+    async fn tls(&self) -> Result<Option<Arc<rustls::ClientConfig>>, Error> {
+        self.tls
+            .get_or_try_init(|| async {
+                let mode = self.ssl_mode;
+                let root = self.config.effective_root_cert(&self.target).cloned();
+                tokio::task::spawn_blocking(move || {
+                    super::tls::tls_client_config(mode, root.as_deref())
+                })
+                .await
+                .map_err(|e| Error::tls("loading sslrootcert failed", e))?
+            })
+            .await
+            .cloned()
+    }
+
     /// The `target_session_attrs` this opener checks.
     pub(crate) fn attrs(&self) -> TargetSessionAttrs {
         self.attrs
@@ -104,21 +131,28 @@ impl Opener {
             .config
             .credentials
             .password(self.target.password.as_ref())
-            .map_err(|message| {
+            .await
+            .map_err(|e| {
                 let (host, port) = &self.target.hosts[0];
                 ConnectError {
                     host: host.to_string(),
                     port: *port,
                     stage: ConnectStage::Credentials,
                     sqlstate: None,
-                    message,
-                    source: None,
+                    message: e.message,
+                    source: e.source,
                 }
             })?;
+        let tls = self.tls().await?;
         let mut last = None;
         for (host, port) in &self.target.hosts {
             let timeout = self.config.effective_connect_timeout(&self.target);
-            let attempt = self.open_host(host, *port, password.as_ref().map(|p| p.expose()));
+            let attempt = self.open_host(
+                host,
+                *port,
+                password.as_ref().map(|p| p.expose()),
+                tls.as_ref(),
+            );
             let result = match tokio::time::timeout(timeout, attempt).await {
                 Ok(r) => r,
                 Err(_) => Err(ConnectError {
@@ -148,6 +182,7 @@ impl Opener {
         host: &Host,
         port: u16,
         password: Option<&str>,
+        tls: Option<&Arc<rustls::ClientConfig>>,
     ) -> Result<Conn, ConnectError> {
         let fail = |stage, sqlstate: Option<SqlState>, message: String| ConnectError {
             host: host.to_string(),
@@ -213,12 +248,8 @@ impl Opener {
             Host::Tcp(h) => h.clone(),
             Host::Unix(_) => "localhost".to_owned(),
         };
-        let connector = Connector::new(
-            if unix { None } else { self.tls.as_ref() },
-            &server_name,
-            wire.clone(),
-        )
-        .map_err(|e| fail(ConnectStage::Tls, None, e.to_string()))?;
+        let connector = Connector::new(if unix { None } else { tls }, &server_name, wire.clone())
+            .map_err(|e| fail(ConnectStage::Tls, None, e.to_string()))?;
 
         let (client, connection) = match pg.connect_raw(tapped, connector).await {
             Ok(pair) => pair,
@@ -238,7 +269,7 @@ impl Opener {
         let rows = client
             .simple_query(&probe)
             .await
-            .map_err(|e| fail(ConnectStage::Setup, e.code().cloned(), e.to_string()))?;
+            .map_err(|e| self.setup_error(host, port, e))?;
         let row = rows
             .iter()
             .find_map(|m| match m {
@@ -291,7 +322,7 @@ impl Opener {
             token: client.cancel_token(),
             host: host.clone(),
             port,
-            tls: if unix { None } else { self.tls.clone() },
+            tls: if unix { None } else { tls.cloned() },
         };
         let mut pg_conn = AsyncPgConnection::try_from(client)
             .await
@@ -302,7 +333,14 @@ impl Opener {
             pg_conn
                 .batch_execute(&format!("SET TIME ZONE '{tz}'"))
                 .await
-                .map_err(|e| fail(ConnectStage::Setup, None, e.to_string()))?;
+                .map_err(|e| ConnectError {
+                    source: Some(Box::new(e)),
+                    ..fail(
+                        ConnectStage::Setup,
+                        None,
+                        "setting the time zone failed".into(),
+                    )
+                })?;
         }
         let labels = self.instrument.as_ref().map(|(instrument, route)| {
             let labels = Arc::new(ConnLabels {
@@ -340,6 +378,31 @@ impl Opener {
             last_returned: now,
             generation: 0,
         })
+    }
+
+    /// A failed session setup (the time zone, then the role probe). A value the
+    /// server refuses there (22023) can only be the configured time zone.
+    fn setup_error(&self, host: &Host, port: u16, e: tokio_postgres::Error) -> ConnectError {
+        let sqlstate = e.code().cloned();
+        let message = if sqlstate.as_ref() == Some(&SqlState::INVALID_PARAMETER_VALUE) {
+            format!(
+                "{} {:?} is not a time zone the server knows",
+                self.config.time_zone_field(),
+                self.config.time_zone
+            )
+        } else if let Some(db) = e.as_db_error() {
+            format!("{}: {}", db.severity(), db.message())
+        } else {
+            e.to_string()
+        };
+        ConnectError {
+            host: host.to_string(),
+            port,
+            stage: ConnectStage::Setup,
+            sqlstate,
+            message,
+            source: Some(Box::new(e)),
+        }
     }
 
     fn classify_connect_error(

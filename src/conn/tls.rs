@@ -22,7 +22,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_postgres::tls::{MakeTlsConnect, TlsConnect};
 
 use super::wire::{Tapped, WireState};
-use crate::config::SslMode;
+use crate::config::{MAX_ROOT_CERT_LEN, SslMode, read_small_file};
 use crate::error::Error;
 
 fn provider() -> Arc<CryptoProvider> {
@@ -31,13 +31,16 @@ fn provider() -> Arc<CryptoProvider> {
 
 /// Builds the rustls client configuration for a mode and an optional CA file.
 ///
-/// Returns `None` for [`SslMode::Disable`]. Errors name the file and what is wrong
-/// with it.
-///
+/// Returns `None` for [`SslMode::Disable`], without reading the CA file. Errors
+/// name the file and what is wrong with it. Reading the file blocks: on an
+/// async path, call this on the blocking pool.
 pub(crate) fn tls_client_config(
     mode: SslMode,
     root_cert: Option<&Path>,
 ) -> Result<Option<Arc<ClientConfig>>, Error> {
+    if mode == SslMode::Disable {
+        return Ok(None);
+    }
     let provider = provider();
     let builder = ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
@@ -82,14 +85,15 @@ fn webpki_verifier(
 }
 
 fn load_roots(path: &Path) -> Result<RootCertStore, Error> {
-    let bytes = std::fs::read(path).map_err(|e| {
-        Error::tls(
-            format!(
-                "cannot read sslrootcert {}: {e}; point sslrootcert at the CA certificate (PEM) that signed the server's certificate",
-                path.display()
+    // A regular file of bounded size: a FIFO or a device would block or never end.
+    let bytes = read_small_file(path, "sslrootcert", MAX_ROOT_CERT_LEN).map_err(|e| {
+        Error::Tls {
+            message: format!(
+                "{}; point sslrootcert at the CA certificate (PEM) that signed the server's certificate",
+                e.message
             ),
-            e,
-        )
+            source: e.source,
+        }
     })?;
     let mut store = RootCertStore::empty();
     let mut count = 0;
@@ -275,5 +279,28 @@ where
                 }
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sslmode_disable_reads_no_root_certificate() {
+        let none = tls_client_config(SslMode::Disable, Some(Path::new("/nonexistent/ca.pem")));
+        assert!(none.unwrap().is_none());
+    }
+
+    #[test]
+    fn a_root_certificate_that_is_not_a_small_regular_file_is_refused_unread() {
+        for (path, says) in [
+            ("/dev/zero", "character device"),
+            ("/", "a directory"),
+            ("/nonexistent/ca.pem", "/nonexistent/ca.pem"),
+        ] {
+            let err = tls_client_config(SslMode::VerifyFull, Some(Path::new(path))).unwrap_err();
+            assert!(err.to_string().contains(says), "{err}");
+        }
     }
 }

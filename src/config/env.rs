@@ -1,0 +1,603 @@
+//! [`Config`] from `DATABASE_URL`, `DATABASE_REPLICA_URLS` and `RAILYARD_*`
+//! (the table is in the module docs of [`crate::config`]).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::url::{check_name, check_path, check_time_zone};
+use super::{
+    Config, ConnectTarget, Credentials, MAX_DURATION, MAX_POOL_SIZE, Setting, prefix_field,
+};
+use crate::error::ConfigError;
+
+impl Config {
+    /// Reads `DATABASE_URL`, `DATABASE_REPLICA_URLS` and the `RAILYARD_*` variables
+    /// (see the module docs). `DATABASE_URL` is required.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        // A variable that is not UTF-8 is kept (lossily) so that it is refused
+        // by name rather than ignored.
+        Config::from_vars(std::env::vars_os().map(|(k, v)| {
+            (
+                k.to_string_lossy().into_owned(),
+                v.to_string_lossy().into_owned(),
+            )
+        }))
+    }
+
+    /// Like [`Config::from_env`], from the given variables instead of the process
+    /// environment.
+    ///
+    /// ```
+    /// let config = railyard::Config::from_vars([
+    ///     ("DATABASE_URL", "postgres://app@db/ledger"),
+    ///     ("RAILYARD_POOL_MAX_SIZE", "4"),
+    ///     ("RAILYARD_CONNECT_TIMEOUT", "2s"),
+    /// ])?;
+    /// assert_eq!(config.pool().max_size, 4);
+    /// # Ok::<(), railyard::error::ConfigError>(())
+    /// ```
+    pub fn from_vars<K, V>(vars: impl IntoIterator<Item = (K, V)>) -> Result<Self, ConfigError>
+    where
+        K: AsRef<str>,
+        V: AsRef<str>,
+    {
+        let vars: BTreeMap<String, String> = vars
+            .into_iter()
+            .map(|(k, v)| (k.as_ref().to_owned(), v.as_ref().to_owned()))
+            .filter(|(k, _)| {
+                k == "DATABASE_URL" || k == "DATABASE_REPLICA_URLS" || k.starts_with("RAILYARD_")
+            })
+            .collect();
+        let url = vars.get("DATABASE_URL").ok_or_else(|| {
+            ConfigError::new(
+                "DATABASE_URL",
+                "",
+                "not set; set it to postgres://user:password@host:port/dbname",
+            )
+        })?;
+        if url.trim().is_empty() {
+            return Err(ConfigError::hidden(
+                "DATABASE_URL",
+                "empty; set it to postgres://user:password@host:port/dbname",
+            ));
+        }
+        let mut config = Config::from_url(url).map_err(|e| prefix_field("DATABASE_URL", e))?;
+        if let Some(list) = vars.get("DATABASE_REPLICA_URLS") {
+            let urls = split_url_list(list)?;
+            let many = urls.len() > 1;
+            for (i, url) in urls.iter().enumerate() {
+                let t: ConnectTarget = url.parse().map_err(|e: ConfigError| {
+                    let mut e = prefix_field("DATABASE_REPLICA_URLS", e);
+                    if many {
+                        e.reason = format!("{} (URL {} of the list)", e.reason, i + 1);
+                    }
+                    e
+                })?;
+                config.replicas.push(t);
+            }
+        }
+        config.env_urls = Some(config.replicas.len());
+        // Errors about a default name the variable that would change it.
+        config.from_env = Setting::ALL.into_iter().collect();
+        for setting in Setting::ALL {
+            let key = setting.env();
+            let Some(value) = vars.get(key) else {
+                continue;
+            };
+            if value.trim().is_empty() {
+                return Err(ConfigError::hidden(
+                    key,
+                    if setting == Setting::SslRootCert || setting == Setting::PasswordFile {
+                        "empty; unset it or give a path"
+                    } else {
+                        "empty; unset it or give a value"
+                    },
+                ));
+            }
+            apply(&mut config, setting, key, value)?;
+        }
+        if vars.contains_key(Setting::PasswordFile.env())
+            && vars.contains_key(Setting::PasswordEnv.env())
+        {
+            return Err(ConfigError::hidden(
+                "RAILYARD_PASSWORD_FILE",
+                "set together with RAILYARD_PASSWORD_ENV; set only one of them",
+            ));
+        }
+        // Other RAILYARD_* variables (RAILYARD_LOCAL_DIR, test settings) are not ours.
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+/// Sets one setting from its variable's (non-empty) value.
+fn apply(config: &mut Config, setting: Setting, key: &str, value: &str) -> Result<(), ConfigError> {
+    match setting {
+        Setting::PoolMaxSize => config.pool.max_size = parse_count(key, value)?,
+        Setting::PoolMinIdle => config.pool.min_idle = Some(parse_count(key, value)?),
+        Setting::ReplicaPoolMaxSize => config.replica_pool_max_size = parse_count(key, value)?,
+        Setting::ConnectTimeout => config.connect_timeout = parse_duration(key, value)?,
+        Setting::CheckoutTimeout => config.pool.checkout_timeout = parse_duration(key, value)?,
+        Setting::IdleTimeout => config.pool.idle_timeout = optional_duration(key, value)?,
+        Setting::MaxLifetime => config.pool.max_lifetime = optional_duration(key, value)?,
+        Setting::StatementTimeout => {
+            let d = optional_duration(key, value)?;
+            if let Some(d) = d {
+                // The server takes whole milliseconds up to i32::MAX; said here
+                // with the value as typed (the validator says it for setters).
+                if d < Duration::from_millis(1) {
+                    return Err(ConfigError::new(
+                        key,
+                        value,
+                        "less than 1ms (which the server would read as no limit); use 0 or off to disable it",
+                    ));
+                }
+                if d.as_millis() > super::MAX_STATEMENT_TIMEOUT_MS {
+                    return Err(ConfigError::new(
+                        key,
+                        value,
+                        format!(
+                            "too large, at most {}ms (about 24.8 days, the server's limit)",
+                            super::MAX_STATEMENT_TIMEOUT_MS
+                        ),
+                    ));
+                }
+            }
+            config.statement_timeout = d;
+        }
+        Setting::MigrationLockTimeout => {
+            config.migration_lock_timeout = parse_duration(key, value)?
+        }
+        Setting::ApplicationName => {
+            check_name(key, value)?;
+            config.application_name = value.to_owned();
+        }
+        Setting::SslMode => {
+            config.ssl_mode = Some(value.trim().parse().map_err(|mut e: ConfigError| {
+                e.field = key.to_owned();
+                e
+            })?)
+        }
+        Setting::SslRootCert => {
+            check_path(key, value)?;
+            config.ssl_root_cert = Some(PathBuf::from(value));
+        }
+        Setting::PasswordFile => {
+            check_path(key, value)?;
+            config.credentials = Credentials::File(value.into());
+        }
+        Setting::PasswordEnv => {
+            if !env_var_name(value) {
+                return Err(ConfigError::new(
+                    key,
+                    value,
+                    "not an environment variable name (ASCII letters, digits and `_`, not starting with a digit)",
+                ));
+            }
+            config.credentials = Credentials::Env(value.to_owned());
+        }
+        Setting::TimeZone => {
+            check_time_zone(key, value)?;
+            config.time_zone = value.to_owned();
+        }
+    }
+    Ok(())
+}
+
+/// Whether `s` is a portable environment variable name.
+pub(crate) fn env_var_name(s: &str) -> bool {
+    s.len() <= 255
+        && s.bytes()
+            .next()
+            .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
+        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+}
+
+/// A pool size: a whole number, at most [`MAX_POOL_SIZE`] (the lower bound is
+/// the validator's, which knows which sizes may be 0).
+fn parse_count(key: &str, v: &str) -> Result<u32, ConfigError> {
+    let t = v.trim();
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    if t.strip_prefix('-').is_some_and(digits) {
+        return Err(ConfigError::new(key, v, "must not be negative"));
+    }
+    if !digits(t) {
+        return Err(ConfigError::new(key, v, "expected a whole number"));
+    }
+    match t.parse::<u32>() {
+        Ok(n) if n <= MAX_POOL_SIZE => Ok(n),
+        _ => Err(ConfigError::new(
+            key,
+            v,
+            format!("too large, at most {MAX_POOL_SIZE}"),
+        )),
+    }
+}
+
+/// Parses durations such as `250ms`, `5s`, `1.5s`, `2m`, `1h 30m` (humantime's
+/// syntax), at most [`MAX_DURATION`]; a bare number is refused, since its unit
+/// would be a guess.
+pub(crate) fn parse_duration(field: &str, s: &str) -> Result<Duration, ConfigError> {
+    let t = s.trim();
+    let with_unit = "write a number with a unit: ms, s, m or h (for example `5s`)";
+    if t.starts_with('-') {
+        return Err(ConfigError::new(field, s, "must not be negative"));
+    }
+    if !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
+        return Err(ConfigError::new(
+            field,
+            s,
+            format!("a number without a unit; {with_unit}"),
+        ));
+    }
+    let d = humantime::parse_duration(t).map_err(|e| match e {
+        humantime::DurationError::NumberOverflow => {
+            ConfigError::new(field, s, "too large, at most ten years")
+        }
+        e => ConfigError::new(field, s, format!("{e}; {with_unit}")),
+    })?;
+    if d > MAX_DURATION {
+        return Err(ConfigError::new(field, s, "too large, at most ten years"));
+    }
+    Ok(d)
+}
+
+/// A duration where `0`, `off` or `none` (or any zero duration) means "no limit".
+fn optional_duration(field: &str, v: &str) -> Result<Option<Duration>, ConfigError> {
+    match v.trim() {
+        "0" | "off" | "none" => Ok(None),
+        _ => parse_duration(field, v).map(|d| (!d.is_zero()).then_some(d)),
+    }
+}
+
+/// Splits a list of URLs: separated by whitespace, or by commas that start a new
+/// `postgres://` URL (commas inside a multi-host URL are kept). Any other
+/// separator (`;`, `|`, …) is refused: the second URL would otherwise become
+/// part of the first one's database name or parameters.
+fn split_url_list(list: &str) -> Result<Vec<String>, ConfigError> {
+    let mut out = Vec::new();
+    for word in list.split_whitespace() {
+        let mut current = String::new();
+        for piece in word.split(',') {
+            if piece.is_empty() {
+                continue;
+            }
+            let starts_url = piece.starts_with("postgres://") || piece.starts_with("postgresql://");
+            if starts_url && !current.is_empty() {
+                out.push(std::mem::take(&mut current));
+            }
+            if !current.is_empty() {
+                current.push(',');
+            }
+            current.push_str(piece);
+        }
+        if !current.is_empty() {
+            out.push(current);
+        }
+    }
+    for (i, url) in out.iter().enumerate() {
+        if url.match_indices("://").count() > 1 {
+            return Err(ConfigError::hidden(
+                "DATABASE_REPLICA_URLS",
+                format!(
+                    "URL {} of the list holds another `://`: separate URLs with whitespace or commas only",
+                    i + 1
+                ),
+            ));
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::SslMode;
+    use proptest::prelude::*;
+
+    fn env_err(pairs: &[(&str, &str)]) -> ConfigError {
+        let mut vars = vec![("DATABASE_URL", "postgres://u@h/db")];
+        vars.extend_from_slice(pairs);
+        Config::from_vars(vars).unwrap_err()
+    }
+
+    #[test]
+    fn env_errors_name_the_variable() {
+        let err = env_err(&[("RAILYARD_CONNECT_TIMEOUT", "5")]);
+        assert_eq!(err.field, "RAILYARD_CONNECT_TIMEOUT");
+        let err = env_err(&[("RAILYARD_POOL_MAX_SIZE", "many")]);
+        assert_eq!(err.field, "RAILYARD_POOL_MAX_SIZE");
+        let err = Config::from_vars([("RAILYARD_POOL_MAX_SIZE", "3")]).unwrap_err();
+        assert_eq!(err.field, "DATABASE_URL");
+        let err = env_err(&[("DATABASE_REPLICA_URLS", "postgres://u@r1/db, http://r2/db")]);
+        assert_eq!(err.field, "DATABASE_REPLICA_URLS (url)");
+    }
+
+    #[test]
+    fn validation_errors_name_the_variable_not_the_field() {
+        for (key, value) in [
+            ("RAILYARD_POOL_MAX_SIZE", "0"),
+            ("RAILYARD_REPLICA_POOL_MAX_SIZE", "0"),
+            ("RAILYARD_CONNECT_TIMEOUT", "0s"),
+            ("RAILYARD_CHECKOUT_TIMEOUT", "0ms"),
+            ("RAILYARD_STATEMENT_TIMEOUT", "500us"),
+            ("RAILYARD_STATEMENT_TIMEOUT", "30days"),
+            ("RAILYARD_POOL_MIN_IDLE", "11"),
+        ] {
+            let err = env_err(&[(key, value)]);
+            assert_eq!(err.field, key, "{key}={value}: {err}");
+        }
+        let err = env_err(&[
+            ("RAILYARD_POOL_MAX_SIZE", "3"),
+            ("RAILYARD_POOL_MIN_IDLE", "5"),
+        ]);
+        assert_eq!(err.field, "RAILYARD_POOL_MIN_IDLE");
+        assert!(err.reason.contains("RAILYARD_POOL_MAX_SIZE"), "{err}");
+        // A setter called later takes the name over.
+        let config = Config::from_vars([
+            ("DATABASE_URL", "postgres://u@h/db"),
+            ("RAILYARD_POOL_MAX_SIZE", "3"),
+        ])
+        .unwrap()
+        .pool_max_size(0);
+        assert_eq!(
+            config.validate().unwrap_err().field,
+            "Config::pool_max_size"
+        );
+        let err = Config::from_url("postgres://u@h/db")
+            .unwrap()
+            .connect_timeout(Duration::ZERO)
+            .validate()
+            .unwrap_err();
+        assert_eq!(err.field, "Config::connect_timeout");
+    }
+
+    #[test]
+    fn pool_sizes_say_what_is_wrong() {
+        let cases = [
+            ("4294967295", "too large, at most 10000"),
+            ("99999999999", "too large, at most 10000"),
+            ("10001", "too large, at most 10000"),
+            ("-1", "must not be negative"),
+            ("1.5", "expected a whole number"),
+            ("1e3", "expected a whole number"),
+            ("ten", "expected a whole number"),
+        ];
+        for key in [
+            "RAILYARD_POOL_MAX_SIZE",
+            "RAILYARD_REPLICA_POOL_MAX_SIZE",
+            "RAILYARD_POOL_MIN_IDLE",
+        ] {
+            for (value, reason) in cases {
+                let err = env_err(&[(key, value)]);
+                assert_eq!(err.field, key, "{key}={value}: {err}");
+                assert_eq!(err.reason, reason, "{key}={value}: {err}");
+            }
+        }
+        let c = Config::from_vars([
+            ("DATABASE_URL", "postgres://u@h/db"),
+            ("RAILYARD_POOL_MAX_SIZE", " 10000 "),
+            ("RAILYARD_POOL_MIN_IDLE", "0"),
+        ])
+        .unwrap();
+        assert_eq!(c.pool.max_size, 10_000);
+        assert_eq!(c.pool.min_idle, Some(0));
+        assert!(
+            Config::from_url("postgres://u@h/db")
+                .unwrap()
+                .pool_max_size(u32::MAX)
+                .validate()
+                .unwrap_err()
+                .reason
+                .contains("at most 10000")
+        );
+    }
+
+    #[test]
+    fn durations_say_what_is_wrong() {
+        let key = "RAILYARD_CHECKOUT_TIMEOUT";
+        for (value, reason) in [
+            ("-5s", "must not be negative"),
+            ("5", "a number without a unit"),
+            ("1.5", "a number without a unit"),
+            ("5 parsecs", "unknown time unit"),
+            ("99999999999999999999999h", "too large"),
+            ("11years", "too large"),
+        ] {
+            let err = env_err(&[(key, value)]);
+            assert_eq!(err.field, key, "{value}: {err}");
+            assert!(err.reason.contains(reason), "{value}: {err}");
+        }
+        let c = Config::from_vars([
+            ("DATABASE_URL", "postgres://u@h/db"),
+            (key, "1.5s"),
+            ("RAILYARD_STATEMENT_TIMEOUT", "0s"),
+            ("RAILYARD_MAX_LIFETIME", "off"),
+        ])
+        .unwrap();
+        assert_eq!(c.pool.checkout_timeout, Duration::from_millis(1500));
+        assert_eq!(c.statement_timeout, None);
+        assert_eq!(c.pool.max_lifetime, None);
+    }
+
+    #[test]
+    fn every_variable_refuses_an_empty_value() {
+        for s in Setting::ALL {
+            let err = env_err(&[(s.env(), " ")]);
+            assert_eq!(err.field, s.env(), "{err}");
+            assert!(err.reason.starts_with("empty"), "{err}");
+        }
+        let err = Config::from_vars([("DATABASE_URL", "")]).unwrap_err();
+        assert_eq!(err.field, "DATABASE_URL");
+        let err = env_err(&[("RAILYARD_SSLROOTCERT", "")]);
+        assert_eq!(
+            err.to_string(),
+            "invalid RAILYARD_SSLROOTCERT: empty; unset it or give a path"
+        );
+    }
+
+    #[test]
+    fn bad_names_time_zones_and_password_sources_are_refused_at_parse_time() {
+        for (key, value) in [
+            ("RAILYARD_APPLICATION_NAME", "a\0b"),
+            ("RAILYARD_APPLICATION_NAME", &"x".repeat(100_000)),
+            ("RAILYARD_APPLICATION_NAME", "postgres://u:pw@h/db"),
+            ("RAILYARD_TIME_ZONE", "Europe/Paris'; DROP TABLE x; --"),
+            ("RAILYARD_TIME_ZONE", "UTC\n"),
+            ("RAILYARD_TIME_ZONE", &"A".repeat(300)),
+            ("RAILYARD_PASSWORD_ENV", "A=B"),
+            ("RAILYARD_PASSWORD_ENV", "1PW"),
+            ("RAILYARD_TIME_ZONE", "postgres://u:pw@h/db"),
+            ("RAILYARD_SSLROOTCERT", "postgres://u:pw@h/db"),
+            ("RAILYARD_PASSWORD_FILE", "u:pw@h"),
+            ("RAILYARD_SSLROOTCERT", "/tmp/a\0b"),
+            ("RAILYARD_SSLMODE", "sometimes"),
+        ] {
+            let err = env_err(&[(key, value)]);
+            assert_eq!(err.field, key, "{err}");
+            assert!(err.value.len() <= 3 * ConfigError::MAX_SHOWN + 3, "{err}");
+        }
+        let err = env_err(&[
+            ("RAILYARD_PASSWORD_FILE", "/run/pw"),
+            ("RAILYARD_PASSWORD_ENV", "PW"),
+        ]);
+        assert_eq!(err.field, "RAILYARD_PASSWORD_FILE");
+    }
+
+    #[test]
+    fn replica_lists_split_between_urls_but_not_inside_multi_host_ones() {
+        assert_eq!(
+            split_url_list("postgres://a@r1,r2/db,postgres://a@r3/db postgresql://a@r4/db")
+                .unwrap(),
+            vec![
+                "postgres://a@r1,r2/db".to_owned(),
+                "postgres://a@r3/db".to_owned(),
+                "postgresql://a@r4/db".to_owned()
+            ]
+        );
+    }
+
+    #[test]
+    fn replica_lists_refuse_other_separators_without_showing_the_urls() {
+        for list in [
+            "postgres://u:hunter2@r1/db;postgres://u:hunter2@r2/db",
+            "postgres://u:hunter2@r1/db|postgres://u:hunter2@r2/db",
+            "postgres://r1/db;postgres://r2/db",
+            "postgres://u:hunter2@r1/db?sslmode=disable;postgres://r2/db",
+        ] {
+            let err = env_err(&[("DATABASE_REPLICA_URLS", list)]);
+            assert!(err.field.starts_with("DATABASE_REPLICA_URLS"), "{err}");
+            let shown = format!("{err} {err:?}");
+            assert!(!shown.contains("hunter2"), "{shown}");
+            assert!(!shown.contains("r2"), "{shown}");
+        }
+        let c = Config::from_vars([
+            ("DATABASE_URL", "postgres://u@h/db"),
+            ("DATABASE_REPLICA_URLS", " \n "),
+        ])
+        .unwrap();
+        assert!(c.replicas.is_empty());
+    }
+
+    #[test]
+    fn a_replica_that_repeats_the_primary_or_another_replica_is_refused() {
+        let err = env_err(&[("DATABASE_REPLICA_URLS", "postgres://u@H:5432/db")]);
+        assert_eq!(err.field, "DATABASE_REPLICA_URLS");
+        assert!(err.reason.contains("the primary itself"), "{err}");
+        let err = env_err(&[(
+            "DATABASE_REPLICA_URLS",
+            "postgres://u@r1/db postgres://v:pw@r1:5432/db?application_name=x",
+        )]);
+        assert_eq!(err.field, "DATABASE_REPLICA_URLS (URL 2)");
+        assert!(err.reason.contains("listed twice"), "{err}");
+        // Same servers, another database: a different target.
+        Config::from_vars([
+            ("DATABASE_URL", "postgres://u@h/db"),
+            (
+                "DATABASE_REPLICA_URLS",
+                "postgres://u@h/other postgres://u@h:5433/db",
+            ),
+        ])
+        .unwrap();
+        let err = Config::from_url("postgres://u@h/db")
+            .unwrap()
+            .replica_url("postgres://u@h/db")
+            .unwrap()
+            .validate()
+            .unwrap_err();
+        assert_eq!(err.field, "replica URL 1");
+    }
+
+    #[test]
+    fn min_idle_may_not_exceed_the_replica_pool_size() {
+        let err = env_err(&[
+            ("DATABASE_REPLICA_URLS", "postgres://u@r1/db"),
+            ("RAILYARD_POOL_MIN_IDLE", "5"),
+            ("RAILYARD_REPLICA_POOL_MAX_SIZE", "2"),
+        ]);
+        assert_eq!(err.field, "RAILYARD_POOL_MIN_IDLE");
+        assert!(
+            err.reason.contains("RAILYARD_REPLICA_POOL_MAX_SIZE"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn env_reads_every_setting() {
+        let c = Config::from_vars([
+            ("DATABASE_URL", "postgres://u:pw@h/db"),
+            (
+                "DATABASE_REPLICA_URLS",
+                "postgres://u:pw@r1/db,postgres://u:pw@r2/db",
+            ),
+            ("RAILYARD_POOL_MAX_SIZE", "7"),
+            ("RAILYARD_POOL_MIN_IDLE", "2"),
+            ("RAILYARD_REPLICA_POOL_MAX_SIZE", "3"),
+            ("RAILYARD_CONNECT_TIMEOUT", "2s"),
+            ("RAILYARD_CHECKOUT_TIMEOUT", "750ms"),
+            ("RAILYARD_STATEMENT_TIMEOUT", "30s"),
+            ("RAILYARD_IDLE_TIMEOUT", "off"),
+            ("RAILYARD_MAX_LIFETIME", "1h"),
+            ("RAILYARD_MIGRATION_LOCK_TIMEOUT", "2m"),
+            ("RAILYARD_APPLICATION_NAME", "ledger-api"),
+            ("RAILYARD_SSLMODE", "verify-ca"),
+            ("RAILYARD_SSLROOTCERT", "/etc/ca.pem"),
+            ("RAILYARD_PASSWORD_FILE", "/run/secrets/pg"),
+            ("RAILYARD_TIME_ZONE", "Europe/Paris"),
+            ("RAILYARD_LOCAL_DIR", "/not/ours"),
+            ("PATH", "/usr/bin"),
+        ])
+        .unwrap();
+        assert_eq!(c.replicas.len(), 2);
+        assert_eq!(c.pool.max_size, 7);
+        assert_eq!(c.pool.min_idle, Some(2));
+        assert_eq!(c.replica_pool_max_size, 3);
+        assert_eq!(c.connect_timeout, Duration::from_secs(2));
+        assert_eq!(c.pool.checkout_timeout, Duration::from_millis(750));
+        assert_eq!(c.statement_timeout, Some(Duration::from_secs(30)));
+        assert_eq!(c.pool.idle_timeout, None);
+        assert_eq!(c.pool.max_lifetime, Some(Duration::from_secs(3600)));
+        assert_eq!(c.migration_lock_timeout, Duration::from_secs(120));
+        assert_eq!(c.application_name, "ledger-api");
+        assert_eq!(c.effective_ssl_mode(&c.primary), SslMode::VerifyCa);
+        assert_eq!(c.ssl_root_cert.as_deref(), Some("/etc/ca.pem".as_ref()));
+        assert!(matches!(c.credentials, Credentials::File(_)));
+        assert_eq!(c.time_zone, "Europe/Paris");
+        let shown = format!("{c:?} {c}");
+        assert!(!shown.contains("pw@"), "{shown}");
+    }
+
+    proptest! {
+        #[test]
+        fn durations_round_trip(ms in 1u64..10_000_000) {
+            let d = Duration::from_millis(ms);
+            let text = if d.subsec_millis() != 0 || d.as_secs() == 0 {
+                format!("{}ms", d.as_millis())
+            } else {
+                format!("{}s", d.as_secs())
+            };
+            prop_assert_eq!(parse_duration("x", &text).unwrap(), d);
+        }
+    }
+}

@@ -1,0 +1,119 @@
+//! Configuration values that only the server, or a real connection, can judge:
+//! the time zone, the password file, the CA file.
+
+use std::time::{Duration, Instant};
+
+use railyard::error::ConnectStage;
+use railyard::{Config, Credentials, Database, Error};
+use tokio_postgres::error::SqlState;
+
+use crate::support;
+
+/// The connect error of `config`, which must fail.
+async fn connect_error(config: Config) -> railyard::error::ConnectError {
+    match Database::connect(config).await {
+        Ok(_) => panic!("the connection should fail"),
+        Err(Error::Connect(e)) => e,
+        Err(e) => panic!("a connect error: {e}"),
+    }
+}
+
+#[tokio::test]
+async fn a_time_zone_the_server_does_not_know_is_named_with_its_variable() {
+    let server = support::server().await;
+    let config = Config::from_vars([
+        ("DATABASE_URL", server.admin.expose_url().as_str()),
+        ("RAILYARD_TIME_ZONE", "Mars/Olympus"),
+        ("RAILYARD_POOL_MAX_SIZE", "1"),
+    ])
+    .expect("Mars/Olympus has the shape of a time zone");
+    let e = connect_error(config).await;
+    assert_eq!(e.stage, ConnectStage::Setup, "{e}");
+    assert_eq!(e.code(), Some(&SqlState::INVALID_PARAMETER_VALUE), "{e}");
+    assert_eq!(
+        e.message,
+        r#"RAILYARD_TIME_ZONE "Mars/Olympus" is not a time zone the server knows"#
+    );
+    assert!(e.to_string().contains("(SQLSTATE 22023)"), "{e}");
+    assert!(
+        std::error::Error::source(&e).is_some(),
+        "the server's error is kept as the cause"
+    );
+
+    // Set with the setter, the error names the setter.
+    let config = Config::new(server.admin.clone())
+        .pool_max_size(1)
+        .time_zone("Mars/Olympus");
+    let e = connect_error(config).await;
+    assert!(
+        e.message.starts_with(r#"Config::time_zone "Mars/Olympus""#),
+        "{e}"
+    );
+}
+
+#[tokio::test]
+async fn a_known_time_zone_is_the_session_s() {
+    let server = support::server().await;
+    let config = Config::from_vars([
+        ("DATABASE_URL", server.admin.expose_url().as_str()),
+        ("RAILYARD_TIME_ZONE", "Europe/Paris"),
+    ])
+    .unwrap();
+    let n = support::count(
+        &config,
+        "SELECT count(*) AS n FROM pg_settings WHERE name = 'TimeZone' AND setting = 'Europe/Paris'",
+    )
+    .await;
+    assert_eq!(n, 1);
+}
+
+#[tokio::test]
+async fn a_password_file_that_is_not_a_small_regular_file_fails_at_once() {
+    let server = support::server().await;
+    let dir = std::env::temp_dir().join(support::unique("pwfile"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let fifo = dir.join("fifo");
+    assert!(
+        std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let long = dir.join("long");
+    std::fs::write(&long, vec![b'x'; 70_000]).unwrap();
+    for (path, says) in [
+        ("/dev/zero".into(), "character device"),
+        (dir.clone(), "a directory"),
+        (fifo, "a FIFO"),
+        (long, "65536"),
+    ] {
+        let config = Config::new(server.admin.with_password(None))
+            .credentials(Credentials::File(path))
+            .pool_max_size(1);
+        let started = Instant::now();
+        let e = connect_error(config).await;
+        assert!(started.elapsed() < Duration::from_secs(5), "{e}");
+        assert_eq!(e.stage, ConnectStage::Credentials, "{e}");
+        assert!(e.message.contains(says), "{e}");
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[tokio::test]
+async fn sslmode_disable_never_reads_the_root_certificate() {
+    let Some(cluster) = support::cluster().await else {
+        return;
+    };
+    // The socket target says sslmode=disable; the CA path does not exist.
+    let url = cluster.primary_socket_target("postgres").expose_url();
+    let config = Config::from_vars([
+        ("DATABASE_URL", url.as_str()),
+        ("RAILYARD_SSLROOTCERT", "/nonexistent/ca.pem"),
+        ("RAILYARD_POOL_MAX_SIZE", "1"),
+    ])
+    .unwrap();
+    Database::connect(config)
+        .await
+        .expect("no CA file is read without TLS");
+}
