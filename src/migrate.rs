@@ -406,6 +406,34 @@ impl Migrator {
         .await
     }
 
+    /// As [`status`](Self::status), on a connection the caller has (a pooled
+    /// one: health probes use this, so they open no connection of their own).
+    pub async fn status_on(
+        &self,
+        conn: &mut AsyncPgConnection,
+    ) -> Result<Vec<MigrationStatus>, Error> {
+        use diesel_async::RunQueryDsl as Async;
+        let tables: Tables = Async::get_result(diesel::sql_query(TABLES_SQL), conn)
+            .await
+            .map_err(q)?;
+        let orphans: Vec<VersionRow> = match orphans_sql(&tables) {
+            Some(sql) => Async::load(diesel::sql_query(sql), conn).await.map_err(q)?,
+            None => Vec::new(),
+        };
+        let rows: Vec<AppliedRow> = match applied_sql(&tables) {
+            Some(sql) => Async::load(diesel::sql_query(sql), conn).await.map_err(q)?,
+            None => Vec::new(),
+        };
+        let applied = Applied {
+            rows,
+            recorded: tables.ours,
+            orphans: orphans.into_iter().map(|r| r.version).collect(),
+        };
+        // Loaded after the queries: embedded migrations are not `Send`.
+        let known = load(&self.source)?;
+        Ok(status_of(applied, &known))
+    }
+
     /// Checks without running anything: errors when an applied migration was
     /// edited or is unknown; returns the pending versions otherwise.
     pub async fn verify(&self, config: &Config) -> Result<Vec<String>, Error> {
@@ -596,52 +624,56 @@ struct VersionRow {
     version: String,
 }
 
-/// The applied versions with their recorded checksums, whether both
-/// bookkeeping tables exist, and the versions only Railyard's table has.
-fn read_applied(c: &mut SyncConn) -> Result<Applied, Error> {
-    let tables: Tables = diesel::sql_query(
-        "SELECT to_regclass('__diesel_schema_migrations') IS NOT NULL AS diesel, \
-         to_regclass('railyard_schema_migrations') IS NOT NULL AS ours",
-    )
-    .get_result(c)
-    .map_err(q)?;
-    let orphans = match (tables.ours, tables.diesel) {
-        (false, _) => Vec::new(),
-        (true, true) => diesel::sql_query(
+const TABLES_SQL: &str = "SELECT to_regclass('__diesel_schema_migrations') IS NOT NULL AS diesel, \
+     to_regclass('railyard_schema_migrations') IS NOT NULL AS ours";
+
+/// The query for versions only Railyard's table has, when it exists.
+fn orphans_sql(tables: &Tables) -> Option<&'static str> {
+    match (tables.ours, tables.diesel) {
+        (false, _) => None,
+        (true, true) => Some(
             "SELECT r.version::text AS version FROM railyard_schema_migrations r \
              WHERE NOT EXISTS (SELECT 1 FROM __diesel_schema_migrations d WHERE d.version = r.version) \
              ORDER BY r.version",
-        )
-        .load::<VersionRow>(c)
-        .map_err(q)?,
-        (true, false) => diesel::sql_query(
-            "SELECT version::text AS version FROM railyard_schema_migrations ORDER BY version",
-        )
-        .load::<VersionRow>(c)
-        .map_err(q)?,
+        ),
+        (true, false) => {
+            Some("SELECT version::text AS version FROM railyard_schema_migrations ORDER BY version")
+        }
     }
-    .into_iter()
-    .map(|r| r.version)
-    .collect();
-    if !tables.diesel {
-        return Ok(Applied {
-            rows: Vec::new(),
-            recorded: false,
-            orphans,
-        });
+}
+
+/// The query for diesel's applied versions with Railyard's checksums, when
+/// diesel's table exists.
+fn applied_sql(tables: &Tables) -> Option<&'static str> {
+    match (tables.diesel, tables.ours) {
+        (false, _) => None,
+        (true, true) => Some(
+            "SELECT d.version::text AS version, r.up_sha256, r.down_sha256, r.duration_ms \
+             FROM __diesel_schema_migrations d LEFT JOIN railyard_schema_migrations r USING (version) ORDER BY d.version",
+        ),
+        (true, false) => Some(
+            "SELECT version::text AS version, NULL::text AS up_sha256, NULL::text AS down_sha256, NULL::float8 AS duration_ms \
+             FROM __diesel_schema_migrations ORDER BY version",
+        ),
     }
-    let sql = if tables.ours {
-        "SELECT d.version::text AS version, r.up_sha256, r.down_sha256, r.duration_ms \
-         FROM __diesel_schema_migrations d LEFT JOIN railyard_schema_migrations r USING (version) ORDER BY d.version"
-    } else {
-        "SELECT version::text AS version, NULL::text AS up_sha256, NULL::text AS down_sha256, NULL::float8 AS duration_ms \
-         FROM __diesel_schema_migrations ORDER BY version"
+}
+
+/// The applied versions with their recorded checksums, whether both
+/// bookkeeping tables exist, and the versions only Railyard's table has.
+fn read_applied(c: &mut SyncConn) -> Result<Applied, Error> {
+    let tables: Tables = diesel::sql_query(TABLES_SQL).get_result(c).map_err(q)?;
+    let orphans: Vec<VersionRow> = match orphans_sql(&tables) {
+        Some(sql) => diesel::sql_query(sql).load(c).map_err(q)?,
+        None => Vec::new(),
     };
-    let rows = diesel::sql_query(sql).load(c).map_err(q)?;
+    let rows = match applied_sql(&tables) {
+        Some(sql) => diesel::sql_query(sql).load(c).map_err(q)?,
+        None => Vec::new(),
+    };
     Ok(Applied {
         rows,
         recorded: tables.ours,
-        orphans,
+        orphans: orphans.into_iter().map(|r| r.version).collect(),
     })
 }
 
@@ -697,11 +729,15 @@ fn check_history<'k>(
 }
 
 fn status(c: &mut SyncConn, known: &[Known]) -> Result<Vec<MigrationStatus>, Error> {
+    Ok(status_of(read_applied(c)?, known))
+}
+
+fn status_of(applied: Applied, known: &[Known]) -> Vec<MigrationStatus> {
     let Applied {
         rows: applied,
         orphans,
         ..
-    } = read_applied(c)?;
+    } = applied;
     let mut out = Vec::new();
     for k in known {
         let state = match applied.iter().find(|a| a.version == k.version) {
@@ -743,7 +779,7 @@ fn status(c: &mut SyncConn, known: &[Known]) -> Result<Vec<MigrationStatus>, Err
         }
     }
     out.sort_by(|a, b| a.version.cmp(&b.version));
-    Ok(out)
+    out
 }
 
 fn apply_pending(

@@ -433,7 +433,7 @@ impl Config {
             migration_lock_timeout: Duration::from_secs(60),
             time_zone: "UTC".to_owned(),
             breaker_threshold: 5,
-            breaker_cooldown: Duration::from_secs(1),
+            breaker_cooldown: Duration::from_millis(250),
             from_env: BTreeSet::new(),
             env_urls: None,
         }
@@ -763,7 +763,9 @@ impl Config {
 
     /// The circuit breaker of each host: consecutive connect failures that open
     /// it, and the first cooldown (doubled, with jitter, while the server stays
-    /// down, up to 30 s). Defaults to 5 failures and 1 s.
+    /// down, up to 10 s). Defaults to 5 failures and 250 ms: a probe is one
+    /// connection attempt, cheap enough that a server back from a short outage
+    /// is noticed within a second or two.
     #[must_use]
     pub fn circuit_breaker(mut self, threshold: u32, cooldown: Duration) -> Self {
         self.breaker_threshold = threshold;

@@ -16,6 +16,7 @@ mod builders;
 mod session;
 
 use std::fmt;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -151,6 +152,7 @@ impl DatabaseBuilder {
                 migrator: self.migrator,
                 migrations,
                 boot_time: started.elapsed(),
+                probes: Probes::default(),
             }),
         })
     }
@@ -192,6 +194,40 @@ struct Inner {
     migrator: Option<Migrator>,
     migrations: Option<MigrationReport>,
     boot_time: Duration,
+    probes: Probes,
+}
+
+/// How long the primary's health answer is reused ([`Database::health`] and
+/// [`Database::readiness`]): a storm of probes costs one round trip per period,
+/// on a pooled connection.
+pub const PRIMARY_PROBE_TTL: Duration = Duration::from_secs(1);
+
+/// How long the migrations' health answer is reused: it changes only when a
+/// deployment migrates.
+pub const MIGRATIONS_PROBE_TTL: Duration = Duration::from_secs(5);
+
+/// Health answers reused for a short time; concurrent probes wait for the one
+/// computation in progress instead of starting their own.
+#[derive(Default)]
+struct Probes {
+    primary: tokio::sync::Mutex<Option<(Instant, health::HealthCheck)>>,
+    migrations: tokio::sync::Mutex<Option<(Instant, Option<health::HealthCheck>)>>,
+}
+
+async fn cached<T: Clone>(
+    slot: &tokio::sync::Mutex<Option<(Instant, T)>>,
+    ttl: Duration,
+    compute: impl Future<Output = T>,
+) -> T {
+    let mut held = slot.lock().await;
+    if let Some((at, value)) = &*held
+        && at.elapsed() < ttl
+    {
+        return value.clone();
+    }
+    let value = compute.await;
+    *held = Some((Instant::now(), value.clone()));
+    value
 }
 
 impl Drop for Inner {
@@ -320,7 +356,16 @@ impl Database {
             Want::Primary => primary,
             Want::Replica(i) => &replica_node(router, i)?.pool,
         };
-        Ok(PooledConn::pooled(pool.get_owned().await?))
+        match pool.get_owned().await {
+            Ok(conn) => Ok(PooledConn::pooled(conn)),
+            Err(e) => {
+                self.inner
+                    .observer
+                    .metrics
+                    .record_failed_checkout(e.class());
+                Err(e)
+            }
+        }
     }
 
     /// A connection for a read at or past `floor`: a caught-up replica, else
@@ -672,8 +717,11 @@ impl Database {
     /// }
     /// # }
     /// ```
+    ///
+    /// The primary's answer is reused for [`PRIMARY_PROBE_TTL`] and the
+    /// migrations' for [`MIGRATIONS_PROBE_TTL`]; both use pooled connections.
     pub async fn health(&self) -> HealthReport {
-        let mut checks = vec![health::primary(self.probe_primary().await)];
+        let mut checks = vec![self.primary_check().await];
         if let Some(c) = self.migration_check().await {
             checks.push(c);
         }
@@ -683,13 +731,21 @@ impl Database {
         HealthReport::of(checks)
     }
 
-    /// Ready to serve: the primary answers and the migrations are current.
+    /// Ready to serve: the primary answers and the migrations are current
+    /// (answers reused as in [`Database::health`]).
     pub async fn readiness(&self) -> HealthReport {
-        let mut checks = vec![health::primary(self.probe_primary().await)];
+        let mut checks = vec![self.primary_check().await];
         if let Some(c) = self.migration_check().await {
             checks.push(c);
         }
         HealthReport::of(checks)
+    }
+
+    async fn primary_check(&self) -> health::HealthCheck {
+        cached(&self.inner.probes.primary, PRIMARY_PROBE_TTL, async {
+            health::primary(self.probe_primary().await)
+        })
+        .await
     }
 
     async fn probe_primary(&self) -> PrimaryProbe {
@@ -710,12 +766,19 @@ impl Database {
     async fn migration_check(&self) -> Option<health::HealthCheck> {
         let migrator = self.inner.migrator.as_ref()?;
         const BOUND: Duration = Duration::from_secs(5);
-        let rows = match tokio::time::timeout(BOUND, migrator.status(self.config())).await {
-            Ok(Ok(rows)) => Ok(rows),
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(_) => Err(format!("no answer within {BOUND:?}")),
-        };
-        Some(health::migrations(rows))
+        cached(&self.inner.probes.migrations, MIGRATIONS_PROBE_TTL, async {
+            let read = async {
+                let mut conn = self.checkout(Want::Primary).await?;
+                migrator.status_on(&mut conn).await
+            };
+            let rows = match tokio::time::timeout(BOUND, read).await {
+                Ok(Ok(rows)) => Ok(rows),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(_) => Err(format!("no answer within {BOUND:?}")),
+            };
+            Some(health::migrations(rows))
+        })
+        .await
     }
 
     /// Prometheus text exposition of query durations (OpenTelemetry's bucket
@@ -753,6 +816,7 @@ impl Database {
                 migrator: Some(migrator),
                 migrations: None,
                 boot_time: Duration::ZERO,
+                probes: Probes::default(),
             }),
         }
     }

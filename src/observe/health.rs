@@ -255,7 +255,7 @@ pub(crate) fn errors(metrics: &Metrics) -> HealthCheck {
             HealthStatus::Healthy
         },
         format!(
-            "{failing} of {total} queries failed in the last minute ({:.1} %){}",
+            "{failing} of {total} operations (queries and check-outs) failed in the last minute ({:.1} %){}",
             rate * 100.0,
             if by_class.is_empty() {
                 String::new()

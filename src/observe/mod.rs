@@ -340,7 +340,18 @@ impl Metrics {
             Route::Primary => self.primary.record(e.duration),
             Route::Replica(_) => self.replica.record(e.duration),
         }
-        let class = e.class.map(ErrorClass::index);
+        self.count(e.class);
+    }
+
+    /// A check-out that failed (no connection could be opened, the pool timed
+    /// out, the circuit is open): an operation that failed before its query,
+    /// counted with the queries in the error rate.
+    pub(crate) fn record_failed_checkout(&self, class: ErrorClass) {
+        self.count(Some(class));
+    }
+
+    fn count(&self, class: Option<ErrorClass>) {
+        let class = class.map(ErrorClass::index);
         if let Some(i) = class {
             self.errors[i].fetch_add(1, Ordering::Relaxed);
         }
@@ -567,14 +578,24 @@ pub(crate) fn operation_and_table(sql: &str) -> (&'static str, Option<&str>) {
 /// queries, and a query can fail in the client after an earlier one failed on
 /// the server. Otherwise the driver's own kind names the SQLSTATE for the few
 /// kinds it keeps; for the rest there is none rather than another query's.
-fn sqlstate_of(wire: &WireState, mark: WireMark, error: &DieselError, out: &mut String) -> bool {
+/// Writes the SQLSTATE of `error` into `out` and returns whether it has one,
+/// with the class the tap's full error gives (55P03 needs more than the code).
+fn sqlstate_of(
+    wire: &WireState,
+    mark: WireMark,
+    error: &DieselError,
+    out: &mut String,
+    class: &mut Option<ErrorClass>,
+) -> bool {
     let DieselError::DatabaseError(kind, info) = error else {
         return false;
     };
+    let lost = wire.is_closed();
     let from_tap = wire.with_error_since(mark, |server| {
         let ours = server.message == info.message();
         if ours {
             out.push_str(&server.code);
+            *class = Some(server.class(lost));
         }
         ours
     });
@@ -626,10 +647,13 @@ impl Instrumentation for ConnInstrumentation {
                 let (class, coded) = match error {
                     None => (None, false),
                     Some(error) => {
-                        let coded = sqlstate_of(&self.wire, mark, error, &mut self.code);
+                        let mut tap_class = None;
+                        let coded =
+                            sqlstate_of(&self.wire, mark, error, &mut self.code, &mut tap_class);
                         // A known code is a constant: no allocation.
                         let state = coded.then(|| SqlState::from_code(&self.code));
-                        let class = classify(state.as_ref(), self.wire.is_closed());
+                        let class = tap_class
+                            .unwrap_or_else(|| classify(state.as_ref(), self.wire.is_closed()));
                         (Some(class), coded)
                     }
                 };

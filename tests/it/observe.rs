@@ -359,7 +359,15 @@ async fn health_degrades_without_the_replica_and_readiness_fails_without_the_pri
     );
 
     cluster.stop_primary().unwrap();
-    let (code, body) = http_get(addr, "/readyz").await;
+    // Answers are reused for at most railyard::database::PRIMARY_PROBE_TTL.
+    let stopped = std::time::Instant::now();
+    let (code, body) = loop {
+        let (code, body) = http_get(addr, "/readyz").await;
+        if code != 200 || stopped.elapsed() > Duration::from_secs(5) {
+            break (code, body);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     assert_eq!(code, 503, "{body}");
     assert!(
         body.contains("unreachable") || body.contains("no answer"),
@@ -644,4 +652,81 @@ async fn hooks_add_no_allocation_to_a_failing_query() {
     eprintln!("allocations per failing query: {plain} without hooks, {hooked} with them");
     assert!(hooked <= plain + 0.1, "{hooked} > {plain}");
     assert!(stats.snapshot()[0].errors >= 200);
+}
+
+#[tokio::test]
+async fn a_probe_storm_rides_the_pool_and_costs_a_few_queries() {
+    let (seen, hook) = recorder();
+    let app = support::unique("probes");
+    let base = support::ledger(|c| c).await;
+    let db = Database::builder(
+        base.config()
+            .clone()
+            .pool_max_size(4)
+            .application_name(&app),
+    )
+    .migrations(railyard::Migrator::new(support::LEDGER))
+    .hook(hook)
+    .connect()
+    .await
+    .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(axum::serve(listener, railyard::http::router(db.clone())).into_future());
+    seen.lock().unwrap().clear();
+    let started = std::time::Instant::now();
+    let backends = Arc::new(std::sync::atomic::AtomicI64::new(0));
+    let watcher = {
+        let (backends, app) = (backends.clone(), app.clone());
+        tokio::spawn(async move {
+            loop {
+                let n = support::count_admin(&format!(
+                    "SELECT count(*) AS n FROM pg_stat_activity WHERE application_name = '{app}'"
+                ))
+                .await;
+                backends.fetch_max(n, std::sync::atomic::Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+    };
+    // 5,000 requests from 50 clients.
+    let clients: Vec<_> = (0..50)
+        .map(|_| {
+            tokio::spawn(async move {
+                let mut times = Vec::with_capacity(100);
+                for _ in 0..100 {
+                    let t = std::time::Instant::now();
+                    let (code, body) = http_get(addr, "/readyz").await;
+                    times.push(t.elapsed());
+                    assert_eq!(code, 200, "{body}");
+                }
+                times
+            })
+        })
+        .collect();
+    let mut times = Vec::new();
+    for c in clients {
+        times.extend(c.await.unwrap());
+    }
+    let elapsed = started.elapsed();
+    watcher.abort();
+    times.sort();
+    let p50 = times[times.len() / 2];
+    let p99 = times[times.len() * 99 / 100];
+    let queries = seen.lock().unwrap().len();
+    let per_sec = queries as f64 / elapsed.as_secs_f64();
+    let most = std::sync::atomic::AtomicI64::load(&backends, std::sync::atomic::Ordering::Relaxed);
+    eprintln!(
+        "5000 /readyz at concurrency 50 in {elapsed:.2?}: p50 {p50:.2?}, p99 {p99:.2?}; \
+         {queries} queries ({per_sec:.1}/s); at most {most} backends"
+    );
+    assert!(
+        most <= 4,
+        "backends opened by the probes: {most}, pool size 4"
+    );
+    assert!(
+        queries as f64 <= 2.0 + 3.0 * elapsed.as_secs_f64().ceil(),
+        "{queries} queries in {elapsed:?}"
+    );
+    assert!(p99 < Duration::from_millis(100), "p99 {p99:?}");
 }
