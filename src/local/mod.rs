@@ -301,6 +301,13 @@ impl LocalCluster {
     /// not running.
     pub async fn running(dir: Option<PathBuf>) -> Result<Option<LocalCluster>, Error> {
         let dir = dir.unwrap_or_else(default_dir);
+        // Files and `pg_ctl status`: off the async runtime.
+        tokio::task::spawn_blocking(move || Self::running_blocking(dir))
+            .await
+            .map_err(|e| Error::Local(format!("status task failed: {e}")))?
+    }
+
+    fn running_blocking(dir: PathBuf) -> Result<Option<LocalCluster>, Error> {
         let Ok(text) = fs::read_to_string(dir.join("state")) else {
             return Ok(None);
         };
@@ -709,7 +716,10 @@ fn server_conf(pg: &Path, port: u16) -> String {
          max_replication_slots = 10\n\
          hot_standby = on\n\
          hot_standby_feedback = on\n\
-         wal_keep_size = 256MB\n\
+         wal_keep_size = 64MB\n\
+         max_wal_size = 256MB\n\
+         min_wal_size = 32MB\n\
+         checkpoint_timeout = 60s\n\
          fsync = off\n\
          synchronous_commit = on\n\
          full_page_writes = off\n\
