@@ -21,6 +21,7 @@ fn options() -> TestOptions {
         isolation: Isolation::Transaction,
         stale_replica: false,
         migrations: || Migrator::new(LEDGER),
+        lock_timeout: None,
     }
 }
 

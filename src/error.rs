@@ -100,6 +100,29 @@ pub enum Error {
     #[error("test isolation: {0}")]
     TestIsolation(String),
 
+    /// Work inside a `#[railyard::test]` kept meeting locks held by another
+    /// transaction (usually another test sharing the database) for longer than
+    /// the harness's lock bound. `blockers` names who held them, when the
+    /// harness saw it (their `application_name` is the test's name); `source`
+    /// is the last lock failure (40P01, 40001 or 55P03).
+    #[error(
+        "blocked for {waited:.1?} by locks held by {} ({attempts} attempt(s); the harness gives up after {bound:?}: set RAILYARD_TEST_LOCK_TIMEOUT or `lock_timeout = \"…\"` on the test to change it)",
+        blockers.as_deref().unwrap_or("another transaction")
+    )]
+    Blocked {
+        /// How long the work kept trying.
+        waited: Duration,
+        /// The harness's bound.
+        bound: Duration,
+        /// Attempts made (each rolled back to its savepoint).
+        attempts: u32,
+        /// Who was seen holding the lock.
+        blockers: Option<String>,
+        /// The last lock failure.
+        #[source]
+        source: Box<Error>,
+    },
+
     /// An I/O error outside a connection (files, processes).
     #[error("{context}: {source}")]
     Io {
@@ -130,6 +153,7 @@ impl Error {
             Error::Connect(e) => e.sqlstate.as_ref(),
             Error::Database(d) | Error::Ambiguous(d) => d.sqlstate.as_ref(),
             Error::Migration(MigrationError::Failed { sqlstate, .. }) => sqlstate.as_ref(),
+            Error::Blocked { source, .. } => source.sqlstate(),
             _ => None,
         }
     }
@@ -187,6 +211,7 @@ impl Error {
             Error::Database(d) => d.class,
             Error::Ambiguous(_) => ErrorClass::Ambiguous,
             Error::Query(d) => diesel_class(d),
+            Error::Blocked { source, .. } => source.class(),
         }
     }
 

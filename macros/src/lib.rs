@@ -18,7 +18,10 @@ use syn::{Expr, ExprLit, ItemFn, Lit, Meta, Token};
 /// - `stale_replica`: replica reads without a causal token go to a second
 ///   connection that cannot see the test's uncommitted writes;
 /// - `migrations = "dir"`: the migrations directory, relative to the crate's
-///   manifest (defaults to `migrations`).
+///   manifest (defaults to `migrations`);
+/// - `lock_timeout = "30s"`: how long the test's work may be held up by other
+///   tests' locks before it fails naming them (defaults to
+///   `RAILYARD_TEST_LOCK_TIMEOUT`, else 10 s).
 #[proc_macro_attribute]
 pub fn test(args: TokenStream, item: TokenStream) -> TokenStream {
     match expand(args.into(), item) {
@@ -48,6 +51,7 @@ fn expand(
     let mut isolation = quote!(::railyard::testing::Isolation::Transaction);
     let mut stale_replica = false;
     let mut migrations = String::from("migrations");
+    let mut lock_timeout = quote!(::core::option::Option::None);
     for meta in metas {
         match &meta {
             Meta::Path(p) if p.is_ident("stale_replica") => stale_replica = true,
@@ -66,10 +70,29 @@ fn expand(
             Meta::NameValue(nv) if nv.path.is_ident("migrations") => {
                 migrations = string(&nv.value)?
             }
+            Meta::NameValue(nv) if nv.path.is_ident("lock_timeout") => {
+                let text = string(&nv.value)?;
+                let d = humantime::parse_duration(&text).map_err(|e| {
+                    syn::Error::new_spanned(
+                        &nv.value,
+                        format!("lock_timeout {text:?}: {e} (write it like \"10s\" or \"1500ms\")"),
+                    )
+                })?;
+                if d.is_zero() {
+                    return Err(syn::Error::new_spanned(
+                        &nv.value,
+                        "lock_timeout must be longer than zero",
+                    ));
+                }
+                let ms = u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+                lock_timeout = quote!(::core::option::Option::Some(
+                    ::core::time::Duration::from_millis(#ms)
+                ));
+            }
             other => {
                 return Err(syn::Error::new_spanned(
                     other,
-                    "unknown option: use isolation = \"transaction\" | \"database\", stale_replica, migrations = \"dir\"",
+                    "unknown option: use isolation = \"transaction\" | \"database\", stale_replica, migrations = \"dir\", lock_timeout = \"10s\"",
                 ));
             }
         }
@@ -95,6 +118,7 @@ fn expand(
                     isolation: #isolation,
                     stale_replica: #stale_replica,
                     migrations: || ::railyard::Migrator::new(__RAILYARD_MIGRATIONS),
+                    lock_timeout: #lock_timeout,
                 },
                 __railyard_test_body,
             );

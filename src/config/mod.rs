@@ -451,7 +451,7 @@ impl Config {
 
     /// The name of a target in errors: index 0 is the primary, `i` the
     /// replica `i - 1`.
-    fn target_field(&self, i: usize) -> String {
+    pub(crate) fn target_field(&self, i: usize) -> String {
         match (i, self.env_urls) {
             (0, Some(_)) => "DATABASE_URL".to_owned(),
             (0, None) => "primary URL".to_owned(),

@@ -30,6 +30,7 @@ use crate::conn::open::Opener;
 use crate::conn::pool::TargetPool;
 use crate::conn::{PoolStatus, PooledConn, Route, ServerRole};
 use crate::error::{ConfigError, Error, ErrorClass, classify};
+use crate::exec::contention::Contention;
 use crate::exec::retry::{Retries, RetryBudget, RetryPolicy};
 use crate::exec::{self, CommitPosition, ConnWork, Source};
 use crate::migrate::{MigrationReport, Migrator};
@@ -122,12 +123,9 @@ impl DatabaseBuilder {
             TargetSessionAttrs::ReadWrite,
         )?;
         let opener = monitor.clone().observed(observer.clone(), Route::Primary);
-        let first = opener.open().await?;
-        let primary = TargetPool::build(Route::Primary, opener, config.pool.max_size, &config);
-        if let Err(e) = primary.pool.add(first) {
-            drop(e);
-        }
+        let mut first = opener.open().await?;
         let mut replicas = Vec::new();
+        let mut openers = Vec::new();
         for target in &config.replicas {
             let name: Arc<str> = replica_name(target).into();
             let route = Route::Replica(name.clone());
@@ -139,7 +137,13 @@ impl DatabaseBuilder {
                 config.replica_pool_max_size,
                 &config,
             );
+            openers.push(replica.clone());
             replicas.push(Arc::new(ReplicaNode::new(name, pool, replica)));
+        }
+        check_replicas_at_boot(&config, &mut first, &replicas, &openers).await?;
+        let primary = TargetPool::build(Route::Primary, opener, config.pool.max_size, &config);
+        if let Err(e) = primary.pool.add(first) {
+            drop(e);
         }
         let router = Arc::new(Router::new(replicas, self.routing));
         Router::spawn_monitors(&router, monitor);
@@ -156,6 +160,88 @@ impl DatabaseBuilder {
             }),
         })
     }
+}
+
+/// Opens one connection to each replica, at once and within the connect
+/// timeout, and keeps it in the replica's pool. A replica that is not in
+/// recovery is either the primary itself under another name (`localhost`
+/// and `127.0.0.1`, say): refused, since every "replica" read would be a
+/// primary read and the report would be a lie; or another server that is a
+/// primary of its own (promoted, or never a standby): warned about, and it
+/// gets no reads until it is a standby. A replica that cannot be reached is
+/// left to its monitor.
+async fn check_replicas_at_boot(
+    config: &Config,
+    primary: &mut crate::conn::Conn,
+    replicas: &[Arc<ReplicaNode>],
+    openers: &[Opener],
+) -> Result<(), Error> {
+    let bound = config.connect_timeout;
+    let opened = futures_util::future::join_all(
+        openers
+            .iter()
+            .map(|o| tokio::time::timeout(bound, o.open())),
+    )
+    .await;
+    let mut primary_identity = None;
+    for (i, (node, conn)) in replicas.iter().zip(opened).enumerate() {
+        let mut conn = match conn {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => {
+                tracing::warn!(target: "railyard::route", replica = %node.name, error = %e, "replica unreachable at boot; it gets no reads until it answers");
+                continue;
+            }
+            Err(_) => {
+                tracing::warn!(target: "railyard::route", replica = %node.name, timeout = ?bound, "replica did not answer at boot; it gets no reads until it answers");
+                continue;
+            }
+        };
+        if conn.info().role == ServerRole::Standby {
+            let _ = node.pool.pool.add(conn);
+            continue;
+        }
+        if primary_identity.is_none() {
+            primary_identity = Some(server_identity(primary).await);
+        }
+        let replica_identity = server_identity(&mut conn).await;
+        if let (Some(Ok(p)), Ok(r)) = (&primary_identity, &replica_identity)
+            && p == r
+        {
+            return Err(ConfigError::hidden(
+                config.target_field(i + 1),
+                format!(
+                    "{} reaches the primary itself (the server at {}, under another name), not a standby; list the replicas' servers",
+                    node.name,
+                    replica_name(&config.primary),
+                ),
+            )
+            .into());
+        }
+        tracing::warn!(
+            target: "railyard::route",
+            replica = %node.name,
+            "replica is not in recovery: it is a primary of its own (promoted, or never a standby); it gets no reads until it is a standby again"
+        );
+    }
+    Ok(())
+}
+
+/// What tells two servers apart: the cluster's system identifier (shared by
+/// a primary and its physical standbys) and when its postmaster started.
+async fn server_identity(conn: &mut crate::conn::Conn) -> Result<(String, String), Error> {
+    #[derive(QueryableByName)]
+    struct Identity {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        system: String,
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        started: String,
+    }
+    let id: Identity = diesel::sql_query(
+        "SELECT system_identifier::text AS system, pg_postmaster_start_time()::text AS started FROM pg_control_system()",
+    )
+    .get_result(&mut **conn)
+    .await?;
+    Ok((id.system, id.started))
 }
 
 fn replica_name(t: &ConnectTarget) -> String {
@@ -180,6 +266,8 @@ enum Connections {
     Pinned {
         conn: SharedConn,
         stale: Option<SharedConn>,
+        /// How enclosed work copes with other tests' locks.
+        contention: Option<Arc<Contention>>,
     },
 }
 
@@ -374,7 +462,7 @@ impl Database {
     async fn checkout_read(&self, floor: Floor) -> Result<ReadLease, Error> {
         let router = match &self.inner.connections {
             Connections::Pooled { router, .. } => router,
-            Connections::Pinned { conn, stale } => {
+            Connections::Pinned { conn, stale, .. } => {
                 return Self::pinned_read(conn, stale.as_ref(), floor).await;
             }
         };
@@ -471,7 +559,7 @@ impl Database {
     /// [`Database::write`] or [`Database::transaction`].
     pub async fn with_primary<F: ConnWork>(&self, f: F) -> Result<F::Value, F::Error> {
         let conn = self.checkout(Want::Primary).await?;
-        run_once(conn, f).await
+        run_once(conn, f, self.contention()).await
     }
 
     // ---- Work ---------------------------------------------------------------
@@ -559,7 +647,7 @@ impl Database {
     ) -> Result<(F::Value, Route, Floor), F::Error> {
         let lease = self.checkout_read(floor).await?;
         if lease.conn.enclosed() {
-            let (v, _) = exec::in_savepoint(lease.conn, f, false, None)
+            let (v, _) = exec::in_savepoint(lease.conn, f, false, None, self.contention())
                 .await
                 .map_err(exec::Failed::into_error)?;
             return Ok((v, lease.route, lease.seen));
@@ -801,6 +889,7 @@ impl Database {
         config: Config,
         conn: crate::conn::Conn,
         stale: Option<crate::conn::Conn>,
+        contention: Option<Arc<Contention>>,
         migrator: Migrator,
     ) -> Self {
         let shared = |c| Arc::new(tokio::sync::Mutex::new(Some(c)));
@@ -811,6 +900,7 @@ impl Database {
                 connections: Connections::Pinned {
                     conn: shared(conn),
                     stale: stale.map(shared),
+                    contention,
                 },
                 observer: Arc::new(Observer::default()),
                 migrator: Some(migrator),
@@ -825,7 +915,7 @@ impl Database {
     /// Takes the test's connections back from a harness-made `Database`: the
     /// pinned one and the stale-replica one.
     pub(crate) async fn unpin(&self) -> (Option<crate::conn::Conn>, Option<crate::conn::Conn>) {
-        let Connections::Pinned { conn, stale } = &self.inner.connections else {
+        let Connections::Pinned { conn, stale, .. } = &self.inner.connections else {
             return (None, None);
         };
         let conn = conn.lock().await.take();
@@ -838,9 +928,13 @@ impl Database {
 }
 
 /// Work run once on a connection: a savepoint when enclosed, else as is.
-async fn run_once<F: ConnWork>(mut conn: PooledConn, f: F) -> Result<F::Value, F::Error> {
+async fn run_once<F: ConnWork>(
+    mut conn: PooledConn,
+    f: F,
+    contention: Option<&Contention>,
+) -> Result<F::Value, F::Error> {
     if conn.enclosed() {
-        return exec::in_savepoint(conn, f, false, None)
+        return exec::in_savepoint(conn, f, false, None, contention)
             .await
             .map(|(v, _)| v)
             .map_err(exec::Failed::into_error);
@@ -861,6 +955,13 @@ impl Source for Database {
 
     fn retries(&self) -> &Retries {
         &self.inner.retries
+    }
+
+    fn contention(&self) -> Option<&Contention> {
+        match &self.inner.connections {
+            Connections::Pinned { contention, .. } => contention.as_deref(),
+            Connections::Pooled { .. } => None,
+        }
     }
 }
 

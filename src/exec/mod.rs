@@ -22,10 +22,14 @@
 //! class, the phase and the attempt count.
 //!
 //! A connection handed out *enclosed* (inside a transaction its holder does not
-//! own: the test harness's) runs the same work in a savepoint, once.
+//! own: the test harness's) runs the same work in a savepoint, once; or, when
+//! it fails on another transaction's locks and the source has a contention
+//! policy (the harness's, see `contention`), rolled back to the savepoint and
+//! run again within the policy's bound.
 //!
 //! This layer does not know where connections come from: it asks a `Source`.
 
+pub(crate) mod contention;
 pub mod retry;
 
 use std::any::Any;
@@ -42,6 +46,7 @@ use tokio_postgres::types::PgLsn;
 use crate::conn::wire::{TxStatus, WireMark, WireState};
 use crate::conn::{CancelHandle, Conn, PooledConn};
 use crate::error::{DbError, Error, ErrorClass, Phase, RetriesExhausted, ServerError, classify};
+use contention::Contention;
 use retry::{Retries, RetryPolicy, retryable};
 
 /// Work on a connection that Railyard may run more than once: an
@@ -122,6 +127,11 @@ pub(crate) trait Source: Sync {
     fn reroute_primary(&self);
     /// Policy, budget and counters.
     fn retries(&self) -> &Retries;
+    /// How enclosed work copes with other transactions' locks (the test
+    /// harness's policy); `None` runs it once.
+    fn contention(&self) -> Option<&Contention> {
+        None
+    }
 }
 
 /// Where a committed piece of work left the primary's WAL, for causal tokens.
@@ -438,7 +448,7 @@ pub(crate) async fn transaction<S: Source, F: ConnWork>(
     let deadline = Deadline::start(opts.deadline);
     let first = match first_lease(src, deadline).await? {
         First::Enclosed(conn) => {
-            return in_savepoint(conn, f, record, opts.statement_timeout).await;
+            return in_savepoint(conn, f, record, opts.statement_timeout, src.contention()).await;
         }
         First::Lease(first) => first,
     };
@@ -481,7 +491,9 @@ pub(crate) async fn write<S: Source, F: ConnWork>(
 ) -> Result<(F::Value, CommitPosition), Failed<F::Error>> {
     let deadline = Deadline::start(opts.deadline);
     let first = match first_lease(src, deadline).await? {
-        First::Enclosed(conn) => return in_savepoint(conn, f, record, None).await,
+        First::Enclosed(conn) => {
+            return in_savepoint(conn, f, record, None, src.contention()).await;
+        }
         First::Lease(first) => first,
     };
     let policy = opts.policy.as_ref().unwrap_or(&src.retries().policy);
@@ -845,21 +857,74 @@ async fn ensure_enclosure_open(conn: &Conn) -> Result<(), Error> {
     Ok(())
 }
 
-/// Work on an enclosed connection: one savepoint, rolled back and released on
-/// error, never retried.
+/// Work on an enclosed connection: a savepoint, rolled back and released on
+/// error. Not retried, except under a [`Contention`] policy (the test
+/// harness's), when it failed on another transaction's locks.
 pub(crate) async fn in_savepoint<F: ConnWork>(
     mut conn: PooledConn,
     f: F,
     record: bool,
     statement_timeout: Option<Duration>,
+    contention: Option<&Contention>,
 ) -> Result<(F::Value, CommitPosition), Failed<F::Error>> {
     let plain = |e: Error| {
         let class = e.class();
         Failed::bare(F::Error::from(e), Some(class), 1)
     };
     ensure_enclosure_open(&conn).await.map_err(plain)?;
+    if let Some(c) = contention {
+        c.blockers.clear();
+    }
+    let started = Instant::now();
+    let mut attempt = 1;
+    let v = loop {
+        let outcome = savepoint_attempt(&mut conn, f.clone(), statement_timeout, attempt).await;
+        ensure_enclosure_open(&conn).await.map_err(plain)?;
+        let (failed, conflict) = match outcome {
+            Ok(v) => break v,
+            Err(e) => e,
+        };
+        let Some(c) = contention.filter(|_| conflict) else {
+            return Err(failed);
+        };
+        let waited = started.elapsed();
+        if attempt >= c.max_attempts || waited >= c.bound {
+            return Err(blocked(failed, c, waited, attempt));
+        }
+        let pause = c.backoff(attempt).min(c.bound - waited);
+        tracing::debug!(
+            target: "railyard::test",
+            sqlstate = failed.sqlstate().map(|s| s.code()),
+            attempt,
+            blockers = c.blockers.last(),
+            "enclosed work met another transaction's locks; rolled back to its savepoint, retrying"
+        );
+        tokio::time::sleep(pause).await;
+        attempt += 1;
+    };
+    let at = if record {
+        commit_position(&mut conn).await
+    } else {
+        CommitPosition::NotRecorded
+    };
+    Ok((v, at))
+}
+
+/// One savepoint around `f`. On failure, also says whether it failed on
+/// another transaction's locks (the savepoint is rolled back and released
+/// either way).
+async fn savepoint_attempt<F: ConnWork>(
+    conn: &mut PooledConn,
+    f: F,
+    statement_timeout: Option<Duration>,
+    attempt: u32,
+) -> Result<F::Value, (Failed<F::Error>, bool)> {
+    let plain = |e: Error| {
+        let class = e.class();
+        (Failed::bare(F::Error::from(e), Some(class), attempt), false)
+    };
     let wire = conn.wire_arc();
-    let host = host_of(&conn);
+    let host = host_of(conn);
     AnsiTransactionManager::begin_transaction(conn.pg())
         .await
         .map_err(|e| plain(Error::Query(e)))?;
@@ -873,17 +938,22 @@ pub(crate) async fn in_savepoint<F: ConnWork>(
             .map_err(|e| plain(Error::Query(e)))?;
     }
     let mark = wire.mark();
-    let result = f(&mut conn).await;
+    let result = f(conn).await;
     wire.quiesce(Duration::from_millis(100)).await;
-    let outcome = match result {
+    let conflict = |failure: &Failure| {
+        failure
+            .server
+            .as_ref()
+            .is_some_and(|s| contention::is_lock_conflict(&s.sqlstate()))
+    };
+    match result {
         Ok(_) if wire.tx_status() == TxStatus::Failed => {
             let failure = Failure::from_wire(&wire, mark, Phase::InFlight, host).await;
             let _ = conn.rollback_and_release().await;
-            Err(Failed::of(
-                F::Error::from(swallowed(&failure)),
-                &failure,
-                1,
-                None,
+            let error = F::Error::from(swallowed(&failure));
+            Err((
+                Failed::of(error, &failure, attempt, None),
+                conflict(&failure),
             ))
         }
         Ok(v) => match AnsiTransactionManager::commit_transaction(conn.pg()).await {
@@ -893,17 +963,64 @@ pub(crate) async fn in_savepoint<F: ConnWork>(
         Err(e) => {
             let failure = Failure::from_wire(&wire, mark, Phase::InFlight, host).await;
             let _ = conn.rollback_and_release().await;
-            Err(Failed::of(enrich(e, &failure, 1, None), &failure, 1, None))
+            let error = enrich(e, &failure, attempt, None);
+            Err((
+                Failed::of(error, &failure, attempt, None),
+                conflict(&failure),
+            ))
         }
+    }
+}
+
+/// Enclosed work that gave up on another transaction's locks: an
+/// [`Error::Blocked`] naming who held them, when the closure's error type is
+/// [`Error`] (any other type keeps its own error, and the facts stay on the
+/// [`Failed`]).
+fn blocked<E: 'static>(
+    failed: Failed<E>,
+    c: &Contention,
+    waited: Duration,
+    attempts: u32,
+) -> Failed<E> {
+    let blockers = c.blockers.last();
+    tracing::warn!(
+        target: "railyard::test",
+        attempts,
+        waited_ms = waited.as_millis() as u64,
+        blockers = blockers.as_deref().unwrap_or("unknown"),
+        "enclosed work gave up on another transaction's locks"
+    );
+    let Failed {
+        error,
+        class,
+        sqlstate,
+        exhausted,
+        ..
+    } = failed;
+    let any: Box<dyn Any> = Box::new(error);
+    let error = match any.downcast::<Error>() {
+        Ok(source) => {
+            let e: Box<dyn Any> = Box::new(Error::Blocked {
+                waited,
+                bound: c.bound,
+                attempts,
+                blockers,
+                source,
+            });
+            *e.downcast::<E>()
+                .expect("E is Error: it was just downcast to it")
+        }
+        Err(any) => *any
+            .downcast::<E>()
+            .expect("the value boxed just above is an E"),
     };
-    ensure_enclosure_open(&conn).await.map_err(plain)?;
-    let v = outcome?;
-    let at = if record {
-        commit_position(&mut conn).await
-    } else {
-        CommitPosition::NotRecorded
-    };
-    Ok((v, at))
+    Failed {
+        error,
+        class,
+        sqlstate,
+        attempts,
+        exhausted,
+    }
 }
 
 impl Conn {

@@ -46,6 +46,20 @@
 //!   its own writes without a [`crate::Session`] fails here rather than in
 //!   production.
 //! - [`proptest_cases`] runs each proptest case in its own savepoint.
+//! - Tests that meet on the same rows do not fail each other. Each test's
+//!   `application_name` is its name and its `lock_timeout` is its lock bound
+//!   (`#[railyard::test(lock_timeout = "30s")]`, else
+//!   `RAILYARD_TEST_LOCK_TIMEOUT`, else [`DEFAULT_LOCK_TIMEOUT`], 10 s). A `db.transaction`,
+//!   `db.write`, `db.read` or `db.with_primary` that fails with 40P01
+//!   (deadlock), 40001 or 55P03 (`NOWAIT` or the lock timeout) is rolled back
+//!   to its savepoint, which releases the locks it took, and run again after a
+//!   short pause; it then waits until the other test ends. When the bound
+//!   passes it fails with [`Error::Blocked`], which names the test that held
+//!   the lock (a watchdog asks `pg_blocking_pids` while a request waits). Two
+//!   tests that insert the same two keys in opposite orders both pass.
+//!   Statements run directly on `db.primary()` are not in a savepoint and are
+//!   not retried; when such a test fails, the harness still prints who held
+//!   the lock it waited for.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -62,6 +76,7 @@ use crate::conn::open::Opener;
 use crate::conn::wire::TxStatus;
 use crate::database::Database;
 use crate::error::{ConfigError, Error};
+use crate::exec::contention::{Blockers, Contention};
 use crate::local::LocalCluster;
 use crate::migrate::Migrator;
 
@@ -89,6 +104,32 @@ pub struct TestOptions {
     pub stale_replica: bool,
     /// The migrations the test database needs.
     pub migrations: fn() -> Migrator,
+    /// How long the test's work may be held up by other tests' locks before
+    /// it fails naming them (`None`: `RAILYARD_TEST_LOCK_TIMEOUT`, else
+    /// [`DEFAULT_LOCK_TIMEOUT`]).
+    pub lock_timeout: Option<Duration>,
+}
+
+/// How long a test's work may be held up by other tests' locks, unless the
+/// test (`lock_timeout = "…"`) or `RAILYARD_TEST_LOCK_TIMEOUT` says otherwise.
+pub const DEFAULT_LOCK_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The test's lock bound: its own, else the environment's, else the default.
+fn lock_bound(options: &TestOptions, env: Option<String>) -> Result<Duration, String> {
+    if let Some(d) = options.lock_timeout {
+        return Ok(d);
+    }
+    match env {
+        None => Ok(DEFAULT_LOCK_TIMEOUT),
+        Some(v) => humantime::parse_duration(v.trim())
+            .ok()
+            .filter(|d| !d.is_zero() && d.as_millis() <= i32::MAX as u128)
+            .ok_or_else(|| {
+                format!(
+                    "RAILYARD_TEST_LOCK_TIMEOUT={v:?} is not a duration between 1ms and 24 days; write it like \"10s\" or \"1500ms\""
+                )
+            }),
+    }
 }
 
 /// What a test body may return: nothing, or a `Result` whose error fails the test.
@@ -394,23 +435,41 @@ where
     Fut: Future,
     Fut::Output: TestOutcome,
 {
+    let bound = lock_bound(&options, std::env::var("RAILYARD_TEST_LOCK_TIMEOUT").ok())?;
     let target = prepared.admin.with_dbname(&prepared.shared);
     let mut conn = checkout(&target).await.map_err(|e| e.to_string())?;
     AnsiTransactionManager::begin_transaction(conn.pg())
         .await
         .map_err(|e| format!("BEGIN failed: {e}"))?;
+    conn.batch_execute(&contention_settings(options.name, bound))
+        .await
+        .map_err(|e| format!("setting the test's application_name and lock_timeout failed: {e}"))?;
     let stale = if options.stale_replica {
         Some(checkout(&target).await.map_err(|e| e.to_string())?)
     } else {
         None
     };
+    let contention = Arc::new(Contention::new(bound));
+    let seen = Arc::new(Blockers::default());
+    let watchdog = tokio::spawn(watch_locks(
+        prepared.admin.clone(),
+        conn.info().backend_pid,
+        conn.wire_arc(),
+        contention.clone(),
+        seen.clone(),
+    ));
     let db = Database::pinned_to(
         Config::new(target.clone()),
         conn,
         stale,
+        Some(contention),
         (options.migrations)(),
     );
     let result = AssertUnwindSafe(test(db.clone())).catch_unwind().await;
+    watchdog.abort();
+    let blocked_note = seen
+        .last()
+        .map(|who| format!("while it ran, it waited for locks held by {who}"));
     // Whatever happened, end the transaction: deferred constraints first.
     let mut conn = db.primary().await.map_err(|e| e.to_string())?;
     conn.wire().quiesce(Duration::from_millis(200)).await;
@@ -433,8 +492,16 @@ where
         checkin(&target, conn);
     }
     match result {
-        Err(panic) => std::panic::resume_unwind(panic),
-        Ok(out) => out.into_result()?,
+        Err(panic) => {
+            if let Some(note) = &blocked_note {
+                eprintln!("{}: {note}", options.name);
+            }
+            std::panic::resume_unwind(panic)
+        }
+        Ok(out) => out.into_result().map_err(|message| match &blocked_note {
+            Some(note) => format!("{message} ({note})"),
+            None => message,
+        })?,
     }
     if !still_open {
         return Err(Error::TestIsolation(
@@ -448,6 +515,128 @@ where
         ));
     }
     Ok(())
+}
+
+/// What the harness sets at the start of each test's transaction (`SET
+/// LOCAL`, so the reused connection is clean for the next test):
+/// `application_name` = the test's name, so that a test held up by this one
+/// can name it; `lock_timeout` = the lock bound, so that no wait outlasts it;
+/// and, for a superuser, a short `deadlock_timeout`, so that two tests that
+/// deadlock find out in a fifth of a second rather than a second.
+fn contention_settings(name: &str, bound: Duration) -> String {
+    // application_name keeps 63 bytes: keep the end of a long path, where the
+    // test's own name is.
+    let mut start = name.len().saturating_sub(63);
+    while !name.is_char_boundary(start) {
+        start += 1;
+    }
+    let app = name[start..].replace('\'', "''");
+    format!(
+        "SET LOCAL application_name = '{app}'; SET LOCAL lock_timeout = {}; \
+         SELECT set_config('deadlock_timeout', '200ms', true) FROM pg_roles \
+         WHERE rolname = current_user AND rolsuper",
+        bound.as_millis().clamp(1, i32::MAX as u128)
+    )
+}
+
+/// Who blocks backend `$1`: each blocker's `application_name` (a test's name,
+/// under the harness), pid and how long its transaction has been open.
+const BLOCKERS_SQL: &str = "SELECT string_agg(format('%s (pid %s, its transaction open for %s s)', \
+     CASE WHEN application_name = '' THEN 'a session without an application_name' ELSE application_name END, \
+     pid, COALESCE(round(extract(epoch FROM now() - xact_start)::numeric, 1)::text, '?')), '; ' ORDER BY pid) AS who \
+     FROM pg_stat_activity WHERE pid = ANY(pg_blocking_pids($1))";
+
+#[derive(diesel::QueryableByName)]
+struct Who {
+    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Text>)]
+    who: Option<String>,
+}
+
+/// The connection the lock watchdogs ask on: one per process, opened when a
+/// test first waits, reopened after a failure.
+fn observer() -> &'static tokio::sync::Mutex<Option<Conn>> {
+    static OBSERVER: OnceLock<tokio::sync::Mutex<Option<Conn>>> = OnceLock::new();
+    OBSERVER.get_or_init(Default::default)
+}
+
+async fn blockers_of(admin: &ConnectTarget, pid: i32) -> Result<Option<String>, Error> {
+    use diesel_async::RunQueryDsl;
+    let mut slot = observer().lock().await;
+    let conn = match &mut *slot {
+        Some(c) => c,
+        empty => {
+            let t = admin.clone();
+            let c = background().spawn(connect(t)).await.map_err(|e| {
+                Error::TestIsolation(format!("the harness's connect task failed: {e}"))
+            })??;
+            empty.insert(c)
+        }
+    };
+    let r = diesel::sql_query(BLOCKERS_SQL)
+        .bind::<diesel::sql_types::Integer, _>(pid)
+        .get_result::<Who>(conn)
+        .await;
+    match r {
+        Ok(w) => Ok(w.who),
+        Err(e) => {
+            *slot = None;
+            Err(e.into())
+        }
+    }
+}
+
+/// How often the watchdog looks at the test's connection, and how long a
+/// request must have been waiting before it asks the server who blocks it.
+const WATCH_EVERY: Duration = Duration::from_millis(100);
+const ASK_AFTER: Duration = Duration::from_millis(200);
+
+/// Runs beside a test: while one of the test's requests has been waiting for
+/// longer than [`ASK_AFTER`], asks the server (on the observer connection)
+/// who blocks the test's backend, and records it for the error the test gets
+/// if it gives up, and for the failure message. Costs nothing while the
+/// test's requests are answered promptly.
+async fn watch_locks(
+    admin: ConnectTarget,
+    pid: i32,
+    wire: Arc<crate::conn::wire::WireState>,
+    contention: Arc<Contention>,
+    seen: Arc<Blockers>,
+) {
+    let mut waiting: Option<(u64, tokio::time::Instant)> = None;
+    loop {
+        tokio::time::sleep(WATCH_EVERY).await;
+        if wire.is_closed() {
+            return;
+        }
+        if wire.in_flight() == 0 {
+            waiting = None;
+            continue;
+        }
+        let ready = wire.ready_count();
+        let since = match waiting {
+            Some((r, since)) if r == ready => since,
+            _ => {
+                waiting = Some((ready, tokio::time::Instant::now()));
+                continue;
+            }
+        };
+        if since.elapsed() < ASK_AFTER {
+            continue;
+        }
+        match tokio::time::timeout(Duration::from_secs(2), blockers_of(&admin, pid)).await {
+            Ok(Ok(Some(who))) => {
+                contention.blockers.saw(who.clone());
+                seen.saw(who);
+            }
+            Ok(Ok(None)) => {}
+            Ok(Err(e)) => {
+                tracing::debug!(target: "railyard::test", error = %e, "the lock watchdog could not ask who blocks the test")
+            }
+            Err(_) => {
+                tracing::debug!(target: "railyard::test", "the lock watchdog's question timed out")
+            }
+        }
+    }
 }
 
 async fn in_database<F, Fut>(
@@ -584,4 +773,52 @@ where
             })
         })
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn options(lock_timeout: Option<Duration>) -> TestOptions {
+        TestOptions {
+            name: "unit",
+            isolation: Isolation::Transaction,
+            stale_replica: false,
+            migrations: || unreachable!("not prepared in unit tests"),
+            lock_timeout,
+        }
+    }
+
+    #[::core::prelude::v1::test]
+    fn the_lock_bound_comes_from_the_test_then_the_environment_then_the_default() {
+        let own = Some(Duration::from_secs(3));
+        assert_eq!(
+            lock_bound(&options(own), Some("1s".into())),
+            Ok(Duration::from_secs(3))
+        );
+        assert_eq!(
+            lock_bound(&options(None), Some(" 1500ms ".into())),
+            Ok(Duration::from_millis(1500))
+        );
+        assert_eq!(lock_bound(&options(None), None), Ok(DEFAULT_LOCK_TIMEOUT));
+        for bad in ["", "0s", "ten", "-1s", "100days"] {
+            let e = lock_bound(&options(None), Some(bad.into())).unwrap_err();
+            assert!(e.contains("RAILYARD_TEST_LOCK_TIMEOUT"), "{e}");
+            assert!(e.contains(&format!("{bad:?}")), "{e}");
+        }
+    }
+
+    #[::core::prelude::v1::test]
+    fn the_settings_name_the_test_and_bound_its_waits() {
+        let sql = contention_settings("it::harness::o'brien", Duration::from_millis(1500));
+        assert!(
+            sql.contains("application_name = 'it::harness::o''brien'"),
+            "{sql}"
+        );
+        assert!(sql.contains("lock_timeout = 1500"), "{sql}");
+        let long = format!("{}::the_test_itself", "m".repeat(80));
+        let sql = contention_settings(&long, Duration::from_secs(1));
+        let app = sql.split('\'').nth(1).unwrap();
+        assert!(app.len() <= 63 && app.ends_with("the_test_itself"), "{app}");
+    }
 }

@@ -117,3 +117,56 @@ async fn sslmode_disable_never_reads_the_root_certificate() {
         .await
         .expect("no CA file is read without TLS");
 }
+
+/// The primary under another name (its Unix socket, where the primary URL
+/// says 127.0.0.1) passes every check a URL alone allows; at boot the
+/// "replica" says it is not in recovery and is the same server: refused,
+/// naming the setting.
+#[tokio::test]
+async fn the_primary_listed_as_a_replica_under_another_name_is_refused_at_boot() {
+    let Some(cluster) = support::cluster().await else {
+        return; // TEST_DATABASE_URL: no second name for the server is known
+    };
+    let primary = cluster.primary_target("postgres");
+    let config = Config::new(primary.clone())
+        .pool_max_size(1)
+        .replica(cluster.primary_socket_target("postgres"));
+    match Database::connect(config).await {
+        Err(Error::Config(e)) => {
+            assert_eq!(e.field, "replica URL 1", "{e}");
+            assert!(e.reason.contains("reaches the primary itself"), "{e}");
+        }
+        Err(e) => panic!("a configuration error: {e}"),
+        Ok(_) => panic!("the primary as its own replica was accepted"),
+    }
+
+    // The same through the environment names the variable.
+    let url = primary.expose_url();
+    let socket = cluster.primary_socket_target("postgres").expose_url();
+    let config = Config::from_vars([
+        ("DATABASE_URL", url.as_str()),
+        ("DATABASE_REPLICA_URLS", socket.as_str()),
+        ("RAILYARD_POOL_MAX_SIZE", "1"),
+    ])
+    .expect("the URLs differ");
+    match Database::connect(config).await {
+        Err(Error::Config(e)) => assert_eq!(e.field, "DATABASE_REPLICA_URLS", "{e}"),
+        other => panic!(
+            "a configuration error naming the variable: {:?}",
+            other.err()
+        ),
+    }
+
+    // The real standby is accepted, and its first connection is warm.
+    let config = Config::new(primary).replica(cluster.replica_target("postgres").unwrap());
+    let db = Database::connect(config)
+        .await
+        .expect("a standby is a replica");
+    assert_eq!(
+        db.pool_status()
+            .iter()
+            .filter(|p| p.connections > 0)
+            .count(),
+        2
+    );
+}

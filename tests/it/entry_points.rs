@@ -118,6 +118,7 @@ fn options(name: &'static str) -> TestOptions {
         isolation: Isolation::Transaction,
         stale_replica: false,
         migrations: || railyard::Migrator::new(crate::support::LEDGER),
+        lock_timeout: None,
     }
 }
 

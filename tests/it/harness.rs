@@ -61,7 +61,8 @@ async fn the_same_unique_email_in_two_parallel_tests_first(db: Database) {
     assert_eq!(users_like(&db, "same@parallel.test").await, 1);
 }
 
-#[railyard::test]
+// The second waits (at most 20 s) for the first to end, when they meet.
+#[railyard::test(lock_timeout = "20s")]
 async fn the_same_unique_email_in_two_parallel_tests_second(db: Database) {
     tokio::task::block_in_place(|| rendezvous(0));
     db.write(async |c| add_user(c, "same@parallel.test").await)
@@ -79,6 +80,7 @@ fn a_panicking_test_leaves_nothing_behind() {
         isolation: Isolation::Transaction,
         stale_replica: false,
         migrations: || railyard::Migrator::new(crate::support::LEDGER),
+        lock_timeout: None,
     };
     let m = marker.clone();
     let outcome = std::panic::catch_unwind(move || {
@@ -272,6 +274,7 @@ fn expect_failure(
         isolation: Isolation::Transaction,
         stale_replica: false,
         migrations: || railyard::Migrator::new(crate::support::LEDGER),
+        lock_timeout: None,
     };
     let outcome = std::panic::catch_unwind(move || railyard::testing::run(options, body));
     let panic = outcome.expect_err("the harness fails the test");
@@ -345,5 +348,202 @@ async fn isolation_options_degrade_to_what_a_savepoint_allows(db: Database) {
     assert_eq!(
         n, 1,
         "runs, as documented, without changing the test transaction's mode"
+    );
+}
+
+// ---- Tests that meet in the lock manager --------------------------------------
+
+fn lock_options(name: &'static str, lock_timeout: Option<Duration>) -> TestOptions {
+    TestOptions {
+        name,
+        isolation: Isolation::Transaction,
+        stale_replica: false,
+        migrations: || railyard::Migrator::new(crate::support::LEDGER),
+        lock_timeout,
+    }
+}
+
+/// Two harness tests, on two threads, that insert the same two unique keys in
+/// opposite orders: without the harness's help one of them fails with 40P01.
+/// Both pass; exactly one of them ran its work twice (rolled back to its
+/// savepoint, then waited for the other test to end).
+#[test]
+fn two_tests_that_lock_in_opposite_orders_both_pass() {
+    let keys = [0, 1].map(|i| format!("deadlock-{i}-{}@probe.test", std::process::id()));
+    let barrier = Arc::new(std::sync::Barrier::new(2));
+    let attempts = Arc::new([AtomicU32::new(0), AtomicU32::new(0)]);
+    let started = std::time::Instant::now();
+    let sides: Vec<_> = [
+        ("harness::deadlock_probe_a", 0usize),
+        ("harness::deadlock_probe_b", 1),
+    ]
+    .into_iter()
+    .map(|(name, side)| {
+        let (first, second) = (keys[side].clone(), keys[1 - side].clone());
+        let (barrier, attempts) = (barrier.clone(), attempts.clone());
+        std::thread::spawn(move || {
+            railyard::testing::run(lock_options(name, None), async move |db: Database| {
+                db.write(async |c| {
+                    let attempt = attempts[side].fetch_add(1, Ordering::SeqCst);
+                    add_user(c, &first).await?;
+                    if attempt == 0 {
+                        tokio::task::block_in_place(|| barrier.wait());
+                    }
+                    add_user(c, &second).await
+                })
+                .await
+                .unwrap();
+                assert_eq!(users_like(&db, &first).await, 1);
+                assert_eq!(users_like(&db, &second).await, 1);
+            })
+        })
+    })
+    .collect();
+    for side in sides {
+        side.join().expect("both tests pass");
+    }
+    let runs = [0, 1].map(|i| std::sync::atomic::AtomicU32::load(&attempts[i], Ordering::SeqCst));
+    assert_eq!(
+        runs.iter().sum::<u32>(),
+        3,
+        "one side ran once, the deadlock's loser twice: {runs:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+/// Runs `holder` and `waiter` as two harness tests on two threads; `holder`
+/// signals once it holds its lock, `waiter` starts its work after that.
+fn holder_and_waiter(
+    holder: impl FnOnce(
+        Database,
+        std::sync::mpsc::Sender<()>,
+    ) -> futures_util::future::BoxFuture<'static, ()>
+    + Send
+    + 'static,
+    waiter: impl FnOnce(Database) -> futures_util::future::BoxFuture<'static, ()> + Send + 'static,
+    waiter_timeout: Option<Duration>,
+) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let h = std::thread::spawn(move || {
+        railyard::testing::run(
+            lock_options("harness::lock_holder", None),
+            async move |db| holder(db, tx).await,
+        )
+    });
+    rx.recv_timeout(Duration::from_secs(30))
+        .expect("the holder took its lock");
+    railyard::testing::run(
+        lock_options("harness::lock_waiter", waiter_timeout),
+        async move |db| waiter(db).await,
+    );
+    h.join().expect("the holder passes");
+}
+
+#[test]
+fn a_wait_for_another_tests_lock_ends_when_that_test_ends() {
+    let key = format!("wait-{}@probe.test", std::process::id());
+    let k = key.clone();
+    holder_and_waiter(
+        move |db, tx| {
+            Box::pin(async move {
+                db.write(async |c| add_user(c, &k).await).await.unwrap();
+                tx.send(()).unwrap();
+                tokio::time::sleep(Duration::from_millis(800)).await;
+            })
+        },
+        move |db| {
+            Box::pin(async move {
+                let started = std::time::Instant::now();
+                db.write(async |c| add_user(c, &key).await).await.unwrap();
+                let waited = started.elapsed();
+                assert!(
+                    waited > Duration::from_millis(400) && waited < Duration::from_secs(3),
+                    "waited {waited:?}: as long as the holder ran, no longer"
+                );
+            })
+        },
+        None,
+    );
+}
+
+#[test]
+fn a_test_held_up_past_its_lock_timeout_fails_naming_the_other_test() {
+    let key = format!("bound-{}@probe.test", std::process::id());
+    let k = key.clone();
+    holder_and_waiter(
+        move |db, tx| {
+            Box::pin(async move {
+                db.write(async |c| add_user(c, &k).await).await.unwrap();
+                tx.send(()).unwrap();
+                tokio::time::sleep(Duration::from_secs(3)).await;
+            })
+        },
+        move |db| {
+            Box::pin(async move {
+                let started = std::time::Instant::now();
+                let err = db
+                    .write(async |c| add_user(c, &key).await)
+                    .await
+                    .unwrap_err();
+                let waited = started.elapsed();
+                assert!(waited < Duration::from_millis(2500), "{waited:?}");
+                assert!(
+                    matches!(&err, Error::Blocked { blockers: Some(who), .. } if who.contains("harness::lock_holder")),
+                    "{err:?}"
+                );
+                assert_eq!(err.sqlstate().map(|s| s.code()), Some("55P03"));
+                let message = err.to_string();
+                assert!(message.contains("harness::lock_holder"), "{message}");
+                assert!(message.contains("RAILYARD_TEST_LOCK_TIMEOUT"), "{message}");
+            })
+        },
+        Some(Duration::from_secs(1)),
+    );
+}
+
+#[test]
+fn nowait_against_another_test_is_retried_until_that_test_ends() {
+    holder_and_waiter(
+        |db, tx| {
+            Box::pin(async move {
+                let mut c = db.primary().await.unwrap();
+                c.batch_execute("LOCK TABLE __diesel_schema_migrations IN EXCLUSIVE MODE")
+                    .await
+                    .unwrap();
+                drop(c);
+                tx.send(()).unwrap();
+                tokio::time::sleep(Duration::from_millis(600)).await;
+            })
+        },
+        |db| {
+            Box::pin(async move {
+                let attempts = AtomicU32::new(0);
+                let started = std::time::Instant::now();
+                db.write(async |c| {
+                    attempts.fetch_add(1, Ordering::SeqCst);
+                    c.batch_execute(
+                        "LOCK TABLE __diesel_schema_migrations IN EXCLUSIVE MODE NOWAIT",
+                    )
+                    .await?;
+                    Ok::<_, Error>(())
+                })
+                .await
+                .unwrap();
+                assert!(
+                    AtomicU32::load(&attempts, Ordering::SeqCst) > 1,
+                    "NOWAIT failed at first"
+                );
+                assert!(
+                    started.elapsed() < Duration::from_secs(3),
+                    "{:?}",
+                    started.elapsed()
+                );
+            })
+        },
+        None,
     );
 }
