@@ -353,7 +353,9 @@ impl Migrator {
         let started = Instant::now();
         let conn = Self::connect(config).await?;
         let lock_timeout = self.lock_timeout.unwrap_or(config.migration_lock_timeout);
-        let mut report = self.run_on(conn, lock_timeout).await?;
+        let mut report = self
+            .run_with(conn, lock_timeout, config.pooler.per_transaction())
+            .await?;
         report.total = started.elapsed();
         Ok(report)
     }
@@ -363,6 +365,20 @@ impl Migrator {
         &self,
         conn: AsyncPgConnection,
         lock_timeout: Duration,
+    ) -> Result<MigrationReport, Error> {
+        self.run_with(conn, lock_timeout, false).await
+    }
+
+    /// Applies pending migrations under the session lock, or, behind a
+    /// transaction-mode pooler (where a session lock can be taken on one
+    /// server connection and released on another, or taken twice through one
+    /// shared server connection), one migration per transaction under a
+    /// transaction-scoped lock.
+    async fn run_with(
+        &self,
+        conn: AsyncPgConnection,
+        lock_timeout: Duration,
+        per_transaction: bool,
     ) -> Result<MigrationReport, Error> {
         let started = Instant::now();
         let source = self.source.clone();
@@ -382,6 +398,9 @@ impl Migrator {
                     already_applied: applied.rows.len(),
                     ..MigrationReport::default()
                 });
+            }
+            if per_transaction {
+                return apply_in_transactions(c, &known, allow, lock_timeout);
             }
             with_lock(c, lock_timeout, |c, lock_wait| {
                 let mut report = apply_pending(c, &known, allow)?;
@@ -824,6 +843,112 @@ fn apply_pending(
         });
     }
     Ok(report)
+}
+
+/// What one locked transaction of [`apply_in_transactions`] did.
+enum Step {
+    Applied(AppliedMigration),
+    Done { already_applied: usize },
+}
+
+/// Behind a transaction-mode pooler: each pending migration in a transaction
+/// of its own that first takes the migration lock with
+/// `pg_advisory_xact_lock` (released at COMMIT or ROLLBACK, so it cannot
+/// leak onto a server connection another client gets) and re-reads the
+/// history, so concurrent boots apply each migration once. A migration that
+/// opts out of transactions is refused: nothing could hold the lock around it.
+fn apply_in_transactions(
+    c: &mut SyncConn,
+    known: &[Known],
+    allow_latest: bool,
+    lock_timeout: Duration,
+) -> Result<MigrationReport, Error> {
+    let mut report = MigrationReport::default();
+    loop {
+        let (step, wait) = c.transaction::<_, Error, _>(|c| {
+            let wait = xact_lock(c, lock_timeout)?;
+            ensure_tables(c)?;
+            let applied = read_applied(c)?;
+            for k in check_history(&applied, known, allow_latest)? {
+                let edited = applied
+                    .rows
+                    .iter()
+                    .any(|a| a.version == k.version && a.up_sha256.is_some());
+                if edited {
+                    report.accepted_edits.push(k.version.clone());
+                } else {
+                    report.adopted.push(k.version.clone());
+                }
+                record(c, k, None)?;
+            }
+            let Some(k) = known
+                .iter()
+                .find(|k| !applied.rows.iter().any(|a| a.version == k.version))
+            else {
+                return Ok((
+                    Step::Done {
+                        already_applied: applied.rows.len(),
+                    },
+                    wait,
+                ));
+            };
+            if !k.migration.metadata().run_in_transaction() {
+                return Err(Error::Migration(MigrationError::Setting {
+                    setting: "RAILYARD_POOLER".into(),
+                    reason: format!(
+                        "migration {} runs outside a transaction (run_in_transaction = false), and behind a transaction-mode pooler no lock can be held around it; apply it with a direct connection to the server (`railyard migrate run` with DATABASE_URL pointing at PostgreSQL, or RAILYARD_POOLER=pgbouncer-session through a session-mode pool)",
+                        k.name
+                    ),
+                }));
+            }
+            let duration = apply_one(c, k)?;
+            Ok((
+                Step::Applied(AppliedMigration {
+                    version: k.version.clone(),
+                    name: k.name.clone(),
+                    duration,
+                }),
+                wait,
+            ))
+        })?;
+        report.lock_wait += wait;
+        match step {
+            Step::Applied(m) => {
+                tracing::info!(target: "railyard::migrate", version = %m.version, name = %m.name, duration = ?m.duration, "applied migration (transaction-scoped lock)");
+                report.applied.push(m);
+            }
+            Step::Done { already_applied } => {
+                report.already_applied = already_applied - report.applied.len();
+                return Ok(report);
+            }
+        }
+    }
+}
+
+/// Takes the migration lock for the current transaction, waiting at most
+/// `timeout`; returns how long it waited.
+fn xact_lock(c: &mut SyncConn, timeout: Duration) -> Result<Duration, Error> {
+    let started = Instant::now();
+    c.batch_execute(&format!(
+        "SET LOCAL lock_timeout = {}",
+        timeout.as_millis().clamp(1, i32::MAX as u128)
+    ))
+    .map_err(q)?;
+    let locked = diesel::sql_query("SELECT pg_advisory_xact_lock($1)")
+        .bind::<diesel::sql_types::BigInt, _>(Migrator::LOCK_KEY)
+        .execute(c);
+    if let Err(e) = locked {
+        if started.elapsed() >= timeout {
+            return Err(Error::Migration(MigrationError::LockTimeout {
+                waited: started.elapsed(),
+                holder_pid: None,
+            }));
+        }
+        return Err(q(e));
+    }
+    c.batch_execute("SET LOCAL lock_timeout = DEFAULT")
+        .map_err(q)?;
+    Ok(started.elapsed())
 }
 
 /// Runs one migration's `up.sql` with its bookkeeping rows, in one

@@ -181,6 +181,12 @@ fn apply(config: &mut Config, setting: Setting, key: &str, value: &str) -> Resul
             check_time_zone(key, value)?;
             config.time_zone = value.to_owned();
         }
+        Setting::Pooler => {
+            config.pooler = value.trim().parse().map_err(|mut e: ConfigError| {
+                e.field = key.to_owned();
+                e
+            })?
+        }
     }
     Ok(())
 }

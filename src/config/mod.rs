@@ -23,6 +23,7 @@
 //! | `RAILYARD_SSLMODE`, `RAILYARD_SSLROOTCERT` | TLS settings when the URL does not set them; the CA file is read only when the effective `sslmode` is not `disable` |
 //! | `RAILYARD_PASSWORD_FILE`, `RAILYARD_PASSWORD_ENV` | read the password for every new connection from a file (a regular file of at most [`MAX_PASSWORD_FILE_LEN`] bytes) or a variable; set one of them, not both |
 //! | `RAILYARD_TIME_ZONE` | session `TimeZone` (default `UTC`); checked by the server at the first connection |
+//! | `RAILYARD_POOLER` | `none` (default), `pgbouncer-session` or `pgbouncer-transaction`: the [`Pooler`] in front of the servers |
 //!
 //! Every `RAILYARD_*` variable above, when set, must not be empty: unset it to
 //! get the default. Errors name the variable (`RAILYARD_CONNECT_TIMEOUT`,
@@ -137,6 +138,82 @@ impl fmt::Display for SslMode {
     }
 }
 
+/// The connection pooler between the application and PostgreSQL, if any
+/// (`RAILYARD_POOLER`). It decides which session features Railyard may use.
+///
+/// | | `None` | `PgBouncerSession` | `PgBouncerTransaction` |
+/// |---|---|---|---|
+/// | default `statement_timeout` | startup parameter | `SET` at connect | `SET LOCAL` in each transaction Railyard opens |
+/// | prepared statements | named, cached | named, cached | rewritten to the unnamed statement, parsed in the round trip that runs it |
+/// | migration lock | session advisory lock | session advisory lock | transaction advisory lock, one migration per transaction |
+///
+/// ```
+/// use railyard::{Config, config::Pooler};
+/// let config = Config::from_url("postgres://app@localhost:6432/ledger")?
+///     .pooler(Pooler::PgBouncerTransaction);
+/// assert_eq!("pgbouncer-transaction".parse::<Pooler>()?, Pooler::PgBouncerTransaction);
+/// # Ok::<(), railyard::error::ConfigError>(())
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Pooler {
+    /// Railyard talks to PostgreSQL itself.
+    #[default]
+    None,
+    /// PgBouncer with `pool_mode = session`: a server connection per client
+    /// connection, reset (`DISCARD ALL`) when the client leaves.
+    PgBouncerSession,
+    /// PgBouncer with `pool_mode = transaction`: a server connection per
+    /// transaction; outside a transaction, each round trip may reach another.
+    PgBouncerTransaction,
+}
+
+impl Pooler {
+    /// The name used in `RAILYARD_POOLER`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Pooler::None => "none",
+            Pooler::PgBouncerSession => "pgbouncer-session",
+            Pooler::PgBouncerTransaction => "pgbouncer-transaction",
+        }
+    }
+
+    /// Whether startup parameters beyond the basic ones are refused (PgBouncer
+    /// refuses `options`).
+    pub(crate) fn plain_startup(self) -> bool {
+        self != Pooler::None
+    }
+
+    /// Whether a server connection lasts only one transaction.
+    pub(crate) fn per_transaction(self) -> bool {
+        self == Pooler::PgBouncerTransaction
+    }
+}
+
+impl FromStr for Pooler {
+    type Err = ConfigError;
+    fn from_str(s: &str) -> Result<Self, ConfigError> {
+        Ok(match s {
+            "none" => Pooler::None,
+            "pgbouncer-session" => Pooler::PgBouncerSession,
+            "pgbouncer-transaction" => Pooler::PgBouncerTransaction,
+            _ => {
+                return Err(ConfigError::new(
+                    "pooler",
+                    s,
+                    "expected one of none, pgbouncer-session, pgbouncer-transaction (the pool_mode of your PgBouncer)",
+                ));
+            }
+        })
+    }
+}
+
+impl fmt::Display for Pooler {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Which servers a connection may land on (libpq's `target_session_attrs`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 #[non_exhaustive]
@@ -243,11 +320,12 @@ pub(crate) enum Setting {
     PasswordFile,
     PasswordEnv,
     TimeZone,
+    Pooler,
 }
 
 impl Setting {
     /// Every setting, for the environment parser.
-    pub(crate) const ALL: [Setting; 15] = [
+    pub(crate) const ALL: [Setting; 16] = [
         Setting::PoolMaxSize,
         Setting::PoolMinIdle,
         Setting::ReplicaPoolMaxSize,
@@ -263,6 +341,7 @@ impl Setting {
         Setting::PasswordFile,
         Setting::PasswordEnv,
         Setting::TimeZone,
+        Setting::Pooler,
     ];
 
     /// The environment variable.
@@ -283,6 +362,7 @@ impl Setting {
             Setting::PasswordFile => "RAILYARD_PASSWORD_FILE",
             Setting::PasswordEnv => "RAILYARD_PASSWORD_ENV",
             Setting::TimeZone => "RAILYARD_TIME_ZONE",
+            Setting::Pooler => "RAILYARD_POOLER",
         }
     }
 
@@ -303,6 +383,7 @@ impl Setting {
             Setting::SslRootCert => "Config::ssl_root_cert",
             Setting::PasswordFile | Setting::PasswordEnv => "Config::credentials",
             Setting::TimeZone => "Config::time_zone",
+            Setting::Pooler => "Config::pooler",
         }
     }
 }
@@ -335,6 +416,7 @@ pub struct Config {
     pub(crate) credentials: Credentials,
     pub(crate) migration_lock_timeout: Duration,
     pub(crate) time_zone: String,
+    pub(crate) pooler: Pooler,
     pub(crate) breaker_threshold: u32,
     pub(crate) breaker_cooldown: Duration,
     /// The settings named by their environment variable in errors: all of them
@@ -361,6 +443,7 @@ impl fmt::Debug for Config {
             .field("credentials", &self.credentials)
             .field("migration_lock_timeout", &self.migration_lock_timeout)
             .field("time_zone", &self.time_zone)
+            .field("pooler", &self.pooler)
             .field("breaker_threshold", &self.breaker_threshold)
             .field("breaker_cooldown", &self.breaker_cooldown)
             .finish()
@@ -432,6 +515,7 @@ impl Config {
             credentials: Credentials::FromUrl,
             migration_lock_timeout: Duration::from_secs(60),
             time_zone: "UTC".to_owned(),
+            pooler: Pooler::None,
             breaker_threshold: 5,
             breaker_cooldown: Duration::from_millis(250),
             from_env: BTreeSet::new(),
@@ -779,6 +863,14 @@ impl Config {
     pub fn time_zone(mut self, tz: impl Into<String>) -> Self {
         self.from_env.remove(&Setting::TimeZone);
         self.time_zone = tz.into();
+        self
+    }
+
+    /// The pooler in front of the servers (see [`Pooler`]). Defaults to none.
+    #[must_use]
+    pub fn pooler(mut self, pooler: Pooler) -> Self {
+        self.from_env.remove(&Setting::Pooler);
+        self.pooler = pooler;
         self
     }
 

@@ -18,6 +18,7 @@ pub(crate) mod lease;
 pub(crate) mod open;
 pub(crate) mod pool;
 pub(crate) mod tls;
+pub(crate) mod unnamed;
 pub mod wire;
 
 use std::fmt;

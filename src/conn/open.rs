@@ -213,7 +213,8 @@ impl Opener {
             }
         };
         let wire = Arc::new(WireState::default());
-        let tapped = Tapped::new(socket, wire.clone(), true);
+        let tapped =
+            Tapped::new(socket, wire.clone(), true).unnamed(self.config.pooler.per_transaction());
 
         let mut pg = tokio_postgres::Config::new();
         if let Some(u) = &self.target.user {
@@ -230,13 +231,26 @@ impl Opener {
                 .application_name()
                 .unwrap_or(&self.config.application_name),
         );
-        // Session settings travel in the startup packet: no extra round trip.
-        let mut options = self.target.params.options.clone().unwrap_or_default();
-        if let Some(st) = self.config.statement_timeout_setting() {
-            options.push_str(&format!(" -c statement_timeout={st}"));
-        }
-        if !options.trim().is_empty() {
-            pg.options(options.trim());
+        // Session settings travel in the startup packet (no extra round
+        // trip), except through a pooler, which refuses `options`: then the
+        // statement timeout is a `SET` in the setup round trip (session
+        // mode), or a `SET LOCAL` in each transaction (transaction mode).
+        let pooler = self.config.pooler;
+        let mut setup_sets = String::new();
+        if pooler.plain_startup() {
+            if let Some(st) = self.config.statement_timeout_setting()
+                && !pooler.per_transaction()
+            {
+                setup_sets.push_str(&format!("SET statement_timeout = '{st}'; "));
+            }
+        } else {
+            let mut options = self.target.params.options.clone().unwrap_or_default();
+            if let Some(st) = self.config.statement_timeout_setting() {
+                options.push_str(&format!(" -c statement_timeout={st}"));
+            }
+            if !options.trim().is_empty() {
+                pg.options(options.trim());
+            }
         }
         let unix = matches!(host, Host::Unix(_));
         pg.ssl_mode(match (self.ssl_mode, unix) {
@@ -249,6 +263,7 @@ impl Opener {
             Host::Unix(_) => "localhost".to_owned(),
         };
         let connector = Connector::new(if unix { None } else { tls }, &server_name, wire.clone())
+            .map(|c| c.unnamed(pooler.per_transaction()))
             .map_err(|e| fail(ConnectStage::Tls, None, e.to_string()))?;
 
         let (client, connection) = match pg.connect_raw(tapped, connector).await {
@@ -264,7 +279,7 @@ impl Opener {
         // One round trip: time zone, then who we reached.
         let tz = self.config.time_zone.replace('\'', "''");
         let probe = format!(
-            "SET TIME ZONE '{tz}'; SELECT pg_backend_pid()::text, pg_is_in_recovery()::text, current_setting('server_version'), current_setting('transaction_read_only')"
+            "{setup_sets}SET TIME ZONE '{tz}'; SELECT pg_backend_pid()::text, pg_is_in_recovery()::text, current_setting('server_version'), current_setting('transaction_read_only')"
         );
         let rows = client
             .simple_query(&probe)

@@ -218,6 +218,7 @@ impl ServerCertVerifier for NoVerification {
 pub(crate) struct Connector {
     inner: Option<<tokio_postgres_rustls::MakeRustlsConnect as MakeTlsConnect<tokio_postgres::Socket>>::TlsConnect>,
     pub(crate) wire: Arc<WireState>,
+    unnamed: bool,
 }
 
 impl Connector {
@@ -240,7 +241,17 @@ impl Connector {
                 )
             }
         };
-        Ok(Connector { inner, wire })
+        Ok(Connector {
+            inner,
+            wire,
+            unnamed: false,
+        })
+    }
+
+    /// Rewrites named statements above TLS (see `super::unnamed`).
+    pub(crate) fn unnamed(mut self, on: bool) -> Self {
+        self.unnamed = on;
+        self
     }
 }
 
@@ -261,6 +272,7 @@ where
         stream.set_observing(false);
         let wire = self.wire.clone();
         let inner = self.inner;
+        let unnamed = self.unnamed;
         Box::pin(async move {
             let Some(inner) = inner else {
                 wire.note_tls_failure();
@@ -271,7 +283,7 @@ where
             match TlsConnect::<Tapped<S>>::connect(inner, stream).await {
                 Ok(tls) => {
                     wire.note_tls();
-                    Ok(Tapped::new(tls, wire, true))
+                    Ok(Tapped::new(tls, wire, true).unnamed(unnamed))
                 }
                 Err(e) => {
                     wire.note_tls_failure();

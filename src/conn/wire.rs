@@ -1,5 +1,6 @@
 //! The protocol tap: a pass-through stream under tokio-postgres that
-//! observes the bytes of one connection and never changes them.
+//! observes the bytes of one connection and, except behind a transaction-mode
+//! pooler (see `super::unnamed`), never changes them.
 //!
 //! Every connection opens its own socket (`Config::connect_raw`), wrapped in
 //! `Tapped`. When TLS is negotiated, our connector switches the socket's tap off
@@ -493,13 +494,33 @@ impl Framer {
 }
 
 /// A stream whose traffic is observed into a [`WireState`] while `observing` is on.
+///
+/// Behind a transaction-mode pooler it also hosts the statement rewriter
+/// ([`super::unnamed`]), on the same plaintext layer: the tap then observes
+/// what tokio-postgres wrote and what it is given to read.
 #[derive(Debug)]
 pub(crate) struct Tapped<S> {
     inner: S,
     wire: std::sync::Arc<WireState>,
     observing: bool,
     framer: Framer,
+    rewrite: Option<Box<Rewrite>>,
 }
+
+/// The rewriter and its buffers: rewritten bytes not yet written, filtered
+/// bytes not yet read.
+#[derive(Debug, Default)]
+struct Rewrite {
+    unnamer: super::unnamed::Unnamer,
+    out: Vec<u8>,
+    out_at: usize,
+    back: Vec<u8>,
+    back_at: usize,
+    scratch: Vec<u8>,
+}
+
+/// Rewritten bytes that may wait unwritten before a write waits too.
+const REWRITE_HIGH_WATER: usize = 256 * 1024;
 
 impl<S> Tapped<S> {
     pub(crate) fn new(inner: S, wire: std::sync::Arc<WireState>, observing: bool) -> Self {
@@ -508,11 +529,84 @@ impl<S> Tapped<S> {
             wire,
             observing,
             framer: Framer::default(),
+            rewrite: None,
         }
+    }
+
+    /// Rewrites named statements into unnamed ones (see [`super::unnamed`]).
+    pub(crate) fn unnamed(mut self, on: bool) -> Self {
+        self.rewrite = on.then(Default::default);
+        self
     }
 
     pub(crate) fn set_observing(&mut self, on: bool) {
         self.observing = on;
+        if !on {
+            // Below TLS the bytes are ciphertext: the layer above rewrites.
+            self.rewrite = None;
+        }
+    }
+}
+
+impl<S: AsyncWrite + Unpin> Tapped<S> {
+    /// Writes pending rewritten bytes; `Ready(Ok)` once none are left.
+    fn drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let Some(rw) = self.rewrite.as_deref_mut() else {
+            return Poll::Ready(Ok(()));
+        };
+        while rw.out_at < rw.out.len() {
+            match Pin::new(&mut self.inner).poll_write(cx, &rw.out[rw.out_at..]) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Poll::Ready(Ok(n)) => rw.out_at += n,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        rw.out.clear();
+        rw.out_at = 0;
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<S: AsyncRead + Unpin> Tapped<S> {
+    /// A read through the rewriter: the server's bytes, without the replies to
+    /// the rewriter's own messages.
+    fn poll_read_rewritten(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        loop {
+            let rw = self.rewrite.as_deref_mut().expect("called with a rewriter");
+            if rw.back_at < rw.back.len() {
+                let n = (rw.back.len() - rw.back_at).min(buf.remaining());
+                let from = rw.back_at;
+                buf.put_slice(&rw.back[from..from + n]);
+                rw.back_at += n;
+                if self.observing {
+                    self.framer.on_read(&rw.back[from..from + n], &self.wire);
+                }
+                if rw.back_at == rw.back.len() {
+                    rw.back.clear();
+                    rw.back_at = 0;
+                }
+                return Poll::Ready(Ok(()));
+            }
+            rw.scratch.resize(16 * 1024, 0);
+            let mut raw = ReadBuf::new(&mut rw.scratch);
+            match Pin::new(&mut self.inner).poll_read(cx, &mut raw) {
+                Poll::Ready(Ok(())) => {}
+                other => return other,
+            }
+            let n = raw.filled().len();
+            if n == 0 {
+                self.wire.mark_closed(None);
+                return Poll::Ready(Ok(()));
+            }
+            self.wire.bytes_read.fetch_add(n as u64, Ordering::Relaxed);
+            let (unnamer, scratch, back) = (&mut rw.unnamer, &rw.scratch, &mut rw.back);
+            unnamer.read(&scratch[..n], back);
+        }
     }
 }
 
@@ -523,6 +617,9 @@ impl<S: AsyncRead + Unpin> AsyncRead for Tapped<S> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if this.rewrite.is_some() {
+            return this.poll_read_rewritten(cx, buf);
+        }
         let before = buf.filled().len();
         let r = Pin::new(&mut this.inner).poll_read(cx, buf);
         if let Poll::Ready(Ok(())) = &r {
@@ -547,6 +644,29 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Tapped<S> {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
+        if this.rewrite.is_some() {
+            if let Poll::Ready(Err(e)) = this.drain(cx) {
+                return Poll::Ready(Err(e));
+            }
+            let rw = this.rewrite.as_deref_mut().expect("checked above");
+            if rw.out.len() - rw.out_at > REWRITE_HIGH_WATER {
+                // `drain` returned Pending with the waker registered.
+                return Poll::Pending;
+            }
+            if let Err(e) = rw.unnamer.write(buf, &mut rw.out) {
+                return Poll::Ready(Err(io::Error::other(e.to_string())));
+            }
+            if this.observing {
+                this.framer.on_write(buf, &this.wire);
+            }
+            this.wire
+                .bytes_written
+                .fetch_add(buf.len() as u64, Ordering::Relaxed);
+            if let Poll::Ready(Err(e)) = this.drain(cx) {
+                return Poll::Ready(Err(e));
+            }
+            return Poll::Ready(Ok(buf.len()));
+        }
         let r = Pin::new(&mut this.inner).poll_write(cx, buf);
         if this.observing
             && let Poll::Ready(Ok(n)) = &r
@@ -560,11 +680,15 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Tapped<S> {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+        let this = self.get_mut();
+        std::task::ready!(this.drain(cx))?;
+        Pin::new(&mut this.inner).poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+        let this = self.get_mut();
+        std::task::ready!(this.drain(cx))?;
+        Pin::new(&mut this.inner).poll_shutdown(cx)
     }
 }
 

@@ -957,6 +957,15 @@ impl Source for Database {
         &self.inner.retries
     }
 
+    fn transaction_statement_timeout(&self) -> Option<Duration> {
+        let config = &self.inner.config;
+        config
+            .pooler
+            .per_transaction()
+            .then_some(config.statement_timeout)
+            .flatten()
+    }
+
     fn contention(&self) -> Option<&Contention> {
         match &self.inner.connections {
             Connections::Pinned { contention, .. } => contention.as_deref(),

@@ -132,6 +132,11 @@ pub(crate) trait Source: Sync {
     fn contention(&self) -> Option<&Contention> {
         None
     }
+    /// A statement timeout every transaction sets for itself (behind a
+    /// transaction-mode pooler, where no session setting lasts).
+    fn transaction_statement_timeout(&self) -> Option<Duration> {
+        None
+    }
 }
 
 /// Where a committed piece of work left the primary's WAL, for causal tokens.
@@ -399,7 +404,9 @@ pub(crate) struct TxOptions {
 }
 
 impl TxOptions {
-    fn begin_sql(&self) -> String {
+    /// `BEGIN` with the modes, and `SET LOCAL statement_timeout` when the
+    /// options ask for one or the source has a per-transaction default.
+    fn begin_sql(&self, default_timeout: Option<Duration>) -> String {
         let mut sql = String::from("BEGIN");
         let mut modes = Vec::new();
         if let Some(level) = self.isolation {
@@ -415,7 +422,7 @@ impl TxOptions {
             sql.push_str(" TRANSACTION ");
             sql.push_str(&modes.join(", "));
         }
-        if let Some(t) = self.statement_timeout {
+        if let Some(t) = self.statement_timeout.or(default_timeout) {
             // One round trip: BEGIN and SET LOCAL travel together.
             sql.push_str(&format!(
                 "; SET LOCAL statement_timeout = {}",
@@ -452,7 +459,7 @@ pub(crate) async fn transaction<S: Source, F: ConnWork>(
         }
         First::Lease(first) => first,
     };
-    let begin = opts.begin_sql();
+    let begin = opts.begin_sql(src.transaction_statement_timeout());
     let policy = opts.policy.as_ref().unwrap_or(&src.retries().policy);
     let attempts = AtomicU32::new(0);
     let cancel = CancelSlot::default();

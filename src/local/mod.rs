@@ -33,6 +33,7 @@ use rand::distr::Alphanumeric;
 use crate::config::{Config, ConnectTarget, Host, Secret, SslMode};
 use crate::error::Error;
 
+pub mod pgbouncer;
 pub mod scratch;
 
 const USER: &str = "railyard";
@@ -529,6 +530,11 @@ impl LocalCluster {
 
 /// Stops the cluster in `dir` (default directory when `None`).
 pub fn stop_dir(dir: &Path) -> Result<(), Error> {
+    // A PgBouncer's directory holds no servers, only its pid file.
+    pgbouncer::stop(dir)?;
+    if !dir.join("pg").exists() {
+        return Ok(());
+    }
     let bins = Binaries::find()?;
     let run_as = RunAs::detect()?;
     let pg = dir.join("pg");

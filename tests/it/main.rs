@@ -12,6 +12,7 @@ mod local;
 mod migrations;
 #[cfg(feature = "http")]
 mod observe;
+mod pooler;
 mod route;
 mod support;
 mod tls;

@@ -1,0 +1,209 @@
+//! Behind a real PgBouncer (Debian's 1.18, default settings), in session and
+//! in transaction mode: concurrent boots with migrations, contended ledger
+//! transfers, health probes, read-your-writes on the replica, and the
+//! statement timeout, all through the pooler (TLS on both sides).
+
+use std::time::{Duration, Instant};
+
+use diesel::sql_types::BigInt;
+use diesel_async::RunQueryDsl;
+use railyard::config::Pooler;
+use railyard::local::pgbouncer::LocalPgBouncer;
+use railyard::{Config, Conn, Database, Error, ErrorClass, RetryPolicy};
+
+use crate::support;
+
+#[derive(diesel::QueryableByName)]
+struct N {
+    #[diesel(sql_type = BigInt)]
+    n: i64,
+}
+
+async fn balance(conn: &mut Conn, id: i64) -> Result<i64, Error> {
+    let b: N = diesel::sql_query("SELECT balance_cents AS n FROM accounts WHERE id = $1")
+        .bind::<BigInt, _>(id)
+        .get_result(conn)
+        .await?;
+    Ok(b.n)
+}
+
+async fn behind(mode: Pooler) {
+    let Some(cluster) = support::cluster().await else {
+        return; // TEST_DATABASE_URL: no local servers to put a PgBouncer in front of
+    };
+    let fresh = support::fresh_database("pooled").await;
+    let name = fresh.name.clone();
+    let primary = LocalPgBouncer::start(cluster, cluster.primary_port(), mode)
+        .await
+        .expect("PgBouncer starts (apt-get install pgbouncer)");
+    let replica = LocalPgBouncer::start(cluster, cluster.replica_port().unwrap(), mode)
+        .await
+        .expect("a second PgBouncer starts");
+    let config = || {
+        Config::new(primary.target(&name))
+            .replica(replica.target(&name))
+            .pooler(mode)
+            .pool_max_size(4)
+            .statement_timeout(Some(Duration::from_secs(5)))
+    };
+
+    // 8 concurrent boots, each migrating: every one succeeds, each migration
+    // is applied once.
+    let started = Instant::now();
+    let boots = futures_util::future::join_all((0..8).map(|_| {
+        Database::builder(config())
+            .migrations(railyard::Migrator::new(support::LEDGER))
+            .connect()
+    }))
+    .await;
+    let mut applied = 0;
+    let mut dbs = Vec::new();
+    for b in boots {
+        let db = b.unwrap_or_else(|e| panic!("{mode}: a boot failed: {e}"));
+        applied += db.migration_report().map_or(0, |r| r.applied.len());
+        dbs.push(db);
+    }
+    assert_eq!(applied, 3, "{mode}: each migration applied once");
+    eprintln!("{mode}: 8 concurrent boots in {:.2?}", started.elapsed());
+    let db = Database::builder(dbs[0].config().clone())
+        .retry_policy(RetryPolicy::default().max_attempts(100))
+        .retry_budget(railyard::RetryBudget::new(
+            10.0,
+            1000.0,
+            Duration::from_secs(10),
+        ))
+        .connect()
+        .await
+        .unwrap();
+    drop(dbs);
+
+    // Contended transfers: 8 tasks × 500, serializable, retried; money conserved.
+    let ids = support::accounts(&db, 4, 10_000).await;
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..8u64)
+        .map(|task| {
+            let (db, ids) = (db.clone(), ids.clone());
+            tokio::spawn(async move {
+                for i in 0..500u64 {
+                    let from = ids[((task + i) % 4) as usize];
+                    let to = ids[((task * 7 + i * 3 + 1) % 4) as usize];
+                    if from == to {
+                        continue;
+                    }
+                    let amount = ((task * 31 + i * 17) % 100 + 1) as i64;
+                    db.build_transaction()
+                        .serializable()
+                        .run(async |conn| {
+                            if balance(conn, from).await? >= amount {
+                                let mut moves = [(from, -amount), (to, amount)];
+                                moves.sort();
+                                for (id, delta) in moves {
+                                    diesel::sql_query(
+                                        "UPDATE accounts SET balance_cents = balance_cents + $2 WHERE id = $1",
+                                    )
+                                    .bind::<BigInt, _>(id)
+                                    .bind::<BigInt, _>(delta)
+                                    .execute(conn)
+                                    .await?;
+                                }
+                            }
+                            Ok::<_, Error>(())
+                        })
+                        .await
+                        .expect("every transfer completes through retries");
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let mut conn = db.primary().await.unwrap();
+    let mut total = 0;
+    for id in &ids {
+        total += balance(&mut conn, *id).await.unwrap();
+    }
+    drop(conn);
+    assert_eq!(total, 40_000, "{mode}: money is conserved");
+    eprintln!(
+        "{mode}: 8 × 500 contended transfers in {:.2?}; retries {:?}",
+        started.elapsed(),
+        db.retry_counts()
+    );
+
+    // 1,000 health probes, 50 at a time: all answered from the pools.
+    let started = Instant::now();
+    for _ in 0..20 {
+        let probes = futures_util::future::join_all((0..50).map(|_| db.health())).await;
+        for h in probes {
+            assert!(
+                h.status != railyard::observe::HealthStatus::Unhealthy,
+                "{mode}: {h:?}"
+            );
+        }
+    }
+    eprintln!("{mode}: 1000 health probes in {:.2?}", started.elapsed());
+
+    // Read-your-writes in a session, on the replica through its own PgBouncer.
+    let session = db.session();
+    let email = format!("{}@pooler.test", support::unique("ryw"));
+    session
+        .write(async |c| support::insert_user(c, &email).await)
+        .await
+        .unwrap();
+    let (n, route) = session
+        .read_routed(async |c| support::count_user(c, &email).await)
+        .await
+        .unwrap();
+    assert_eq!(n, 1, "{mode}: the session reads its own write ({route:?})");
+
+    // The statement timeout holds inside transactions (SET at connect in
+    // session mode, SET LOCAL in each transaction in transaction mode).
+    let short = Database::connect(config().statement_timeout(Some(Duration::from_millis(200))))
+        .await
+        .unwrap();
+    let err = short
+        .transaction(async |c| {
+            diesel::sql_query("SELECT pg_sleep(2)").execute(c).await?;
+            Ok::<_, Error>(())
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.class(), ErrorClass::Timeout, "{mode}: {err}");
+
+    // Plain queries with parameters, many shapes, from many tasks.
+    let tasks: Vec<_> = (0..16)
+        .map(|i| {
+            let db = db.clone();
+            tokio::spawn(async move {
+                for j in 0..50i64 {
+                    let v: N = db
+                        .read(async |c| {
+                            Ok::<_, Error>(
+                                diesel::sql_query(format!("SELECT $1::bigint + {} AS n", i % 4))
+                                    .bind::<BigInt, _>(j)
+                                    .get_result::<N>(c)
+                                    .await?,
+                            )
+                        })
+                        .await
+                        .unwrap();
+                    assert_eq!(v.n, j + i % 4);
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn everything_works_behind_pgbouncer_in_transaction_mode() {
+    behind(Pooler::PgBouncerTransaction).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn everything_works_behind_pgbouncer_in_session_mode() {
+    behind(Pooler::PgBouncerSession).await;
+}
