@@ -207,3 +207,50 @@ async fn everything_works_behind_pgbouncer_in_transaction_mode() {
 async fn everything_works_behind_pgbouncer_in_session_mode() {
     behind(Pooler::PgBouncerSession).await;
 }
+
+/// The price of the transaction-mode path, against the normal one, on the
+/// same server in the same run: each execution parses its statement again
+/// (and the first of each shape describes it), where the normal path reuses
+/// a prepared statement. Connected directly, so only the rewriting differs.
+#[tokio::test]
+async fn the_pooler_safe_path_costs_a_parse_per_query() {
+    let base = support::ledger(|c| c).await;
+    let normal = Database::connect(base.config().clone().pool_max_size(1))
+        .await
+        .unwrap();
+    let safe = Database::connect(
+        base.config()
+            .clone()
+            .pool_max_size(1)
+            .pooler(Pooler::PgBouncerTransaction),
+    )
+    .await
+    .unwrap();
+    let ids = support::accounts(&normal, 1, 100).await;
+    async fn run(db: &Database, id: i64, n: usize) -> Duration {
+        let mut conn = db.primary().await.unwrap();
+        let started = Instant::now();
+        for _ in 0..n {
+            assert_eq!(balance(&mut conn, id).await.unwrap(), 100);
+        }
+        started.elapsed()
+    }
+    // Warm both, then alternate rounds so drift hits both alike.
+    run(&normal, ids[0], 50).await;
+    run(&safe, ids[0], 50).await;
+    let (mut a, mut b) = (Duration::ZERO, Duration::ZERO);
+    for _ in 0..5 {
+        a += run(&normal, ids[0], 400).await;
+        b += run(&safe, ids[0], 400).await;
+    }
+    let ratio = b.as_secs_f64() / a.as_secs_f64();
+    eprintln!(
+        "point query, 2000 each: normal {:.1} µs, pooler-safe {:.1} µs per query: {ratio:.2}×",
+        a.as_secs_f64() * 1e6 / 2000.0,
+        b.as_secs_f64() * 1e6 / 2000.0
+    );
+    assert!(
+        ratio < 3.0,
+        "the rewriting path costs {ratio:.2}× the normal one"
+    );
+}
