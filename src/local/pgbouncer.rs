@@ -236,10 +236,22 @@ pub(crate) fn stop(dir: &Path) -> Result<(), Error> {
     if comm.trim() != "pgbouncer" {
         return Ok(());
     }
+    // Exited, or a zombie waiting for a parent that may never reap it (the
+    // daemon's parent is init, which in a container may not reap).
+    let alive = |pid: i32| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|s| {
+                s.rsplit_once(')')
+                    .and_then(|(_, rest)| rest.trim_start().chars().next())
+            })
+            .is_some_and(|state| state != 'Z' && state != 'X')
+    };
+    let raw = pid;
     let pid = Pid::from_raw(pid);
     let _ = kill(pid, Signal::SIGTERM);
     let deadline = Instant::now() + Duration::from_secs(5);
-    while kill(pid, None).is_ok() {
+    while alive(raw) {
         if Instant::now() > deadline {
             kill(pid, Signal::SIGKILL)
                 .map_err(|e| Error::io("killing pgbouncer", std::io::Error::from(e)))?;
