@@ -53,6 +53,7 @@ pub(crate) struct Contention {
 
 impl Contention {
     /// A policy with `bound` and the harness's attempt limit.
+    #[cfg_attr(not(feature = "testing"), allow(dead_code))]
     pub(crate) fn new(bound: Duration) -> Self {
         Contention {
             bound,
@@ -77,10 +78,12 @@ impl Contention {
 pub(crate) struct Blockers(Mutex<Option<String>>);
 
 /// Longest description kept.
+#[cfg_attr(not(feature = "testing"), allow(dead_code))]
 const MAX_DESCRIPTION: usize = 1024;
 
 impl Blockers {
     /// Records a sighting.
+    #[cfg_attr(not(feature = "testing"), allow(dead_code))]
     pub(crate) fn saw(&self, description: String) {
         let mut d = description;
         if d.len() > MAX_DESCRIPTION {
