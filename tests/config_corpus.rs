@@ -451,6 +451,30 @@ fn corpus() -> Vec<Case> {
     ] {
         c.push(var("RAILYARD_TIME_ZONE", v));
     }
+    for v in [
+        "",
+        "pgbouncer",
+        "PgBouncer-Transaction",
+        "transaction",
+        "pgpool",
+        &format!("postgres://app:{m}@h/db"),
+    ] {
+        c.push(var("RAILYARD_POOLER", v));
+    }
+    // The `options` startup parameter cannot pass through PgBouncer.
+    c.push(
+        case(
+            &[
+                (
+                    "DATABASE_URL",
+                    &format!("{b}?options=-c%20statement_timeout%3D5s"),
+                ),
+                ("RAILYARD_POOLER", "pgbouncer-transaction"),
+            ],
+            "DATABASE_URL (options)",
+        )
+        .says("PgBouncer refuses"),
+    );
     c
 }
 

@@ -238,6 +238,7 @@ fn extra_vars(marker: String) -> impl Strategy<Value = Vec<(String, String)>> {
         "RAILYARD_SSLROOTCERT",
         "RAILYARD_PASSWORD_FILE",
         "RAILYARD_PASSWORD_ENV",
+        "RAILYARD_POOLER",
     ]);
     let value = prop_oneof![
         Just(format!("postgres://u:{marker}@h/db")),

@@ -571,6 +571,22 @@ impl Config {
         };
         size(S::PoolMaxSize, self.pool.max_size)?;
         size(S::ReplicaPoolMaxSize, self.replica_pool_max_size)?;
+        if self.pooler.plain_startup() {
+            let targets = std::iter::once(&self.primary).chain(&self.replicas);
+            if let Some(i) = targets
+                .enumerate()
+                .find_map(|(i, t)| t.params.options.is_some().then_some(i))
+            {
+                return Err(ConfigError::hidden(
+                    format!("{} (options)", self.target_field(i)),
+                    format!(
+                        "PgBouncer refuses the `options` startup parameter ({} is {}): remove it, and set the statement timeout with RAILYARD_STATEMENT_TIMEOUT, other settings with `ALTER ROLE … SET`",
+                        self.field(S::Pooler),
+                        self.pooler
+                    ),
+                ));
+            }
+        }
         if let Some(min) = self.pool.min_idle {
             if min > self.pool.max_size {
                 return Err(ConfigError::new(
