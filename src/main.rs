@@ -89,7 +89,10 @@ enum LocalAction {
     /// Say whether the cluster runs, and where.
     Status,
     /// Print DATABASE_URL and DATABASE_REPLICA_URLS lines, for `eval` or a .env file.
-    Env,
+    Env {
+        /// The database (created when missing); defaults to `railyard`.
+        dbname: Option<String>,
+    },
     /// Reclaim what test runs left: scratch databases and private clusters of
     /// dead runs, and harness templates not prepared recently; print the space freed.
     Gc {
@@ -132,13 +135,17 @@ fn tracing_subscriber_init(filter: &str) -> Result<(), String> {
         .map_err(|e| e.to_string())
 }
 
-/// The config from the environment, or the local cluster's when DATABASE_URL is unset.
+/// The config from the environment; when DATABASE_URL is unset (development
+/// and test profiles), the local cluster's, started or joined here so that the
+/// report can say how.
 async fn config() -> Result<(Config, Option<LocalCluster>), railyard::Error> {
-    if std::env::var_os("DATABASE_URL").is_some() {
-        return Ok((Config::from_env()?, None));
+    let config = Config::from_env()?;
+    if config.local_database().is_none() {
+        return Ok((config, None));
     }
     let cluster = LocalCluster::shared().await?;
-    Ok((cluster.config(), Some(cluster)))
+    let config = cluster.resolve(config).await?;
+    Ok((config, Some(cluster)))
 }
 
 async fn run(command: Command) -> Result<(), railyard::Error> {
@@ -400,9 +407,16 @@ async fn local(action: LocalAction) -> Result<(), railyard::Error> {
                 report.clusters.len()
             );
         }
-        LocalAction::Env => {
+        LocalAction::Env { dbname } => {
             let c = LocalCluster::shared().await?;
-            out!("{}", c.env_lines().trim_end());
+            let lines = match dbname {
+                Some(db) => {
+                    c.create_database(&db).await?;
+                    c.env_lines_for(&db)
+                }
+                None => c.env_lines(),
+            };
+            out!("{}", lines.trim_end());
         }
     }
     Ok(())

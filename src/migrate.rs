@@ -353,6 +353,12 @@ impl Migrator {
         let started = Instant::now();
         let conn = Self::connect(config).await?;
         let lock_timeout = self.lock_timeout.unwrap_or(config.migration_lock_timeout);
+        if config.profile() == crate::config::Profile::Production && self.edits_allowed()? {
+            return Err(Error::Migration(MigrationError::Setting {
+                setting: ALLOW_EDITED_VAR.into(),
+                reason: "the production profile (RAILYARD_ENV=production) never accepts edited migrations; unset it and add a new migration instead".into(),
+            }));
+        }
         let mut report = self
             .run_with(conn, lock_timeout, config.pooler.per_transaction())
             .await?;

@@ -273,7 +273,24 @@ fn corpus() -> Vec<Case> {
         .hidden(),
         case(&[("DATABASE_URL", "")], "DATABASE_URL").hidden(),
         case(&[("DATABASE_URL", "  ")], "DATABASE_URL").hidden(),
-        case(&[("RAILYARD_POOL_MAX_SIZE", "3")], "DATABASE_URL").says("not set"),
+        case(
+            &[
+                ("RAILYARD_ENV", "production"),
+                ("RAILYARD_POOL_MAX_SIZE", "3"),
+            ],
+            "DATABASE_URL",
+        )
+        .says("not set"),
+        case(&[("RAILYARD_ENV", "staging")], "RAILYARD_ENV").shows("staging"),
+        case(
+            &[("RAILYARD_ENV", &format!("postgres://app:{m}@h/db"))],
+            "RAILYARD_ENV",
+        ),
+        case(
+            &[("DATABASE_REPLICA_URLS", &format!("postgres://app:{m}@r/db"))],
+            "DATABASE_REPLICA_URLS",
+        )
+        .says("without DATABASE_URL"),
     ];
     // Replica lists: only whitespace and commas separate URLs.
     let r1 = format!("postgres://app:{m}@r1:5432/ledger");

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use super::profile::{PROFILE_VAR, Profile, local_database_name};
 use super::url::{check_name, check_path, check_time_zone};
 use super::{
     Config, ConnectTarget, Credentials, MAX_DURATION, MAX_POOL_SIZE, Setting, prefix_field,
@@ -13,7 +14,10 @@ use crate::error::ConfigError;
 
 impl Config {
     /// Reads `DATABASE_URL`, `DATABASE_REPLICA_URLS` and the `RAILYARD_*` variables
-    /// (see the module docs). `DATABASE_URL` is required.
+    /// (see the module docs). `RAILYARD_ENV` picks the defaults (see
+    /// [`Profile`]); without `DATABASE_URL`, the development and test
+    /// profiles stand for the local cluster ([`Config::local_database`]), and
+    /// production refuses.
     pub fn from_env() -> Result<Self, ConfigError> {
         // A variable that is not UTF-8 is kept (lossily) so that it is refused
         // by name rather than ignored.
@@ -49,20 +53,54 @@ impl Config {
                 k == "DATABASE_URL" || k == "DATABASE_REPLICA_URLS" || k.starts_with("RAILYARD_")
             })
             .collect();
-        let url = vars.get("DATABASE_URL").ok_or_else(|| {
-            ConfigError::new(
-                "DATABASE_URL",
-                "",
-                "not set; set it to postgres://user:password@host:port/dbname",
-            )
-        })?;
-        if url.trim().is_empty() {
-            return Err(ConfigError::hidden(
-                "DATABASE_URL",
-                "empty; set it to postgres://user:password@host:port/dbname",
-            ));
-        }
-        let mut config = Config::from_url(url).map_err(|e| prefix_field("DATABASE_URL", e))?;
+        let profile = match vars.get(PROFILE_VAR) {
+            None => Profile::of_build(),
+            Some(v) => v.trim().parse::<Profile>()?,
+        };
+        let mut config = match vars.get("DATABASE_URL") {
+            Some(url) if url.trim().is_empty() => {
+                return Err(ConfigError::hidden(
+                    "DATABASE_URL",
+                    "empty; set it to postgres://user:password@host:port/dbname",
+                ));
+            }
+            Some(url) => Config::from_url(url).map_err(|e| prefix_field("DATABASE_URL", e))?,
+            None if profile.local_cluster_fallback() => {
+                if vars.contains_key("DATABASE_REPLICA_URLS") {
+                    return Err(ConfigError::hidden(
+                        "DATABASE_REPLICA_URLS",
+                        "set without DATABASE_URL; set both, or neither (the local cluster brings its own replica)",
+                    ));
+                }
+                let app = vars
+                    .get(Setting::ApplicationName.env())
+                    .map(|a| a.trim())
+                    .filter(|a| !a.is_empty());
+                let name = local_database_name(app, profile);
+                let mut c = Config::new(
+                    format!("postgres://localhost/{name}")
+                        .parse()
+                        .expect("a sanitised database name makes a valid URL"),
+                );
+                c.local_database = Some(name);
+                c
+            }
+            None => {
+                return Err(ConfigError::new(
+                    "DATABASE_URL",
+                    "",
+                    format!(
+                        "not set; set it to postgres://user:password@host:port/dbname (the {profile} profile{} never starts a local cluster)",
+                        if vars.contains_key(PROFILE_VAR) {
+                            ""
+                        } else {
+                            ", the default of a release build when RAILYARD_ENV is unset,"
+                        }
+                    ),
+                ));
+            }
+        };
+        profile.apply_defaults(&mut config);
         if let Some(list) = vars.get("DATABASE_REPLICA_URLS") {
             let urls = split_url_list(list)?;
             let many = urls.len() > 1;
@@ -314,10 +352,58 @@ mod tests {
         assert_eq!(err.field, "RAILYARD_CONNECT_TIMEOUT");
         let err = env_err(&[("RAILYARD_POOL_MAX_SIZE", "many")]);
         assert_eq!(err.field, "RAILYARD_POOL_MAX_SIZE");
-        let err = Config::from_vars([("RAILYARD_POOL_MAX_SIZE", "3")]).unwrap_err();
+        let err = Config::from_vars([
+            ("RAILYARD_ENV", "production"),
+            ("RAILYARD_POOL_MAX_SIZE", "3"),
+        ])
+        .unwrap_err();
         assert_eq!(err.field, "DATABASE_URL");
+        assert!(err.reason.contains("production profile"), "{err}");
+        let err = Config::from_vars([("RAILYARD_ENV", "staging")]).unwrap_err();
+        assert_eq!(err.field, "RAILYARD_ENV");
         let err = env_err(&[("DATABASE_REPLICA_URLS", "postgres://u@r1/db, http://r2/db")]);
         assert_eq!(err.field, "DATABASE_REPLICA_URLS (url)");
+    }
+
+    #[test]
+    fn profiles_pick_defaults_and_explicit_values_win() {
+        let c = Config::from_vars([
+            ("RAILYARD_ENV", "production"),
+            ("DATABASE_URL", "postgres://u@h/db"),
+        ])
+        .unwrap();
+        assert_eq!(c.effective_ssl_mode(c.primary()), SslMode::VerifyFull);
+        assert_eq!(c.statement_timeout, Some(Duration::from_secs(30)));
+        assert!(c.local_database().is_none());
+        // Explicit values win over the profile's defaults.
+        let c = Config::from_vars([
+            ("RAILYARD_ENV", "production"),
+            ("DATABASE_URL", "postgres://u@h/db?sslmode=require"),
+            ("RAILYARD_STATEMENT_TIMEOUT", "off"),
+        ])
+        .unwrap();
+        assert_eq!(c.effective_ssl_mode(c.primary()), SslMode::Require);
+        assert_eq!(c.statement_timeout, None);
+        // Development and test stand for the local cluster without DATABASE_URL.
+        let c = Config::from_vars([
+            ("RAILYARD_ENV", "development"),
+            ("RAILYARD_APPLICATION_NAME", "Ledger API"),
+        ])
+        .unwrap();
+        assert_eq!(c.local_database(), Some("ledger_api"));
+        let c = Config::from_vars([
+            ("RAILYARD_ENV", "test"),
+            ("RAILYARD_APPLICATION_NAME", "ledger"),
+        ])
+        .unwrap();
+        assert_eq!(c.local_database(), Some("ledger_test"));
+        assert_eq!(c.statement_timeout, Some(Duration::from_secs(60)));
+        let err = Config::from_vars([
+            ("RAILYARD_ENV", "test"),
+            ("DATABASE_REPLICA_URLS", "postgres://u@r/db"),
+        ])
+        .unwrap_err();
+        assert_eq!(err.field, "DATABASE_REPLICA_URLS");
     }
 
     #[test]

@@ -41,9 +41,11 @@ use crate::error::ConfigError;
 mod env;
 #[cfg(test)]
 mod leaks;
+mod profile;
 mod secret;
 mod url;
 
+pub use profile::{PROFILE_VAR, Profile};
 pub(crate) use secret::read_small_file;
 pub use secret::{Credentials, MAX_PASSWORD_FILE_LEN, Secret};
 #[cfg(any(feature = "local", test))]
@@ -366,6 +368,32 @@ impl Setting {
         }
     }
 
+    /// How this setting's value in `c` reads in the documentation's table.
+    pub(crate) fn default_in(self, c: &Config) -> String {
+        let d = |d: Duration| format!("`{}`", humantime::format_duration(d));
+        let off = |v: Option<Duration>| v.map_or_else(|| "off".to_owned(), d);
+        match self {
+            Setting::PoolMaxSize => c.pool.max_size.to_string(),
+            Setting::PoolMinIdle => c
+                .pool
+                .min_idle
+                .map_or_else(|| "none".to_owned(), |n| n.to_string()),
+            Setting::ReplicaPoolMaxSize => c.replica_pool_max_size.to_string(),
+            Setting::ConnectTimeout => d(c.connect_timeout),
+            Setting::CheckoutTimeout => d(c.pool.checkout_timeout),
+            Setting::IdleTimeout => off(c.pool.idle_timeout),
+            Setting::MaxLifetime => off(c.pool.max_lifetime),
+            Setting::StatementTimeout => off(c.statement_timeout),
+            Setting::MigrationLockTimeout => d(c.migration_lock_timeout),
+            Setting::ApplicationName => format!("`{}`", c.application_name),
+            Setting::SslMode => format!("`{}`", c.ssl_mode.unwrap_or_default()),
+            Setting::SslRootCert => "the system's roots".to_owned(),
+            Setting::PasswordFile | Setting::PasswordEnv => "unset: the URL's password".to_owned(),
+            Setting::TimeZone => format!("`{}`", c.time_zone),
+            Setting::Pooler => format!("`{}`", c.pooler),
+        }
+    }
+
     /// The setter of [`Config`].
     fn setter(self) -> &'static str {
         match self {
@@ -417,6 +445,11 @@ pub struct Config {
     pub(crate) migration_lock_timeout: Duration,
     pub(crate) time_zone: String,
     pub(crate) pooler: Pooler,
+    pub(crate) profile: Profile,
+    /// Set when no `DATABASE_URL` was given and the profile lets the local
+    /// cluster stand in: the database to use there (the primary is a
+    /// placeholder until [`crate::Database`] resolves it).
+    pub(crate) local_database: Option<String>,
     pub(crate) breaker_threshold: u32,
     pub(crate) breaker_cooldown: Duration,
     /// The settings named by their environment variable in errors: all of them
@@ -444,6 +477,8 @@ impl fmt::Debug for Config {
             .field("migration_lock_timeout", &self.migration_lock_timeout)
             .field("time_zone", &self.time_zone)
             .field("pooler", &self.pooler)
+            .field("profile", &self.profile)
+            .field("local_database", &self.local_database)
             .field("breaker_threshold", &self.breaker_threshold)
             .field("breaker_cooldown", &self.breaker_cooldown)
             .finish()
@@ -516,6 +551,8 @@ impl Config {
             migration_lock_timeout: Duration::from_secs(60),
             time_zone: "UTC".to_owned(),
             pooler: Pooler::None,
+            profile: Profile::Development,
+            local_database: None,
             breaker_threshold: 5,
             breaker_cooldown: Duration::from_millis(250),
             from_env: BTreeSet::new(),
@@ -888,6 +925,20 @@ impl Config {
         self.from_env.remove(&Setting::Pooler);
         self.pooler = pooler;
         self
+    }
+
+    /// The environment profile the defaults came from (see [`Profile`]);
+    /// development for a configuration built with [`Config::new`].
+    pub fn profile(&self) -> Profile {
+        self.profile
+    }
+
+    /// The local cluster's database this configuration stands for, when no
+    /// `DATABASE_URL` was set and the profile lets the local cluster stand in
+    /// ([`crate::Database`] starts or joins the cluster at connect; needs the
+    /// `local` feature).
+    pub fn local_database(&self) -> Option<&str> {
+        self.local_database.as_deref()
     }
 
     /// The primary's target.

@@ -106,7 +106,7 @@ impl DatabaseBuilder {
     pub async fn connect(self) -> Result<Database, Error> {
         let started = Instant::now();
         self.config.validate()?;
-        let config = Arc::new(self.config);
+        let config = Arc::new(resolve_local(self.config).await?);
         let migrations = match &self.migrator {
             Some(m) => Some(m.run(&config).await?),
             None => None,
@@ -160,6 +160,35 @@ impl DatabaseBuilder {
             }),
         })
     }
+}
+
+/// A configuration that stands for the local cluster (no `DATABASE_URL`, in
+/// the development or test profile), pointed at it: the cluster is started or
+/// joined and the application's database created.
+#[cfg(feature = "local")]
+async fn resolve_local(config: Config) -> Result<Config, Error> {
+    if config.local_database().is_none() {
+        return Ok(config);
+    }
+    crate::local::LocalCluster::shared()
+        .await?
+        .resolve(config)
+        .await
+}
+
+#[cfg(not(feature = "local"))]
+async fn resolve_local(config: Config) -> Result<Config, Error> {
+    if config.local_database().is_none() {
+        return Ok(config);
+    }
+    Err(ConfigError::hidden(
+        "DATABASE_URL",
+        format!(
+            "not set; in the {} profile Railyard would start a local PostgreSQL cluster, but it was built without its `local` feature: enable it (features = [\"local\"]) or set DATABASE_URL",
+            config.profile()
+        ),
+    )
+    .into())
 }
 
 /// Opens one connection to each replica, at once and within the connect

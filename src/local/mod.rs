@@ -430,15 +430,37 @@ impl LocalCluster {
         c
     }
 
+    /// Points a configuration that stands for the local cluster
+    /// ([`Config::local_database`]) at this cluster: creates the database and
+    /// sets the primary and replica URLs, keeping every other setting. Any
+    /// other configuration is returned as it is.
+    pub async fn resolve(&self, mut config: Config) -> Result<Config, Error> {
+        let Some(db) = config.local_database.take() else {
+            return Ok(config);
+        };
+        self.create_database(&db).await?;
+        tracing::info!(target: "railyard::local", database = %db, profile = %config.profile(), "DATABASE_URL is unset: using the local cluster");
+        config.primary = self.primary_target(&db);
+        config.replicas = self.replica_target(&db).into_iter().collect();
+        config.env_urls = None;
+        Ok(config)
+    }
+
     /// `DATABASE_URL='…'` and `DATABASE_REPLICA_URLS='…'` lines, single-quoted for
     /// the shell (URLs are percent-encoded, so they hold no quote). They carry the
     /// password: for `eval` in a shell or a `.env` file, never for logs.
     pub fn env_lines(&self) -> String {
+        self.env_lines_for(DBNAME)
+    }
+
+    /// As [`LocalCluster::env_lines`], for another database of the cluster
+    /// (which must exist: see [`LocalCluster::create_database`]).
+    pub fn env_lines_for(&self, dbname: &str) -> String {
         let mut s = format!(
             "DATABASE_URL='{}'\n",
-            self.primary_target(DBNAME).expose_url()
+            self.primary_target(dbname).expose_url()
         );
-        if let Some(r) = self.replica_target(DBNAME) {
+        if let Some(r) = self.replica_target(dbname) {
             s.push_str(&format!("DATABASE_REPLICA_URLS='{}'\n", r.expose_url()));
         }
         s

@@ -170,3 +170,39 @@ async fn the_primary_listed_as_a_replica_under_another_name_is_refused_at_boot()
         2
     );
 }
+
+/// In the development profile, with no `DATABASE_URL`, `Config::from_env()`
+/// plus `connect()` is enough: the local cluster is joined and a database
+/// named after the application is created, with its replica.
+#[tokio::test]
+async fn with_no_database_url_the_development_profile_uses_the_local_cluster() {
+    if support::cluster().await.is_none() {
+        return; // TEST_DATABASE_URL: the local cluster is not the server here
+    }
+    let app = support::unique("devapp");
+    let config = Config::from_vars([
+        ("RAILYARD_ENV", "development"),
+        ("RAILYARD_APPLICATION_NAME", app.as_str()),
+        ("RAILYARD_POOL_MAX_SIZE", "2"),
+    ])
+    .unwrap();
+    assert_eq!(config.local_database(), Some(app.as_str()));
+    // Dropped at the end, a failure included.
+    let _guard = support::FreshDb {
+        name: app.clone(),
+        config: config.clone(),
+    };
+    let db = Database::builder(config)
+        .migrations(railyard::Migrator::new(support::LEDGER))
+        .connect()
+        .await
+        .expect("the local cluster stands in");
+    assert_eq!(db.config().primary().dbname(), Some(app.as_str()));
+    assert_eq!(db.config().replicas().len(), 1, "with its replica");
+    assert_eq!(db.config().pool().max_size, 2, "other settings are kept");
+    let n = support::count_admin(&format!(
+        "SELECT count(*) AS n FROM pg_database WHERE datname = '{app}'"
+    ))
+    .await;
+    assert_eq!(n, 1);
+}
