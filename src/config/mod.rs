@@ -12,6 +12,7 @@
 //!
 //! | environment variable | meaning |
 //! |---|---|
+//! | `RAILYARD_ENV` | `development`, `test` or `production`: the [`Profile`] whose defaults apply (unset: development in debug builds, production in release builds) |
 //! | `DATABASE_URL` | primary URL (several hosts allowed: `postgres://u@h1:5432,h2:5432/db`); at most [`MAX_URL_LEN`] bytes |
 //! | `DATABASE_REPLICA_URLS` | replica URLs, separated by whitespace or commas (no other separator); empty means none. A replica may not repeat the primary or another replica (same hosts, ports and database) |
 //! | `RAILYARD_POOL_MAX_SIZE`, `RAILYARD_POOL_MIN_IDLE` | primary pool sizes: whole numbers, at most [`MAX_POOL_SIZE`]; the maximum is at least 1, the minimum idle at most the maximum (and at most the replica pool's size when there are replicas) |
