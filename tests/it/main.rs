@@ -13,6 +13,8 @@ mod migrations;
 #[cfg(feature = "http")]
 mod observe;
 mod route;
+mod shedding;
+mod shutdown;
 mod support;
 mod tls;
 mod tx;
