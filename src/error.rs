@@ -33,6 +33,10 @@ pub enum Error {
     Connect(#[from] ConnectError),
 
     /// No pooled connection became available within the checkout timeout.
+    /// Since check-out queues are bounded, a pool whose connections are all in
+    /// use sheds its waiters with [`Error::Overloaded`] after the (shorter)
+    /// wait budget; this error remains for a check-out that waited for a
+    /// connection being opened.
     #[error(
         "no {pool} connection became available within {waited:?}; raise the pool size or the checkout timeout, or look for connections held too long"
     )]
@@ -41,6 +45,41 @@ pub enum Error {
         pool: String,
         /// How long the caller waited.
         waited: Duration,
+    },
+
+    /// The pool's check-out queue was full, or a check-out waited its whole wait
+    /// budget while every connection of the pool was in use: it was refused at
+    /// once instead of queueing until the checkout timeout (load shedding).
+    /// Class [`ErrorClass::Overloaded`], never retried: more work arrives than
+    /// the pool serves, and a retry would only add to it. Answer "busy" (HTTP
+    /// 503 with `Retry-After`). [`Error::PoolTimeout`] remains for a pool that
+    /// had room but could not open a connection in time.
+    #[error(
+        "the {pool} pool is overloaded: {why}; the check-out was shed instead of queued (raise the pool size or its queue bounds, or send less work at once)"
+    )]
+    Overloaded {
+        /// Which pool ("primary" or a replica's host).
+        pool: String,
+        /// Which bound refused it.
+        why: Shed,
+    },
+
+    /// The `Database` handle is shutting down: [`Database::close`](crate::Database::close)
+    /// was called on it or on a clone. New check-outs are refused at once
+    /// (`source` is `None`); work still running at the close's deadline was
+    /// cancelled, or its connection closed, and fails with this error holding
+    /// what the work saw (`source`: the cancelled query's 57014, the closed
+    /// connection). Class [`ErrorClass::Permanent`]: never retried.
+    #[error("{}", if source.is_some() {
+        "the database handle is shutting down: the operation was still running at the close's deadline and was cancelled"
+    } else {
+        "the database handle is shutting down (Database::close was called): no new work is accepted"
+    })]
+    Closed {
+        /// What the cancelled work saw, when it was cancelled; `None` for work
+        /// refused before it started.
+        #[source]
+        source: Option<Box<Error>>,
     },
 
     /// A query failed, as diesel reported it. Inside Railyard's `transaction` and
@@ -154,6 +193,9 @@ impl Error {
             Error::Database(d) | Error::Ambiguous(d) => d.sqlstate.as_ref(),
             Error::Migration(MigrationError::Failed { sqlstate, .. }) => sqlstate.as_ref(),
             Error::Blocked { source, .. } => source.sqlstate(),
+            Error::Closed {
+                source: Some(source),
+            } => source.sqlstate(),
             _ => None,
         }
     }
@@ -196,7 +238,9 @@ impl Error {
             | Error::Migration(_)
             | Error::Local(_)
             | Error::TestIsolation(_)
+            | Error::Closed { .. }
             | Error::Io { .. } => ErrorClass::Permanent,
+            Error::Overloaded { .. } => ErrorClass::Overloaded,
             Error::Connect(e) => match e.stage {
                 crate::error::ConnectStage::Socket | crate::error::ConnectStage::Timeout => {
                     ErrorClass::Reconnect
@@ -351,6 +395,40 @@ impl fmt::Display for ConfigError {
 }
 
 impl std::error::Error for ConfigError {}
+
+/// Which bound of a pool's check-out queue refused a check-out (see
+/// [`Error::Overloaded`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Shed {
+    /// This many check-outs were already waiting: the queue's bound.
+    QueueFull {
+        /// The bound (`RAILYARD_POOL_MAX_WAITERS`, `Config::pool_max_waiters`).
+        max_waiters: u32,
+    },
+    /// The check-out waited its whole budget and every connection was in use.
+    WaitBudget {
+        /// The budget (`RAILYARD_POOL_MAX_WAIT`, `Config::pool_max_wait`).
+        budget: Duration,
+    },
+}
+
+impl fmt::Display for Shed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Shed::QueueFull { max_waiters } => {
+                write!(
+                    f,
+                    "{max_waiters} check-outs were already waiting (the queue's bound)"
+                )
+            }
+            Shed::WaitBudget { budget } => write!(
+                f,
+                "every connection stayed in use for the whole wait budget of {budget:?}"
+            ),
+        }
+    }
+}
 
 /// What stage of connection establishment failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -595,6 +673,9 @@ pub enum RetriesExhausted {
     /// The `Database`'s retry budget was spent: retries across all callers
     /// already took their allowed share of recent work.
     Budget,
+    /// The `Database` is closing ([`Database::close`](crate::Database::close)):
+    /// no new attempt is started.
+    Closing,
 }
 
 impl fmt::Display for RetriesExhausted {
@@ -605,6 +686,9 @@ impl fmt::Display for RetriesExhausted {
             }
             RetriesExhausted::Budget => f.write_str(
                 "the retry budget is spent (retries across this Database already took their share of recent work)",
+            ),
+            RetriesExhausted::Closing => f.write_str(
+                "the database handle is shutting down (Database::close was called): no new attempt is started",
             ),
         }
     }
@@ -686,13 +770,17 @@ pub enum ErrorClass {
     /// the lock request itself, not by `lock_timeout`). The caller said not to
     /// wait, so it is never retried: answer "busy, try again later".
     LockNotAvailable,
+    /// A pool shed the check-out: its queue was full, or its wait budget passed
+    /// with every connection in use ([`Error::Overloaded`]). Never retried: a
+    /// retry adds to the overload. Answer "busy, try again later".
+    Overloaded,
     /// Anything else: retrying cannot help.
     Permanent,
 }
 
 impl ErrorClass {
     /// Every class, in a fixed order (the order of metrics and reports).
-    pub const ALL: [ErrorClass; 8] = [
+    pub const ALL: [ErrorClass; 9] = [
         ErrorClass::RetryTransaction,
         ErrorClass::Reconnect,
         ErrorClass::Reroute,
@@ -700,6 +788,7 @@ impl ErrorClass {
         ErrorClass::Timeout,
         ErrorClass::Constraint,
         ErrorClass::LockNotAvailable,
+        ErrorClass::Overloaded,
         ErrorClass::Permanent,
     ];
 
@@ -715,7 +804,8 @@ impl ErrorClass {
             ErrorClass::Timeout => 4,
             ErrorClass::Constraint => 5,
             ErrorClass::LockNotAvailable => 6,
-            ErrorClass::Permanent => 7,
+            ErrorClass::Overloaded => 7,
+            ErrorClass::Permanent => 8,
         }
     }
 
@@ -729,6 +819,7 @@ impl ErrorClass {
             ErrorClass::Timeout => "timeout",
             ErrorClass::Constraint => "constraint",
             ErrorClass::LockNotAvailable => "lock_not_available",
+            ErrorClass::Overloaded => "overloaded",
             ErrorClass::Permanent => "permanent",
         }
     }

@@ -1,6 +1,10 @@
 //! HTTP endpoints for operators (feature `http`): `/healthz` (the process is
-//! alive), `/readyz` (the primary answers and migrations are current), `/health`
-//! (the full report as JSON) and `/metrics` (Prometheus text format).
+//! alive), `/readyz` (the primary answers and migrations are current, and the
+//! process is not shutting down), `/health` (the full report as JSON) and
+//! `/metrics` (Prometheus text format).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use axum::Router;
 use axum::extract::State;
@@ -9,7 +13,56 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 
 use crate::database::Database;
-use crate::observe::health::HealthStatus;
+use crate::observe::health::{self, HealthReport, HealthStatus};
+
+/// Whether the process still takes traffic, beside what its database says.
+/// A process that is stopping calls [`Readiness::drain`] first: `/readyz`
+/// answers 503 from then on (so load balancers stop sending traffic) while
+/// the requests in flight are still served. Clones share the state.
+///
+/// ```no_run
+/// # async fn demo(db: railyard::Database, stop: tokio::sync::oneshot::Receiver<()>) -> std::io::Result<()> {
+/// use std::time::Duration;
+/// use railyard::http::Readiness;
+/// let readiness = Readiness::new();
+/// let app = railyard::http::router_with(db.clone(), readiness.clone());
+/// let listener = tokio::net::TcpListener::bind("127.0.0.1:9187").await?;
+/// let stopping = async move {
+///     let _ = stop.await; // say, on SIGTERM
+///     readiness.drain();
+///     // Load balancers see the 503 before the listener goes away.
+///     tokio::time::sleep(Duration::from_secs(1)).await;
+/// };
+/// axum::serve(listener, app).with_graceful_shutdown(stopping).await?;
+/// db.close(Duration::from_secs(10)).await;
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone, Default)]
+pub struct Readiness(Arc<AtomicBool>);
+
+impl Readiness {
+    /// Ready (until [`Readiness::drain`]).
+    pub fn new() -> Self {
+        Readiness::default()
+    }
+
+    /// From now on, `/readyz` answers 503 and `/health` says the process is
+    /// shutting down.
+    pub fn drain(&self) {
+        self.0.store(true, Ordering::Release);
+    }
+
+    /// Whether [`Readiness::drain`] was called.
+    pub fn is_draining(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
+}
+
+#[derive(Clone)]
+struct App {
+    db: Database,
+    readiness: Readiness,
+}
 
 /// The router; serve it with `axum::serve`.
 ///
@@ -20,20 +73,25 @@ use crate::observe::health::HealthStatus;
 /// # }
 /// ```
 pub fn router(db: Database) -> Router {
+    router_with(db, Readiness::new())
+}
+
+/// The router, with `/readyz` and `/health` also following `readiness`
+/// (see [`Readiness`]).
+pub fn router_with(db: Database, readiness: Readiness) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/health", get(health))
         .route("/metrics", get(metrics))
-        .with_state(db)
+        .with_state(App { db, readiness })
 }
 
 fn json(status: StatusCode, body: String) -> impl IntoResponse {
     (status, [(header::CONTENT_TYPE, "application/json")], body)
 }
 
-async fn readyz(State(db): State<Database>) -> impl IntoResponse {
-    let report = db.readiness().await;
+fn answer(report: &HealthReport) -> impl IntoResponse + use<> {
     let code = if report.status == HealthStatus::Unhealthy {
         StatusCode::SERVICE_UNAVAILABLE
     } else {
@@ -42,19 +100,27 @@ async fn readyz(State(db): State<Database>) -> impl IntoResponse {
     json(code, report.to_json())
 }
 
-async fn health(State(db): State<Database>) -> impl IntoResponse {
-    let report = db.health().await;
-    let code = if report.status == HealthStatus::Unhealthy {
-        StatusCode::SERVICE_UNAVAILABLE
-    } else {
-        StatusCode::OK
-    };
-    json(code, report.to_json())
+async fn readyz(State(app): State<App>) -> impl IntoResponse {
+    if app.readiness.is_draining() {
+        // Answered at once: a stopping process asks its database nothing.
+        return answer(&HealthReport::of(vec![health::shutting_down()]));
+    }
+    answer(&app.db.readiness().await)
 }
 
-async fn metrics(State(db): State<Database>) -> impl IntoResponse {
+async fn health(State(app): State<App>) -> impl IntoResponse {
+    let mut report = app.db.health().await;
+    if app.readiness.is_draining() {
+        let mut checks = std::mem::take(&mut report.checks);
+        checks.push(health::shutting_down());
+        report = HealthReport::of(checks);
+    }
+    answer(&report)
+}
+
+async fn metrics(State(app): State<App>) -> impl IntoResponse {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        db.metrics_text(),
+        app.db.metrics_text(),
     )
 }

@@ -43,8 +43,15 @@ enum Command {
     /// Boot (start the local cluster when DATABASE_URL is unset, migrate) and print a report.
     Boot,
     /// Boot, then serve /healthz, /readyz, /health and /metrics over HTTP.
+    ///
+    /// On SIGTERM or SIGINT: /readyz answers 503 at once, everything is still
+    /// served for a fifth of RAILYARD_SHUTDOWN_TIMEOUT (at most 2 s) so that
+    /// load balancers see it, then the listener closes, requests in flight
+    /// finish, the database drains (Database::close) and the process exits 0,
+    /// all within RAILYARD_SHUTDOWN_TIMEOUT (default 10 s).
     Serve {
-        /// Address to listen on (loopback by default).
+        /// Address to listen on (loopback by default; port 0 picks a free one,
+        /// printed on the first line).
         #[arg(long, default_value = "127.0.0.1:9187")]
         addr: std::net::SocketAddr,
     },
@@ -258,12 +265,15 @@ async fn boot() -> Result<(), railyard::Error> {
 }
 
 async fn serve(addr: std::net::SocketAddr) -> Result<(), railyard::Error> {
+    use std::time::Duration;
     let (config, _cluster) = config().await?;
+    let timeout = config.shutdown_deadline();
+    // From here on, SIGTERM and SIGINT start a drain instead of killing the
+    // process (later ones are ignored: the timeout bounds the drain).
+    let mut signals = StopSignals::new()?;
     let db = Database::builder(config)
         .migrations(Migrator::new(MIGRATIONS))
-        .hook(railyard::SlowQueryLog::new(
-            std::time::Duration::from_millis(100),
-        ))
+        .hook(railyard::SlowQueryLog::new(Duration::from_millis(100)))
         .hook(railyard::AuditLog)
         .hook(railyard::QuerySpans)
         .connect()
@@ -274,13 +284,100 @@ async fn serve(addr: std::net::SocketAddr) -> Result<(), railyard::Error> {
             context: format!("cannot listen on {addr}"),
             source,
         })?;
-    out!("serving /healthz /readyz /health /metrics on http://{addr}");
-    axum::serve(listener, railyard::http::router(db))
-        .await
+    let addr = listener
+        .local_addr()
         .map_err(|source| railyard::Error::Io {
-            context: "HTTP server".into(),
+            context: "the listener's address".into(),
             source,
+        })?;
+    let readiness = railyard::http::Readiness::new();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let app = railyard::http::router_with(db.clone(), readiness.clone());
+    let mut server = tokio::spawn(
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = stopped.await;
+            })
+            .into_future(),
+    );
+    out!("serving /healthz /readyz /health /metrics on http://{addr}");
+    let signal = tokio::select! {
+        ended = &mut server => return http_ended(ended),
+        signal = signals.next() => signal,
+    };
+    // The budget: announce, stop accepting and finish the requests in flight,
+    // then close the database, which may overrun its deadline by CLOSE_GRACE.
+    let started = tokio::time::Instant::now();
+    let end = started + timeout.saturating_sub(railyard::database::CLOSE_GRACE.min(timeout / 2));
+    readiness.drain();
+    out!(
+        "{signal}: /readyz answers 503; draining, exit within {}",
+        humantime::format_duration(timeout)
+    );
+    let announce = (timeout / 5).min(Duration::from_secs(2));
+    tokio::select! {
+        ended = &mut server => return http_ended(ended),
+        () = tokio::time::sleep(announce) => {}
+    }
+    let _ = stop.send(());
+    match tokio::time::timeout_at(end, &mut server).await {
+        Ok(ended) => http_ended(ended)?,
+        Err(_) => {
+            server.abort();
+            out!("HTTP requests still in flight at the deadline were dropped");
+        }
+    }
+    out!("HTTP server stopped after {:.2?}", started.elapsed());
+    let report = db
+        .close(end.saturating_duration_since(tokio::time::Instant::now()))
+        .await;
+    out!("database closed: {report}");
+    out!("stopped in {:.2?}", started.elapsed());
+    Ok(())
+}
+
+/// How the HTTP server's task ended.
+fn http_ended(
+    ended: Result<std::io::Result<()>, tokio::task::JoinError>,
+) -> Result<(), railyard::Error> {
+    let io = |source| railyard::Error::Io {
+        context: "HTTP server".into(),
+        source,
+    };
+    match ended {
+        Ok(r) => r.map_err(io),
+        Err(e) => Err(io(std::io::Error::other(e.to_string()))),
+    }
+}
+
+/// SIGTERM and SIGINT, the signals that stop `serve`.
+struct StopSignals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    fn new() -> Result<Self, railyard::Error> {
+        use tokio::signal::unix::{SignalKind, signal};
+        let listen = |kind, name: &str| {
+            signal(kind).map_err(|source| railyard::Error::Io {
+                context: format!("cannot handle {name}"),
+                source,
+            })
+        };
+        Ok(StopSignals {
+            term: listen(SignalKind::terminate(), "SIGTERM")?,
+            int: listen(SignalKind::interrupt(), "SIGINT")?,
         })
+    }
+
+    /// The next stop signal's name.
+    async fn next(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.int.recv() => "SIGINT",
+        }
+    }
 }
 
 async fn migrate(action: MigrateAction) -> Result<(), railyard::Error> {

@@ -391,6 +391,23 @@ fn corpus() -> Vec<Case> {
             .shows("11")
             .says("maximum size 10 (RAILYARD_POOL_MAX_SIZE)"),
     );
+    for (v, why) in [
+        ("-1", "must not be negative"),
+        ("0", "at least 1"),
+        ("100001", "too large, at most 100000"),
+        ("4294967295", "too large, at most 100000"),
+        ("1.5", "expected a whole number"),
+        ("many", "expected a whole number"),
+    ] {
+        c.push(var("RAILYARD_POOL_MAX_WAITERS", v).shows(v).says(why));
+    }
+    c.push(var("RAILYARD_POOL_MAX_WAITERS", &digits).says("too large"));
+    c.push(
+        var("RAILYARD_POOL_MAX_WAIT", "5s")
+            .says("shorter than the checkout timeout of 5s (RAILYARD_CHECKOUT_TIMEOUT)"),
+    );
+    c.push(var("RAILYARD_POOL_MAX_WAIT", "0s").says("positive"));
+    c.push(var("RAILYARD_SHUTDOWN_TIMEOUT", "0s").says("positive"));
     for key in [
         "RAILYARD_CONNECT_TIMEOUT",
         "RAILYARD_CHECKOUT_TIMEOUT",
@@ -398,6 +415,8 @@ fn corpus() -> Vec<Case> {
         "RAILYARD_IDLE_TIMEOUT",
         "RAILYARD_MAX_LIFETIME",
         "RAILYARD_STATEMENT_TIMEOUT",
+        "RAILYARD_POOL_MAX_WAIT",
+        "RAILYARD_SHUTDOWN_TIMEOUT",
     ] {
         for (v, why) in [
             ("-5s", "must not be negative"),

@@ -8,7 +8,8 @@ use std::time::Duration;
 use super::profile::{PROFILE_VAR, Profile, local_database_name};
 use super::url::{check_name, check_path, check_time_zone};
 use super::{
-    Config, ConnectTarget, Credentials, MAX_DURATION, MAX_POOL_SIZE, Setting, prefix_field,
+    Config, ConnectTarget, Credentials, MAX_DURATION, MAX_POOL_SIZE, MAX_POOL_WAITERS, Setting,
+    prefix_field,
 };
 use crate::error::ConfigError;
 
@@ -155,6 +156,11 @@ fn apply(config: &mut Config, setting: Setting, key: &str, value: &str) -> Resul
         Setting::PoolMaxSize => config.pool.max_size = parse_count(key, value)?,
         Setting::PoolMinIdle => config.pool.min_idle = Some(parse_count(key, value)?),
         Setting::ReplicaPoolMaxSize => config.replica_pool_max_size = parse_count(key, value)?,
+        Setting::PoolMaxWaiters => {
+            config.pool.max_waiters = Some(parse_number(key, value, MAX_POOL_WAITERS)?)
+        }
+        Setting::PoolMaxWait => config.pool.max_wait = Some(parse_duration(key, value)?),
+        Setting::ShutdownTimeout => config.shutdown_timeout = parse_duration(key, value)?,
         Setting::ConnectTimeout => config.connect_timeout = parse_duration(key, value)?,
         Setting::CheckoutTimeout => config.pool.checkout_timeout = parse_duration(key, value)?,
         Setting::IdleTimeout => config.pool.idle_timeout = optional_duration(key, value)?,
@@ -241,6 +247,11 @@ pub(crate) fn env_var_name(s: &str) -> bool {
 /// A pool size: a whole number, at most [`MAX_POOL_SIZE`] (the lower bound is
 /// the validator's, which knows which sizes may be 0).
 fn parse_count(key: &str, v: &str) -> Result<u32, ConfigError> {
+    parse_number(key, v, MAX_POOL_SIZE)
+}
+
+/// A whole number, at most `max`.
+fn parse_number(key: &str, v: &str, max: u32) -> Result<u32, ConfigError> {
     let t = v.trim();
     let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
     if t.strip_prefix('-').is_some_and(digits) {
@@ -250,11 +261,11 @@ fn parse_count(key: &str, v: &str) -> Result<u32, ConfigError> {
         return Err(ConfigError::new(key, v, "expected a whole number"));
     }
     match t.parse::<u32>() {
-        Ok(n) if n <= MAX_POOL_SIZE => Ok(n),
+        Ok(n) if n <= max => Ok(n),
         _ => Err(ConfigError::new(
             key,
             v,
-            format!("too large, at most {MAX_POOL_SIZE}"),
+            format!("too large, at most {max}"),
         )),
     }
 }
@@ -511,6 +522,76 @@ mod tests {
         assert_eq!(c.pool.checkout_timeout, Duration::from_millis(1500));
         assert_eq!(c.statement_timeout, None);
         assert_eq!(c.pool.max_lifetime, None);
+    }
+
+    #[test]
+    fn queue_bounds_and_the_shutdown_timeout_are_read_and_checked() {
+        let c = Config::from_vars([
+            ("DATABASE_URL", "postgres://u@h/db"),
+            ("RAILYARD_POOL_MAX_SIZE", "4"),
+        ])
+        .unwrap();
+        assert_eq!(c.pool.max_waiters_for(4), 16, "4 per connection");
+        assert_eq!(c.pool.max_wait_or_default(), Duration::from_secs(1));
+        assert_eq!(c.shutdown_timeout, Duration::from_secs(10));
+        let c = Config::from_vars([
+            ("DATABASE_URL", "postgres://u@h/db"),
+            ("RAILYARD_CHECKOUT_TIMEOUT", "600ms"),
+        ])
+        .unwrap();
+        assert_eq!(
+            c.pool.max_wait_or_default(),
+            Duration::from_millis(300),
+            "half a short checkout timeout"
+        );
+        let c = Config::from_vars([
+            ("DATABASE_URL", "postgres://u@h/db"),
+            ("RAILYARD_POOL_MAX_WAITERS", "50"),
+            ("RAILYARD_POOL_MAX_WAIT", "250ms"),
+            ("RAILYARD_SHUTDOWN_TIMEOUT", "30s"),
+        ])
+        .unwrap();
+        assert_eq!(c.pool.max_waiters_for(10), 50);
+        assert_eq!(c.pool.max_wait_or_default(), Duration::from_millis(250));
+        assert_eq!(c.shutdown_deadline(), Duration::from_secs(30));
+        for (key, value, reason) in [
+            ("RAILYARD_POOL_MAX_WAITERS", "0", "at least 1"),
+            ("RAILYARD_POOL_MAX_WAITERS", "100001", "at most 100000"),
+            ("RAILYARD_POOL_MAX_WAITERS", "-3", "negative"),
+            ("RAILYARD_POOL_MAX_WAITERS", "lots", "whole number"),
+            ("RAILYARD_POOL_MAX_WAIT", "0s", "positive"),
+            ("RAILYARD_POOL_MAX_WAIT", "2", "without a unit"),
+            (
+                "RAILYARD_POOL_MAX_WAIT",
+                "5s",
+                "shorter than the checkout timeout",
+            ),
+            ("RAILYARD_SHUTDOWN_TIMEOUT", "0s", "positive"),
+            ("RAILYARD_SHUTDOWN_TIMEOUT", "soon", "unit"),
+            ("RAILYARD_SHUTDOWN_TIMEOUT", "20years", "too large"),
+        ] {
+            let err = env_err(&[(key, value)]);
+            assert_eq!(err.field, key, "{key}={value}: {err}");
+            assert!(err.reason.contains(reason), "{key}={value}: {err}");
+        }
+        let err = env_err(&[
+            ("RAILYARD_POOL_MAX_WAIT", "2s"),
+            ("RAILYARD_CHECKOUT_TIMEOUT", "1s"),
+        ]);
+        assert_eq!(err.field, "RAILYARD_POOL_MAX_WAIT");
+        assert!(err.reason.contains("RAILYARD_CHECKOUT_TIMEOUT"), "{err}");
+        let err = Config::from_url("postgres://u@h/db")
+            .unwrap()
+            .pool_max_waiters(0)
+            .validate()
+            .unwrap_err();
+        assert_eq!(err.field, "Config::pool_max_waiters");
+        let err = Config::from_url("postgres://u@h/db")
+            .unwrap()
+            .shutdown_timeout(Duration::ZERO)
+            .validate()
+            .unwrap_err();
+        assert_eq!(err.field, "Config::shutdown_timeout");
     }
 
     #[test]

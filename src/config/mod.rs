@@ -17,7 +17,10 @@
 //! | `DATABASE_REPLICA_URLS` | replica URLs, separated by whitespace or commas (no other separator); empty means none. A replica may not repeat the primary or another replica (same hosts, ports and database) |
 //! | `RAILYARD_POOL_MAX_SIZE`, `RAILYARD_POOL_MIN_IDLE` | primary pool sizes: whole numbers, at most [`MAX_POOL_SIZE`]; the maximum is at least 1, the minimum idle at most the maximum (and at most the replica pool's size when there are replicas) |
 //! | `RAILYARD_REPLICA_POOL_MAX_SIZE` | per-replica pool size, 1 to [`MAX_POOL_SIZE`] |
+//! | `RAILYARD_POOL_MAX_WAITERS` | check-outs that may wait for a connection at once, per pool (primary and each replica), 1 to [`MAX_POOL_WAITERS`]; beyond it a check-out is shed at once ([`crate::Error::Overloaded`]). Default: [`DEFAULT_WAITERS_PER_CONNECTION`] × the pool's size |
+//! | `RAILYARD_POOL_MAX_WAIT` | how long a check-out waits while every connection is in use before it is shed: a positive duration below the checkout timeout. Default: 1 s, or half the checkout timeout when that is shorter |
 //! | `RAILYARD_CONNECT_TIMEOUT`, `RAILYARD_CHECKOUT_TIMEOUT`, `RAILYARD_MIGRATION_LOCK_TIMEOUT` | positive durations with a unit, such as `5s`, `250ms`, `1.5s`, `10m`; at most ten years |
+//! | `RAILYARD_SHUTDOWN_TIMEOUT` | the deadline an application gives [`crate::Database::close`] when it stops (the reference binary's `serve` exits within it): a positive duration, default 10 s |
 //! | `RAILYARD_IDLE_TIMEOUT`, `RAILYARD_MAX_LIFETIME` | durations; `0`, `off` or `none` means no limit |
 //! | `RAILYARD_STATEMENT_TIMEOUT` | default `statement_timeout` for every session, 1 ms to 2147483647 ms (the server's limit); `0`, `off` or `none` disables |
 //! | `RAILYARD_APPLICATION_NAME` | `application_name` when the URL does not set one; at most [`MAX_NAME_LEN`] bytes |
@@ -59,6 +62,29 @@ use url::{check_name, check_path, check_time_zone};
 
 /// The largest pool size accepted (primary or per replica).
 pub const MAX_POOL_SIZE: u32 = 10_000;
+
+/// The largest bound on a pool's waiting check-outs
+/// (`RAILYARD_POOL_MAX_WAITERS`): each waiter is a suspended task and its
+/// caller's memory, so the queue stays bounded even when configured large.
+pub const MAX_POOL_WAITERS: u32 = 100_000;
+
+/// A pool's default bound on waiting check-outs, per connection of its size.
+///
+/// Within the wait budget `B`, `N` connections serve about `N × B / w`
+/// check-outs whose work takes `w`. With the default budget of 1 s and
+/// work of up to a quarter of a second, that is `4 × N`: the waiters a full
+/// pool can still serve in time. Check-outs beyond them would only wait out
+/// the budget before being shed; refusing them at once tells their callers
+/// sooner and keeps the memory of a burst bounded.
+pub const DEFAULT_WAITERS_PER_CONNECTION: u32 = 4;
+
+/// The default wait budget of a check-out when every connection is in use,
+/// unless half the checkout timeout is shorter.
+pub const DEFAULT_POOL_MAX_WAIT: Duration = Duration::from_secs(1);
+
+/// The default deadline of [`crate::Database::close`] when an application
+/// stops (`RAILYARD_SHUTDOWN_TIMEOUT`).
+pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The longest duration accepted for a timeout (ten years): longer ones are
 /// typing mistakes, and would overflow clocks.
@@ -290,6 +316,14 @@ pub struct PoolConfig {
     pub idle_timeout: Option<Duration>,
     /// Connections older than this are closed. Defaults to 30 min.
     pub max_lifetime: Option<Duration>,
+    /// Check-outs that may wait for a connection at once, per pool; beyond
+    /// it, check-outs are shed at once. `None`: [`DEFAULT_WAITERS_PER_CONNECTION`]
+    /// × the pool's size (see [`PoolConfig::max_waiters_for`]).
+    pub max_waiters: Option<u32>,
+    /// How long a check-out waits while every connection is in use before it
+    /// is shed. `None`: [`DEFAULT_POOL_MAX_WAIT`], or half the checkout
+    /// timeout when that is shorter (see [`PoolConfig::max_wait_or_default`]).
+    pub max_wait: Option<Duration>,
 }
 
 impl Default for PoolConfig {
@@ -300,7 +334,32 @@ impl Default for PoolConfig {
             checkout_timeout: Duration::from_secs(5),
             idle_timeout: Some(Duration::from_secs(600)),
             max_lifetime: Some(Duration::from_secs(1800)),
+            max_waiters: None,
+            max_wait: None,
         }
+    }
+}
+
+impl PoolConfig {
+    /// The bound on waiting check-outs of a pool of `size` connections.
+    ///
+    /// ```
+    /// let c = railyard::Config::from_url("postgres://u@h/db")?.pool_max_size(4);
+    /// assert_eq!(c.pool().max_waiters_for(4), 16);
+    /// assert_eq!(c.pool_max_waiters(3).pool().max_waiters_for(4), 3);
+    /// # Ok::<(), railyard::error::ConfigError>(())
+    /// ```
+    pub fn max_waiters_for(&self, size: u32) -> u32 {
+        self.max_waiters.unwrap_or_else(|| {
+            size.saturating_mul(DEFAULT_WAITERS_PER_CONNECTION)
+                .clamp(1, MAX_POOL_WAITERS)
+        })
+    }
+
+    /// The wait budget of a check-out while every connection is in use.
+    pub fn max_wait_or_default(&self) -> Duration {
+        self.max_wait
+            .unwrap_or_else(|| DEFAULT_POOL_MAX_WAIT.min(self.checkout_timeout / 2))
     }
 }
 
@@ -324,14 +383,20 @@ pub(crate) enum Setting {
     PasswordEnv,
     TimeZone,
     Pooler,
+    PoolMaxWaiters,
+    PoolMaxWait,
+    ShutdownTimeout,
 }
 
 impl Setting {
     /// Every setting, for the environment parser.
-    pub(crate) const ALL: [Setting; 16] = [
+    pub(crate) const ALL: [Setting; 19] = [
         Setting::PoolMaxSize,
         Setting::PoolMinIdle,
         Setting::ReplicaPoolMaxSize,
+        Setting::PoolMaxWaiters,
+        Setting::PoolMaxWait,
+        Setting::ShutdownTimeout,
         Setting::ConnectTimeout,
         Setting::CheckoutTimeout,
         Setting::IdleTimeout,
@@ -366,6 +431,9 @@ impl Setting {
             Setting::PasswordEnv => "RAILYARD_PASSWORD_ENV",
             Setting::TimeZone => "RAILYARD_TIME_ZONE",
             Setting::Pooler => "RAILYARD_POOLER",
+            Setting::PoolMaxWaiters => "RAILYARD_POOL_MAX_WAITERS",
+            Setting::PoolMaxWait => "RAILYARD_POOL_MAX_WAIT",
+            Setting::ShutdownTimeout => "RAILYARD_SHUTDOWN_TIMEOUT",
         }
     }
 
@@ -392,6 +460,12 @@ impl Setting {
             Setting::PasswordFile | Setting::PasswordEnv => "unset: the URL's password".to_owned(),
             Setting::TimeZone => format!("`{}`", c.time_zone),
             Setting::Pooler => format!("`{}`", c.pooler),
+            Setting::PoolMaxWaiters => format!(
+                "{} × the pool's size",
+                crate::config::DEFAULT_WAITERS_PER_CONNECTION
+            ),
+            Setting::PoolMaxWait => d(c.pool.max_wait_or_default()),
+            Setting::ShutdownTimeout => d(c.shutdown_deadline()),
         }
     }
 
@@ -413,6 +487,9 @@ impl Setting {
             Setting::PasswordFile | Setting::PasswordEnv => "Config::credentials",
             Setting::TimeZone => "Config::time_zone",
             Setting::Pooler => "Config::pooler",
+            Setting::PoolMaxWaiters => "Config::pool_max_waiters",
+            Setting::PoolMaxWait => "Config::pool_max_wait",
+            Setting::ShutdownTimeout => "Config::shutdown_timeout",
         }
     }
 }
@@ -453,6 +530,7 @@ pub struct Config {
     pub(crate) local_database: Option<String>,
     pub(crate) breaker_threshold: u32,
     pub(crate) breaker_cooldown: Duration,
+    pub(crate) shutdown_timeout: Duration,
     /// The settings named by their environment variable in errors: all of them
     /// for a configuration read from the environment (a default is changed
     /// there too), less those a setter changed later.
@@ -482,6 +560,7 @@ impl fmt::Debug for Config {
             .field("local_database", &self.local_database)
             .field("breaker_threshold", &self.breaker_threshold)
             .field("breaker_cooldown", &self.breaker_cooldown)
+            .field("shutdown_timeout", &self.shutdown_timeout)
             .finish()
     }
 }
@@ -556,6 +635,7 @@ impl Config {
             local_database: None,
             breaker_threshold: 5,
             breaker_cooldown: Duration::from_millis(250),
+            shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
             from_env: BTreeSet::new(),
             env_urls: None,
         }
@@ -669,6 +749,37 @@ impl Config {
         };
         duration(S::ConnectTimeout, self.connect_timeout, false)?;
         duration(S::CheckoutTimeout, self.pool.checkout_timeout, false)?;
+        duration(S::ShutdownTimeout, self.shutdown_timeout, false)?;
+        if let Some(n) = self.pool.max_waiters {
+            if n == 0 {
+                return Err(ConfigError::new(
+                    self.field(S::PoolMaxWaiters),
+                    "0",
+                    "must be at least 1 (a check-out waits only while it holds a place in the queue)",
+                ));
+            }
+            if n > MAX_POOL_WAITERS {
+                return Err(ConfigError::new(
+                    self.field(S::PoolMaxWaiters),
+                    n.to_string(),
+                    format!("too large, at most {MAX_POOL_WAITERS}"),
+                ));
+            }
+        }
+        if let Some(d) = self.pool.max_wait {
+            duration(S::PoolMaxWait, d, false)?;
+            if d >= self.pool.checkout_timeout {
+                return Err(ConfigError::new(
+                    self.field(S::PoolMaxWait),
+                    format!("{d:?}"),
+                    format!(
+                        "must be shorter than the checkout timeout of {:?} ({}), which bounds the whole check-out",
+                        self.pool.checkout_timeout,
+                        self.field(S::CheckoutTimeout)
+                    ),
+                ));
+            }
+        }
         duration(S::MigrationLockTimeout, self.migration_lock_timeout, true)?;
         if let Some(d) = self.pool.idle_timeout {
             duration(S::IdleTimeout, d, false)?;
@@ -821,6 +932,50 @@ impl Config {
         self
     }
 
+    /// How many check-outs may wait for a connection at once, per pool
+    /// (primary and each replica), 1 to [`MAX_POOL_WAITERS`]; one more is
+    /// shed at once with [`crate::Error::Overloaded`]. Defaults to
+    /// [`DEFAULT_WAITERS_PER_CONNECTION`] × the pool's size.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let c = railyard::Config::from_url("postgres://u@h/db")?
+    ///     .pool_max_size(8)
+    ///     .pool_max_waiters(64)
+    ///     .pool_max_wait(Duration::from_millis(250));
+    /// c.validate()?;
+    /// assert_eq!(c.pool().max_waiters_for(8), 64);
+    /// # Ok::<(), railyard::error::ConfigError>(())
+    /// ```
+    #[must_use]
+    pub fn pool_max_waiters(mut self, n: u32) -> Self {
+        self.from_env.remove(&Setting::PoolMaxWaiters);
+        self.pool.max_waiters = Some(n);
+        self
+    }
+
+    /// How long a check-out waits while every connection of its pool is in
+    /// use before it is shed with [`crate::Error::Overloaded`]; shorter than
+    /// the checkout timeout (which still bounds a check-out waiting for a
+    /// connection being opened). Defaults to [`DEFAULT_POOL_MAX_WAIT`], or
+    /// half the checkout timeout when that is shorter.
+    #[must_use]
+    pub fn pool_max_wait(mut self, d: Duration) -> Self {
+        self.from_env.remove(&Setting::PoolMaxWait);
+        self.pool.max_wait = Some(d);
+        self
+    }
+
+    /// The deadline to give [`crate::Database::close`] when the application
+    /// stops: work in flight may finish until then, and is cancelled after.
+    /// Defaults to [`DEFAULT_SHUTDOWN_TIMEOUT`] (10 s).
+    #[must_use]
+    pub fn shutdown_timeout(mut self, d: Duration) -> Self {
+        self.from_env.remove(&Setting::ShutdownTimeout);
+        self.shutdown_timeout = d;
+        self
+    }
+
     /// Idle connections older than this are closed (`None`: never). Defaults to 10 min.
     #[must_use]
     pub fn idle_timeout(mut self, d: Option<Duration>) -> Self {
@@ -965,6 +1120,11 @@ impl Config {
     /// The session statement timeout.
     pub fn session_statement_timeout(&self) -> Option<Duration> {
         self.statement_timeout
+    }
+    /// The deadline to give [`crate::Database::close`] when the application
+    /// stops (`RAILYARD_SHUTDOWN_TIMEOUT`).
+    pub fn shutdown_deadline(&self) -> Duration {
+        self.shutdown_timeout
     }
 
     pub(crate) fn effective_ssl_mode(&self, t: &ConnectTarget) -> SslMode {

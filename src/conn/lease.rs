@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::Conn;
+use super::gate::{Gate, LeaseMark};
 use super::pool::Manager;
 use crate::error::Error;
 
@@ -19,8 +20,12 @@ pub(crate) type SharedConn = Arc<tokio::sync::Mutex<Option<Conn>>>;
 /// It goes back to the pool when dropped (or is discarded, when it is no longer
 /// usable). Dereferences to [`Conn`].
 pub struct PooledConn {
+    // Dropped first: the connection is back in its pool (or discarded) before
+    // the mark says the lease is over.
     held: Held,
     enclosed: bool,
+    /// Counts the lease with the `Database`'s gate while it lives.
+    mark: Option<LeaseMark>,
 }
 
 // The pooled variant is as large as before this enum existed; boxing it would
@@ -38,7 +43,20 @@ impl PooledConn {
         PooledConn {
             held: Held::Pool(c),
             enclosed: false,
+            mark: None,
         }
+    }
+
+    /// Counts this lease with `gate` until it is dropped. A pooled connection's
+    /// lease may be cancelled or severed by a closing `Database`; the shared
+    /// connection of the test harness is only counted.
+    pub(crate) fn marked(mut self, gate: &Arc<Gate>) -> Self {
+        let wire = match &self.held {
+            Held::Pool(c) => Some(c.wire_arc()),
+            Held::Shared(_) => None,
+        };
+        self.mark = Some(gate.lease(wire));
+        self
     }
 
     /// Waits up to `patience` for exclusive use of a shared connection. The
@@ -58,6 +76,7 @@ impl PooledConn {
             Ok(guard) => Ok(PooledConn {
                 held: Held::Shared(guard),
                 enclosed,
+                mark: None,
             }),
             Err(_) => Err(Error::TestIsolation(format!(
                 "the test's connection stayed busy for {patience:?}: a connection from `db.primary()` is probably still held while another operation waits for it (drop it first)"

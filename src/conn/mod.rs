@@ -7,16 +7,19 @@
 //! rotated password is used without a restart), several hosts are walked in
 //! order and `target_session_attrs` is checked by us. Connect errors keep the
 //! server's SQLSTATE. Each [`Conn`] knows its host, port, role and backend pid.
-//! `pool` is our `bb8::ManageConnection`; `breaker` fails connects fast
-//! while a server is down; `lease` is what a check-out hands out.
+//! `pool` is our `bb8::ManageConnection`, with a bounded check-out queue per
+//! target; `breaker` fails connects fast while a server is down; `lease` is
+//! what a check-out hands out; `gate` is what closing a `Database` shuts.
 //!
 //! This layer knows nothing of retries, routing or hooks: the timing hooks are
 //! installed through the `Instrument` seam, which `observe` implements.
 
 pub(crate) mod breaker;
+pub(crate) mod gate;
 pub(crate) mod lease;
 pub(crate) mod open;
 pub(crate) mod pool;
+pub(crate) mod queue;
 pub(crate) mod tls;
 pub(crate) mod unnamed;
 pub mod wire;

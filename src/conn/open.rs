@@ -10,6 +10,7 @@ use tokio_postgres::SimpleQueryMessage;
 use tokio_postgres::error::SqlState;
 
 use super::breaker::Breaker;
+use super::gate::Gate;
 use super::tls::Connector;
 use super::wire::{Socket, Tapped, WireState};
 use super::{CancelHandle, Conn, ConnInfo, ConnLabels, Instrument, Route, ServerRole};
@@ -28,6 +29,9 @@ pub(crate) struct Opener {
     attrs: TargetSessionAttrs,
     pub(crate) breaker: Arc<Breaker>,
     instrument: Option<(Arc<dyn Instrument>, Route)>,
+    /// The closing state of the `Database` this opener serves: a closed gate
+    /// refuses to connect, and every connection made is registered with it.
+    gate: Option<Arc<Gate>>,
 }
 
 impl fmt::Debug for Opener {
@@ -69,7 +73,20 @@ impl Opener {
             attrs,
             breaker,
             instrument: None,
+            gate: None,
         })
+    }
+
+    /// Connects only while `gate` is open, and registers every connection
+    /// with it.
+    pub(crate) fn gated(mut self, gate: Arc<Gate>) -> Self {
+        self.gate = Some(gate);
+        self
+    }
+
+    /// The gate this opener passes, when it has one.
+    pub(crate) fn gate(&self) -> Option<&Arc<Gate>> {
+        self.gate.as_ref()
     }
 
     /// Installs the timing instrumentation on every connection this opener makes.
@@ -80,11 +97,19 @@ impl Opener {
 
     /// Opens one connection, walking the target's hosts in order.
     pub(crate) async fn open(&self) -> Result<Conn, Error> {
+        if self.gate.as_ref().is_some_and(|g| g.is_closed()) {
+            return Err(Error::Closed { source: None });
+        }
         let name = self.name();
         let admission = self.breaker.admit(&name)?;
         let result = self.open_hosts().await;
         match &result {
-            Ok(_) => self.breaker.success(),
+            Ok(conn) => {
+                self.breaker.success();
+                if let Some(g) = &self.gate {
+                    g.register(&conn.wire, conn.cancel.clone());
+                }
+            }
             Err(e) if e.class() == ErrorClass::Reconnect => {
                 self.breaker.failure(admission, e.to_string())
             }
@@ -272,8 +297,15 @@ impl Opener {
         };
         let driver_wire = wire.clone();
         tokio::spawn(async move {
-            let result = connection.await;
-            driver_wire.mark_closed(result.err().map(|e| e.to_string()));
+            // A severed connection (a closing `Database`'s last resort) drops
+            // its socket here, whoever holds the client.
+            let reason = tokio::select! {
+                result = connection => result.err().map(|e| e.to_string()),
+                () = driver_wire.severed() => Some(
+                    "closed by Database::close: the connection was still held after the close's deadline".to_owned(),
+                ),
+            };
+            driver_wire.mark_closed(reason);
         });
 
         // One round trip: time zone, then who we reached.

@@ -1,17 +1,21 @@
 //! The bb8 side: our `ManageConnection`, check-out validation from the tap, and
-//! a pool per target that reports why a check-out timed out.
+//! a pool per target that bounds its check-out queue, sheds what exceeds it,
+//! reports why a check-out timed out, and lets go of its connections when its
+//! `Database` closes.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
 use tokio_postgres::error::SqlState;
 
 use super::breaker::Breaker;
+use super::gate::Gate;
 use super::open::Opener;
+use super::queue::{Queue, ShedLog};
 use super::wire::TxStatus;
 use super::{Conn, Route};
 use crate::config::{Config, TargetSessionAttrs};
-use crate::error::{ConnectError, ConnectStage, Error};
+use crate::error::{ConnectError, ConnectStage, Error, Shed};
 
 /// The bb8 manager for one target.
 #[derive(Debug, Clone)]
@@ -88,7 +92,10 @@ impl bb8::ManageConnection for Manager {
         // follow is in an unknown state: never reuse it.
         // (The tap's status may trail the last result by one ReadyForQuery here;
         // the check-out test waits for it, see `is_valid`.)
-        self.stale_for_primary(conn)
+        // A closing `Database` keeps no connection: each is dropped (and hangs
+        // up) as it comes back.
+        self.opener.gate().is_some_and(|g| g.is_closed())
+            || self.stale_for_primary(conn)
             || conn.wire.is_closed()
             || conn.wire.tx_status() == TxStatus::Unknown
             || !conn.transaction_idle()
@@ -116,6 +123,10 @@ impl LastError {
 
 impl bb8::ErrorSink<Error> for LastError {
     fn sink(&self, error: Error) {
+        if matches!(error, Error::Closed { .. }) {
+            // The pool asked for a connection after its `Database` closed.
+            return;
+        }
         tracing::warn!(target: "railyard::pool", error = %error, "pool could not open a connection");
         let code = error.sqlstate().cloned();
         *self.0.lock().unwrap_or_else(|p| p.into_inner()) =
@@ -153,18 +164,68 @@ pub struct PoolStatus {
     pub connections_closed_broken: u64,
     /// Whether the host's circuit breaker is open (calls fail fast).
     pub circuit_open: bool,
+    /// Check-outs in progress now: waiting for a connection (or about to
+    /// receive one).
+    pub waiters: u32,
+    /// The most check-outs in progress at once since the pool was built:
+    /// never above `max_waiters`.
+    pub waiters_peak: u32,
+    /// The bound on check-outs in progress; beyond it, check-outs are shed.
+    pub max_waiters: u32,
+    /// How long a check-out waits while every connection is in use before it
+    /// is shed.
+    pub max_wait: Duration,
+    /// Check-outs shed since the pool was built ([`crate::Error::Overloaded`]).
+    pub shed: u64,
+    /// Check-outs shed over the last minute.
+    pub shed_last_minute: u64,
+    /// Whether the pool was closed ([`crate::Database::close`]): it holds no
+    /// connection and opens none.
+    pub closed: bool,
 }
 
 /// A pool of connections to one target, with its name for errors and reports.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub(crate) struct TargetPool {
     pub(crate) name: String,
     pub(crate) route: Route,
     breaker: Arc<Breaker>,
     generation: Arc<std::sync::atomic::AtomicU64>,
-    pub(crate) pool: bb8::Pool<Manager>,
+    /// `None` once closed: the last lease to come back drops bb8's pool, and
+    /// its idle connections with it.
+    pool: RwLock<Option<bb8::Pool<Manager>>>,
     pub(crate) last_error: LastError,
     pub(crate) checkout_timeout: Duration,
+    gate: Arc<Gate>,
+    queue: Queue,
+    max_wait: Duration,
+    shed: ShedLog,
+    /// bb8's counters when the pool was closed.
+    at_close: OnceLock<Counters>,
+}
+
+/// bb8's counters of one pool.
+#[derive(Debug, Clone, Copy, Default)]
+struct Counters {
+    max_size: u32,
+    gets: u64,
+    gets_waited: u64,
+    gets_timed_out: u64,
+    connections_created: u64,
+    connections_closed_broken: u64,
+}
+
+impl Counters {
+    fn of(pool: &bb8::Pool<Manager>, s: &bb8::State) -> Self {
+        Counters {
+            max_size: pool.config().max_size,
+            gets: s.statistics.get_direct + s.statistics.get_waited,
+            gets_waited: s.statistics.get_waited,
+            gets_timed_out: s.statistics.get_timed_out,
+            connections_created: s.statistics.connections_created,
+            connections_closed_broken: s.statistics.connections_closed_broken,
+        }
+    }
 }
 
 impl TargetPool {
@@ -180,6 +241,7 @@ impl TargetPool {
         };
         let last_error = LastError::default();
         let breaker = opener.breaker.clone();
+        let gate = opener.gate().cloned().unwrap_or_default();
         let generation = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let manager = Manager {
             // Only a pool that asked for a read-write server re-resolves when
@@ -204,19 +266,87 @@ impl TargetPool {
             route,
             breaker,
             generation,
-            pool,
+            pool: RwLock::new(Some(pool)),
             last_error,
             checkout_timeout: config.pool.checkout_timeout,
+            gate,
+            queue: Queue::new(config.pool.max_waiters_for(max_size)),
+            max_wait: config.pool.max_wait_or_default(),
+            shed: ShedLog::default(),
+            at_close: OnceLock::new(),
         }
     }
 
+    /// bb8's pool, until this one is closed.
+    fn current(&self) -> Option<bb8::Pool<Manager>> {
+        self.pool.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Hands out a connection. A check-out that finds `max_waiters` others in
+    /// progress is shed at once; one that waits `max_wait` while every
+    /// connection is in use is shed then ([`Error::Overloaded`]). One that
+    /// waits for a connection being opened (the pool had room) is bounded by
+    /// the checkout timeout instead. A check-out waiting when the `Database`
+    /// closes fails at once ([`Error::Closed`]).
     pub(crate) async fn get_owned(&self) -> Result<bb8::PooledConnection<'static, Manager>, Error> {
+        let closed = || Error::Closed { source: None };
+        if self.gate.is_closed() {
+            return Err(closed());
+        }
         self.breaker().check(&self.name)?;
+        let pool = self.current().ok_or_else(closed)?;
+        let Some(_place) = self.queue.enter() else {
+            return Err(self.shed(Shed::QueueFull {
+                max_waiters: self.queue.max(),
+            }));
+        };
         let started = Instant::now();
-        self.pool
-            .get_owned()
-            .await
-            .map_err(|e| self.run_error(started, e))
+        let get = pool.get_owned();
+        tokio::pin!(get);
+        let budget = tokio::time::sleep(self.max_wait);
+        tokio::pin!(budget);
+        let mut past_budget = false;
+        loop {
+            tokio::select! {
+                biased;
+                r = &mut get => return r.map_err(|e| self.run_error(started, e)),
+                () = &mut budget, if !past_budget => {
+                    if saturated(&pool) {
+                        return Err(self.shed(Shed::WaitBudget { budget: self.max_wait }));
+                    }
+                    // The pool had room: a connection is being opened for this
+                    // check-out, which the checkout timeout bounds.
+                    past_budget = true;
+                }
+                () = self.gate.wait_closed() => return Err(closed()),
+            }
+        }
+    }
+
+    fn shed(&self, why: Shed) -> Error {
+        self.shed.record(&self.name, why);
+        Error::Overloaded {
+            pool: self.name.clone(),
+            why,
+        }
+    }
+
+    /// Puts a connection opened elsewhere (at boot) into the pool; dropped
+    /// when the pool is full or closed.
+    pub(crate) fn add(&self, conn: Conn) {
+        if let Some(pool) = self.current() {
+            let _ = pool.add(conn);
+        }
+    }
+
+    /// Lets go of bb8's pool: its idle connections are dropped (they hang up)
+    /// with the last lease still out, and the gate, closed already, makes
+    /// every lease that comes back drop its connection.
+    pub(crate) fn close(&self) {
+        let taken = self.pool.write().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(pool) = taken {
+            let _ = self.at_close.set(Counters::of(&pool, &pool.state()));
+        }
     }
 
     /// Makes every existing connection of this pool unusable, so that new ones
@@ -227,21 +357,40 @@ impl TargetPool {
         tracing::warn!(target: "railyard::route", pool = %self.name, "re-resolving the primary");
     }
 
-    /// A snapshot of this pool's state and counters.
+    /// A snapshot of this pool's state and counters (after it closed: no
+    /// connection, and its counters as they were then).
     pub(crate) fn status(&self) -> PoolStatus {
-        let s = self.pool.state();
+        let (connections, idle, c, closed) = match self.current() {
+            Some(pool) => {
+                let s = pool.state();
+                (
+                    s.connections,
+                    s.idle_connections,
+                    Counters::of(&pool, &s),
+                    false,
+                )
+            }
+            None => (0, 0, self.at_close.get().copied().unwrap_or_default(), true),
+        };
         PoolStatus {
             name: self.name.clone(),
             route: self.route.clone(),
-            connections: s.connections,
-            idle: s.idle_connections,
-            max_size: self.pool.config().max_size,
-            gets: s.statistics.get_direct + s.statistics.get_waited,
-            gets_waited: s.statistics.get_waited,
-            gets_timed_out: s.statistics.get_timed_out,
-            connections_created: s.statistics.connections_created,
-            connections_closed_broken: s.statistics.connections_closed_broken,
+            connections,
+            idle,
+            max_size: c.max_size,
+            gets: c.gets,
+            gets_waited: c.gets_waited,
+            gets_timed_out: c.gets_timed_out,
+            connections_created: c.connections_created,
+            connections_closed_broken: c.connections_closed_broken,
             circuit_open: self.breaker.is_open(),
+            waiters: self.queue.waiting(),
+            waiters_peak: self.queue.peak(),
+            max_waiters: self.queue.max(),
+            max_wait: self.max_wait,
+            shed: self.shed.total(),
+            shed_last_minute: self.shed.last_minute(),
+            closed,
         }
     }
 
@@ -250,6 +399,9 @@ impl TargetPool {
     }
 
     fn run_error(&self, started: Instant, e: bb8::RunError<Error>) -> Error {
+        if self.gate.is_closed() {
+            return Error::Closed { source: None };
+        }
         match e {
             bb8::RunError::User(e) => e,
             bb8::RunError::TimedOut => match self.last_error.take_recent(started) {
@@ -271,4 +423,11 @@ impl TargetPool {
             },
         }
     }
+}
+
+/// Whether every connection a pool may open is open and in use: a check-out
+/// waits for another's work to end, not for a connection being opened.
+fn saturated(pool: &bb8::Pool<Manager>) -> bool {
+    let s = pool.state();
+    s.connections >= pool.config().max_size && s.idle_connections == 0
 }

@@ -66,6 +66,13 @@ pub struct WireState {
     /// Tasks waiting in `settle` or `quiesce`: the framer wakes them (which
     /// takes the `Notify`'s lock) only when there are any.
     waiting: AtomicUsize,
+    /// Whether a check-out holds the connection now (see `conn::gate`).
+    leased: AtomicBool,
+    /// Set by [`WireState::sever`]: the connection's driver drops the socket.
+    severed: AtomicBool,
+    /// The driver's waker (the one task that waits for `severed`; a `Notify`
+    /// could take a lock at every wake of the driver).
+    sever_waker: futures_util::task::AtomicWaker,
 }
 
 /// Counts a task as waiting for the wire for as long as it lives (a waiting
@@ -271,6 +278,37 @@ impl WireState {
     }
     pub(crate) fn note_tls_failure(&self) {
         self.tls_failed.store(true, Ordering::Relaxed);
+    }
+    /// Whether a check-out holds the connection now.
+    pub(crate) fn is_leased(&self) -> bool {
+        self.leased.load(Ordering::Acquire)
+    }
+    pub(crate) fn set_leased(&self, on: bool) {
+        self.leased.store(on, Ordering::Release);
+    }
+    /// Closes the connection from outside, whoever holds it: its driver drops
+    /// the socket at once (no `Terminate`), so the server sees the client gone
+    /// and rolls back whatever the session had open. Requests in flight, and
+    /// every later one, fail with a closed connection.
+    pub(crate) fn sever(&self) {
+        self.severed.store(true, Ordering::SeqCst);
+        self.sever_waker.wake();
+    }
+    /// Completes once [`WireState::sever`] was called. For the connection's
+    /// driver only: one task at a time may wait.
+    pub(crate) async fn severed(&self) {
+        std::future::poll_fn(|cx| {
+            if self.severed.load(Ordering::SeqCst) {
+                return Poll::Ready(());
+            }
+            self.sever_waker.register(cx.waker());
+            if self.severed.load(Ordering::SeqCst) {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        })
+        .await
     }
     pub(crate) fn mark_closed(&self, reason: Option<String>) {
         if let Some(r) = reason {

@@ -10,9 +10,11 @@
 //! the source. A pinned source hands out the test's connection *enclosed* in
 //! the test's transaction, and the work runs in savepoints. A new entry point
 //! cannot leak past the harness by forgetting a branch: there is no branch to
-//! forget.
+//! forget. The same function is where a closed handle refuses new work (see
+//! [`Database::close`], in `close.rs`).
 
 mod builders;
+mod close;
 mod session;
 
 use std::fmt;
@@ -25,6 +27,7 @@ use diesel_async::{RunQueryDsl, SimpleAsyncConnection};
 use tokio_postgres::types::PgLsn;
 
 use crate::config::{Config, ConnectTarget, TargetSessionAttrs};
+use crate::conn::gate::{Gate, Lifecycle};
 use crate::conn::lease::SharedConn;
 use crate::conn::open::Opener;
 use crate::conn::pool::TargetPool;
@@ -41,6 +44,7 @@ use crate::route::{
 };
 
 pub use builders::{TransactionBuilder, WriteBuilder};
+pub use close::{CLOSE_GRACE, CloseReport};
 pub use session::Session;
 
 /// Builds a [`Database`]: pools, and migrations at boot.
@@ -115,13 +119,16 @@ impl DatabaseBuilder {
             hooks: self.hooks,
             metrics: Default::default(),
         });
+        // Every connection of this handle passes its gate (see `close`).
+        let gate = Arc::new(Gate::default());
         // Monitors use uninstrumented openers: their polling is not the
         // application's traffic.
         let monitor = Opener::new(
             config.primary.clone(),
             config.clone(),
             TargetSessionAttrs::ReadWrite,
-        )?;
+        )?
+        .gated(gate.clone());
         let opener = monitor.clone().observed(observer.clone(), Route::Primary);
         let mut first = opener.open().await?;
         let mut replicas = Vec::new();
@@ -130,7 +137,8 @@ impl DatabaseBuilder {
             let name: Arc<str> = replica_name(target).into();
             let route = Route::Replica(name.clone());
             let replica = Opener::new(target.clone(), config.clone(), TargetSessionAttrs::Any)?
-                .observed(observer.clone(), route.clone());
+                .observed(observer.clone(), route.clone())
+                .gated(gate.clone());
             let pool = TargetPool::build(
                 route,
                 replica.clone(),
@@ -142,21 +150,24 @@ impl DatabaseBuilder {
         }
         check_replicas_at_boot(&config, &mut first, &replicas, &openers).await?;
         let primary = TargetPool::build(Route::Primary, opener, config.pool.max_size, &config);
-        if let Err(e) = primary.pool.add(first) {
-            drop(e);
-        }
+        primary.add(first);
         let router = Arc::new(Router::new(replicas, self.routing));
         Router::spawn_monitors(&router, monitor);
         Ok(Database {
             inner: Arc::new(Inner {
                 retries: Retries::new(self.policy, self.budget),
                 config,
-                connections: Connections::Pooled { primary, router },
+                connections: Connections::Pooled {
+                    primary: Box::new(primary),
+                    router,
+                },
                 observer,
                 migrator: self.migrator,
                 migrations,
                 boot_time: started.elapsed(),
                 probes: Probes::default(),
+                gate,
+                closing: tokio::sync::OnceCell::new(),
             }),
         })
     }
@@ -226,7 +237,7 @@ async fn check_replicas_at_boot(
             }
         };
         if conn.info().role == ServerRole::Standby {
-            let _ = node.pool.pool.add(conn);
+            node.pool.add(conn);
             continue;
         }
         if primary_identity.is_none() {
@@ -285,7 +296,8 @@ fn replica_name(t: &ConnectTarget) -> String {
 enum Connections {
     /// A pool per target, and the router over the replicas: production.
     Pooled {
-        primary: TargetPool,
+        // Boxed: a pool carries its queue and shedding counters.
+        primary: Box<TargetPool>,
         router: Arc<Router>,
     },
     /// The test harness's: every route uses `conn` (inside the test's
@@ -312,6 +324,10 @@ struct Inner {
     migrations: Option<MigrationReport>,
     boot_time: Duration,
     probes: Probes,
+    /// Closed by [`Database::close`]: what every check-out and connection passes.
+    gate: Arc<Gate>,
+    /// The report of the close, once one ran (later calls return it).
+    closing: tokio::sync::OnceCell<CloseReport>,
 }
 
 /// How long the primary's health answer is reused ([`Database::health`] and
@@ -462,26 +478,68 @@ impl Database {
     /// Hands out a connection for `want`. The only function that knows about
     /// the harness's pin: a pinned handle gives its shared connection, enclosed
     /// in the test's transaction, whatever was asked for.
+    /// A closed handle ([`Database::close`]) refuses at once.
     pub(crate) async fn checkout(&self, want: Want) -> Result<PooledConn, Error> {
+        let gate = &self.inner.gate;
+        if gate.is_closed() {
+            return Err(Error::Closed { source: None });
+        }
         let (primary, router) = match &self.inner.connections {
             Connections::Pinned { conn, .. } => {
-                return PooledConn::shared(conn, PIN_PATIENCE, true).await;
+                return Ok(PooledConn::shared(conn, PIN_PATIENCE, true)
+                    .await?
+                    .marked(gate));
             }
-            Connections::Pooled { primary, router } => (primary, router),
+            Connections::Pooled { primary, router } => (&**primary, router),
         };
         let pool = match want {
             Want::Primary => primary,
             Want::Replica(i) => &replica_node(router, i)?.pool,
         };
         match pool.get_owned().await {
-            Ok(conn) => Ok(PooledConn::pooled(conn)),
+            Ok(conn) => Ok(PooledConn::pooled(conn).marked(gate)),
             Err(e) => {
-                self.inner
-                    .observer
-                    .metrics
-                    .record_failed_checkout(e.class());
+                self.note_failed_checkout(&e);
                 Err(e)
             }
+        }
+    }
+
+    /// A failed check-out counts in the error rate (a refusal of a closing
+    /// handle does not: nothing failed).
+    fn note_failed_checkout(&self, e: &Error) {
+        if !matches!(e, Error::Closed { .. }) {
+            self.inner
+                .observer
+                .metrics
+                .record_failed_checkout(e.class());
+        }
+    }
+
+    /// Where the handle is in its life (see [`Database::close`]).
+    pub(crate) fn lifecycle(&self) -> Lifecycle {
+        self.inner.gate.lifecycle()
+    }
+
+    /// A failure of work on a lease: after the close's deadline, one that the
+    /// close caused (judged from the tap) is reported as [`Error::Closed`].
+    fn after_close<E: 'static>(
+        &self,
+        e: E,
+        wire: &crate::conn::wire::WireState,
+        mark: crate::conn::wire::WireMark,
+    ) -> E {
+        if self.lifecycle() != Lifecycle::Cancelling {
+            return e;
+        }
+        let class = match wire.error_since(mark) {
+            Some(s) => s.class(wire.is_closed()),
+            None => classify(None, wire.is_closed()),
+        };
+        if exec::cancelled_by_close(class) {
+            exec::closed_by(e)
+        } else {
+            e
         }
     }
 
@@ -489,6 +547,9 @@ impl Database {
     /// the primary (per the routing config's [`Fallback`]). Goes through the
     /// same pin check as [`Database::checkout`].
     async fn checkout_read(&self, floor: Floor) -> Result<ReadLease, Error> {
+        if self.inner.gate.is_closed() {
+            return Err(Error::Closed { source: None });
+        }
         let router = match &self.inner.connections {
             Connections::Pooled { router, .. } => router,
             Connections::Pinned { conn, stale, .. } => {
@@ -517,12 +578,18 @@ impl Database {
             match node.pool.get_owned().await {
                 Ok(conn) => {
                     return Ok(ReadLease {
-                        conn: PooledConn::pooled(conn),
+                        conn: PooledConn::pooled(conn).marked(&self.inner.gate),
                         route: Route::Replica(node.name.clone()),
                         node: Some(node),
                         seen,
                         _outstanding: Some(outstanding),
                     });
+                }
+                // A busy replica is not a failing one, and its overflow does
+                // not belong on the primary: the caller hears "busy".
+                Err(e @ (Error::Overloaded { .. } | Error::Closed { .. })) => {
+                    self.note_failed_checkout(&e);
+                    return Err(e);
                 }
                 Err(e) => node.note_failure(e.to_string()),
             }
@@ -588,7 +655,11 @@ impl Database {
     /// [`Database::write`] or [`Database::transaction`].
     pub async fn with_primary<F: ConnWork>(&self, f: F) -> Result<F::Value, F::Error> {
         let conn = self.checkout(Want::Primary).await?;
-        run_once(conn, f, self.contention()).await
+        let wire = conn.wire_arc();
+        let mark = wire.mark();
+        run_once(conn, f, self.contention())
+            .await
+            .map_err(|e| self.after_close(e, &wire, mark))
     }
 
     // ---- Work ---------------------------------------------------------------
@@ -675,6 +746,20 @@ impl Database {
         f: F,
     ) -> Result<(F::Value, Route, Floor), F::Error> {
         let lease = self.checkout_read(floor).await?;
+        let wire = lease.conn.wire_arc();
+        let mark = wire.mark();
+        self.read_on(lease, floor, f)
+            .await
+            .map_err(|e| self.after_close(e, &wire, mark))
+    }
+
+    /// Runs a read on its lease (see [`Database::read_at`]).
+    async fn read_on<F: ConnWork>(
+        &self,
+        lease: ReadLease,
+        floor: Floor,
+        f: F,
+    ) -> Result<(F::Value, Route, Floor), F::Error> {
         if lease.conn.enclosed() {
             let (v, _) = exec::in_savepoint(lease.conn, f, false, None, self.contention())
                 .await
@@ -703,7 +788,9 @@ impl Database {
                     None => classify(None, wire.is_closed()),
                 };
                 drop(conn);
-                if !node.after_failed_read(class) {
+                // A closing handle starts nothing new, and a replica that
+                // failed because of the close is not at fault.
+                if self.lifecycle() != Lifecycle::Open || !node.after_failed_read(class) {
                     return Err(e);
                 }
                 let mut conn = self.checkout(Want::Primary).await?;
@@ -747,7 +834,7 @@ impl Database {
         let Connections::Pooled { primary, router } = &self.inner.connections else {
             return Vec::new();
         };
-        std::iter::once(primary)
+        std::iter::once(&**primary)
             .chain(router.replicas.iter().map(|r| &r.pool))
             .map(TargetPool::status)
             .collect()
@@ -838,6 +925,9 @@ impl Database {
     /// The primary's answer is reused for [`PRIMARY_PROBE_TTL`] and the
     /// migrations' for [`MIGRATIONS_PROBE_TTL`]; both use pooled connections.
     pub async fn health(&self) -> HealthReport {
+        if self.is_closed() {
+            return HealthReport::of(vec![health::closed()]);
+        }
         let mut checks = vec![self.primary_check().await];
         if let Some(c) = self.migration_check().await {
             checks.push(c);
@@ -851,6 +941,9 @@ impl Database {
     /// Ready to serve: the primary answers and the migrations are current
     /// (answers reused as in [`Database::health`]).
     pub async fn readiness(&self) -> HealthReport {
+        if self.is_closed() {
+            return HealthReport::of(vec![health::closed()]);
+        }
         let mut checks = vec![self.primary_check().await];
         if let Some(c) = self.migration_check().await {
             checks.push(c);
@@ -936,6 +1029,8 @@ impl Database {
                 migrations: None,
                 boot_time: Duration::ZERO,
                 probes: Probes::default(),
+                gate: Arc::default(),
+                closing: tokio::sync::OnceCell::new(),
             }),
         }
     }
@@ -1000,6 +1095,10 @@ impl Source for Database {
             Connections::Pinned { contention, .. } => contention.as_deref(),
             Connections::Pooled { .. } => None,
         }
+    }
+
+    fn lifecycle(&self) -> Lifecycle {
+        Database::lifecycle(self)
     }
 }
 

@@ -43,6 +43,7 @@ use diesel_async::{AnsiTransactionManager, SimpleAsyncConnection, TransactionMan
 use tokio::time::Instant;
 use tokio_postgres::types::PgLsn;
 
+use crate::conn::gate::Lifecycle;
 use crate::conn::wire::{TxStatus, WireMark, WireState};
 use crate::conn::{CancelHandle, Conn, PooledConn};
 use crate::error::{DbError, Error, ErrorClass, Phase, RetriesExhausted, ServerError, classify};
@@ -136,6 +137,44 @@ pub(crate) trait Source: Sync {
     /// transaction-mode pooler, where no session setting lasts).
     fn transaction_statement_timeout(&self) -> Option<Duration> {
         None
+    }
+    /// Whether the source is closing: then no retry starts, and after the
+    /// close's deadline, failures of the work it cancelled are reported as
+    /// [`Error::Closed`].
+    fn lifecycle(&self) -> Lifecycle {
+        Lifecycle::Open
+    }
+}
+
+/// Whether a failure seen after a close's deadline is the close's doing: a
+/// query it cancelled (57014), a connection it severed. An ambiguous commit
+/// stays [`Error::Ambiguous`]: its caller must still check the outcome.
+pub(crate) fn cancelled_by_close(class: ErrorClass) -> bool {
+    matches!(class, ErrorClass::Timeout | ErrorClass::Reconnect)
+}
+
+/// `e` as [`Error::Closed`] holding it, when `E` is [`Error`] (any other type
+/// keeps its own error; `Failed` still says what happened).
+pub(crate) fn closed_by<E: 'static>(e: E) -> E {
+    let any: Box<dyn Any> = Box::new(e);
+    match any.downcast::<Error>() {
+        Ok(source) if matches!(*source, Error::Closed { .. }) => {
+            let same: Box<dyn Any> = source;
+            *same
+                .downcast::<E>()
+                .expect("E is Error: it was just downcast to it")
+        }
+        Ok(source) => {
+            let closed: Box<dyn Any> = Box::new(Error::Closed {
+                source: Some(source),
+            });
+            *closed
+                .downcast::<E>()
+                .expect("E is Error: it was just downcast to it")
+        }
+        Err(any) => *any
+            .downcast::<E>()
+            .expect("the value boxed just above is an E"),
     }
 }
 
@@ -666,6 +705,13 @@ where
             Ok(v) => return Ok(v),
             Err(failed) => failed,
         };
+        let lifecycle = src.lifecycle();
+        if lifecycle == Lifecycle::Cancelling && cancelled_by_close(failure.class) {
+            let e = closed_by(enrich(e, &failure, attempt, None));
+            let mut failed = Failed::of(e, &failure, attempt, None);
+            failed.class = Some(ErrorClass::Permanent);
+            return Err(failed);
+        }
         if !retryable(failure.class, failure.phase, idempotent, failure.sent) {
             return Err(Failed::of(
                 enrich(e, &failure, attempt, None),
@@ -678,6 +724,8 @@ where
             Some(RetriesExhausted::AttemptLimit {
                 limit: policy.attempts(),
             })
+        } else if lifecycle != Lifecycle::Open {
+            Some(RetriesExhausted::Closing)
         } else if !retries.budget.withdraw() {
             Some(RetriesExhausted::Budget)
         } else {

@@ -14,7 +14,12 @@
 //! | 25006 read-only transaction (a write reached a standby) | `Reroute` | after re-resolving the primary |
 //! | 57014 query cancelled (statement_timeout, our deadline) | `Timeout` | never |
 //! | 23xxx integrity violation | `Constraint` | never (carries constraint, table, column) |
-//! | anything else | `Permanent` | never |
+//! | a check-out shed by the pool: its queue full, or its wait budget spent with every connection in use ([`Error::Overloaded`](crate::Error::Overloaded)) | `Overloaded` | never: a retry adds to the overload |
+//! | the handle is closing ([`Error::Closed`](crate::Error::Closed)), and anything else | `Permanent` | never |
+//!
+//! While the `Database` closes ([`Database::close`](crate::Database::close)),
+//! no retry is started either: a retryable failure is returned with
+//! [`RetriesExhausted::Closing`](crate::error::RetriesExhausted::Closing).
 //!
 //! Backoff is exponential with full jitter, bounded by an attempt limit and by a
 //! [`RetryBudget`] shared per `Database`: retries may spend at most a fraction of
@@ -49,6 +54,7 @@ pub(crate) fn retryable(class: ErrorClass, phase: Phase, idempotent: bool, sent:
         ErrorClass::Timeout
         | ErrorClass::Constraint
         | ErrorClass::LockNotAvailable
+        | ErrorClass::Overloaded
         | ErrorClass::Permanent => false,
     }
 }
@@ -323,6 +329,31 @@ mod tests {
         assert!(!retryable(Ambiguous, Phase::Commit, false, true));
         assert!(!retryable(Constraint, Phase::InFlight, true, true));
         assert!(retryable(RetryTransaction, Phase::Commit, false, true));
+    }
+
+    #[test]
+    fn a_shed_check_out_is_never_retried_whatever_the_phase_or_promise() {
+        for phase in [
+            Phase::Connect,
+            Phase::BeforeSend,
+            Phase::InFlight,
+            Phase::Commit,
+        ] {
+            for idempotent in [false, true] {
+                for sent in [false, true] {
+                    assert!(!retryable(ErrorClass::Overloaded, phase, idempotent, sent));
+                }
+            }
+        }
+        let shed = crate::error::Error::Overloaded {
+            pool: "primary".into(),
+            why: crate::error::Shed::QueueFull { max_waiters: 8 },
+        };
+        assert_eq!(shed.class(), ErrorClass::Overloaded);
+        assert_eq!(
+            crate::error::Error::Closed { source: None }.class(),
+            ErrorClass::Permanent
+        );
     }
 
     #[test]

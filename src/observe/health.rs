@@ -203,21 +203,29 @@ pub(crate) fn replica(r: &ReplicaHealth) -> HealthCheck {
     check(format!("replica {}", r.name), status, reason)
 }
 
+/// A pool's verdict: an open breaker, shedding in the last minute, or every
+/// connection in use with check-outs waiting.
 pub(crate) fn pool(p: &PoolStatus) -> HealthCheck {
     let used = p.connections.saturating_sub(p.idle);
     let saturated = used >= p.max_size && p.gets_waited > 0;
+    let shedding = p.shed_last_minute > 0;
     let status = if p.circuit_open {
         match p.route {
             Route::Primary => HealthStatus::Unhealthy,
             Route::Replica(_) => HealthStatus::Degraded,
         }
-    } else if saturated {
+    } else if saturated || shedding {
         HealthStatus::Degraded
     } else {
         HealthStatus::Healthy
     };
     let reason = if p.circuit_open {
         "circuit breaker open: connections fail fast".to_owned()
+    } else if shedding {
+        format!(
+            "overloaded: {} check-outs shed in the last minute ({} since start), beyond {} waiting or after waiting {:?} with all {} connections in use",
+            p.shed_last_minute, p.shed, p.max_waiters, p.max_wait, p.max_size
+        )
     } else {
         format!(
             "{used} of {} connections in use, {} checkouts waited, {} timed out",
@@ -225,6 +233,26 @@ pub(crate) fn pool(p: &PoolStatus) -> HealthCheck {
         )
     };
     check(format!("pool {}", p.name), status, reason)
+}
+
+/// The verdict of a handle that was closed.
+pub(crate) fn closed() -> HealthCheck {
+    check(
+        "shutdown",
+        HealthStatus::Unhealthy,
+        "closed: Database::close was called; new work is refused",
+    )
+}
+
+/// The verdict of a process that is shutting down (its database may still
+/// finish the work in flight).
+#[cfg(feature = "http")]
+pub(crate) fn shutting_down() -> HealthCheck {
+    check(
+        "shutdown",
+        HealthStatus::Unhealthy,
+        "shutting down: finishing the work in flight; send no new traffic here",
+    )
 }
 
 /// The error rate of the last minute, by class. Constraint violations are the
@@ -264,4 +292,45 @@ pub(crate) fn errors(metrics: &Metrics) -> HealthCheck {
             }
         ),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(shed_last_minute: u64) -> PoolStatus {
+        PoolStatus {
+            name: "primary".into(),
+            route: Route::Primary,
+            connections: 4,
+            idle: 4,
+            max_size: 4,
+            gets: 100,
+            gets_waited: 0,
+            gets_timed_out: 0,
+            connections_created: 4,
+            connections_closed_broken: 0,
+            circuit_open: false,
+            waiters: 0,
+            waiters_peak: 16,
+            max_waiters: 16,
+            max_wait: Duration::from_millis(250),
+            shed: 70,
+            shed_last_minute,
+            closed: false,
+        }
+    }
+
+    #[test]
+    fn a_pool_that_shed_in_the_last_minute_is_degraded_and_says_how_much() {
+        let c = pool(&status(64));
+        assert_eq!(c.status, HealthStatus::Degraded);
+        assert!(
+            c.reason.contains("64 check-outs shed in the last minute"),
+            "{}",
+            c.reason
+        );
+        assert!(c.reason.contains("16 waiting"), "{}", c.reason);
+        assert_eq!(pool(&status(0)).status, HealthStatus::Healthy);
+    }
 }

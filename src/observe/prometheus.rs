@@ -1,6 +1,7 @@
 //! The Prometheus text exposition of what `observe` and the lower layers
 //! report: query durations (OpenTelemetry's bucket bounds), errors and
-//! retries by class, pool gauges, circuit breakers and replica lag.
+//! retries by class, pool gauges, shed check-outs, circuit breakers and
+//! replica lag.
 
 use std::fmt::Write as _;
 use std::sync::atomic::Ordering;
@@ -66,6 +67,30 @@ pub(crate) fn render(f: &Figures<'_>) -> String {
             out,
             "railyard_pool_checkouts_waited_total{{pool=\"{}\"}} {}",
             p.name, p.gets_waited
+        );
+    }
+    out.push_str("# HELP railyard_pool_checkouts_shed_total Check-outs refused at once because the pool's queue was full or its wait budget passed with every connection in use (load shedding).\n# TYPE railyard_pool_checkouts_shed_total counter\n");
+    for p in &f.pools {
+        let _ = writeln!(
+            out,
+            "railyard_pool_checkouts_shed_total{{pool=\"{}\"}} {}",
+            p.name, p.shed
+        );
+    }
+    out.push_str("# HELP railyard_pool_waiters Check-outs waiting for a connection now.\n# TYPE railyard_pool_waiters gauge\n");
+    for p in &f.pools {
+        let _ = writeln!(
+            out,
+            "railyard_pool_waiters{{pool=\"{}\"}} {}",
+            p.name, p.waiters
+        );
+    }
+    out.push_str("# HELP railyard_pool_max_waiters The bound on check-outs waiting for a connection; beyond it they are shed.\n# TYPE railyard_pool_max_waiters gauge\n");
+    for p in &f.pools {
+        let _ = writeln!(
+            out,
+            "railyard_pool_max_waiters{{pool=\"{}\"}} {}",
+            p.name, p.max_waiters
         );
     }
     out.push_str("# HELP railyard_circuit_open Whether a pool's circuit breaker is open.\n# TYPE railyard_circuit_open gauge\n");

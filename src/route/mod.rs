@@ -373,6 +373,8 @@ pub(crate) struct Router {
     /// Signalled after every monitor round, for `Fallback::Wait`.
     changed: tokio::sync::Notify,
     stopped: AtomicBool,
+    /// The monitor tasks: one per replica and one for the primary's position.
+    monitors: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
 impl fmt::Debug for Router {
@@ -393,6 +395,7 @@ impl Router {
             primary_lsn: AtomicU64::new(0),
             changed: tokio::sync::Notify::new(),
             stopped: AtomicBool::new(false),
+            monitors: Mutex::new(Vec::new()),
         }
     }
 
@@ -432,21 +435,62 @@ impl Router {
         let _ = tokio::time::timeout(timeout, self.changed.notified()).await;
     }
 
+    /// Stops the monitors: each ends at its next await (a probe in flight is
+    /// dropped with its connection).
     pub(crate) fn stop(&self) {
         self.stopped.store(true, Ordering::Relaxed);
+        for task in self
+            .monitors
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            task.abort();
+        }
+    }
+
+    /// Stops the monitors and waits for them to end, up to `bound` in all;
+    /// returns how many ended.
+    pub(crate) async fn stop_monitors(&self, bound: Duration) -> usize {
+        self.stop();
+        let tasks = std::mem::take(&mut *self.monitors.lock().unwrap_or_else(|p| p.into_inner()));
+        let until = tokio::time::Instant::now() + bound;
+        let mut ended = 0;
+        for task in tasks {
+            if tokio::time::timeout_at(until, task).await.is_ok() {
+                ended += 1;
+            }
+        }
+        ended
     }
 
     /// Starts one monitor task per replica, plus one that follows the primary's
-    /// WAL position. Each ends when the router is dropped.
+    /// WAL position. Each ends when the router is stopped or dropped.
     pub(crate) fn spawn_monitors(router: &Arc<Router>, primary: Opener) {
         if router.replicas.is_empty() {
             return;
         }
         let weak = Arc::downgrade(router);
-        tokio::spawn(monitor_primary(weak, primary));
+        let mut tasks = vec![tokio::spawn(monitor_primary(weak, primary))];
         for node in &router.replicas {
-            tokio::spawn(monitor_replica(Arc::downgrade(router), node.clone()));
+            tasks.push(tokio::spawn(monitor_replica(
+                Arc::downgrade(router),
+                node.clone(),
+            )));
         }
+        router
+            .monitors
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(tasks);
+    }
+}
+
+impl Drop for Router {
+    fn drop(&mut self) {
+        // The monitors hold weak references and would end at their next round;
+        // this ends them now.
+        self.stop();
     }
 }
 

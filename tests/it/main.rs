@@ -14,6 +14,8 @@ mod migrations;
 mod observe;
 mod pooler;
 mod route;
+mod shedding;
+mod shutdown;
 mod support;
 mod tls;
 mod tx;
