@@ -288,6 +288,22 @@ async fn database_exists(admin: &mut Conn, name: &str, ready_only: bool) -> Resu
     Ok(f.ok)
 }
 
+/// Ends the sessions still connected to the template, so that `CREATE
+/// DATABASE … TEMPLATE` can copy it. Under the harness lock nobody uses the
+/// template, but a pooler in front of the server (PgBouncer in session mode)
+/// keeps the migration run's server connection open after it ended.
+async fn release_template(admin: &mut Conn, template: &str) -> Result<(), Error> {
+    use diesel_async::RunQueryDsl;
+    diesel::sql_query(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+         WHERE datname = $1 AND pid <> pg_backend_pid()",
+    )
+    .bind::<diesel::sql_types::Text, _>(template)
+    .execute(admin)
+    .await?;
+    Ok(())
+}
+
 /// Once per process, on the local cluster: reclaims what dead runs left
 /// (their scratch databases and private clusters) and templates not prepared
 /// for an hour.
@@ -366,6 +382,7 @@ async fn prepare(migrations: fn() -> Migrator) -> Result<Prepared, Error> {
                 ))
                 .await?;
             if !database_exists(admin, &shared, false).await? {
+                release_template(admin, &template).await?;
                 admin
                     .batch_execute(&format!(
                         "CREATE DATABASE {} TEMPLATE {}",
@@ -663,6 +680,7 @@ where
         .await
         .map_err(|e| e.to_string())?;
     with_harness_lock(&mut admin, async |admin| {
+        release_template(admin, &prepared.template).await?;
         admin
             .batch_execute(&format!(
                 "CREATE DATABASE {} TEMPLATE {}",

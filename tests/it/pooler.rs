@@ -254,3 +254,46 @@ async fn the_pooler_safe_path_costs_a_parse_per_query() {
         "the rewriting path costs {ratio:.2}× the normal one"
     );
 }
+
+/// The test harness through PgBouncer in session mode: this test binary's
+/// own harness tests, run again in a child process whose
+/// `TEST_DATABASE_URL` is the pooler (a superuser URL, as the harness needs).
+#[tokio::test]
+async fn the_harness_runs_through_pgbouncer_in_session_mode() {
+    let Some(cluster) = support::cluster().await else {
+        return;
+    };
+    if std::env::var_os("RAILYARD_IN_POOLER_CHILD").is_some() {
+        return; // the child runs only `harness::`; never recurse
+    }
+    let bouncer = LocalPgBouncer::start(cluster, cluster.primary_port(), Pooler::PgBouncerSession)
+        .await
+        .expect("PgBouncer starts");
+    let url = bouncer.target("postgres").expose_url();
+    let exe = std::env::current_exe().expect("the test binary");
+    let started = Instant::now();
+    let out = tokio::process::Command::new(exe)
+        .args(["harness::", "--test-threads", "2"])
+        .env("TEST_DATABASE_URL", &url)
+        .env("RAILYARD_IN_POOLER_CHILD", "1")
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(300), out)
+        .await
+        .expect("the harness run ends within 5 minutes")
+        .expect("the test binary runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    let summary = stdout
+        .lines()
+        .find(|l| l.starts_with("test result"))
+        .unwrap_or_default()
+        .to_owned();
+    assert!(summary.contains(" 0 failed"), "{summary}");
+    assert!(!summary.contains(" 0 passed"), "{summary}");
+    eprintln!(
+        "harness through a session-mode PgBouncer: {summary} ({:.1?})",
+        started.elapsed()
+    );
+}
