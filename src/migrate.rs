@@ -807,16 +807,17 @@ fn status_of(applied: Applied, known: &[Known]) -> Vec<MigrationStatus> {
     out
 }
 
-fn apply_pending(
+/// Checks the applied history against the known migrations and records the
+/// checksums of those applied without one (adopted from diesel's table) or
+/// accepted as edited (the development override), noting each in `report`.
+fn adopt_history(
     c: &mut SyncConn,
+    applied: &Applied,
     known: &[Known],
     allow_latest: bool,
-) -> Result<MigrationReport, Error> {
-    ensure_tables(c)?;
-    // Re-read under the lock: another instance may have just migrated.
-    let applied = read_applied(c)?;
-    let mut report = MigrationReport::default();
-    for k in check_history(&applied, known, allow_latest)? {
+    report: &mut MigrationReport,
+) -> Result<(), Error> {
+    for k in check_history(applied, known, allow_latest)? {
         let edited = applied
             .rows
             .iter()
@@ -835,6 +836,19 @@ fn apply_pending(
         }
         record(c, k, None)?;
     }
+    Ok(())
+}
+
+fn apply_pending(
+    c: &mut SyncConn,
+    known: &[Known],
+    allow_latest: bool,
+) -> Result<MigrationReport, Error> {
+    ensure_tables(c)?;
+    // Re-read under the lock: another instance may have just migrated.
+    let applied = read_applied(c)?;
+    let mut report = MigrationReport::default();
+    adopt_history(c, &applied, known, allow_latest, &mut report)?;
     report.already_applied = applied.rows.len();
     for k in known {
         if applied.rows.iter().any(|a| a.version == k.version) {
@@ -875,18 +889,7 @@ fn apply_in_transactions(
             let wait = xact_lock(c, lock_timeout)?;
             ensure_tables(c)?;
             let applied = read_applied(c)?;
-            for k in check_history(&applied, known, allow_latest)? {
-                let edited = applied
-                    .rows
-                    .iter()
-                    .any(|a| a.version == k.version && a.up_sha256.is_some());
-                if edited {
-                    report.accepted_edits.push(k.version.clone());
-                } else {
-                    report.adopted.push(k.version.clone());
-                }
-                record(c, k, None)?;
-            }
+            adopt_history(c, &applied, known, allow_latest, &mut report)?;
             let Some(k) = known
                 .iter()
                 .find(|k| !applied.rows.iter().any(|a| a.version == k.version))

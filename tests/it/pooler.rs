@@ -9,7 +9,7 @@ use diesel::sql_types::BigInt;
 use diesel_async::RunQueryDsl;
 use railyard::config::Pooler;
 use railyard::local::pgbouncer::LocalPgBouncer;
-use railyard::{Config, Conn, Database, Error, ErrorClass, RetryPolicy};
+use railyard::{Config, Database, Error, ErrorClass, RetryPolicy};
 
 use crate::support;
 
@@ -19,13 +19,7 @@ struct N {
     n: i64,
 }
 
-async fn balance(conn: &mut Conn, id: i64) -> Result<i64, Error> {
-    let b: N = diesel::sql_query("SELECT balance_cents AS n FROM accounts WHERE id = $1")
-        .bind::<BigInt, _>(id)
-        .get_result(conn)
-        .await?;
-    Ok(b.n)
-}
+use support::balance;
 
 async fn behind(mode: Pooler) {
     let Some(cluster) = support::cluster().await else {
@@ -80,50 +74,8 @@ async fn behind(mode: Pooler) {
     // Contended transfers: 8 tasks × 500, serializable, retried; money conserved.
     let ids = support::accounts(&db, 4, 10_000).await;
     let started = Instant::now();
-    let tasks: Vec<_> = (0..8u64)
-        .map(|task| {
-            let (db, ids) = (db.clone(), ids.clone());
-            tokio::spawn(async move {
-                for i in 0..500u64 {
-                    let from = ids[((task + i) % 4) as usize];
-                    let to = ids[((task * 7 + i * 3 + 1) % 4) as usize];
-                    if from == to {
-                        continue;
-                    }
-                    let amount = ((task * 31 + i * 17) % 100 + 1) as i64;
-                    db.build_transaction()
-                        .serializable()
-                        .run(async |conn| {
-                            if balance(conn, from).await? >= amount {
-                                let mut moves = [(from, -amount), (to, amount)];
-                                moves.sort();
-                                for (id, delta) in moves {
-                                    diesel::sql_query(
-                                        "UPDATE accounts SET balance_cents = balance_cents + $2 WHERE id = $1",
-                                    )
-                                    .bind::<BigInt, _>(id)
-                                    .bind::<BigInt, _>(delta)
-                                    .execute(conn)
-                                    .await?;
-                                }
-                            }
-                            Ok::<_, Error>(())
-                        })
-                        .await
-                        .expect("every transfer completes through retries");
-                }
-            })
-        })
-        .collect();
-    for t in tasks {
-        t.await.unwrap();
-    }
-    let mut conn = db.primary().await.unwrap();
-    let mut total = 0;
-    for id in &ids {
-        total += balance(&mut conn, *id).await.unwrap();
-    }
-    drop(conn);
+    support::contended_transfers(&db, &ids, 8, 500).await;
+    let total = support::total_balance(&db, &ids).await;
     assert_eq!(total, 40_000, "{mode}: money is conserved");
     eprintln!(
         "{mode}: 8 × 500 contended transfers in {:.2?}; retries {:?}",

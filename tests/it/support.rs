@@ -248,3 +248,80 @@ pub async fn count_user(conn: &mut railyard::Conn, email: &str) -> Result<i64, r
             .n,
     )
 }
+
+/// An account's balance, in cents.
+pub async fn balance(conn: &mut railyard::Conn, id: i64) -> Result<i64, railyard::Error> {
+    #[derive(diesel::QueryableByName)]
+    struct B {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        n: i64,
+    }
+    let b: B = diesel::sql_query("SELECT balance_cents AS n FROM accounts WHERE id = $1")
+        .bind::<diesel::sql_types::BigInt, _>(id)
+        .get_result(conn)
+        .await?;
+    Ok(b.n)
+}
+
+/// The contended ledger workload: `tasks` tasks, each making `per_task`
+/// serializable transfers between the 4 accounts `ids` (a transfer that would
+/// overdraw moves nothing); every transfer must complete through retries.
+/// Returns the transfers made.
+pub async fn contended_transfers(db: &Database, ids: &[i64], tasks: u64, per_task: u64) -> u64 {
+    assert_eq!(ids.len(), 4, "the workload moves money between 4 accounts");
+    let handles: Vec<_> = (0..tasks)
+        .map(|task| {
+            let (db, ids) = (db.clone(), ids.to_vec());
+            tokio::spawn(async move {
+                let mut done = 0;
+                for i in 0..per_task {
+                    let from = ids[((task + i) % 4) as usize];
+                    let to = ids[((task * 7 + i * 3 + 1) % 4) as usize];
+                    if from == to {
+                        continue;
+                    }
+                    let amount = ((task * 31 + i * 17) % 100 + 1) as i64;
+                    db.build_transaction()
+                        .serializable()
+                        .run(async |conn| {
+                            if balance(conn, from).await? >= amount {
+                                // Rows are updated in id order, so transfers in opposite
+                                // directions conflict (40001) instead of deadlocking.
+                                let mut moves = [(from, -amount), (to, amount)];
+                                moves.sort();
+                                for (id, delta) in moves {
+                                    diesel::sql_query(
+                                        "UPDATE accounts SET balance_cents = balance_cents + $2 WHERE id = $1",
+                                    )
+                                    .bind::<diesel::sql_types::BigInt, _>(id)
+                                    .bind::<diesel::sql_types::BigInt, _>(delta)
+                                    .execute(conn)
+                                    .await?;
+                                }
+                            }
+                            Ok::<_, railyard::Error>(())
+                        })
+                        .await
+                        .expect("every transfer completes through retries");
+                    done += 1;
+                }
+                done
+            })
+        })
+        .collect();
+    let mut transfers = 0;
+    for h in handles {
+        transfers += h.await.expect("a transfer task");
+    }
+    transfers
+}
+
+/// The sum of the balances of `ids`.
+pub async fn total_balance(db: &Database, ids: &[i64]) -> i64 {
+    let mut conn = db.primary().await.expect("checkout");
+    let mut total = 0;
+    for id in ids {
+        total += balance(&mut conn, *id).await.expect("balance");
+    }
+    total
+}

@@ -13,19 +13,7 @@ use tokio_postgres::error::SqlState;
 
 use crate::support;
 
-#[derive(diesel::QueryableByName)]
-struct Big {
-    #[diesel(sql_type = BigInt)]
-    n: i64,
-}
-
-async fn balance(conn: &mut Conn, id: i64) -> Result<i64, Error> {
-    let b: Big = diesel::sql_query("SELECT balance_cents AS n FROM accounts WHERE id = $1")
-        .bind::<BigInt, _>(id)
-        .get_result(conn)
-        .await?;
-    Ok(b.n)
-}
+use support::balance;
 
 fn retries(db: &Database, class: ErrorClass) -> u64 {
     db.retry_counts()
@@ -786,57 +774,13 @@ async fn ledger_transfers_under_contention_all_complete_and_conserve_money() {
         .unwrap();
     let ids = support::accounts(&db, 4, 10_000).await;
     let started = std::time::Instant::now();
-    let mut tasks = Vec::new();
     let n_tasks: u64 = std::env::var("LEDGER_TASKS")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(8);
-    for task in 0..n_tasks {
-        let (db, ids) = (db.clone(), ids.clone());
-        tasks.push(tokio::spawn(async move {
-            let mut done = 0;
-            for i in 0..500u64 {
-                let from = ids[((task + i) % 4) as usize];
-                let to = ids[((task * 7 + i * 3 + 1) % 4) as usize];
-                if from == to {
-                    continue;
-                }
-                let amount = ((task * 31 + i * 17) % 100 + 1) as i64;
-                db.build_transaction()
-                    .serializable()
-                    .run(async |conn| {
-                        if balance(conn, from).await? >= amount {
-                            // Rows are updated in id order, so transfers in opposite
-                            // directions conflict (40001) instead of deadlocking.
-                            let mut moves = [(from, -amount), (to, amount)];
-                            moves.sort();
-                            for (id, delta) in moves {
-                                diesel::sql_query("UPDATE accounts SET balance_cents = balance_cents + $2 WHERE id = $1")
-                                    .bind::<BigInt, _>(id)
-                                    .bind::<BigInt, _>(delta)
-                                    .execute(conn)
-                                    .await?;
-                            }
-                        }
-                        Ok::<_, Error>(())
-                    })
-                    .await
-                    .expect("every transfer completes through retries");
-                done += 1;
-            }
-            done
-        }));
-    }
-    let mut transfers = 0;
-    for t in tasks {
-        transfers += t.await.unwrap();
-    }
+    let transfers = support::contended_transfers(&db, &ids, n_tasks, 500).await;
     let elapsed = started.elapsed();
-    let mut conn = db.primary().await.unwrap();
-    let mut total = 0;
-    for id in &ids {
-        total += balance(&mut conn, *id).await.unwrap();
-    }
+    let total = support::total_balance(&db, &ids).await;
     assert_eq!(total, 40_000, "money is conserved");
     let counts = db.retry_counts();
     eprintln!(
