@@ -65,6 +65,11 @@ enum Command {
         #[command(subcommand)]
         action: LocalAction,
     },
+    /// Manage a pg_auto_failover formation on loopback (monitor, primary, standby).
+    Ha {
+        #[command(subcommand)]
+        action: HaAction,
+    },
 }
 
 #[derive(Subcommand)]
@@ -107,6 +112,24 @@ enum LocalAction {
         #[arg(long, default_value = "10m")]
         template_idle: humantime::Duration,
     },
+}
+
+#[derive(Subcommand)]
+enum HaAction {
+    /// Create (or start, or join) the formation and print its nodes.
+    Start,
+    /// Stop its pg_autoctl services (data is kept: the next start is warm).
+    Stop,
+    /// Print the nodes' states as the monitor sees them, and its latest events.
+    Status,
+    /// Print the formation's URL as `pg_autoctl show uri --formation default` prints it.
+    Uri,
+    /// Print DATABASE_URL and DATABASE_REPLICA_URLS lines (with the password), for `eval`.
+    Env,
+    /// `pg_autoctl perform failover`, then print the nodes' states.
+    Failover,
+    /// Stop the formation and remove its directory.
+    Destroy,
 }
 
 #[tokio::main]
@@ -161,6 +184,7 @@ async fn run(command: Command) -> Result<(), railyard::Error> {
         Command::Serve { addr } => serve(addr).await,
         Command::Migrate { action } => migrate(action).await,
         Command::Local { action } => local(action).await,
+        Command::Ha { action } => ha(action).await,
     }
 }
 
@@ -514,6 +538,85 @@ async fn local(action: LocalAction) -> Result<(), railyard::Error> {
                 None => c.env_lines(),
             };
             out!("{}", lines.trim_end());
+        }
+    }
+    Ok(())
+}
+
+async fn ha(action: HaAction) -> Result<(), railyard::Error> {
+    use railyard::local::ha::{Formation, default_formation_dir};
+    let running = || async {
+        Formation::running(None).await?.ok_or_else(|| {
+            railyard::Error::Local(format!(
+                "no formation runs in {} (start one with `scripts/ha start`)",
+                default_formation_dir().display()
+            ))
+        })
+    };
+    let print_nodes = |f: &Formation| {
+        let f = f.clone();
+        async move {
+            for n in f.nodes().await? {
+                out!(
+                    "{:<6} 127.0.0.1:{:<5}  {:>12} (assigned {}){}",
+                    n.name,
+                    n.port,
+                    n.reported,
+                    n.assigned,
+                    if n.healthy == Some(false) {
+                        "  unhealthy"
+                    } else {
+                        ""
+                    }
+                );
+            }
+            Ok::<_, railyard::Error>(())
+        }
+    };
+    match action {
+        HaAction::Start => {
+            let f = Formation::builder().start().await?;
+            out!(
+                "{:?} in {:.2?} ({})",
+                f.started(),
+                f.start_time(),
+                f.dir().display()
+            );
+            print_nodes(&f).await?;
+            out!("uri    {}", f.uri().await?);
+        }
+        HaAction::Stop => {
+            railyard::local::ha::stop_dir(&default_formation_dir())?;
+            out!("stopped");
+        }
+        HaAction::Status => match Formation::running(None).await? {
+            Some(f) => {
+                out!("running in {}", f.dir().display());
+                print_nodes(&f).await?;
+                for e in f.events(8).await? {
+                    out!("  {e}");
+                }
+            }
+            None => out!("not running ({})", default_formation_dir().display()),
+        },
+        HaAction::Uri => out!("{}", running().await?.uri().await?),
+        HaAction::Env => out!("{}", running().await?.env_lines().await?.trim_end()),
+        HaAction::Failover => {
+            let f = running().await?;
+            let started = Instant::now();
+            f.perform_failover(std::time::Duration::from_secs(120))
+                .await?;
+            out!("failover done in {:.2?}", started.elapsed());
+            print_nodes(&f).await?;
+        }
+        HaAction::Destroy => {
+            let dir = default_formation_dir();
+            if dir.exists() {
+                railyard::local::ha::destroy_dir(&dir)?;
+                out!("removed {}", dir.display());
+            } else {
+                out!("nothing to remove ({})", dir.display());
+            }
         }
     }
     Ok(())

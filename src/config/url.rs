@@ -1147,6 +1147,54 @@ mod tests {
     }
 
     #[test]
+    fn pg_auto_failover_formation_uris_parse_as_printed() {
+        // What `pg_autoctl show uri --formation default` prints with its own CA
+        // (`--ssl-ca-file`), with `--ssl-self-signed` and with `--no-ssl`: no user,
+        // two hosts in the monitor's order, read-write.
+        let ca = "postgres://127.0.0.1:40719,127.0.0.1:42087/railyard?target_session_attrs=read-write&sslmode=verify-full&sslrootcert=/tmp/railyard-ha-0/ca.crt";
+        let t: ConnectTarget = ca.parse().unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            t.hosts(),
+            [
+                (Host::Tcp("127.0.0.1".into()), 40719),
+                (Host::Tcp("127.0.0.1".into()), 42087)
+            ]
+        );
+        assert_eq!(t.user(), None);
+        assert_eq!(t.dbname(), Some("railyard"));
+        assert_eq!(
+            t.target_session_attrs(),
+            Some(TargetSessionAttrs::ReadWrite)
+        );
+        assert_eq!(t.ssl_mode(), Some(SslMode::VerifyFull));
+        assert_eq!(
+            t.ssl_root_cert(),
+            Some(std::path::Path::new("/tmp/railyard-ha-0/ca.crt"))
+        );
+        for (uri, mode) in [
+            (
+                "postgres://127.0.0.1:5501,127.0.0.1:5502/railyard?target_session_attrs=read-write&sslmode=require",
+                SslMode::Require,
+            ),
+            (
+                "postgres://127.0.0.1:5501,127.0.0.1:5502/railyard?target_session_attrs=read-write&sslmode=prefer",
+                SslMode::Prefer,
+            ),
+        ] {
+            let t: ConnectTarget = uri.parse().unwrap_or_else(|e| panic!("{uri}: {e}"));
+            assert_eq!(t.ssl_mode(), Some(mode), "{uri}");
+            assert_eq!(t.hosts().len(), 2, "{uri}");
+        }
+        // The application adds its role and password; the URL keeps the rest.
+        let with = t
+            .with_user("railyard")
+            .with_password(Some(Secret::new("pw")));
+        assert!(with.check().is_ok());
+        let again: ConnectTarget = with.expose_url().parse().unwrap();
+        assert_eq!(again, with);
+    }
+
+    #[test]
     fn control_characters_and_bad_schemes_show_nothing() {
         let e = err_hiding("postgres://u:hunter2@h/db\n", "hunter2");
         assert_eq!(e.field, "url");

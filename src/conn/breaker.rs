@@ -11,6 +11,10 @@ use crate::error::Error;
 /// connection is let through. Its success closes the circuit; its failure
 /// doubles the cooldown (up to `MAX_COOLDOWN`).
 ///
+/// A multi-host target one of whose servers answered in the wrong role (a
+/// standby, for `target_session_attrs=read-write`) is not down: its primary
+/// role is moving, and such failures count for nothing (see `Opener::open`).
+///
 /// Only failed *probes* lengthen the cooldown. Connect attempts that were
 /// already in flight when the server went down fail together, and count once:
 /// they all say the same thing, and counting each would push the cooldown to its

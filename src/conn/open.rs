@@ -102,7 +102,8 @@ impl Opener {
         }
         let name = self.name();
         let admission = self.breaker.admit(&name)?;
-        let result = self.open_hosts().await;
+        let mut answered_in_another_role = false;
+        let result = self.open_hosts(&mut answered_in_another_role).await;
         match &result {
             Ok(conn) => {
                 self.breaker.success();
@@ -110,6 +111,11 @@ impl Opener {
                     g.register(&conn.wire, conn.cancel.clone());
                 }
             }
+            // One of the hosts answered, as a standby where a primary was asked
+            // for (or the reverse): the servers are up and the role is moving
+            // between them, as during a failover. Opening the circuit would
+            // only delay the moment the new primary is found.
+            Err(_) if answered_in_another_role => self.breaker.inconclusive(admission),
             Err(e) if e.class() == ErrorClass::Reconnect => {
                 self.breaker.failure(admission, e.to_string())
             }
@@ -151,7 +157,9 @@ impl Opener {
             .join(",")
     }
 
-    async fn open_hosts(&self) -> Result<Conn, Error> {
+    /// Tries the hosts in order; `answered_in_another_role` is set when one of
+    /// them was reached but is not what `target_session_attrs` asks for.
+    async fn open_hosts(&self, answered_in_another_role: &mut bool) -> Result<Conn, Error> {
         let password = self
             .config
             .credentials
@@ -193,6 +201,7 @@ impl Opener {
                 Ok(conn) => return Ok(conn),
                 Err(e) => {
                     tracing::debug!(host = %host, port, stage = %e.stage, error = %e.message, "connect attempt failed");
+                    *answered_in_another_role |= e.stage == ConnectStage::SessionAttrs;
                     last = Some(e);
                 }
             }

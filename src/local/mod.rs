@@ -33,6 +33,7 @@ use rand::distr::Alphanumeric;
 use crate::config::{Config, ConnectTarget, Host, Secret, SslMode};
 use crate::error::Error;
 
+pub mod ha;
 pub mod pgbouncer;
 pub mod scratch;
 
@@ -121,12 +122,21 @@ impl Binaries {
 #[derive(Debug, Clone)]
 struct RunAs {
     ids: Option<(u32, u32)>,
+    /// The account's name: what `initdb` names the superuser by default.
+    name: String,
 }
 
 impl RunAs {
     fn detect() -> Result<Self, Error> {
-        if !nix::unistd::Uid::effective().is_root() {
-            return Ok(RunAs { ids: None });
+        let me = nix::unistd::Uid::effective();
+        if !me.is_root() {
+            let name = nix::unistd::User::from_uid(me)
+                .ok()
+                .flatten()
+                .map(|u| u.name)
+                .or_else(|| std::env::var("USER").ok())
+                .unwrap_or_default();
+            return Ok(RunAs { ids: None, name });
         }
         for wanted in ["postgres", "nobody"] {
             let user = nix::unistd::User::from_name(wanted).map_err(|e| {
@@ -139,6 +149,7 @@ impl RunAs {
                 tracing::debug!(target: "railyard::local", user = wanted, "running the servers as an unprivileged user");
                 return Ok(RunAs {
                     ids: Some((u.uid.as_raw(), u.gid.as_raw())),
+                    name: wanted.to_owned(),
                 });
             }
         }

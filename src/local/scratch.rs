@@ -7,8 +7,8 @@
 //! machine (another boot id) is never judged: its process cannot be looked at.
 //!
 //! Scratch databases carry their owner in their comment (`COMMENT ON DATABASE
-//! … IS 'railyard scratch owner=…'`); private clusters in a file named
-//! [`OWNER_FILE`] in their directory.
+//! … IS 'railyard scratch owner=…'`); private clusters and pg_auto_failover
+//! formations ([`super::ha`]) in a file named [`OWNER_FILE`] in their directory.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -35,7 +35,7 @@ fn boot_id() -> String {
 
 /// The start time of a process (field 22 of `/proc/<pid>/stat`), `None` when
 /// no such process exists.
-fn start_time(pid: u32) -> Option<String> {
+pub(super) fn start_time(pid: u32) -> Option<String> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name (field 2) is in parentheses and may hold spaces.
     let after = &stat[stat.rfind(')')? + 1..];
@@ -94,8 +94,8 @@ pub fn dir_size(dir: &Path) -> u64 {
         .unwrap_or(0)
 }
 
-/// Stops and removes the private clusters directly under `parent` whose owner
-/// is gone; returns each with the bytes freed.
+/// Stops and removes the private clusters and formations directly under
+/// `parent` whose owner is gone; returns each with the bytes freed.
 pub fn reap_private_clusters(parent: &Path) -> Vec<(PathBuf, u64)> {
     let mut reaped = Vec::new();
     let Ok(entries) = fs::read_dir(parent) else {
@@ -110,7 +110,12 @@ pub fn reap_private_clusters(parent: &Path) -> Vec<(PathBuf, u64)> {
             continue;
         }
         let bytes = dir_size(&dir);
-        if let Err(e) = super::stop_dir(&dir) {
+        let stopped = if super::ha::is_formation(&dir) {
+            super::ha::stop_dir(&dir)
+        } else {
+            super::stop_dir(&dir)
+        };
+        if let Err(e) = stopped {
             tracing::warn!(target: "railyard::local", dir = %dir.display(), error = %e, "could not stop a dead run's cluster");
         }
         match fs::remove_dir_all(&dir) {

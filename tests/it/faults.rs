@@ -162,3 +162,61 @@ async fn after_a_two_second_outage_under_load_readiness_is_green_within_three_se
         "readiness green {green:?} after the server came back"
     );
 }
+
+#[tokio::test]
+async fn a_standby_that_answers_keeps_a_multi_host_circuit_closed_while_the_primary_is_away() {
+    if crate::support::cluster().await.is_none() {
+        return; // needs the PostgreSQL binaries, not only TEST_DATABASE_URL
+    }
+    let dir = std::env::temp_dir().join(crate::support::unique("moving"));
+    let cluster = LocalCluster::builder()
+        .dir(&dir)
+        .ephemeral(true)
+        .start()
+        .await
+        .unwrap();
+    // The standby first: with the primary gone, the walk ends on a refused
+    // connection, after a server that answered as a standby.
+    let sockets = cluster.socket_dir();
+    let url = format!(
+        "postgres://railyard:{}@/railyard?host={},{}&port={},{}&target_session_attrs=read-write&sslmode=disable",
+        cluster.password().expose(),
+        sockets.display(),
+        sockets.display(),
+        cluster.replica_port().unwrap(),
+        cluster.primary_port(),
+    );
+    let config = railyard::Config::from_url(&url)
+        .unwrap()
+        .circuit_breaker(1, Duration::from_secs(5))
+        .checkout_timeout(Duration::from_millis(300));
+    let db = Database::connect(config).await.unwrap();
+    select_one(&db).await.expect("the primary is up");
+
+    cluster.stop_primary().unwrap();
+    for _ in 0..5 {
+        let e = select_one(&db).await.unwrap_err();
+        assert_eq!(e.class(), ErrorClass::Reconnect, "{e}");
+        assert!(!matches!(e, Error::CircuitOpen { .. }), "{e}");
+    }
+    assert!(
+        !db.pool_status()[0].circuit_open,
+        "a standby answered: the primary role is moving, the target is not down"
+    );
+    cluster.promote_replica().unwrap();
+    let promoted = Instant::now();
+    loop {
+        match select_one(&db).await {
+            Ok(()) => break,
+            Err(e) => {
+                assert!(
+                    promoted.elapsed() < Duration::from_secs(2),
+                    "the promoted standby is found at once, not after a 5 s cooldown: {e}"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+    drop(db);
+    cluster.destroy().unwrap();
+}

@@ -6,6 +6,7 @@ mod connect;
 #[cfg(feature = "testing")]
 mod entry_points;
 mod faults;
+mod ha;
 #[cfg(feature = "testing")]
 mod harness;
 mod local;
