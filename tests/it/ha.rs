@@ -541,10 +541,32 @@ impl Run {
             ),
         )
         .await;
-        // Session reads reach the standby again once it has replayed their writes.
-        let before = AtomicU64::load(&self.out.replica_reads, Ordering::Relaxed);
+        // A session's read reaches the rejoined standby once it has replayed
+        // the session's write. The workload's sessions read right after they
+        // write, before the standby's position (polled) can show the write, so
+        // whether one of *their* reads lands there is luck; this session waits.
+        let session = self.db.session();
+        session
+            .write(async |c| {
+                c.batch_execute("SELECT 1").await?;
+                Ok::<_, Error>(())
+            })
+            .await
+            .expect("a session write on the new primary");
         let deadline = Instant::now() + Duration::from_secs(15);
-        while AtomicU64::load(&self.out.replica_reads, Ordering::Relaxed) == before {
+        loop {
+            let read = session
+                .read_routed(async |c| {
+                    diesel::sql_query("SELECT count(*) AS n FROM ha_transfers")
+                        .get_result::<N>(c)
+                        .await
+                        .map(|r| r.n)
+                        .map_err(Error::from)
+                })
+                .await;
+            if let Ok((_, Route::Replica(_))) = read {
+                break;
+            }
             assert!(
                 Instant::now() < deadline,
                 "session reads never reached the rejoined standby: {:?}",
