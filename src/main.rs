@@ -15,6 +15,7 @@ use railyard::local::{default_cluster_dir, stop_dir};
 use railyard::migrate::{ChecksumState, MigrationState};
 use railyard::{Config, Database, LocalCluster, Migrator};
 
+mod app;
 mod schema;
 
 /// Prints a line to stdout, ignoring a closed pipe (`railyard … | head`).
@@ -55,6 +56,21 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:9187")]
         addr: std::net::SocketAddr,
     },
+    /// Drive a trading day through the crate: traders place orders on
+    /// Zipf-popular symbols, a matcher crosses them in SERIALIZABLE
+    /// transactions, portfolios and books are read through sessions on the
+    /// replica. Open loop (latency from each operation's intended start).
+    /// Prints a report per operation, writes report.json and report.html, and
+    /// checks the ledger's invariants at the end (exit 1 if one fails).
+    Load(LoadArgs),
+    /// Check the ledger's invariants (exit 1 if one fails); `--repair`
+    /// recomputes positions, filled quantities and statuses from the trades.
+    Check {
+        /// Recompute the derived data from the trades in one transaction,
+        /// report what changed, then check again.
+        #[arg(long)]
+        repair: bool,
+    },
     /// Manage the ledger's migrations.
     Migrate {
         #[command(subcommand)]
@@ -70,6 +86,56 @@ enum Command {
         #[command(subcommand)]
         action: HaAction,
     },
+}
+
+#[derive(clap::Args)]
+struct LoadArgs {
+    /// Traders, each with an account and a session.
+    #[arg(long, default_value_t = 100)]
+    traders: usize,
+    /// Listed symbols; popularity follows a Zipf law (s = 1.1).
+    #[arg(long, default_value_t = 50)]
+    symbols: usize,
+    /// How long to run (e.g. `60s`, `5m`); default 30 s unless --orders is given.
+    #[arg(long)]
+    duration: Option<humantime::Duration>,
+    /// Stop after this many orders were placed.
+    #[arg(long)]
+    orders: Option<u64>,
+    /// Operations started per second (open loop; a Poisson arrival process).
+    #[arg(long, default_value_t = 200.0)]
+    rate: f64,
+    /// Operations in flight at most; also the primary pool's size.
+    #[arg(long, default_value_t = 16)]
+    concurrency: usize,
+    /// The plan's seed: the same seed gives the same operations (default: random, printed).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Pause the replica's WAL replay from a quarter to half of the run.
+    #[arg(long)]
+    pause_replica: bool,
+    /// Restart the local cluster's primary (immediate mode) at half of the run.
+    #[arg(long)]
+    restart_primary: bool,
+    /// Run at 20× the rate for 10 s from a third of the run.
+    #[arg(long)]
+    burst: bool,
+    /// Replay the same plan with a raw tokio-postgres client (naive retries,
+    /// reads on the primary) and print the ratios; also run pgbench.
+    #[arg(long, value_enum)]
+    compare: Option<Compare>,
+    /// Where report.json and report.html are written.
+    #[arg(long, default_value = "target/railyard-load")]
+    out: std::path::PathBuf,
+    /// No live progress line.
+    #[arg(long)]
+    quiet: bool,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Compare {
+    /// A hand-written raw tokio-postgres client.
+    Raw,
 }
 
 #[derive(Subcommand)]
@@ -178,13 +244,126 @@ async fn config() -> Result<(Config, Option<LocalCluster>), railyard::Error> {
     Ok((config, Some(cluster)))
 }
 
-async fn run(command: Command) -> Result<(), railyard::Error> {
+async fn run(command: Command) -> Result<(), app::AppError> {
     match command {
-        Command::Boot => boot().await,
-        Command::Serve { addr } => serve(addr).await,
-        Command::Migrate { action } => migrate(action).await,
-        Command::Local { action } => local(action).await,
-        Command::Ha { action } => ha(action).await,
+        Command::Boot => Ok(boot().await?),
+        Command::Serve { addr } => Ok(serve(addr).await?),
+        Command::Load(args) => load(args).await,
+        Command::Check { repair } => check(repair).await,
+        Command::Migrate { action } => Ok(migrate(action).await?),
+        Command::Local { action } => Ok(local(action).await?),
+        Command::Ha { action } => Ok(ha(action).await?),
+    }
+}
+
+/// Boots the ledger database for a command that works on its data.
+async fn ledger_db(pool: Option<u32>) -> Result<(Database, Option<LocalCluster>), railyard::Error> {
+    let (mut config, cluster) = config().await?;
+    if let Some(n) = pool {
+        config = config.pool_max_size(n);
+    }
+    let db = Database::builder(config)
+        .migrations(Migrator::new(MIGRATIONS))
+        .hook(app::load::engine::trace_hook)
+        .connect()
+        .await?;
+    Ok((db, cluster))
+}
+
+async fn load(args: LoadArgs) -> Result<(), app::AppError> {
+    let opts = app::load::LoadOptions {
+        traders: args.traders,
+        symbols: args.symbols,
+        duration: args.duration.map(Into::into).or(args
+            .orders
+            .is_none()
+            .then_some(std::time::Duration::from_secs(30))),
+        orders: args.orders,
+        rate: args.rate,
+        concurrency: args.concurrency,
+        seed: args.seed.unwrap_or_else(rand::random),
+        pause_replica: args.pause_replica,
+        restart_primary: args.restart_primary,
+        burst: args.burst,
+        compare_raw: matches!(args.compare, Some(Compare::Raw)),
+        out: args.out,
+        progress: !args.quiet,
+    };
+    opts.validate()?;
+    let pool = u32::try_from(opts.concurrency).unwrap_or(u32::MAX);
+    let (db, cluster) = ledger_db(Some(pool)).await?;
+    out!(
+        "load: {} traders, {} symbols, {} ops/s for {}, concurrency {}, seed {}",
+        opts.traders,
+        opts.symbols,
+        opts.rate,
+        opts.duration
+            .map(|d| format!("{d:?}"))
+            .unwrap_or_else(|| format!("{} orders", opts.orders.unwrap_or(0))),
+        opts.concurrency,
+        opts.seed
+    );
+    let report = app::load::run(&db, cluster.as_ref(), &opts).await?;
+    out!("{}", app::load::render_text(&report));
+    let (json, html) = app::load::write_reports(&report, &opts.out)?;
+    out!("reports           {} {}", json.display(), html.display());
+    let verdicts = app::check::check(&db).await?;
+    print_verdicts(&verdicts);
+    let stale = report.railyard.stale_reads;
+    let failed = verdicts.iter().filter(|v| !v.passed()).count();
+    db.close(db.config().shutdown_deadline()).await;
+    if failed > 0 || stale > 0 {
+        return Err(app::AppError::Failed(format!(
+            "{failed} invariant(s) broken, {stale} stale read(s)"
+        )));
+    }
+    Ok(())
+}
+
+fn print_verdicts(verdicts: &[app::check::Verdict]) {
+    for v in verdicts {
+        out!(
+            "{} {:<24} {:>6}  {}{}",
+            if v.passed() { "pass" } else { "FAIL" },
+            v.name,
+            v.violations,
+            v.meaning,
+            if v.detail.is_empty() || (v.passed() && v.name != "money_conserved") {
+                String::new()
+            } else {
+                format!(" [{}]", v.detail)
+            }
+        );
+    }
+}
+
+async fn check(repair: bool) -> Result<(), app::AppError> {
+    let (db, _cluster) = ledger_db(None).await?;
+    if repair {
+        let r = app::check::repair(&db).await?;
+        out!(
+            "repair            positions {}, fills {}, statuses {} recomputed from trades; {} over-filled order(s) left (trades exceed the quantity)",
+            r.positions,
+            r.fills,
+            r.statuses,
+            r.overfilled
+        );
+    }
+    let verdicts = app::check::check(&db).await?;
+    print_verdicts(&verdicts);
+    db.close(db.config().shutdown_deadline()).await;
+    let failed: Vec<_> = verdicts
+        .iter()
+        .filter(|v| !v.passed())
+        .map(|v| v.name)
+        .collect();
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        Err(app::AppError::Failed(format!(
+            "broken: {}",
+            failed.join(", ")
+        )))
     }
 }
 

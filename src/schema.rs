@@ -12,6 +12,26 @@ diesel::table! {
 }
 
 diesel::table! {
+    deposits (id) {
+        id -> Int8,
+        account_id -> Int8,
+        amount_cents -> Int8,
+        idempotency_key -> Text,
+        created_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
+    fees (id) {
+        id -> Int8,
+        trade_id -> Int8,
+        account_id -> Int8,
+        amount_cents -> Int8,
+        rebated_cents -> Int8,
+    }
+}
+
+diesel::table! {
     orders (id) {
         id -> Int8,
         account_id -> Int8,
@@ -22,6 +42,7 @@ diesel::table! {
         limit_price_cents -> Int8,
         status -> Text,
         created_at -> Timestamptz,
+        client_order_id -> Nullable<Text>,
     }
 }
 
@@ -31,6 +52,13 @@ diesel::table! {
         symbol -> Text,
         quantity -> Int8,
         updated_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
+    symbols (symbol) {
+        symbol -> Text,
+        reference_price_cents -> Int8,
     }
 }
 
@@ -56,7 +84,12 @@ diesel::table! {
 }
 
 diesel::joinable!(accounts -> users (user_id));
+diesel::joinable!(deposits -> accounts (account_id));
+diesel::joinable!(fees -> accounts (account_id));
+diesel::joinable!(fees -> trades (trade_id));
 diesel::joinable!(orders -> accounts (account_id));
 diesel::joinable!(positions -> accounts (account_id));
 
-diesel::allow_tables_to_appear_in_same_query!(accounts, orders, positions, trades, users,);
+diesel::allow_tables_to_appear_in_same_query!(
+    accounts, deposits, fees, orders, positions, symbols, trades, users,
+);

@@ -130,6 +130,13 @@ impl ConnectTarget {
         self.password.is_some()
     }
 
+    /// The URL's password, for handing to a tool or client that needs it (the
+    /// load command's raw baseline, `pgbench`). [`Secret`]'s `Debug` hides it;
+    /// never log [`Secret::expose`].
+    pub fn password(&self) -> Option<&Secret> {
+        self.password.as_ref()
+    }
+
     /// Returns a copy connecting to another database on the same servers.
     ///
     /// ```

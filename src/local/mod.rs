@@ -547,6 +547,25 @@ impl LocalCluster {
         self.ctl(&["stop", "-m", "fast", "-w", "-D", "primary"])
     }
 
+    /// Restarts the primary the hard way: `pg_ctl restart -m immediate` (every
+    /// backend is killed without a checkpoint, as after a crash; the server
+    /// runs crash recovery when it starts), waiting until it accepts
+    /// connections again. The replica reconnects to it on its own.
+    pub fn restart_primary(&self) -> Result<(), Error> {
+        self.ctl(&[
+            "restart",
+            "-m",
+            "immediate",
+            "-w",
+            "-t",
+            "60",
+            "-D",
+            "primary",
+            "-l",
+            "primary.log",
+        ])
+    }
+
     /// Promotes the replica to a primary (`pg_ctl promote`), waiting until it
     /// accepts writes.
     pub fn promote_replica(&self) -> Result<(), Error> {

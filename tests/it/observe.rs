@@ -730,3 +730,46 @@ async fn a_probe_storm_rides_the_pool_and_costs_a_few_queries() {
     );
     assert!(p99 < Duration::from_millis(100), "p99 {p99:?}");
 }
+
+#[tokio::test]
+async fn a_retried_transaction_leaves_no_attempt_number_on_its_connection() {
+    let seen: Arc<Mutex<Vec<(String, u32)>>> = Arc::default();
+    let hook = {
+        let seen = seen.clone();
+        move |e: &QueryEvent<'_>| seen.lock().unwrap().push((e.sql.to_owned(), e.attempt))
+    };
+    // One connection: the read after the transaction reuses its connection.
+    let db = support::ledger(|c| c.pool_max_size(1)).await;
+    let db = Database::builder(db.config().clone())
+        .hook(hook)
+        .connect()
+        .await
+        .unwrap();
+    let runs = std::sync::atomic::AtomicU32::new(0);
+    db.transaction(async |conn| {
+        if runs.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+            conn.batch_execute("DO $$ BEGIN RAISE EXCEPTION USING ERRCODE = '40001'; END $$")
+                .await?;
+        }
+        conn.batch_execute("SELECT 1 AS in_the_transaction").await?;
+        Ok::<_, Error>(())
+    })
+    .await
+    .unwrap();
+    db.with_primary(async |conn| {
+        conn.batch_execute("SELECT 1 AS after_the_transaction")
+            .await?;
+        Ok::<_, Error>(())
+    })
+    .await
+    .unwrap();
+    let seen = seen.lock().unwrap().clone();
+    let attempt_of = |needle: &str| {
+        seen.iter()
+            .find(|(sql, _)| sql.contains(needle))
+            .unwrap_or_else(|| panic!("no event for {needle}: {seen:?}"))
+            .1
+    };
+    assert_eq!(attempt_of("in_the_transaction"), 2, "{seen:?}");
+    assert_eq!(attempt_of("after_the_transaction"), 1, "{seen:?}");
+}
