@@ -223,10 +223,17 @@ fn tracing_init() {
 }
 
 fn tracing_subscriber_init(filter: &str) -> Result<(), String> {
-    use tracing_subscriber::EnvFilter;
-    tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_new(filter).map_err(|e| e.to_string())?)
+    use tracing_subscriber::prelude::*;
+    use tracing_subscriber::{EnvFilter, filter::Targets};
+    let logs = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
+        .with_filter(EnvFilter::try_new(filter).map_err(|e| e.to_string())?);
+    // The load command's per-operation retry counts, whatever RUST_LOG says.
+    let retries = app::load::engine::RetryLayer
+        .with_filter(Targets::new().with_target("railyard::retry", tracing::Level::INFO));
+    tracing_subscriber::registry()
+        .with(logs)
+        .with(retries)
         .try_init()
         .map_err(|e| e.to_string())
 }
@@ -264,7 +271,6 @@ async fn ledger_db(pool: Option<u32>) -> Result<(Database, Option<LocalCluster>)
     }
     let db = Database::builder(config)
         .migrations(Migrator::new(MIGRATIONS))
-        .hook(app::load::engine::trace_hook)
         .connect()
         .await?;
     Ok((db, cluster))

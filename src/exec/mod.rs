@@ -30,6 +30,7 @@
 //! This layer does not know where connections come from: it asks a `Source`.
 
 pub(crate) mod contention;
+mod prepared;
 pub mod retry;
 
 use std::any::Any;
@@ -48,6 +49,7 @@ use crate::conn::wire::{TxStatus, WireMark, WireState};
 use crate::conn::{CancelHandle, Conn, PooledConn};
 use crate::error::{DbError, Error, ErrorClass, Phase, RetriesExhausted, ServerError, classify};
 use contention::Contention;
+pub use prepared::{Prepared, prepared};
 use retry::{Retries, RetryPolicy, retryable};
 
 /// Work on a connection that Railyard may run more than once: an

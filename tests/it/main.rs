@@ -20,3 +20,5 @@ mod shutdown;
 mod support;
 mod tls;
 mod tx;
+#[cfg(feature = "cli")]
+mod workload;

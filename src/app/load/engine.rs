@@ -7,7 +7,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::AtomicI64;
 
-use railyard::{Database, ErrorClass, QueryEvent, Route};
+use railyard::{Database, ErrorClass, Route};
 use tokio::time::Instant;
 
 use super::plan::{Action, OpKind, Planned};
@@ -20,52 +20,64 @@ pub trait Engine: Send + Sync + 'static {
     fn run(self: Arc<Self>, op: Planned) -> impl Future<Output = Vec<Step>> + Send + 'static;
 }
 
-/// The most failures one operation's trace keeps.
+/// The most retries one operation's trace keeps.
 const TRACE_BOUND: usize = 64;
 
-#[derive(Debug, Default)]
-struct Trace {
-    max_attempt: u32,
-    failures: Vec<(u32, ErrorClass)>,
-}
-
 tokio::task_local! {
-    static TRACE: RefCell<Trace>;
+    static TRACE: RefCell<Vec<&'static str>>;
 }
 
-/// The query hook that tells each operation which of its attempts failed, and
-/// why: hooks run in the task that ran the query, so a task-local trace sees
-/// exactly that operation's queries.
-pub fn trace_hook(e: &QueryEvent<'_>) {
-    let _ = TRACE.try_with(|t| {
-        let mut t = t.borrow_mut();
-        t.max_attempt = t.max_attempt.max(e.attempt);
-        if let Some(class) = e.class
-            && t.failures.len() < TRACE_BOUND
-        {
-            t.failures.push((e.attempt, class));
+/// A `tracing` layer that attributes each of Railyard's "retrying" events
+/// (target `railyard::retry`, with the failure's `class`) to the operation
+/// whose task emitted it: the retry loop runs inside the caller's future, so
+/// a task-local trace sees exactly that operation's retries.
+#[derive(Debug, Default)]
+pub struct RetryLayer;
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for RetryLayer {
+    fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+        if event.metadata().target() != "railyard::retry" {
+            return;
         }
-    });
+        #[derive(Default)]
+        struct Fields {
+            retrying: bool,
+            class: Option<&'static str>,
+        }
+        impl tracing::field::Visit for Fields {
+            fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+                let text = format!("{value:?}");
+                match field.name() {
+                    "message" => self.retrying = text == "retrying",
+                    "class" => {
+                        self.class = ErrorClass::ALL
+                            .iter()
+                            .map(|c| c.as_str())
+                            .find(|c| *c == text)
+                    }
+                    _ => {}
+                }
+            }
+        }
+        let mut f = Fields::default();
+        event.record(&mut f);
+        if f.retrying {
+            let _ = TRACE.try_with(|t| {
+                let mut t = t.borrow_mut();
+                if t.len() < TRACE_BOUND {
+                    t.push(f.class.unwrap_or("unknown"));
+                }
+            });
+        }
+    }
 }
 
 /// Runs `f` and returns its value with the class of each retried attempt.
 async fn traced<T>(f: impl Future<Output = T>) -> (T, Vec<&'static str>) {
     TRACE
-        .scope(RefCell::new(Trace::default()), async {
+        .scope(RefCell::new(Vec::new()), async {
             let v = f.await;
-            let retries = TRACE.with(|t| {
-                let t = t.borrow();
-                (1..t.max_attempt)
-                    .map(|a| {
-                        t.failures
-                            .iter()
-                            .rev()
-                            .find(|(at, _)| *at == a)
-                            .map_or("unknown", |(_, c)| c.as_str())
-                    })
-                    .collect()
-            });
-            (v, retries)
+            (v, TRACE.with(|t| t.take()))
         })
         .await
 }
