@@ -843,3 +843,41 @@ async fn classification_holds_when_the_server_speaks_german() {
         .unwrap_err();
     assert_eq!(err.class(), ErrorClass::Timeout, "{err}");
 }
+
+#[tokio::test]
+async fn constant_sql_is_prepared_once_per_connection_and_then_costs_one_round_trip() {
+    #[derive(diesel::QueryableByName)]
+    struct N {
+        #[diesel(sql_type = BigInt)]
+        n: i64,
+    }
+    let db = support::ledger(|c| c.pool_max_size(1)).await;
+    let mut conn = db.primary().await.unwrap();
+    let trips = |conn: &railyard::PooledConn| conn.wire().ready_count();
+    let mut cost = Vec::new();
+    for i in 0..3_i64 {
+        let before = trips(&conn);
+        let r: N = railyard::exec::prepared("SELECT $1::bigint + 1 AS n")
+            .bind::<BigInt, _>(i)
+            .get_result(&mut **conn)
+            .await
+            .unwrap();
+        assert_eq!(r.n, i + 1);
+        cost.push(trips(&conn) - before);
+    }
+    let mut plain = Vec::new();
+    for i in 0..3_i64 {
+        let before = trips(&conn);
+        let r: N = diesel::sql_query("SELECT $1::bigint + 2 AS n")
+            .bind::<BigInt, _>(i)
+            .get_result(&mut **conn)
+            .await
+            .unwrap();
+        assert_eq!(r.n, i + 2);
+        plain.push(trips(&conn) - before);
+    }
+    // The first execution prepares (and may look up types); every later one
+    // is a single Bind/Execute round trip, where sql_query prepares again.
+    assert_eq!(cost[1..], [1, 1], "prepared once: {cost:?} vs sql_query {plain:?}");
+    assert!(plain.iter().all(|&n| n >= 2), "sql_query prepares every time: {plain:?}");
+}
