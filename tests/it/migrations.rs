@@ -29,7 +29,7 @@ async fn a_fresh_database_gets_every_migration_and_a_second_boot_applies_nothing
         .await
         .unwrap();
     let report = db.migration_report().unwrap();
-    assert_eq!(report.applied.len(), 3);
+    assert_eq!(report.applied.len(), support::ledger_migrations());
     assert_eq!(report.already_applied, 0);
     assert_eq!(
         count(
@@ -37,7 +37,7 @@ async fn a_fresh_database_gets_every_migration_and_a_second_boot_applies_nothing
             "SELECT count(*) AS n FROM railyard_schema_migrations"
         )
         .await,
-        3
+        support::ledger_migrations() as i64
     );
     assert_eq!(
         count(
@@ -45,7 +45,7 @@ async fn a_fresh_database_gets_every_migration_and_a_second_boot_applies_nothing
             "SELECT count(*) AS n FROM __diesel_schema_migrations"
         )
         .await,
-        3
+        support::ledger_migrations() as i64
     );
     assert_eq!(count(&config, "SELECT count(*) AS n FROM users").await, 0);
 
@@ -56,7 +56,7 @@ async fn a_fresh_database_gets_every_migration_and_a_second_boot_applies_nothing
         .unwrap();
     let report = again.migration_report().unwrap();
     assert!(report.applied.is_empty());
-    assert_eq!(report.already_applied, 3);
+    assert_eq!(report.already_applied, support::ledger_migrations());
 }
 
 #[tokio::test]
@@ -120,14 +120,18 @@ async fn eight_racing_boots_apply_each_migration_exactly_once_and_all_succeed() 
     for t in tasks {
         applied += t.await.unwrap().expect("every racing boot succeeds");
     }
-    assert_eq!(applied, 3, "each migration applied by exactly one boot");
+    assert_eq!(
+        applied,
+        support::ledger_migrations(),
+        "each migration applied by exactly one boot"
+    );
     assert_eq!(
         count(
             &config,
             "SELECT count(*) AS n FROM __diesel_schema_migrations"
         )
         .await,
-        3
+        support::ledger_migrations() as i64
     );
 }
 

@@ -273,11 +273,17 @@ async fn work_that_fails_retryably_while_the_handle_closes_is_not_retried() {
     let work = {
         let (db, attempts) = (db.clone(), attempts.clone());
         tokio::spawn(async move {
+            let db = &db;
             db.transaction(async |conn| {
                 attempts.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                diesel::sql_query("SELECT pg_sleep(0.3)")
-                    .execute(conn)
-                    .await?;
+                // In the server until the close has begun (a fixed sleep
+                // raced the close on a loaded machine), at most 10 s.
+                let waiting = std::time::Instant::now();
+                while !db.is_closed() && waiting.elapsed() < Duration::from_secs(10) {
+                    diesel::sql_query("SELECT pg_sleep(0.02)")
+                        .execute(conn)
+                        .await?;
+                }
                 // A serialization failure: retried, unless the handle closes.
                 diesel::sql_query(
                     "DO $$ BEGIN RAISE EXCEPTION 'conflict' USING ERRCODE = '40001'; END $$",

@@ -158,6 +158,13 @@ pub async fn count(config: &Config, sql: &str) -> i64 {
 pub const LEDGER: diesel_migrations::EmbeddedMigrations =
     diesel_migrations::embed_migrations!("migrations");
 
+/// How many migrations the ledger has.
+pub fn ledger_migrations() -> usize {
+    diesel::migration::MigrationSource::<diesel::pg::Pg>::migrations(&LEDGER)
+        .expect("the embedded migrations list")
+        .len()
+}
+
 static LEDGER_DB: OnceCell<ConnectTarget> = OnceCell::const_new();
 
 /// A migrated ledger database shared by the tests that commit data of their own

@@ -878,6 +878,13 @@ async fn constant_sql_is_prepared_once_per_connection_and_then_costs_one_round_t
     }
     // The first execution prepares (and may look up types); every later one
     // is a single Bind/Execute round trip, where sql_query prepares again.
-    assert_eq!(cost[1..], [1, 1], "prepared once: {cost:?} vs sql_query {plain:?}");
-    assert!(plain.iter().all(|&n| n >= 2), "sql_query prepares every time: {plain:?}");
+    assert_eq!(
+        cost[1..],
+        [1, 1],
+        "prepared once: {cost:?} vs sql_query {plain:?}"
+    );
+    assert!(
+        plain.iter().all(|&n| n >= 2),
+        "sql_query prepares every time: {plain:?}"
+    );
 }
