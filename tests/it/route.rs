@@ -76,6 +76,7 @@ diesel::table! {
     users (id) {
         id -> Int8,
         email -> Text,
+        name -> Text,
     }
 }
 
@@ -157,6 +158,152 @@ async fn reads_go_to_a_replica_with_no_extra_round_trip() {
         railyard::ErrorClass::Reroute,
         "reads are for reading: {err}"
     );
+}
+
+/// The round trips the one connection of a single-connection primary pool has
+/// made so far: checking it out costs none (the tap answers for it), so the
+/// difference between two counts is what the work in between cost. Requests
+/// nobody waits for (the `Close` of a statement diesel did not cache) are
+/// counted once answered.
+async fn primary_round_trips(db: &Database) -> u64 {
+    let c = db.primary().await.unwrap();
+    assert!(c.wire().quiesce(Duration::from_secs(5)).await);
+    c.wire().ready_count()
+}
+
+/// The round trips `work` cost on the primary (see [`primary_round_trips`]).
+async fn cost(db: &Database, work: impl std::future::Future<Output = ()>) -> u64 {
+    let before = primary_round_trips(db).await;
+    work.await;
+    primary_round_trips(db).await - before
+}
+
+/// An INSERT through the query builder: a statement diesel caches (its
+/// UPDATEs it never caches), so that after the first run it is one round trip.
+async fn add_user(conn: &mut Conn, email: &str) -> Result<(), Error> {
+    use diesel::ExpressionMethods;
+    diesel::insert_into(users::table)
+        .values((users::email.eq(email), users::name.eq("rt")))
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// A fresh email for each insert of a test.
+fn email(prefix: &str) -> String {
+    format!("{}@example.test", support::unique(prefix))
+}
+
+/// The primary's WAL insert position now. Read on a connection of its own
+/// when `db` is measured: diesel closes the statement of an SQL query it does
+/// not cache only when the connection runs its next query.
+async fn insert_position(db: &Database) -> CausalToken {
+    #[derive(diesel::QueryableByName)]
+    struct Lsn {
+        #[diesel(sql_type = Text)]
+        lsn: String,
+    }
+    let mut c = db.primary().await.unwrap();
+    diesel::sql_query("SELECT pg_current_wal_insert_lsn()::text AS lsn")
+        .get_result::<Lsn>(&mut c)
+        .await
+        .unwrap()
+        .lsn
+        .parse()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_session_transaction_costs_the_round_trips_of_a_plain_one_and_its_token_comes_with_the_commit()
+ {
+    let db = support::ledger(|c| c.pool_max_size(1)).await;
+    let positions = support::ledger(|c| c.pool_max_size(1)).await;
+    // Warm the statement cache: from here on the INSERT is one round trip.
+    let e = email("rt_warm");
+    db.write(async |c| add_user(c, &e).await).await.unwrap();
+
+    let e = email("rt_plain");
+    let plain = cost(&db, async {
+        db.transaction(async |c| add_user(c, &e).await)
+            .await
+            .unwrap()
+    })
+    .await;
+    assert_eq!(plain, 3, "BEGIN, the INSERT, COMMIT");
+
+    let session = db.session();
+    let mut last = None;
+    for _ in 0..2 {
+        let before = insert_position(&positions).await;
+        let e = email("rt_session");
+        let spent = cost(&db, async {
+            session
+                .transaction(async |c| add_user(c, &e).await)
+                .await
+                .unwrap()
+        })
+        .await;
+        assert_eq!(
+            spent, plain,
+            "a session's transaction costs what the same transaction costs without a session"
+        );
+        let token = session.token().expect("the commit recorded a token");
+        assert!(
+            token > before,
+            "the token ({token}) is past the commit, which is past {before}"
+        );
+        assert!(
+            token <= insert_position(&positions).await,
+            "the token is a position the primary reached"
+        );
+        assert!(last < Some(token), "each commit moves the token forward");
+        last = Some(token);
+    }
+
+    // The builder takes the same path.
+    let e = email("rt_built");
+    let spent = cost(&db, async {
+        session
+            .build_transaction()
+            .serializable()
+            .run(async |c| add_user(c, &e).await)
+            .await
+            .unwrap()
+    })
+    .await;
+    assert_eq!(spent, plain);
+    assert!(session.token() > last);
+}
+
+#[tokio::test]
+async fn a_session_write_costs_one_round_trip_more_than_a_plain_one_its_commit_position() {
+    let db = support::ledger(|c| c.pool_max_size(1)).await;
+    let e = email("rt_warm");
+    db.write(async |c| add_user(c, &e).await).await.unwrap();
+
+    let e = email("rt_plain");
+    let plain = cost(&db, async {
+        db.write(async |c| add_user(c, &e).await).await.unwrap()
+    })
+    .await;
+    assert_eq!(plain, 1, "the INSERT alone");
+    let session = db.session();
+    let e = email("rt_session");
+    let spent = cost(&db, async {
+        session
+            .write(async |c| add_user(c, &e).await)
+            .await
+            .unwrap()
+    })
+    .await;
+    // Autocommit work commits inside the closure's own statements: the
+    // position can only be asked for after the last of them (see `Session::write`).
+    assert_eq!(
+        spent,
+        plain + 1,
+        "an autocommit session write pays exactly one round trip for its commit position"
+    );
+    assert!(session.token().is_some());
 }
 
 #[tokio::test]
@@ -571,3 +718,4 @@ async fn failover_to_a_promoted_replica_loses_no_acknowledged_write() {
     drop((db, new_primary, conn));
     cluster.destroy().unwrap();
 }
+
