@@ -49,22 +49,39 @@ impl Session {
         }
     }
 
+    /// The session's floor, resolved from the monitors' figures when it was
+    /// waiting for a sample of the primary's position.
     fn floor(&self) -> Floor {
-        *self.floor.lock().unwrap_or_else(|p| p.into_inner())
+        let mut f = self.floor.lock().unwrap_or_else(|p| p.into_inner());
+        *f = self.db.resolve_floor(*f);
+        *f
     }
 
     /// Moves the session's floor forward (never back).
     pub(crate) fn advance(&self, to: Floor) {
         let mut f = self.floor.lock().unwrap_or_else(|p| p.into_inner());
-        *f = f.max(to);
+        *f = self.db.resolve_floor(f.max(to));
     }
 
     /// This session's token: the newest position it wrote or read, if any.
-    /// `None` also when a commit position could not be read (the session then
-    /// reads from the primary, which needs no token).
+    ///
+    /// A commit's position is in the token as soon as the write returns. A
+    /// read on the primary is in it once the primary's monitor has sampled
+    /// the primary's position after the read (within one
+    /// [check interval](crate::RoutingConfig::check_interval)): the read pays
+    /// no round trip to learn it. Until then the token carries the session's
+    /// writes and earlier reads, and the session itself keeps reading on the
+    /// primary.
+    ///
+    /// `None` for a session with nothing to carry yet (no write, no read
+    /// whose position is known), and when a commit position could not be
+    /// read (the session then reads from the primary, which needs no token).
     pub fn token(&self) -> Option<CausalToken> {
         match self.floor() {
             Floor::At(lsn) => Some(CausalToken::new(lsn)),
+            Floor::Sampled { at, .. } => {
+                (at != 0).then(|| CausalToken::new(tokio_postgres::types::PgLsn::from(at)))
+            }
             Floor::Any | Floor::Primary => None,
         }
     }

@@ -307,6 +307,77 @@ async fn a_session_write_costs_one_round_trip_more_than_a_plain_one_its_commit_p
 }
 
 #[tokio::test]
+async fn a_session_read_that_falls_back_to_the_primary_costs_the_round_trips_of_a_primary_read() {
+    let Some(cluster) = support::cluster().await else {
+        return;
+    };
+    support::ledger(|c| c).await;
+    let config = Config::new(cluster.primary_socket_target("railyard_it"))
+        .replica(cluster.replica_socket_target("railyard_it").unwrap())
+        .pool_max_size(1);
+    let db = Database::builder(config)
+        .routing(fast_routing())
+        .connect()
+        .await
+        .unwrap();
+    wait_healthy(&db).await;
+    let email = format!("{}@example.test", support::unique("rt_read"));
+    db.write(async |c| insert_user(c, &email).await)
+        .await
+        .unwrap();
+    // Warm the statement cache on the primary connection.
+    db.with_primary(async |c| count_user_dsl(c, &email).await)
+        .await
+        .unwrap();
+
+    let plain = cost(&db, async {
+        let n = db
+            .with_primary(async |c| count_user_dsl(c, &email).await)
+            .await
+            .unwrap();
+        assert_eq!(n, 1);
+    })
+    .await;
+    assert_eq!(plain, 1, "the count alone");
+
+    // A session whose floor no replica reaches: every read falls back.
+    let far: CausalToken = "FFFF/0".parse().unwrap();
+    for session in [db.session_from(far), {
+        // …and one whose floor is its own write, with replay out of reach for
+        // the monitors' figures (the write just committed).
+        let s = db.session();
+        let e = format!("fallback-{email}");
+        s.transaction(async |c| add_user(c, &e).await)
+            .await
+            .unwrap();
+        s
+    }] {
+        let mut route = None;
+        let spent = cost(&db, async {
+            let (n, r) = session
+                .read_routed(async |c| count_user_dsl(c, &email).await)
+                .await
+                .unwrap();
+            assert_eq!(n, 1);
+            route = Some(r);
+        })
+        .await;
+        if route == Some(Route::Primary) {
+            assert_eq!(
+                spent, plain,
+                "a session's read on the primary costs what a plain primary read costs"
+            );
+        }
+    }
+    let (_, route) = db
+        .session_from(far)
+        .read_routed(async |c| count_user_dsl(c, &email).await)
+        .await
+        .unwrap();
+    assert_eq!(route, Route::Primary, "no replica reaches FFFF/0");
+}
+
+#[tokio::test]
 async fn a_session_transaction_takes_the_same_options_and_records_a_token() {
     let Some(cluster) = support::cluster().await else {
         return;
@@ -544,6 +615,83 @@ async fn read_your_writes_holds_while_replay_is_paused_and_across_a_token_string
 }
 
 #[tokio::test]
+async fn after_a_read_on_the_primary_a_session_never_reads_older_data_than_it_saw() {
+    let (cluster, config) = private("monotonic").await;
+    let routing = RoutingConfig::default().check_interval(Duration::from_millis(20));
+    let db = Database::builder(config)
+        .routing(routing)
+        .connect()
+        .await
+        .unwrap();
+    let replica = replica_admin(&cluster).await;
+    wait_healthy(&db).await;
+    let warmup = db.session();
+    warmup
+        .write(async |c| insert_user(c, &format!("{}@example.test", support::unique("warm"))).await)
+        .await
+        .unwrap();
+    let t = warmup.token().unwrap();
+    wait_for("the replica to replay the schema", || {
+        db.replica_health()[0].replay_lsn >= Some(t.lsn())
+    })
+    .await;
+
+    sql(&replica, "SELECT pg_wal_replay_pause()").await;
+    let session = db.session();
+    let mine = format!("{}@example.test", support::unique("mine"));
+    session
+        .transaction(async |c| insert_user(c, &mine).await)
+        .await
+        .unwrap();
+    let written = session.token().unwrap();
+    // Another writer commits after the session's write…
+    let theirs = format!("{}@example.test", support::unique("theirs"));
+    db.write(async |c| insert_user(c, &theirs).await)
+        .await
+        .unwrap();
+    let after_theirs = insert_position(&db).await;
+    assert!(after_theirs > written);
+    // …and the session, held to the primary by its write, sees that commit.
+    let (n, route) = session
+        .read_routed(async |c| count_user(c, &theirs).await)
+        .await
+        .unwrap();
+    assert_eq!((n, route), (1, Route::Primary));
+    // What it saw becomes its floor (from the primary's position as the
+    // monitor samples it after the read, so the read paid no round trip for
+    // it): no replica that has not replayed the other writer's commit serves
+    // this session again, and its token carries that.
+    wait_for(
+        "the session's token to cover what its primary read saw",
+        || session.token().is_some_and(|t| t >= after_theirs),
+    )
+    .await;
+    let (n, route) = session
+        .read_routed(async |c| count_user(c, &theirs).await)
+        .await
+        .unwrap();
+    assert_eq!((n, route), (1, Route::Primary), "replay is still paused");
+
+    sql(&replica, "SELECT pg_wal_replay_resume()").await;
+    let token = session.token().unwrap();
+    wait_for("the replica to pass the session's floor", || {
+        db.replica_health()[0].replay_lsn >= Some(token.lsn())
+    })
+    .await;
+    let (n, route) = session
+        .read_routed(async |c| count_user(c, &theirs).await)
+        .await
+        .unwrap();
+    assert!(
+        matches!(route, Route::Replica(_)),
+        "back on the replica: {route}"
+    );
+    assert_eq!(n, 1, "the replica read sees what the primary read saw");
+    drop((db, replica));
+    cluster.destroy().unwrap();
+}
+
+#[tokio::test]
 async fn a_stopped_replica_is_ejected_without_errors_and_readmitted_after_restart() {
     let (cluster, config) = private("stopped").await;
     let db = Database::builder(config)
@@ -718,4 +866,3 @@ async fn failover_to_a_promoted_replica_loses_no_acknowledged_write() {
     drop((db, new_primary, conn));
     cluster.destroy().unwrap();
 }
-
