@@ -14,6 +14,18 @@ use crate::route::{CausalToken, Floor, Staleness};
 /// Its transactions and writes take the same options as the `Database`'s
 /// ([`Session::build_transaction`], [`Session::build_write`]).
 ///
+/// What the guarantees cost, in round trips to the server:
+///
+/// - a transaction: nothing more than without a session. The query for the
+///   commit's position is sent with `COMMIT`, in the same round trip;
+/// - an autocommit write: one round trip more, for the position (see
+///   [`Session::write`]);
+/// - a read: nothing more, on a replica or on the primary. After a read on the
+///   primary (no replica had caught up), the session reads on the primary
+///   until the primary's monitor has sampled its position, at most one
+///   [check interval](crate::RoutingConfig::check_interval) later; from then
+///   on, replicas that replayed that far serve it again.
+///
 /// ```no_run
 /// use diesel_async::RunQueryDsl;
 /// # async fn demo(db: &railyard::Database) -> Result<(), railyard::Error> {
@@ -94,7 +106,8 @@ impl Session {
     }
 
     /// Reads, on a replica that has caught up with this session, else per the
-    /// database's [`Fallback`](crate::route::Fallback).
+    /// database's [`Fallback`](crate::route::Fallback). Either way the read
+    /// costs the round trips of the same read without a session.
     pub async fn read<F: ConnWork>(&self, f: F) -> Result<F::Value, F::Error> {
         self.read_routed(f).await.map(|(v, _)| v)
     }
@@ -115,6 +128,13 @@ impl Session {
 
     /// A write on the primary (see [`Database::write`]); its commit position
     /// becomes the session's token.
+    ///
+    /// It costs one round trip more than the same write without a session:
+    /// autocommit work commits inside the closure's own statements, so the
+    /// position can only be asked for after the last of them, once the
+    /// closure has returned. (Work of `k` statements: `k + 1` round trips
+    /// here, `k + 2` in [`Session::transaction`], whose position travels with
+    /// its `COMMIT` but which pays for `BEGIN`.)
     pub async fn write<F: ConnWork>(&self, f: F) -> Result<F::Value, F::Error> {
         self.build_write().run(f).await
     }
@@ -126,7 +146,9 @@ impl Session {
     }
 
     /// A transaction on the primary (see [`Database::transaction`]); its
-    /// commit position becomes the session's token.
+    /// commit position becomes the session's token. It costs the round trips
+    /// of the same transaction without a session: the position is read in
+    /// the round trip of its `COMMIT`.
     pub async fn transaction<F: ConnWork>(&self, f: F) -> Result<F::Value, F::Error> {
         self.build_transaction().run(f).await
     }

@@ -7,7 +7,9 @@
 //!   writes commits: a [`CausalToken`], which converts to and from a short string
 //!   (for an HTTP header, a cookie or a job payload). A session's read goes to a
 //!   replica only when that replica has replayed past the session's token and
-//!   past everything the session already read (monotonic reads).
+//!   past everything the session already read (monotonic reads). What a read
+//!   on the primary saw joins the session's floor from the primary monitor's
+//!   next sample of its position, which costs the read no round trip.
 //! - A background monitor per replica polls its replay position, recovery state
 //!   and lag at a jittered interval, under a short `SET LOCAL statement_timeout`.
 //!   Routing reads only these cached figures: no extra round trip per read. A
