@@ -1,6 +1,8 @@
 //! Reads routed to the replica through `db.read` vs a raw bb8 pool on the same
 //! replica (primary-key lookups from 8 tasks, over the replica's Unix socket),
-//! and the routing decision alone per read.
+//! the routing decision alone per read, and a session's read that falls back
+//! to the primary vs a plain read on the primary (`fallback_read`: the session's
+//! floor after it costs no round trip).
 //!
 //! `scripts/bench-report route` prints the ratios.
 
@@ -218,6 +220,76 @@ fn benches(c: &mut Criterion) {
     let token = Some("0/1".parse::<CausalToken>().expect("a token"));
     group.bench_function("route_for_read", |b| b.iter(|| db.route_for_read(token)));
     group.finish();
+
+    // A session whose floor no replica reaches reads on the primary.
+    let far = db.session_from("FFFF/0".parse::<CausalToken>().expect("a token"));
+    let id = ids[0];
+    let mut group = c.benchmark_group("fallback_read");
+    group.bench_function("plain_primary_read", |b| {
+        b.iter(|| {
+            rt.block_on(db.with_primary(async |c| lookup(c, id).await))
+                .expect("read")
+        })
+    });
+    group.bench_function("session_read_on_primary", |b| {
+        b.iter(|| {
+            let (v, route) = rt
+                .block_on(far.read_routed(async |c| lookup(c, id).await))
+                .expect("read");
+            assert_eq!(route, Route::Primary);
+            v
+        })
+    });
+    group.finish();
+    paired_fallback(&rt, &db, &far, id);
+}
+
+/// Paired rounds of `fallback_read` (see `paired` for why): a batch of reads on
+/// the primary without a session and a batch of a session's fallback reads,
+/// back to back in alternating order.
+fn paired_fallback(rt: &tokio::runtime::Runtime, db: &Database, far: &railyard::Session, id: i64) {
+    const ROUNDS: usize = 30;
+    const READS: usize = 200;
+    let mut ratios = Vec::with_capacity(ROUNDS);
+    let mut total = [0.0f64; 2];
+    for round in 0..ROUNDS {
+        let mut time = |in_session: bool| {
+            let started = std::time::Instant::now();
+            rt.block_on(async {
+                for _ in 0..READS {
+                    let read = async |c: &mut railyard::Conn| lookup(c, id).await;
+                    if in_session {
+                        far.read(read).await
+                    } else {
+                        db.with_primary(read).await
+                    }
+                    .expect("a read");
+                }
+            });
+            let s = started.elapsed().as_secs_f64();
+            total[usize::from(in_session)] += s;
+            s
+        };
+        let (plain, in_session) = if round % 2 == 0 {
+            let p = time(false);
+            (p, time(true))
+        } else {
+            let s = time(true);
+            (time(false), s)
+        };
+        ratios.push(in_session / plain);
+    }
+    ratios.sort_by(f64::total_cmp);
+    let q = |p: f64| ratios[((ratios.len() - 1) as f64 * p).round() as usize];
+    let reads = (ROUNDS * READS) as f64;
+    println!(
+        "paired fallback_read: a session's read on the primary vs a plain one, median time ratio {:.3} (quartiles {:.3}–{:.3}, {ROUNDS} rounds of {READS}); mean per read: plain {:.1} µs, session {:.1} µs",
+        q(0.5),
+        q(0.25),
+        q(0.75),
+        total[0] / reads * 1e6,
+        total[1] / reads * 1e6,
+    );
 }
 
 criterion_group!(route, benches);

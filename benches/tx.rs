@@ -6,7 +6,12 @@
 //!   (check-out validated from the tap) vs bb8 with diesel-async's manager and its
 //!   default `SELECT 1` check, and vs bb8 with no check at all;
 //! - `transaction_one_lookup`: `db.transaction` with one lookup vs diesel-async's
-//!   own `conn.transaction` on a pooled connection.
+//!   own `conn.transaction` on a pooled connection;
+//! - `session_transaction` and `session_write`: one INSERT in a transaction, and
+//!   as an autocommit write, in a `Session` (which records the commit's WAL
+//!   position) vs without one. A session transaction reads the position in its
+//!   COMMIT's round trip; a session write pays one round trip for it. Also
+//!   measured in paired rounds (the `paired session_…` lines).
 //!
 //! `scripts/bench-report tx` prints the ratios.
 
@@ -216,6 +221,127 @@ fn benches(c: &mut Criterion) {
         })
     });
     group.finish();
+
+    // --- what a session's commit position costs
+    let session = db.session();
+    let run = format!("{:x}", rand::random::<u32>());
+    let n = std::sync::atomic::AtomicU64::new(0);
+    let email = || {
+        let i = n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        format!("bench-{run}-{i}@example.test")
+    };
+    let mut group = c.benchmark_group("session_transaction");
+    group.bench_function("plain", |b| {
+        b.iter(|| {
+            let e = email();
+            rt.block_on(db.transaction(async |c| add_user(c, &e).await))
+                .expect("tx")
+        })
+    });
+    group.bench_function("session", |b| {
+        b.iter(|| {
+            let e = email();
+            rt.block_on(session.transaction(async |c| add_user(c, &e).await))
+                .expect("tx")
+        })
+    });
+    group.finish();
+    let mut group = c.benchmark_group("session_write");
+    group.bench_function("plain", |b| {
+        b.iter(|| {
+            let e = email();
+            rt.block_on(db.write(async |c| add_user(c, &e).await))
+                .expect("write")
+        })
+    });
+    group.bench_function("session", |b| {
+        b.iter(|| {
+            let e = email();
+            rt.block_on(session.write(async |c| add_user(c, &e).await))
+                .expect("write")
+        })
+    });
+    group.finish();
+
+    paired_session(&rt, &db, &session, &email);
+}
+
+/// Paired rounds of the session groups: each round times a batch without a
+/// session and a batch in one, back to back in alternating order, so that the
+/// shared machine's drift hits both sides of each ratio alike (criterion's
+/// groups run seconds apart and swing more than the difference measured).
+fn paired_session(
+    rt: &tokio::runtime::Runtime,
+    db: &Database,
+    session: &railyard::Session,
+    email: &dyn Fn() -> String,
+) {
+    const ROUNDS: usize = 30;
+    const OPS: usize = 200;
+    for transaction in [true, false] {
+        let mut ratios = Vec::with_capacity(ROUNDS);
+        let mut total = [0.0f64; 2];
+        for round in 0..ROUNDS {
+            let mut time = |in_session: bool| {
+                let started = std::time::Instant::now();
+                rt.block_on(async {
+                    for _ in 0..OPS {
+                        let e = email();
+                        let work = async |c: &mut railyard::Conn| add_user(c, &e).await;
+                        match (transaction, in_session) {
+                            (true, false) => db.transaction(work).await,
+                            (true, true) => session.transaction(work).await,
+                            (false, false) => db.write(work).await,
+                            (false, true) => session.write(work).await,
+                        }
+                        .expect("an insert");
+                    }
+                });
+                let s = started.elapsed().as_secs_f64();
+                total[usize::from(in_session)] += s;
+                s
+            };
+            let (plain, in_session) = if round % 2 == 0 {
+                let p = time(false);
+                (p, time(true))
+            } else {
+                let s = time(true);
+                (time(false), s)
+            };
+            ratios.push(in_session / plain);
+        }
+        ratios.sort_by(f64::total_cmp);
+        let q = |p: f64| ratios[((ratios.len() - 1) as f64 * p).round() as usize];
+        let ops = (ROUNDS * OPS) as f64;
+        println!(
+            "paired session_{}: in a session vs without, median time ratio {:.3} (quartiles {:.3}–{:.3}, {ROUNDS} rounds of {OPS}); mean per operation: without {:.1} µs, in a session {:.1} µs",
+            if transaction { "transaction" } else { "write" },
+            q(0.5),
+            q(0.25),
+            q(0.75),
+            total[0] / ops * 1e6,
+            total[1] / ops * 1e6,
+        );
+    }
+}
+
+diesel::table! {
+    users (id) {
+        id -> Int8,
+        email -> Text,
+        name -> Text,
+    }
+}
+
+/// One INSERT through the query builder: a statement diesel caches, so one
+/// round trip.
+async fn add_user(conn: &mut railyard::Conn, email: &str) -> Result<(), Error> {
+    use diesel::ExpressionMethods;
+    diesel::insert_into(users::table)
+        .values((users::email.eq(email), users::name.eq("Bench")))
+        .execute(conn)
+        .await?;
+    Ok(())
 }
 
 criterion_group!(tx, benches);

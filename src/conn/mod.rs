@@ -41,6 +41,7 @@ use wire::{Socket, Tapped, WireState};
 
 pub use lease::PooledConn;
 pub use pool::PoolStatus;
+pub(crate) use wire::Captured;
 
 /// Where an operation ran, or which target a connection serves.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -173,20 +174,37 @@ impl Conn {
         self.pg
     }
 
-    /// The server's WAL insert position, read on this connection (on the
-    /// primary, right after a commit: the position a causal token records).
-    pub(crate) async fn wal_insert_lsn(&mut self) -> Result<PgLsn, Error> {
-        use diesel_async::RunQueryDsl;
-        // Read in binary as `pg_lsn`: no text to parse, no state to invent.
-        #[derive(diesel::QueryableByName)]
-        struct Row {
-            #[diesel(sql_type = diesel::pg::sql_types::PgLsn)]
-            lsn: diesel::pg::data_types::PgLsn,
+    /// Runs `sql` in the simple query protocol (its statements in order, one
+    /// round trip) and returns diesel's result with what the tap kept of the
+    /// replies: the first statement's command tag and the first row. diesel
+    /// discards a simple query's rows; the tap reads them off the wire.
+    ///
+    /// A request still in flight (the `Close` of a statement diesel did not
+    /// cache, say) is waited for first, so that what the tap keeps answers
+    /// `sql` and nothing else; when it does not settle, `sql` is not sent.
+    pub(crate) async fn simple_query_captured(
+        &mut self,
+        sql: &str,
+    ) -> Result<(diesel::QueryResult<()>, Captured), Error> {
+        use diesel_async::SimpleAsyncConnection;
+        if !self.wire.quiesce(SETTLE_BEFORE_CAPTURE).await {
+            return Err(Error::Query(diesel::result::Error::DeserializationError(
+                "a request is still in flight on the connection; its replies could be taken for the position's"
+                    .into(),
+            )));
         }
-        let row: Row = diesel::sql_query("SELECT pg_current_wal_insert_lsn() AS lsn")
-            .get_result(&mut self.pg)
-            .await?;
-        Ok(PgLsn::from(row.lsn.0))
+        self.wire.capture_replies();
+        let result = self.pg.batch_execute(sql).await;
+        Ok((result, self.wire.take_captured()))
+    }
+
+    /// The server's WAL insert position, read on this connection (on the
+    /// primary, right after autocommit work: the position a causal token
+    /// records). One round trip: a simple query, its row read by the tap.
+    pub(crate) async fn wal_insert_lsn(&mut self) -> Result<PgLsn, Error> {
+        let (result, captured) = self.simple_query_captured(WAL_INSERT_LSN).await?;
+        result?;
+        position_of(&captured)
     }
 
     /// Whether diesel believes this connection is outside any transaction and healthy.
@@ -209,6 +227,26 @@ impl DerefMut for Conn {
     fn deref_mut(&mut self) -> &mut AsyncPgConnection {
         &mut self.pg
     }
+}
+
+/// The query that reads the primary's WAL insert position, as text (a
+/// simple query's rows are text; `pg_lsn`'s is `16/B374D848`).
+pub(crate) const WAL_INSERT_LSN: &str = "SELECT pg_current_wal_insert_lsn()::text";
+
+/// How long a capture waits for requests still in flight (answers normally
+/// arrive within a round trip).
+const SETTLE_BEFORE_CAPTURE: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// The WAL position in a captured reply to [`WAL_INSERT_LSN`].
+pub(crate) fn position_of(captured: &Captured) -> Result<PgLsn, Error> {
+    captured
+        .one_text_value()
+        .and_then(|v| v.parse::<PgLsn>().ok())
+        .ok_or_else(|| {
+            Error::Query(diesel::result::Error::DeserializationError(
+                format!("no WAL position in the reply: {captured:?}").into(),
+            ))
+        })
 }
 
 /// Sends a cancel request for one connection's running query.

@@ -14,7 +14,11 @@
 //! messages. diesel-async keeps only six SQLSTATEs, and message text follows the
 //! server's `lc_messages`, so this is where exact classification comes from
 //! Only the small control messages (`E`, `S`, `Z`) are copied;
-//! row data is skipped by length, never copied.
+//! row data is skipped by length, never copied, except while a capture is
+//! armed (`WireState::capture_replies`): then the tag of the first
+//! `CommandComplete` and the first `DataRow` are kept, which is how Railyard
+//! reads the value of its own one-row simple queries (the WAL position sent
+//! in the same flight as a session's `COMMIT`), whose rows diesel discards.
 
 use std::io;
 use std::pin::Pin;
@@ -73,6 +77,43 @@ pub struct WireState {
     /// The driver's waker (the one task that waits for `severed`; a `Notify`
     /// could take a lock at every wake of the driver).
     sever_waker: futures_util::task::AtomicWaker,
+    /// Whether the framer copies replies into `captured` (see
+    /// [`WireState::capture_replies`]).
+    capture_armed: AtomicBool,
+    captured: Mutex<Captured>,
+}
+
+/// What an armed capture kept of the replies to one request: the tag of its
+/// first `CommandComplete` (`COMMIT`, `SELECT 1`, …) and its first `DataRow`.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub(crate) struct Captured {
+    /// The first `CommandComplete`'s tag, without its terminating NUL.
+    pub(crate) first_tag: Option<Vec<u8>>,
+    /// The body of the first `DataRow`.
+    pub(crate) first_row: Option<Vec<u8>>,
+}
+
+impl Captured {
+    /// The first row's only column, as text (a simple query's rows are text),
+    /// when the row has exactly one non-NULL column.
+    pub(crate) fn one_text_value(&self) -> Option<&str> {
+        let row = self.first_row.as_deref()?;
+        let (count, rest) = row.split_at_checked(2)?;
+        if i16::from_be_bytes([count[0], count[1]]) != 1 {
+            return None;
+        }
+        let (len, value) = rest.split_at_checked(4)?;
+        let len = i32::from_be_bytes([len[0], len[1], len[2], len[3]]);
+        if len < 0 || value.len() != len as usize {
+            return None;
+        }
+        std::str::from_utf8(value).ok()
+    }
+
+    /// Whether the first statement completed with this tag.
+    pub(crate) fn first_completed(&self, tag: &str) -> bool {
+        self.first_tag.as_deref() == Some(tag.as_bytes())
+    }
 }
 
 /// Counts a task as waiting for the wire for as long as it lives (a waiting
@@ -225,6 +266,39 @@ impl WireState {
             if self.is_closed() || tokio::time::timeout_at(deadline, notified).await.is_err() {
                 return self.in_flight() == 0;
             }
+        }
+    }
+
+    /// Arms the reply capture: from now on the framer keeps the tag of the
+    /// first `CommandComplete` and the first `DataRow` it reads, until
+    /// [`WireState::take_captured`]. Arm it only with nothing in flight
+    /// (see [`WireState::in_flight`]), right before sending the one request
+    /// whose replies are wanted, so that what is kept is that request's.
+    pub(crate) fn capture_replies(&self) {
+        *self.captured.lock().unwrap_or_else(|p| p.into_inner()) = Captured::default();
+        self.capture_armed.store(true, Ordering::Release);
+    }
+
+    /// Disarms the capture and returns what it kept.
+    pub(crate) fn take_captured(&self) -> Captured {
+        self.capture_armed.store(false, Ordering::Release);
+        std::mem::take(&mut *self.captured.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    fn capturing(&self) -> bool {
+        self.capture_armed.load(Ordering::Acquire)
+    }
+
+    /// A `CommandComplete` or `DataRow` read while the capture was armed.
+    fn on_captured(&self, kind: u8, body: &[u8]) {
+        let mut c = self.captured.lock().unwrap_or_else(|p| p.into_inner());
+        match kind {
+            b'C' if c.first_tag.is_none() => {
+                let tag = body.strip_suffix(&[0]).unwrap_or(body);
+                c.first_tag = Some(tag.to_vec());
+            }
+            b'D' if c.first_row.is_none() => c.first_row = Some(body.to_vec()),
+            _ => {}
         }
     }
 
@@ -504,8 +578,10 @@ impl Framer {
                     return;
                 }
                 self.remaining = len as usize - 4;
-                self.capture =
-                    matches!(self.kind, b'E' | b'S' | b'Z') && self.remaining <= CAPTURE_LIMIT;
+                // Rows and command tags are copied only while a capture is armed.
+                self.capture = self.remaining <= CAPTURE_LIMIT
+                    && (matches!(self.kind, b'E' | b'S' | b'Z')
+                        || (matches!(self.kind, b'C' | b'D') && wire.capturing()));
                 self.body.clear();
                 if self.remaining == 0 {
                     self.finish(wire);
@@ -525,6 +601,9 @@ impl Framer {
     }
 
     fn finish(&mut self, wire: &WireState) {
+        if self.capture && matches!(self.kind, b'C' | b'D') {
+            wire.on_captured(self.kind, &self.body);
+        }
         wire.on_message(self.kind, if self.capture { &self.body } else { &[] });
         self.have = 0;
         self.remaining = 0;
@@ -926,6 +1005,86 @@ mod tests {
         assert_eq!(e.table.as_deref(), Some("users"));
         assert_eq!(e.severity, "ERROR");
         assert_eq!(w.tx_status(), TxStatus::Failed);
+    }
+
+    fn data_row(values: &[Option<&str>]) -> Vec<u8> {
+        let mut b = (values.len() as i16).to_be_bytes().to_vec();
+        for v in values {
+            match v {
+                Some(v) => {
+                    b.extend_from_slice(&(v.len() as i32).to_be_bytes());
+                    b.extend_from_slice(v.as_bytes());
+                }
+                None => b.extend_from_slice(&(-1i32).to_be_bytes()),
+            }
+        }
+        b
+    }
+
+    /// The replies to `COMMIT; SELECT pg_current_wal_insert_lsn()::text`.
+    fn commit_and_position(lsn: &str) -> Vec<u8> {
+        encode(&[
+            M::Other(b'C', b"COMMIT\0".to_vec()),
+            M::Other(b'T', vec![0, 1, b'x', 0]),
+            M::Row(data_row(&[Some(lsn)])),
+            M::Other(b'C', b"SELECT 1\0".to_vec()),
+            M::Ready(b'I'),
+        ])
+    }
+
+    #[test]
+    fn an_armed_capture_keeps_the_first_tag_and_row_in_any_chunking() {
+        let stream = commit_and_position("16/B374D848");
+        for cut in 0..=stream.len() {
+            let w = WireState::default();
+            let mut f = Framer::default();
+            w.capture_replies();
+            f.on_read(&stream[..cut], &w);
+            f.on_read(&stream[cut..], &w);
+            let c = w.take_captured();
+            assert!(c.first_completed("COMMIT"), "cut at {cut}: {c:?}");
+            assert_eq!(c.one_text_value(), Some("16/B374D848"), "cut at {cut}");
+            assert_eq!(w.ready_count(), 1, "one round trip");
+        }
+    }
+
+    #[test]
+    fn rows_are_not_copied_unless_a_capture_is_armed() {
+        let w = WireState::default();
+        let mut f = Framer::default();
+        f.on_read(&commit_and_position("0/1"), &w);
+        assert_eq!(w.take_captured(), Captured::default());
+        // Disarmed by the take: the next replies are not kept either.
+        w.capture_replies();
+        let _ = w.take_captured();
+        f.on_read(&commit_and_position("0/2"), &w);
+        assert_eq!(w.take_captured(), Captured::default());
+    }
+
+    #[test]
+    fn a_commit_that_fails_leaves_no_tag_and_no_row() {
+        let w = WireState::default();
+        w.capture_replies();
+        Framer::default().on_read(
+            &encode(&[M::Error("40001".into(), None), M::Ready(b'I')]),
+            &w,
+        );
+        let c = w.take_captured();
+        assert!(!c.first_completed("COMMIT"));
+        assert_eq!(c.one_text_value(), None);
+    }
+
+    #[test]
+    fn only_a_single_non_null_column_is_a_text_value() {
+        let of = |row: Vec<u8>| Captured {
+            first_tag: None,
+            first_row: Some(row),
+        };
+        assert_eq!(of(data_row(&[Some("0/1")])).one_text_value(), Some("0/1"));
+        assert_eq!(of(data_row(&[None])).one_text_value(), None);
+        assert_eq!(of(data_row(&[Some("a"), Some("b")])).one_text_value(), None);
+        assert_eq!(of(vec![0, 1, 0, 0, 0, 9, b'x']).one_text_value(), None);
+        assert_eq!(of(vec![0]).one_text_value(), None);
     }
 
     #[test]

@@ -556,9 +556,10 @@ impl Database {
                 return Self::pinned_read(conn, stale.as_ref(), floor).await;
             }
         };
+        let mut floor = router.resolve(floor);
         let mut choice = router.choose(floor);
         if choice.is_none()
-            && let Floor::At(_) = floor
+            && let Floor::At(_) | Floor::Sampled { .. } = floor
             && let Fallback::Wait(bound) = router.config.fallback
         {
             let deadline = tokio::time::Instant::now() + bound;
@@ -566,6 +567,7 @@ impl Database {
                 router
                     .changed(deadline.saturating_duration_since(tokio::time::Instant::now()))
                     .await;
+                floor = router.resolve(floor);
                 choice = router.choose(floor);
             }
         }
@@ -775,7 +777,13 @@ impl Database {
         } = lease;
         let Some(node) = node else {
             let v = f(&mut conn).await?;
-            return Ok((v, route, self.after_primary_read(&mut conn, seen).await));
+            // (A harness's stale-replica read has no node either.)
+            let seen = if route == Route::Primary {
+                self.after_primary_read(seen)
+            } else {
+                seen
+            };
+            return Ok((v, route, seen));
         };
         let wire = conn.wire_arc();
         let mark = wire.mark();
@@ -795,25 +803,35 @@ impl Database {
                 }
                 let mut conn = self.checkout(Want::Primary).await?;
                 let v = f(&mut conn).await?;
-                Ok((
-                    v,
-                    Route::Primary,
-                    self.after_primary_read(&mut conn, floor).await,
-                ))
+                Ok((v, Route::Primary, self.after_primary_read(floor)))
             }
         }
     }
 
-    /// The primary's data is the newest: a causal session must not read older
-    /// data afterwards, so it learns the primary's position (only on this
-    /// fallback path, never on replica reads).
-    async fn after_primary_read(&self, conn: &mut PooledConn, floor: Floor) -> Floor {
-        match floor {
-            Floor::Any => Floor::Any,
-            _ => match conn.wal_insert_lsn().await {
-                Ok(lsn) => floor.max(Floor::At(lsn)),
-                Err(_) => floor,
-            },
+    /// The floor after a read on the primary, which just ended. The primary's
+    /// data is the newest: a causal session must not read older data
+    /// afterwards (monotonic reads), not even other sessions' commits that
+    /// its floor does not cover. That needs a position past everything the
+    /// read saw, and asking the read's connection for one would cost a round
+    /// trip on every fallback read. A position sampled *before* the read is
+    /// not enough (it may predate commits the read saw); one sampled after
+    /// is. So the floor becomes [`Floor::Sampled`]: the primary's position at
+    /// the primary monitor's next sample (within a check interval), and until
+    /// then the session reads from the primary, which costs no round trip
+    /// more than a replica. No I/O here.
+    fn after_primary_read(&self, floor: Floor) -> Floor {
+        match &self.inner.connections {
+            Connections::Pooled { router, .. } => router.after_primary_read(floor),
+            Connections::Pinned { .. } => floor,
+        }
+    }
+
+    /// `floor`, resolved from the monitors' figures when it waited for a
+    /// sample of the primary's position (see [`Floor::Sampled`]); no I/O.
+    pub(crate) fn resolve_floor(&self, floor: Floor) -> Floor {
+        match &self.inner.connections {
+            Connections::Pooled { router, .. } => router.resolve(floor),
+            Connections::Pinned { .. } => floor,
         }
     }
 

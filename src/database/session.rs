@@ -14,6 +14,18 @@ use crate::route::{CausalToken, Floor, Staleness};
 /// Its transactions and writes take the same options as the `Database`'s
 /// ([`Session::build_transaction`], [`Session::build_write`]).
 ///
+/// What the guarantees cost, in round trips to the server:
+///
+/// - a transaction: nothing more than without a session. The query for the
+///   commit's position is sent with `COMMIT`, in the same round trip;
+/// - an autocommit write: one round trip more, for the position (see
+///   [`Session::write`]);
+/// - a read: nothing more, on a replica or on the primary. After a read on the
+///   primary (no replica had caught up), the session reads on the primary
+///   until the primary's monitor has sampled its position, at most one
+///   [check interval](crate::RoutingConfig::check_interval) later; from then
+///   on, replicas that replayed that far serve it again.
+///
 /// ```no_run
 /// use diesel_async::RunQueryDsl;
 /// # async fn demo(db: &railyard::Database) -> Result<(), railyard::Error> {
@@ -49,22 +61,39 @@ impl Session {
         }
     }
 
+    /// The session's floor, resolved from the monitors' figures when it was
+    /// waiting for a sample of the primary's position.
     fn floor(&self) -> Floor {
-        *self.floor.lock().unwrap_or_else(|p| p.into_inner())
+        let mut f = self.floor.lock().unwrap_or_else(|p| p.into_inner());
+        *f = self.db.resolve_floor(*f);
+        *f
     }
 
     /// Moves the session's floor forward (never back).
     pub(crate) fn advance(&self, to: Floor) {
         let mut f = self.floor.lock().unwrap_or_else(|p| p.into_inner());
-        *f = f.max(to);
+        *f = self.db.resolve_floor(f.max(to));
     }
 
     /// This session's token: the newest position it wrote or read, if any.
-    /// `None` also when a commit position could not be read (the session then
-    /// reads from the primary, which needs no token).
+    ///
+    /// A commit's position is in the token as soon as the write returns. A
+    /// read on the primary is in it once the primary's monitor has sampled
+    /// the primary's position after the read (within one
+    /// [check interval](crate::RoutingConfig::check_interval)): the read pays
+    /// no round trip to learn it. Until then the token carries the session's
+    /// writes and earlier reads, and the session itself keeps reading on the
+    /// primary.
+    ///
+    /// `None` for a session with nothing to carry yet (no write, no read
+    /// whose position is known), and when a commit position could not be
+    /// read (the session then reads from the primary, which needs no token).
     pub fn token(&self) -> Option<CausalToken> {
         match self.floor() {
             Floor::At(lsn) => Some(CausalToken::new(lsn)),
+            Floor::Sampled { at, .. } => {
+                (at != 0).then(|| CausalToken::new(tokio_postgres::types::PgLsn::from(at)))
+            }
             Floor::Any | Floor::Primary => None,
         }
     }
@@ -77,7 +106,8 @@ impl Session {
     }
 
     /// Reads, on a replica that has caught up with this session, else per the
-    /// database's [`Fallback`](crate::route::Fallback).
+    /// database's [`Fallback`](crate::route::Fallback). Either way the read
+    /// costs the round trips of the same read without a session.
     pub async fn read<F: ConnWork>(&self, f: F) -> Result<F::Value, F::Error> {
         self.read_routed(f).await.map(|(v, _)| v)
     }
@@ -98,6 +128,13 @@ impl Session {
 
     /// A write on the primary (see [`Database::write`]); its commit position
     /// becomes the session's token.
+    ///
+    /// It costs one round trip more than the same write without a session:
+    /// autocommit work commits inside the closure's own statements, so the
+    /// position can only be asked for after the last of them, once the
+    /// closure has returned. (Work of `k` statements: `k + 1` round trips
+    /// here, `k + 2` in [`Session::transaction`], whose position travels with
+    /// its `COMMIT` but which pays for `BEGIN`.)
     pub async fn write<F: ConnWork>(&self, f: F) -> Result<F::Value, F::Error> {
         self.build_write().run(f).await
     }
@@ -109,7 +146,9 @@ impl Session {
     }
 
     /// A transaction on the primary (see [`Database::transaction`]); its
-    /// commit position becomes the session's token.
+    /// commit position becomes the session's token. It costs the round trips
+    /// of the same transaction without a session: the position is read in
+    /// the round trip of its `COMMIT`.
     pub async fn transaction<F: ConnWork>(&self, f: F) -> Result<F::Value, F::Error> {
         self.build_transaction().run(f).await
     }

@@ -7,7 +7,9 @@
 //!   writes commits: a [`CausalToken`], which converts to and from a short string
 //!   (for an HTTP header, a cookie or a job payload). A session's read goes to a
 //!   replica only when that replica has replayed past the session's token and
-//!   past everything the session already read (monotonic reads).
+//!   past everything the session already read (monotonic reads). What a read
+//!   on the primary saw joins the session's floor from the primary monitor's
+//!   next sample of its position, which costs the read no round trip.
 //! - A background monitor per replica polls its replay position, recovery state
 //!   and lag at a jittered interval, under a short `SET LOCAL statement_timeout`.
 //!   Routing reads only these cached figures: no extra round trip per read. A
@@ -83,6 +85,21 @@ pub(crate) enum Floor {
     Any,
     /// A replica that replayed at least this far.
     At(PgLsn),
+    /// After a read on the primary: at least `at` (a WAL position; 0 for
+    /// none), and at least the primary's WAL insert position as its monitor
+    /// samples it in a sample numbered above `after`, that is, one that began
+    /// after the read ended, so past every commit the read could see. Until
+    /// such a sample is in, only the primary will do; then the floor
+    /// [resolves](Router::resolve) to [`Floor::At`]. This is how a read on the
+    /// primary keeps a session's reads monotonic without a round trip of its
+    /// own (see `Database::after_primary_read`).
+    Sampled {
+        /// The floor the session had before, as a raw WAL position (0: none).
+        at: u64,
+        /// The number of the primary's position samples begun when the read
+        /// ended.
+        after: u64,
+    },
     /// Only the primary (a commit position could not be read).
     Primary,
 }
@@ -94,6 +111,17 @@ impl Floor {
             (Floor::Primary, _) | (_, Floor::Primary) => Floor::Primary,
             (Floor::Any, f) | (f, Floor::Any) => f,
             (Floor::At(a), Floor::At(b)) => Floor::At(a.max(b)),
+            (Floor::At(a), Floor::Sampled { at, after })
+            | (Floor::Sampled { at, after }, Floor::At(a)) => Floor::Sampled {
+                at: at.max(u64::from(a)),
+                after,
+            },
+            (Floor::Sampled { at: a, after: x }, Floor::Sampled { at: b, after: y }) => {
+                Floor::Sampled {
+                    at: a.max(b),
+                    after: x.max(y),
+                }
+            }
         }
     }
 }
@@ -369,7 +397,17 @@ pub(crate) struct Router {
     pub(crate) replicas: Vec<Arc<ReplicaNode>>,
     pub(crate) config: RoutingConfig,
     rr: AtomicUsize,
+    /// The primary's WAL write position at its latest sample: what replicas'
+    /// lag is measured against.
     primary_lsn: AtomicU64,
+    /// The primary's WAL insert position at its latest sample: what a
+    /// [`Floor::Sampled`] resolves to (past every commit record written
+    /// before the sample, flushed or not).
+    primary_insert_lsn: AtomicU64,
+    /// Samples of the primary's position begun, and the number of the latest
+    /// one that completed (numbered from 1).
+    primary_samples_begun: AtomicU64,
+    primary_samples_done: AtomicU64,
     /// Signalled after every monitor round, for `Fallback::Wait`.
     changed: tokio::sync::Notify,
     stopped: AtomicBool,
@@ -393,20 +431,68 @@ impl Router {
             config,
             rr: AtomicUsize::new(0),
             primary_lsn: AtomicU64::new(0),
+            primary_insert_lsn: AtomicU64::new(0),
+            primary_samples_begun: AtomicU64::new(0),
+            primary_samples_done: AtomicU64::new(0),
             changed: tokio::sync::Notify::new(),
             stopped: AtomicBool::new(false),
             monitors: Mutex::new(Vec::new()),
         }
     }
 
-    /// Picks a healthy replica that has replayed at least `min_lsn`; cached
+    /// The floor of a session whose `floor` was `floor` before a read on the
+    /// primary that has just ended: the read saw every commit the primary had
+    /// made visible, so the session must not read older data afterwards. No
+    /// I/O: the position is the one the primary's monitor finds in its next
+    /// sample (see [`Floor::Sampled`]). Without replicas there is nothing to
+    /// fall behind: the floor stays.
+    pub(crate) fn after_primary_read(&self, floor: Floor) -> Floor {
+        if self.replicas.is_empty() {
+            return floor;
+        }
+        // SeqCst, like the monitor's count: a sample numbered above this one
+        // began after this load, so after the read.
+        let after = self.primary_samples_begun.load(Ordering::SeqCst);
+        floor.max(Floor::Sampled { at: 0, after })
+    }
+
+    /// `floor`, with a [`Floor::Sampled`] replaced by the position its sample
+    /// found once that sample is in; no I/O.
+    pub(crate) fn resolve(&self, floor: Floor) -> Floor {
+        let Floor::Sampled { at, after } = floor else {
+            return floor;
+        };
+        if self.primary_samples_done.load(Ordering::SeqCst) <= after {
+            return floor;
+        }
+        // Stored before the sample was counted done: at least that sample's.
+        let sampled = self.primary_insert_lsn.load(Ordering::SeqCst);
+        Floor::At(PgLsn::from(at.max(sampled)))
+    }
+
+    /// Numbers a sample of the primary's position about to be taken.
+    fn begin_primary_sample(&self) -> u64 {
+        self.primary_samples_begun.fetch_add(1, Ordering::SeqCst) + 1
+    }
+
+    /// Records sample `n` of the primary's position (write and insert) and
+    /// wakes reads waiting for a floor to resolve or a replica to catch up.
+    fn end_primary_sample(&self, n: u64, write: u64, insert: u64) {
+        self.primary_lsn.fetch_max(write, Ordering::AcqRel);
+        self.primary_insert_lsn.fetch_max(insert, Ordering::SeqCst);
+        self.primary_samples_done.fetch_max(n, Ordering::SeqCst);
+        self.changed.notify_waiters();
+    }
+
+    /// Picks a healthy replica that has replayed at least the floor; cached
     /// figures only, no I/O.
     pub(crate) fn choose(&self, floor: Floor) -> Option<(Arc<ReplicaNode>, Outstanding)> {
         let n = self.replicas.len();
-        let min_lsn = match floor {
+        let min_lsn = match self.resolve(floor) {
             Floor::Any => 0,
             Floor::At(lsn) => u64::from(lsn),
-            Floor::Primary => return None,
+            // Not sampled yet: only the primary has what the read saw.
+            Floor::Sampled { .. } | Floor::Primary => return None,
         };
         if n == 0 {
             return None;
@@ -502,6 +588,8 @@ fn jittered(d: Duration) -> Duration {
 struct PrimaryProbe {
     #[diesel(sql_type = diesel::pg::sql_types::PgLsn)]
     lsn: diesel::pg::data_types::PgLsn,
+    #[diesel(sql_type = diesel::pg::sql_types::PgLsn)]
+    insert_lsn: diesel::pg::data_types::PgLsn,
 }
 
 #[derive(QueryableByName)]
@@ -551,10 +639,21 @@ async fn monitor_primary(router: Weak<Router>, opener: Opener) {
             conn = opener.open().await.ok();
         }
         if let Some(c) = conn.as_mut() {
-            match probe::<PrimaryProbe>(c, timeout, "SELECT pg_current_wal_lsn() AS lsn").await {
-                Ok(p) => {
-                    r.primary_lsn.fetch_max(p.lsn.0, Ordering::AcqRel);
-                }
+            // Numbered before the query is sent: it runs after every read that
+            // ended before this point (see `Router::after_primary_read`).
+            let sample = r.begin_primary_sample();
+            // The write position measures lag (a replica can replay only what
+            // was written); the insert position is past every commit record,
+            // even one not yet flushed (synchronous_commit = off) but already
+            // visible to readers, so it is what a floor resolves to.
+            match probe::<PrimaryProbe>(
+                c,
+                timeout,
+                "SELECT pg_current_wal_lsn() AS lsn, pg_current_wal_insert_lsn() AS insert_lsn",
+            )
+            .await
+            {
+                Ok(p) => r.end_primary_sample(sample, p.lsn.0, p.insert_lsn.0),
                 Err(e) => {
                     tracing::debug!(target: "railyard::route", error = %e, "primary WAL probe failed");
                     conn = None;
@@ -662,5 +761,91 @@ mod tests {
         assert_eq!(a.max(b), b);
         assert_eq!(Floor::Any.max(a), a);
         assert_eq!(b.max(Floor::Primary), Floor::Primary);
+        let s = Floor::Sampled { at: 7, after: 3 };
+        assert_eq!(a.max(s), s);
+        assert_eq!(s.max(b), Floor::Sampled { at: 9, after: 3 });
+        assert_eq!(
+            s.max(Floor::Sampled { at: 2, after: 4 }),
+            Floor::Sampled { at: 7, after: 4 }
+        );
+        assert_eq!(Floor::Any.max(s), s);
+        assert_eq!(s.max(Floor::Primary), Floor::Primary);
+    }
+
+    fn router_with_a_replica() -> Router {
+        // A replica that is never opened: routing reads only its figures.
+        let config = crate::config::Config::new(
+            "postgres://u@127.0.0.1:1/db?sslmode=disable"
+                .parse::<crate::config::ConnectTarget>()
+                .unwrap(),
+        );
+        let config = Arc::new(config);
+        let target = config.primary.clone();
+        let opener = Opener::new(
+            target,
+            config.clone(),
+            crate::config::TargetSessionAttrs::Any,
+        )
+        .unwrap();
+        let pool = TargetPool::build(
+            crate::conn::Route::Replica("r".into()),
+            opener.clone(),
+            1,
+            &config,
+        );
+        let node = Arc::new(ReplicaNode::new("r".into(), pool, opener));
+        node.set_status(ReplicaStatus::Healthy);
+        Router::new(vec![node], RoutingConfig::default())
+    }
+
+    #[tokio::test]
+    async fn after_a_primary_read_only_a_sample_begun_later_lets_a_replica_serve() {
+        let router = router_with_a_replica();
+        let replica = &router.replicas[0];
+        replica.replay_lsn.store(100, Ordering::Release);
+        // A sample is in flight while the read runs: it may predate what the
+        // read saw, so it does not count.
+        let early = router.begin_primary_sample();
+        let floor = router.after_primary_read(Floor::At(PgLsn::from(40)));
+        assert_eq!(floor, Floor::Sampled { at: 40, after: 1 });
+        router.end_primary_sample(early, 90, 95);
+        assert_eq!(
+            router.resolve(floor),
+            floor,
+            "a sample begun before the read ended"
+        );
+        assert!(
+            router.choose(floor).is_none(),
+            "only the primary has what the read saw"
+        );
+        // The next sample begins after the read: it is past everything the
+        // read saw, and the floor rises to it.
+        let later = router.begin_primary_sample();
+        assert!(router.choose(floor).is_none());
+        router.end_primary_sample(later, 118, 120);
+        assert_eq!(router.resolve(floor), Floor::At(PgLsn::from(120)));
+        assert!(
+            router.choose(floor).is_none(),
+            "the replica replayed only 100"
+        );
+        replica.replay_lsn.store(120, Ordering::Release);
+        assert!(router.choose(floor).is_some());
+        // A session floor past the sample keeps its own.
+        let high = router.after_primary_read(Floor::At(PgLsn::from(500)));
+        let n = router.begin_primary_sample();
+        router.end_primary_sample(n, 130, 130);
+        assert_eq!(router.resolve(high), Floor::At(PgLsn::from(500)));
+        // A fresh session that read on the primary gets a floor too.
+        let fresh = router.after_primary_read(Floor::Any);
+        assert!(matches!(fresh, Floor::Sampled { at: 0, .. }));
+        assert!(router.choose(fresh).is_none());
+    }
+
+    #[test]
+    fn without_replicas_a_primary_read_changes_no_floor() {
+        let router = Router::new(Vec::new(), RoutingConfig::default());
+        let f = Floor::At(PgLsn::from(5));
+        assert_eq!(router.after_primary_read(f), f);
+        assert_eq!(router.after_primary_read(Floor::Any), Floor::Any);
     }
 }

@@ -76,6 +76,7 @@ diesel::table! {
     users (id) {
         id -> Int8,
         email -> Text,
+        name -> Text,
     }
 }
 
@@ -157,6 +158,223 @@ async fn reads_go_to_a_replica_with_no_extra_round_trip() {
         railyard::ErrorClass::Reroute,
         "reads are for reading: {err}"
     );
+}
+
+/// The round trips the one connection of a single-connection primary pool has
+/// made so far: checking it out costs none (the tap answers for it), so the
+/// difference between two counts is what the work in between cost. Requests
+/// nobody waits for (the `Close` of a statement diesel did not cache) are
+/// counted once answered.
+async fn primary_round_trips(db: &Database) -> u64 {
+    let c = db.primary().await.unwrap();
+    assert!(c.wire().quiesce(Duration::from_secs(5)).await);
+    c.wire().ready_count()
+}
+
+/// The round trips `work` cost on the primary (see [`primary_round_trips`]).
+async fn cost(db: &Database, work: impl std::future::Future<Output = ()>) -> u64 {
+    let before = primary_round_trips(db).await;
+    work.await;
+    primary_round_trips(db).await - before
+}
+
+/// An INSERT through the query builder: a statement diesel caches (its
+/// UPDATEs it never caches), so that after the first run it is one round trip.
+async fn add_user(conn: &mut Conn, email: &str) -> Result<(), Error> {
+    use diesel::ExpressionMethods;
+    diesel::insert_into(users::table)
+        .values((users::email.eq(email), users::name.eq("rt")))
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// A fresh email for each insert of a test.
+fn email(prefix: &str) -> String {
+    format!("{}@example.test", support::unique(prefix))
+}
+
+/// The primary's WAL insert position now. Read on a connection of its own
+/// when `db` is measured: diesel closes the statement of an SQL query it does
+/// not cache only when the connection runs its next query.
+async fn insert_position(db: &Database) -> CausalToken {
+    #[derive(diesel::QueryableByName)]
+    struct Lsn {
+        #[diesel(sql_type = Text)]
+        lsn: String,
+    }
+    let mut c = db.primary().await.unwrap();
+    diesel::sql_query("SELECT pg_current_wal_insert_lsn()::text AS lsn")
+        .get_result::<Lsn>(&mut c)
+        .await
+        .unwrap()
+        .lsn
+        .parse()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_session_transaction_costs_the_round_trips_of_a_plain_one_and_its_token_comes_with_the_commit()
+ {
+    let db = support::ledger(|c| c.pool_max_size(1)).await;
+    let positions = support::ledger(|c| c.pool_max_size(1)).await;
+    // Warm the statement cache: from here on the INSERT is one round trip.
+    let e = email("rt_warm");
+    db.write(async |c| add_user(c, &e).await).await.unwrap();
+
+    let e = email("rt_plain");
+    let plain = cost(&db, async {
+        db.transaction(async |c| add_user(c, &e).await)
+            .await
+            .unwrap()
+    })
+    .await;
+    assert_eq!(plain, 3, "BEGIN, the INSERT, COMMIT");
+
+    let session = db.session();
+    let mut last = None;
+    for _ in 0..2 {
+        let before = insert_position(&positions).await;
+        let e = email("rt_session");
+        let spent = cost(&db, async {
+            session
+                .transaction(async |c| add_user(c, &e).await)
+                .await
+                .unwrap()
+        })
+        .await;
+        assert_eq!(
+            spent, plain,
+            "a session's transaction costs what the same transaction costs without a session"
+        );
+        let token = session.token().expect("the commit recorded a token");
+        assert!(
+            token > before,
+            "the token ({token}) is past the commit, which is past {before}"
+        );
+        assert!(
+            token <= insert_position(&positions).await,
+            "the token is a position the primary reached"
+        );
+        assert!(last < Some(token), "each commit moves the token forward");
+        last = Some(token);
+    }
+
+    // The builder takes the same path.
+    let e = email("rt_built");
+    let spent = cost(&db, async {
+        session
+            .build_transaction()
+            .serializable()
+            .run(async |c| add_user(c, &e).await)
+            .await
+            .unwrap()
+    })
+    .await;
+    assert_eq!(spent, plain);
+    assert!(session.token() > last);
+}
+
+#[tokio::test]
+async fn a_session_write_costs_one_round_trip_more_than_a_plain_one_its_commit_position() {
+    let db = support::ledger(|c| c.pool_max_size(1)).await;
+    let e = email("rt_warm");
+    db.write(async |c| add_user(c, &e).await).await.unwrap();
+
+    let e = email("rt_plain");
+    let plain = cost(&db, async {
+        db.write(async |c| add_user(c, &e).await).await.unwrap()
+    })
+    .await;
+    assert_eq!(plain, 1, "the INSERT alone");
+    let session = db.session();
+    let e = email("rt_session");
+    let spent = cost(&db, async {
+        session
+            .write(async |c| add_user(c, &e).await)
+            .await
+            .unwrap()
+    })
+    .await;
+    // Autocommit work commits inside the closure's own statements: the
+    // position can only be asked for after the last of them (see `Session::write`).
+    assert_eq!(
+        spent,
+        plain + 1,
+        "an autocommit session write pays exactly one round trip for its commit position"
+    );
+    assert!(session.token().is_some());
+}
+
+#[tokio::test]
+async fn a_session_read_that_falls_back_to_the_primary_costs_the_round_trips_of_a_primary_read() {
+    let Some(cluster) = support::cluster().await else {
+        return;
+    };
+    support::ledger(|c| c).await;
+    let config = Config::new(cluster.primary_socket_target("railyard_it"))
+        .replica(cluster.replica_socket_target("railyard_it").unwrap())
+        .pool_max_size(1);
+    let db = Database::builder(config)
+        .routing(fast_routing())
+        .connect()
+        .await
+        .unwrap();
+    wait_healthy(&db).await;
+    let email = format!("{}@example.test", support::unique("rt_read"));
+    db.write(async |c| insert_user(c, &email).await)
+        .await
+        .unwrap();
+    // Warm the statement cache on the primary connection.
+    db.with_primary(async |c| count_user_dsl(c, &email).await)
+        .await
+        .unwrap();
+
+    let plain = cost(&db, async {
+        let n = db
+            .with_primary(async |c| count_user_dsl(c, &email).await)
+            .await
+            .unwrap();
+        assert_eq!(n, 1);
+    })
+    .await;
+    assert_eq!(plain, 1, "the count alone");
+
+    // A session whose floor no replica reaches: every read falls back.
+    let far: CausalToken = "FFFF/0".parse().unwrap();
+    for session in [db.session_from(far), {
+        // …and one whose floor is its own write, with replay out of reach for
+        // the monitors' figures (the write just committed).
+        let s = db.session();
+        let e = format!("fallback-{email}");
+        s.transaction(async |c| add_user(c, &e).await)
+            .await
+            .unwrap();
+        s
+    }] {
+        let mut route = None;
+        let spent = cost(&db, async {
+            let (n, r) = session
+                .read_routed(async |c| count_user_dsl(c, &email).await)
+                .await
+                .unwrap();
+            assert_eq!(n, 1);
+            route = Some(r);
+        })
+        .await;
+        if route == Some(Route::Primary) {
+            assert_eq!(
+                spent, plain,
+                "a session's read on the primary costs what a plain primary read costs"
+            );
+        }
+    }
+    let (_, route) = db
+        .session_from(far)
+        .read_routed(async |c| count_user_dsl(c, &email).await)
+        .await
+        .unwrap();
+    assert_eq!(route, Route::Primary, "no replica reaches FFFF/0");
 }
 
 #[tokio::test]
@@ -392,6 +610,83 @@ async fn read_your_writes_holds_while_replay_is_paused_and_across_a_token_string
         on_replica > 500,
         "enough reads went to the replica to mean something"
     );
+    drop((db, replica));
+    cluster.destroy().unwrap();
+}
+
+#[tokio::test]
+async fn after_a_read_on_the_primary_a_session_never_reads_older_data_than_it_saw() {
+    let (cluster, config) = private("monotonic").await;
+    let routing = RoutingConfig::default().check_interval(Duration::from_millis(20));
+    let db = Database::builder(config)
+        .routing(routing)
+        .connect()
+        .await
+        .unwrap();
+    let replica = replica_admin(&cluster).await;
+    wait_healthy(&db).await;
+    let warmup = db.session();
+    warmup
+        .write(async |c| insert_user(c, &format!("{}@example.test", support::unique("warm"))).await)
+        .await
+        .unwrap();
+    let t = warmup.token().unwrap();
+    wait_for("the replica to replay the schema", || {
+        db.replica_health()[0].replay_lsn >= Some(t.lsn())
+    })
+    .await;
+
+    sql(&replica, "SELECT pg_wal_replay_pause()").await;
+    let session = db.session();
+    let mine = format!("{}@example.test", support::unique("mine"));
+    session
+        .transaction(async |c| insert_user(c, &mine).await)
+        .await
+        .unwrap();
+    let written = session.token().unwrap();
+    // Another writer commits after the session's write…
+    let theirs = format!("{}@example.test", support::unique("theirs"));
+    db.write(async |c| insert_user(c, &theirs).await)
+        .await
+        .unwrap();
+    let after_theirs = insert_position(&db).await;
+    assert!(after_theirs > written);
+    // …and the session, held to the primary by its write, sees that commit.
+    let (n, route) = session
+        .read_routed(async |c| count_user(c, &theirs).await)
+        .await
+        .unwrap();
+    assert_eq!((n, route), (1, Route::Primary));
+    // What it saw becomes its floor (from the primary's position as the
+    // monitor samples it after the read, so the read paid no round trip for
+    // it): no replica that has not replayed the other writer's commit serves
+    // this session again, and its token carries that.
+    wait_for(
+        "the session's token to cover what its primary read saw",
+        || session.token().is_some_and(|t| t >= after_theirs),
+    )
+    .await;
+    let (n, route) = session
+        .read_routed(async |c| count_user(c, &theirs).await)
+        .await
+        .unwrap();
+    assert_eq!((n, route), (1, Route::Primary), "replay is still paused");
+
+    sql(&replica, "SELECT pg_wal_replay_resume()").await;
+    let token = session.token().unwrap();
+    wait_for("the replica to pass the session's floor", || {
+        db.replica_health()[0].replay_lsn >= Some(token.lsn())
+    })
+    .await;
+    let (n, route) = session
+        .read_routed(async |c| count_user(c, &theirs).await)
+        .await
+        .unwrap();
+    assert!(
+        matches!(route, Route::Replica(_)),
+        "back on the replica: {route}"
+    );
+    assert_eq!(n, 1, "the replica read sees what the primary read saw");
     drop((db, replica));
     cluster.destroy().unwrap();
 }

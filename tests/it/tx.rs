@@ -888,3 +888,123 @@ async fn constant_sql_is_prepared_once_per_connection_and_then_costs_one_round_t
         "sql_query prepares every time: {plain:?}"
     );
 }
+
+/// A session's COMMIT travels with the query for its position (one round
+/// trip); when the COMMIT fails, the server skips that query, and the failure
+/// must read exactly as a plain transaction's does.
+#[tokio::test]
+async fn a_session_commit_that_fails_reads_as_a_plain_one_and_the_connection_stays_usable() {
+    let fresh = support::fresh_database("commit_fail").await;
+    let db = Database::connect(fresh.config.clone().pool_max_size(1))
+        .await
+        .unwrap();
+    db.primary()
+        .await
+        .unwrap()
+        .batch_execute(
+            "CREATE TABLE keys (k INT, CONSTRAINT keys_k_key UNIQUE (k) DEFERRABLE INITIALLY DEFERRED);
+             CREATE TABLE checks (k INT NOT NULL, fail BOOLEAN NOT NULL);
+             CREATE FUNCTION check_at_commit() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN
+               IF NEW.fail THEN
+                 RAISE EXCEPTION 'refused at commit' USING ERRCODE = 'serialization_failure';
+               END IF;
+               RETURN NULL;
+             END $$;
+             CREATE CONSTRAINT TRIGGER check_at_commit AFTER INSERT ON checks
+               DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION check_at_commit();
+             INSERT INTO keys VALUES (1);",
+        )
+        .await
+        .unwrap();
+    let session = db.session();
+    session
+        .write(async |c| {
+            c.batch_execute("INSERT INTO keys VALUES (0)").await?;
+            Ok::<_, Error>(())
+        })
+        .await
+        .unwrap();
+    let token = session.token().unwrap();
+
+    // A deferred unique violation, found at COMMIT.
+    let duplicate = async |c: &mut Conn| {
+        c.batch_execute("INSERT INTO keys VALUES (1)").await?;
+        Ok::<_, Error>(())
+    };
+    let plain = db
+        .build_transaction()
+        .run_detailed(duplicate)
+        .await
+        .unwrap_err();
+    let through_session = session
+        .build_transaction()
+        .run_detailed(duplicate)
+        .await
+        .unwrap_err();
+    for failed in [&plain, &through_session] {
+        assert_eq!(failed.class(), Some(ErrorClass::Constraint), "{failed}");
+        assert_eq!(failed.sqlstate(), Some(&SqlState::UNIQUE_VIOLATION));
+        assert_eq!(failed.attempts(), 1);
+        let Error::Database(e) = failed.error() else {
+            panic!("not a database error: {failed}");
+        };
+        assert_eq!(e.phase, railyard::error::Phase::Commit, "{failed}");
+        assert_eq!(
+            failed.error().violation().and_then(|v| v.constraint),
+            Some("keys_k_key".into())
+        );
+    }
+    assert_eq!(
+        plain.error().to_string(),
+        through_session.error().to_string()
+    );
+    assert_eq!(
+        session.token(),
+        Some(token),
+        "nothing committed, nothing recorded"
+    );
+
+    // The one connection is out of the transaction, in diesel's books and on
+    // the server, and serves the next transaction.
+    {
+        let mut c = db.primary().await.unwrap();
+        assert_eq!(c.transaction_depth(), 0);
+        assert_eq!(c.wire().tx_status(), railyard::conn::wire::TxStatus::Idle);
+    }
+
+    // A serialization failure at COMMIT: retried from the top, and the
+    // attempt that commits records its position.
+    let attempts = AtomicU32::new(0);
+    let n = session
+        .transaction(async |c| {
+            let fail = attempts.fetch_add(1, Ordering::SeqCst) == 0;
+            c.batch_execute(&format!(
+                "INSERT INTO checks VALUES (1, {fail}); INSERT INTO keys VALUES (2)"
+            ))
+            .await?;
+            Ok::<_, Error>(AtomicU32::load(&attempts, Ordering::SeqCst))
+        })
+        .await
+        .unwrap();
+    assert_eq!(n, 2, "committed on the second attempt");
+    assert_eq!(retries(&db, ErrorClass::RetryTransaction), 1);
+    let after = session.token().unwrap();
+    assert!(after > token, "{after} after {token}");
+    let mut c = db.primary().await.unwrap();
+    assert_eq!(c.transaction_depth(), 0);
+    let rows: i64 = diesel::sql_query("SELECT count(*)::int8 AS n FROM keys WHERE k = 2")
+        .get_result::<support_n::N>(&mut c)
+        .await
+        .unwrap()
+        .n;
+    assert_eq!(rows, 1, "exactly one attempt committed");
+}
+
+mod support_n {
+    #[derive(diesel::QueryableByName)]
+    pub struct N {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        pub n: i64,
+    }
+}
