@@ -46,6 +46,23 @@ struct Series<'a> {
 
 /// A line chart over seconds, with vertical markers for events.
 fn chart(title: &str, unit: &str, series: &[Series<'_>], events: &[(f64, String)]) -> String {
+    // Latencies of ten seconds and more read better in seconds.
+    let peak = series
+        .iter()
+        .flat_map(|s| s.points.iter().map(|p| p.1))
+        .fold(0.0, f64::max);
+    if unit == "ms" && peak >= 10_000.0 {
+        let scaled: Vec<Series<'_>> = series
+            .iter()
+            .map(|s| Series {
+                label: s.label.clone(),
+                points: s.points.iter().map(|&(t, v)| (t, v / 1000.0)).collect(),
+                dashed: s.dashed,
+                colour: s.colour,
+            })
+            .collect();
+        return chart(title, "s", &scaled, events);
+    }
     let t_max = series
         .iter()
         .flat_map(|s| s.points.iter().map(|p| p.0))
@@ -87,13 +104,13 @@ fn chart(title: &str, unit: &str, series: &[Series<'_>], events: &[(f64, String)
             t
         );
     }
-    for (t, what) in events {
+    for (i, (t, what)) in events.iter().enumerate() {
         let _ = write!(
             s,
             r##"<line x1="{x:.1}" x2="{x:.1}" y1="{PAD_T}" y2="{}" stroke="#888" stroke-dasharray="3 3"/><text x="{:.1}" y="{}" font-size="10" fill="#555">{}</text>"##,
             HEIGHT - PAD_B,
             x(*t) + 3.0,
-            PAD_T + 10.0,
+            PAD_T + 10.0 + 12.0 * (i % 3) as f64,
             esc(what),
             x = x(*t)
         );

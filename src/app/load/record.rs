@@ -48,10 +48,14 @@ pub struct Step {
     pub outcome: Outcome,
 }
 
-/// A histogram of 64 logarithmic buckets (each 30% wider than the one
-/// before) from 1 µs to about 19 s: enough for p50 and p99 of one second.
+/// Buckets of the per-second histograms.
+const LOG_BUCKETS: usize = 80;
+
+/// A histogram of 80 logarithmic buckets (each 30% wider than the one
+/// before) from 1 µs to about 20 minutes: enough for p50 and p99 of one
+/// second, even when a burst has queued operations for minutes.
 #[derive(Debug, Clone, Copy)]
-struct LogHist([u32; 64]);
+struct LogHist([u32; LOG_BUCKETS]);
 
 const LOG_BASE: f64 = 1.3;
 
@@ -62,7 +66,7 @@ impl LogHist {
         } else {
             ((micros as f64).ln() / LOG_BASE.ln()) as usize
         };
-        self.0[i.min(63)] += 1;
+        self.0[i.min(LOG_BUCKETS - 1)] += 1;
     }
 
     fn merge(&mut self, other: &LogHist) {
@@ -85,7 +89,7 @@ impl LogHist {
                 return LOG_BASE.powi(i as i32 + 1) / 1000.0;
             }
         }
-        LOG_BASE.powi(64) / 1000.0
+        LOG_BASE.powi(LOG_BUCKETS as i32) / 1000.0
     }
 }
 
@@ -101,7 +105,7 @@ impl Default for Second {
         Second {
             done: 0,
             errors: 0,
-            hist: LogHist([0; 64]),
+            hist: LogHist([0; LOG_BUCKETS]),
         }
     }
 }
@@ -315,9 +319,12 @@ impl Recorder {
         for s in inner.ops.values() {
             let _ = all.add(&s.hist);
         }
+        // Whole seconds only: a last, partial second would read as a drop.
+        let whole = (secs.floor() as usize).max(1);
         let series = inner
             .series
             .iter()
+            .take(whole)
             .enumerate()
             .map(|(t, s)| SecondReport {
                 t: t as u64,
@@ -459,7 +466,7 @@ mod tests {
 
     #[test]
     fn log_histogram_quantiles_are_within_a_bucket() {
-        let mut h = LogHist([0; 64]);
+        let mut h = LogHist([0; LOG_BUCKETS]);
         for us in 1..=10_000u64 {
             h.record(us);
         }
@@ -467,6 +474,13 @@ mod tests {
         let p99 = h.quantile_ms(0.99);
         assert!((5.0..=5.0 * 1.3 * 1.3).contains(&p50), "p50 {p50} ms");
         assert!((9.9..=9.9 * 1.3 * 1.3).contains(&p99), "p99 {p99} ms");
+        let mut slow = LogHist([0; LOG_BUCKETS]);
+        slow.record(40_000_000);
+        let p = slow.quantile_ms(0.99);
+        assert!(
+            (40_000.0..=40_000.0 * 1.3 * 1.3).contains(&p),
+            "40 s reads as {p} ms"
+        );
     }
 
     #[tokio::test]
