@@ -140,6 +140,9 @@ impl Database {
                 "work still running at the close's deadline was cancelled"
             );
         }
+        if let Some(w) = &self.inner.watchdog {
+            w.stop();
+        }
         let mut monitors_stopped = 0;
         if let Connections::Pooled { primary, router } = &self.inner.connections {
             primary.close();

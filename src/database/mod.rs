@@ -56,6 +56,7 @@ pub struct DatabaseBuilder {
     budget: RetryBudget,
     routing: RoutingConfig,
     hooks: Vec<Arc<dyn QueryHook>>,
+    watchdog: Option<crate::observe::Watchdog>,
 }
 
 impl fmt::Debug for DatabaseBuilder {
@@ -101,6 +102,26 @@ impl DatabaseBuilder {
     /// [`crate::StatementStats`], [`crate::QuerySpans`], [`crate::AuditLog`].
     pub fn hook(mut self, hook: impl QueryHook) -> Self {
         self.hooks.push(Arc::new(hook));
+        self
+    }
+
+    /// Runs the long-running statement watchdog: statements of this
+    /// application (its `application_name`) that run longer than the
+    /// watchdog's limit are cancelled, and their shape (never a value) is
+    /// logged on target `railyard::audit`. It uses one dedicated connection
+    /// and stops when the handle closes.
+    ///
+    /// ```no_run
+    /// # async fn demo(config: railyard::Config) -> Result<(), railyard::Error> {
+    /// use std::time::Duration;
+    /// let db = railyard::Database::builder(config)
+    ///     .watchdog(railyard::observe::Watchdog::cancel_after(Duration::from_secs(30)))
+    ///     .connect()
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn watchdog(mut self, w: crate::observe::Watchdog) -> Self {
+        self.watchdog = Some(w);
         self
     }
 
@@ -152,6 +173,14 @@ impl DatabaseBuilder {
         let primary = TargetPool::build(Route::Primary, opener, config.pool.max_size, &config);
         primary.add(first);
         let router = Arc::new(Router::new(replicas, self.routing));
+        let watchdog = self.watchdog.map(|w| {
+            let name = config
+                .primary
+                .application_name()
+                .unwrap_or(&config.application_name)
+                .to_owned();
+            crate::observe::spawn_watchdog(w, monitor.clone(), name)
+        });
         Router::spawn_monitors(&router, monitor);
         Ok(Database {
             inner: Arc::new(Inner {
@@ -168,6 +197,7 @@ impl DatabaseBuilder {
                 probes: Probes::default(),
                 gate,
                 closing: tokio::sync::OnceCell::new(),
+                watchdog,
             }),
         })
     }
@@ -328,6 +358,8 @@ struct Inner {
     gate: Arc<Gate>,
     /// The report of the close, once one ran (later calls return it).
     closing: tokio::sync::OnceCell<CloseReport>,
+    /// The long-running statement watchdog, when one was asked for.
+    watchdog: Option<crate::observe::RunningWatchdog>,
 }
 
 /// How long the primary's health answer is reused ([`Database::health`] and
@@ -450,6 +482,7 @@ impl Database {
             budget: RetryBudget::default(),
             routing: RoutingConfig::default(),
             hooks: Vec::new(),
+            watchdog: None,
         }
     }
 
@@ -1049,6 +1082,7 @@ impl Database {
                 probes: Probes::default(),
                 gate: Arc::default(),
                 closing: tokio::sync::OnceCell::new(),
+                watchdog: None,
             }),
         }
     }

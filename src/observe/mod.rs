@@ -37,8 +37,11 @@ pub mod health;
 pub use health::{HealthCheck, HealthReport, HealthStatus};
 pub(crate) mod prometheus;
 mod stats;
+mod watchdog;
 use stats::sanitize_into;
 pub use stats::{StatementStat, StatementStats};
+pub use watchdog::Watchdog;
+pub(crate) use watchdog::{Running as RunningWatchdog, spawn as spawn_watchdog};
 
 use std::collections::VecDeque;
 use std::fmt::{self, Write as _};

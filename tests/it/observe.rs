@@ -773,3 +773,63 @@ async fn a_retried_transaction_leaves_no_attempt_number_on_its_connection() {
     assert_eq!(attempt_of("in_the_transaction"), 2, "{seen:?}");
     assert_eq!(attempt_of("after_the_transaction"), 1, "{seen:?}");
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn the_watchdog_cancels_statements_over_its_limit_and_logs_only_their_shape() {
+    let capture = Capture::default();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(capture.clone())
+        .with_max_level(tracing::Level::INFO)
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    // Its own application name: the watchdog leaves other tests' backends alone.
+    let app = support::unique("watchdog");
+    let base = support::ledger(|c| c.application_name(app.clone())).await;
+    let limit = Duration::from_millis(300);
+    let watchdog = railyard::observe::Watchdog::cancel_after(limit);
+    let db = Database::builder(base.config().clone())
+        .watchdog(watchdog)
+        .connect()
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let e = db
+        .transaction(async |c| {
+            diesel::sql_query("SELECT pg_sleep(10), 'marker-literal-4d2c' AS m, $1::text AS p")
+                .bind::<Text, _>("marker-param-9b1e")
+                .execute(c)
+                .await?;
+            Ok::<_, Error>(())
+        })
+        .await
+        .unwrap_err();
+    let took = started.elapsed();
+    assert_eq!(e.class(), ErrorClass::Timeout, "{e}");
+    assert_eq!(e.sqlstate().map(|s| s.code()), Some("57014"), "{e}");
+    assert!(
+        took >= limit && took < limit + 2 * watchdog.interval() + Duration::from_secs(1),
+        "cancelled after {took:?} (limit {limit:?}, interval {:?})",
+        watchdog.interval()
+    );
+    // Under the limit: left alone.
+    db.with_primary(async |c| {
+        diesel::sql_query("SELECT pg_sleep(0.1)").execute(c).await?;
+        Ok::<_, Error>(())
+    })
+    .await
+    .expect("a statement under the limit runs to its end");
+    db.close(Duration::from_secs(5)).await;
+
+    let logs = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
+    let line = logs
+        .lines()
+        .find(|l| l.contains("railyard::audit") && l.contains("CANCEL"))
+        .unwrap_or_else(|| panic!("no cancel in the audit log:\n{logs}"));
+    assert!(line.contains("pg_sleep"), "the statement's shape: {line}");
+    for needle in ["marker-literal-4d2c", "marker-param-9b1e", "pg_sleep(10)"] {
+        assert!(
+            !logs.contains(needle),
+            "{needle:?} reached the logs: {line}"
+        );
+    }
+}
