@@ -1097,6 +1097,15 @@ impl Config {
         self.local_database.as_deref()
     }
 
+    /// The `application_name` the primary's connections carry: the URL's,
+    /// else [`Config::application_name`]'s (default `railyard`). The
+    /// watchdog and `railyard queries` find the application's backends by it.
+    pub fn effective_application_name(&self) -> &str {
+        self.primary
+            .application_name()
+            .unwrap_or(&self.application_name)
+    }
+
     /// The primary's target.
     pub fn primary(&self) -> &ConnectTarget {
         &self.primary

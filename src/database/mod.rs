@@ -174,11 +174,7 @@ impl DatabaseBuilder {
         primary.add(first);
         let router = Arc::new(Router::new(replicas, self.routing));
         let watchdog = self.watchdog.map(|w| {
-            let name = config
-                .primary
-                .application_name()
-                .unwrap_or(&config.application_name)
-                .to_owned();
+            let name = config.effective_application_name().to_owned();
             crate::observe::spawn_watchdog(w, monitor.clone(), name)
         });
         Router::spawn_monitors(&router, monitor);

@@ -41,6 +41,20 @@ mod watchdog;
 use stats::sanitize_into;
 pub use stats::{StatementStat, StatementStats};
 pub use watchdog::Watchdog;
+
+/// A statement's shape: string and numeric constants replaced by `?`, as
+/// statement statistics group it. Bind parameters (`$1`) stay placeholders;
+/// no value survives.
+///
+/// ```
+/// let shape = railyard::observe::statement_shape("SELECT * FROM users WHERE email = 'a@b.c' AND id > 42");
+/// assert!(!shape.contains("a@b.c") && !shape.contains("42"), "{shape}");
+/// ```
+pub fn statement_shape(sql: &str) -> String {
+    let mut out = String::with_capacity(sql.len());
+    stats::normalize_into(sql, &mut out);
+    out
+}
 pub(crate) use watchdog::{Running as RunningWatchdog, spawn as spawn_watchdog};
 
 use std::collections::VecDeque;

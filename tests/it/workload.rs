@@ -340,3 +340,40 @@ async fn the_stress_flags_pause_the_replica_and_restart_the_primary_without_brea
     }
     assert_eq!(run["stale_reads"], 0, "{run}");
 }
+
+#[tokio::test]
+async fn railyard_queries_lists_the_applications_running_statements_by_shape() {
+    let app = support::unique("queries");
+    let base = support::ledger(|c| c.application_name(app.clone())).await;
+    let sleeper = {
+        let db = base.clone();
+        tokio::spawn(async move {
+            db.with_primary(async |c| {
+                c.batch_execute("SELECT pg_sleep(3), 'marker-literal-31c7'")
+                    .await?;
+                Ok::<_, railyard::Error>(())
+            })
+            .await
+        })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let env = vec![
+        ("DATABASE_URL", base.config().primary().expose_url()),
+        ("RAILYARD_APPLICATION_NAME", app.clone()),
+    ];
+    let o = tokio::task::spawn_blocking(move || railyard(&["queries"], &env))
+        .await
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    let line = stdout
+        .lines()
+        .find(|l| l.contains("pg_sleep"))
+        .unwrap_or_else(|| panic!("the sleeping statement is listed: {}", text(&o)));
+    assert!(
+        line.contains("active") && line.contains("PgSleep"),
+        "{line}"
+    );
+    assert!(!stdout.contains("marker-literal-31c7"), "{}", text(&o));
+    sleeper.await.unwrap().unwrap();
+}
