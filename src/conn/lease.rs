@@ -42,7 +42,7 @@ impl PooledConn {
     pub(crate) fn pooled(c: bb8::PooledConnection<'static, Manager>) -> Self {
         // A new lease is a new operation: its queries are its first attempt
         // until the retry loop says otherwise (the label outlives the lease).
-        c.set_attempt(1);
+        c.begin_operation();
         PooledConn {
             held: Held::Pool(c),
             enclosed: false,

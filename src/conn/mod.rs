@@ -71,6 +71,8 @@ pub(crate) struct ConnLabels {
     pub(crate) route: Route,
     /// The attempt of the operation the connection is serving (set per attempt).
     pub(crate) attempt: AtomicU32,
+    /// Bumped each time the connection is leased: one lease, one operation.
+    pub(crate) operation: std::sync::atomic::AtomicU64,
 }
 
 /// The seam through which a higher layer (`observe`) puts its instrumentation
@@ -154,6 +156,16 @@ impl Conn {
         if let Some(l) = &self.labels {
             l.attempt
                 .store(attempt, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// Starts a new operation on this connection (a new lease): attempt 1,
+    /// and a fresh count of repeated statements.
+    pub(crate) fn begin_operation(&self) {
+        if let Some(l) = &self.labels {
+            l.attempt.store(1, std::sync::atomic::Ordering::Relaxed);
+            l.operation
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
     }
 

@@ -410,6 +410,7 @@ impl Opener {
                     .unwrap_or_default(),
                 route: route.clone(),
                 attempt: std::sync::atomic::AtomicU32::new(1),
+                operation: Default::default(),
             });
             instrument
                 .clone()

@@ -57,6 +57,7 @@ pub struct DatabaseBuilder {
     routing: RoutingConfig,
     hooks: Vec<Arc<dyn QueryHook>>,
     watchdog: Option<crate::observe::Watchdog>,
+    repeats: Option<u32>,
 }
 
 impl fmt::Debug for DatabaseBuilder {
@@ -105,6 +106,24 @@ impl DatabaseBuilder {
         self
     }
 
+    /// Warns (target `railyard::n_plus_one`) when the same statement, its
+    /// constants and parameters aside, runs `threshold` times (at least 2) in
+    /// one operation: one check-out of a connection, or one top-level
+    /// transaction (each attempt of a retried one counts on its own). The
+    /// warning names the statement's shape, never a value. Each statement is
+    /// then formatted and normalised as hooks do, so this has the cost of a
+    /// hook; it suits development and test more than production.
+    ///
+    /// ```no_run
+    /// # async fn demo(config: railyard::Config) -> Result<(), railyard::Error> {
+    /// let db = railyard::Database::builder(config).detect_repeats(20).connect().await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn detect_repeats(mut self, threshold: u32) -> Self {
+        self.repeats = Some(threshold.max(2));
+        self
+    }
+
     /// Runs the long-running statement watchdog: statements of this
     /// application (its `application_name`) that run longer than the
     /// watchdog's limit are cancelled, and their shape (never a value) is
@@ -139,6 +158,7 @@ impl DatabaseBuilder {
         let observer = Arc::new(Observer {
             hooks: self.hooks,
             metrics: Default::default(),
+            repeats: self.repeats,
         });
         // Every connection of this handle passes its gate (see `close`).
         let gate = Arc::new(Gate::default());
@@ -479,6 +499,7 @@ impl Database {
             routing: RoutingConfig::default(),
             hooks: Vec::new(),
             watchdog: None,
+            repeats: None,
         }
     }
 

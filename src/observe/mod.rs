@@ -420,6 +420,8 @@ impl Metrics {
 pub(crate) struct Observer {
     pub(crate) hooks: Vec<Arc<dyn QueryHook>>,
     pub(crate) metrics: Metrics,
+    /// Warn when one statement runs this many times in one operation.
+    pub(crate) repeats: Option<u32>,
 }
 
 impl fmt::Debug for Observer {
@@ -458,6 +460,8 @@ pub(crate) struct ConnInstrumentation {
     sql: String,
     /// The SQLSTATE of the query being reported (reused buffer).
     code: String,
+    /// Repeated statements of the current operation (see [`Repeats`]).
+    repeats: Repeats,
 }
 
 impl ConnInstrumentation {
@@ -475,7 +479,50 @@ impl ConnInstrumentation {
             raw: String::with_capacity(256),
             sql: String::with_capacity(256),
             code: String::with_capacity(8),
+            repeats: Repeats::default(),
         }
+    }
+}
+
+/// The most distinct statements one operation's repeat count keeps.
+const REPEATS_BOUND: usize = 256;
+
+/// Counts each normalised statement of one operation (a lease, or a
+/// top-level transaction within it, or one attempt of a retried one), to warn
+/// once when one of them reaches the threshold: the N+1 pattern, a query per
+/// row of an earlier result where one query would do.
+#[derive(Debug, Default)]
+struct Repeats {
+    operation: u64,
+    attempt: u32,
+    counts: std::collections::HashMap<String, u32>,
+    shape: String,
+}
+
+impl Repeats {
+    fn reset(&mut self) {
+        self.counts.clear();
+    }
+
+    /// Counts `sql` (already literal-free); returns the count when it just
+    /// reached `threshold`.
+    fn count(&mut self, sql: &str, operation: u64, attempt: u32, threshold: u32) -> Option<u32> {
+        if operation != self.operation || attempt != self.attempt {
+            self.operation = operation;
+            self.attempt = attempt;
+            self.reset();
+        }
+        self.shape.clear();
+        stats::normalize_into(sql, &mut self.shape);
+        if !self.counts.contains_key(self.shape.as_str()) {
+            if self.counts.len() >= REPEATS_BOUND {
+                return None;
+            }
+            self.counts.insert(self.shape.clone(), 0);
+        }
+        let n = self.counts.get_mut(self.shape.as_str())?;
+        *n += 1;
+        (*n == threshold).then_some(*n)
     }
 }
 
@@ -648,7 +695,8 @@ impl Instrumentation for ConnInstrumentation {
                 // The statement's text is for hooks; Railyard's own metrics
                 // need only the route, the duration and the class. Without
                 // hooks, the text is never formatted.
-                let hooked = !self.observer.hooks.is_empty();
+                let repeats = self.observer.repeats;
+                let hooked = !self.observer.hooks.is_empty() || repeats.is_some();
                 self.raw.clear();
                 self.sql.clear();
                 if hooked {
@@ -694,11 +742,37 @@ impl Instrumentation for ConnInstrumentation {
                     sqlstate: coded.then_some(self.code.as_str()),
                 };
                 self.observer.metrics.record(&event);
+                if let Some(threshold) = repeats
+                    && !matches!(
+                        operation,
+                        "BEGIN" | "COMMIT" | "ROLLBACK" | "SAVEPOINT" | "RELEASE" | "SET"
+                    )
+                    && let Some(n) = self.repeats.count(
+                        &self.sql,
+                        self.labels.operation.load(Ordering::Relaxed),
+                        event.attempt,
+                        threshold,
+                    )
+                {
+                    tracing::warn!(
+                        target: "railyard::n_plus_one",
+                        statement = %self.repeats.shape,
+                        count = n,
+                        route = %self.labels.route,
+                        "the same statement ran {n} times in one operation (an N+1 pattern?): fetch the rows in one query"
+                    );
+                }
                 for hook in &self.observer.hooks {
                     hook.on_query(&event);
                 }
             }
-            InstrumentationEvent::BeginTransaction { depth, .. } => self.depth = depth.get(),
+            InstrumentationEvent::BeginTransaction { depth, .. } => {
+                self.depth = depth.get();
+                // Each top-level transaction counts on its own.
+                if self.depth == 1 {
+                    self.repeats.reset();
+                }
+            }
             InstrumentationEvent::CommitTransaction { depth, .. }
             | InstrumentationEvent::RollbackTransaction { depth, .. } => {
                 self.depth = depth.get() - 1
@@ -819,6 +893,7 @@ mod tests {
         let observer = Arc::new(Observer {
             hooks: vec![Arc::new(hook), Arc::new(StatementStats::new())],
             metrics: Metrics::default(),
+            repeats: None,
         });
         let labels = Arc::new(ConnLabels {
             host: "h".into(),
@@ -826,6 +901,7 @@ mod tests {
             database: "d".into(),
             route: Route::Primary,
             attempt: Default::default(),
+            operation: Default::default(),
         });
         let wire = Arc::new(WireState::default());
         (

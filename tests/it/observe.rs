@@ -833,3 +833,66 @@ async fn the_watchdog_cancels_statements_over_its_limit_and_logs_only_their_shap
         );
     }
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_statement_repeated_in_one_operation_is_reported_once_by_shape() {
+    let capture = Capture::default();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(capture.clone())
+        .with_max_level(tracing::Level::WARN)
+        .with_ansi(false)
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let base = support::ledger(|c| c).await;
+    let db = Database::builder(base.config().clone())
+        .detect_repeats(5)
+        .connect()
+        .await
+        .unwrap();
+    // Twelve lookups of one row each, in one transaction: an N+1.
+    db.transaction(async |c| {
+        for i in 0..12 {
+            diesel::sql_query("SELECT $1::int + 7001 AS n")
+                .bind::<diesel::sql_types::Integer, _>(i * 1000 + 913)
+                .execute(c)
+                .await?;
+        }
+        Ok::<_, Error>(())
+    })
+    .await
+    .unwrap();
+    // Four in another, and four more with constants instead of parameters:
+    // each under the threshold, and each transaction counts on its own.
+    for _ in 0..2 {
+        db.transaction(async |c| {
+            for i in 0..4 {
+                diesel::sql_query("SELECT $1::int + 7001 AS n")
+                    .bind::<diesel::sql_types::Integer, _>(i)
+                    .execute(c)
+                    .await?;
+            }
+            Ok::<_, Error>(())
+        })
+        .await
+        .unwrap();
+    }
+    db.with_primary(async |c| {
+        for i in 0..4 {
+            c.batch_execute(&format!("SELECT {i} + 7002 AS n")).await?;
+        }
+        Ok::<_, Error>(())
+    })
+    .await
+    .unwrap();
+    let logs = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
+    let warnings: Vec<&str> = logs
+        .lines()
+        .filter(|l| l.contains("railyard::n_plus_one"))
+        .collect();
+    assert_eq!(warnings.len(), 1, "{logs}");
+    assert!(warnings[0].contains("count=5"), "{}", warnings[0]);
+    assert!(warnings[0].contains("$1::int"), "{}", warnings[0]);
+    for value in ["913", "7001", "1913"] {
+        assert!(!warnings[0].contains(value), "{value} in {}", warnings[0]);
+    }
+}
