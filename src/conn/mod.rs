@@ -73,6 +73,50 @@ pub(crate) struct ConnLabels {
     pub(crate) attempt: AtomicU32,
     /// Bumped each time the connection is leased: one lease, one operation.
     pub(crate) operation: std::sync::atomic::AtomicU64,
+    /// Statements recorded while armed (the harness's query assertions).
+    pub(crate) recording: StatementRecording,
+}
+
+/// The statements a connection ran while recording was armed, their literals
+/// replaced; bounded to [`StatementRecording::BOUND`] (the rest are counted).
+#[derive(Debug, Default)]
+pub(crate) struct StatementRecording {
+    armed: std::sync::atomic::AtomicBool,
+    seen: std::sync::Mutex<(Vec<String>, usize)>,
+}
+
+impl StatementRecording {
+    /// The most statement texts kept.
+    pub(crate) const BOUND: usize = 1_000;
+
+    /// Whether statements are being recorded.
+    pub(crate) fn armed(&self) -> bool {
+        self.armed.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Starts recording afresh.
+    #[cfg_attr(not(feature = "testing"), allow(dead_code))]
+    pub(crate) fn arm(&self) {
+        *self.seen.lock().unwrap_or_else(|p| p.into_inner()) = (Vec::new(), 0);
+        self.armed.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Stops recording; returns the texts kept and how many ran in all.
+    #[cfg_attr(not(feature = "testing"), allow(dead_code))]
+    pub(crate) fn disarm(&self) -> (Vec<String>, usize) {
+        self.armed
+            .store(false, std::sync::atomic::Ordering::Relaxed);
+        std::mem::take(&mut *self.seen.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Records one statement.
+    pub(crate) fn record(&self, sql: &str) {
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        seen.1 += 1;
+        if seen.0.len() < Self::BOUND {
+            seen.0.push(sql.to_owned());
+        }
+    }
 }
 
 /// The seam through which a higher layer (`observe`) puts its instrumentation
@@ -157,6 +201,12 @@ impl Conn {
             l.attempt
                 .store(attempt, std::sync::atomic::Ordering::Relaxed);
         }
+    }
+
+    /// The connection's labels, when it is instrumented.
+    #[cfg_attr(not(feature = "testing"), allow(dead_code))]
+    pub(crate) fn labels(&self) -> Option<&Arc<ConnLabels>> {
+        self.labels.as_ref()
     }
 
     /// Starts a new operation on this connection (a new lease): attempt 1,

@@ -411,6 +411,7 @@ impl Opener {
                 route: route.clone(),
                 attempt: std::sync::atomic::AtomicU32::new(1),
                 operation: Default::default(),
+                recording: Default::default(),
             });
             instrument
                 .clone()

@@ -355,6 +355,8 @@ enum Connections {
         stale: Option<SharedConn>,
         /// How enclosed work copes with other tests' locks.
         contention: Option<Arc<Contention>>,
+        /// The pinned connection's labels (its statement recording).
+        labels: Option<Arc<crate::conn::ConnLabels>>,
     },
 }
 
@@ -1073,6 +1075,16 @@ impl Database {
     // ---- The harness's pin --------------------------------------------------
 
     #[cfg(feature = "testing")]
+    /// The pinned connection's statement recording (the harness's query
+    /// assertions); `None` for a pooled `Database`.
+    pub(crate) fn pinned_recording(&self) -> Option<Arc<crate::conn::ConnLabels>> {
+        match &self.inner.connections {
+            Connections::Pinned { labels, .. } => labels.clone(),
+            Connections::Pooled { .. } => None,
+        }
+    }
+
+    #[cfg(feature = "testing")]
     /// A `Database` whose every route uses `conn` (already inside the test's
     /// transaction), and, in stale-replica mode, `stale` for untokened reads.
     pub(crate) fn pinned_to(
@@ -1083,6 +1095,7 @@ impl Database {
         migrator: Migrator,
     ) -> Self {
         let shared = |c| Arc::new(tokio::sync::Mutex::new(Some(c)));
+        let labels = conn.labels().cloned();
         Database {
             inner: Arc::new(Inner {
                 retries: Retries::new(RetryPolicy::never(), RetryBudget::default()),
@@ -1091,6 +1104,7 @@ impl Database {
                     conn: shared(conn),
                     stale: stale.map(shared),
                     contention,
+                    labels,
                 },
                 observer: Arc::new(Observer::default()),
                 migrator: Some(migrator),

@@ -696,7 +696,8 @@ impl Instrumentation for ConnInstrumentation {
                 // need only the route, the duration and the class. Without
                 // hooks, the text is never formatted.
                 let repeats = self.observer.repeats;
-                let hooked = !self.observer.hooks.is_empty() || repeats.is_some();
+                let recording = self.labels.recording.armed();
+                let hooked = !self.observer.hooks.is_empty() || repeats.is_some() || recording;
                 self.raw.clear();
                 self.sql.clear();
                 if hooked {
@@ -742,6 +743,14 @@ impl Instrumentation for ConnInstrumentation {
                     sqlstate: coded.then_some(self.code.as_str()),
                 };
                 self.observer.metrics.record(&event);
+                if recording
+                    && !matches!(
+                        operation,
+                        "BEGIN" | "COMMIT" | "ROLLBACK" | "SAVEPOINT" | "RELEASE" | "SET"
+                    )
+                {
+                    self.labels.recording.record(&self.sql);
+                }
                 if let Some(threshold) = repeats
                     && !matches!(
                         operation,
@@ -902,6 +911,7 @@ mod tests {
             route: Route::Primary,
             attempt: Default::default(),
             operation: Default::default(),
+            recording: Default::default(),
         });
         let wire = Arc::new(WireState::default());
         (

@@ -181,10 +181,97 @@ async fn admin_target() -> Result<ConnectTarget, Error> {
 }
 
 async fn connect(target: ConnectTarget) -> Result<Conn, Error> {
+    // Instrumented without hooks: only so that a test can count its
+    // statements (`assert_max_queries`); nothing is formatted otherwise.
+    static OBSERVER: OnceLock<Arc<crate::observe::Observer>> = OnceLock::new();
+    let observer = OBSERVER.get_or_init(Arc::default).clone();
     let config = Arc::new(Config::new(target.clone()));
     Opener::new(target, config, TargetSessionAttrs::Any)?
+        .observed(observer, crate::conn::Route::Primary)
         .open()
         .await
+}
+
+/// Runs `work` and fails the test when it ran more than `max` statements on
+/// the test's connection, listing them (literals replaced by `?`; transaction
+/// control and `SET` are not counted). Returns `work`'s value. The
+/// [`assert_max_queries!`](crate::assert_max_queries) macro wraps it.
+///
+/// ```no_run
+/// use diesel_async::RunQueryDsl;
+/// # async fn demo(db: railyard::Database) -> Result<(), railyard::Error> {
+/// let n = railyard::testing::assert_max_queries(&db, 1, async {
+///     db.read(async |conn| {
+///         diesel::sql_query("SELECT 1").execute(conn).await.map_err(railyard::Error::from)
+///     })
+///     .await
+/// })
+/// .await?;
+/// # Ok(()) }
+/// ```
+///
+/// # Panics
+/// When more than `max` statements ran, and when `db` is not the `Database`
+/// a `#[railyard::test]` receives.
+pub async fn assert_max_queries<T>(
+    db: &Database,
+    max: usize,
+    work: impl std::future::Future<Output = T>,
+) -> T {
+    let (value, statements, total) = count_queries(db, work).await;
+    if total > max {
+        let listed: Vec<String> = statements
+            .iter()
+            .enumerate()
+            .map(|(i, s)| format!("  {:>3}. {s}", i + 1))
+            .collect();
+        panic!(
+            "{total} statements ran where at most {max} were allowed:\n{}{}",
+            listed.join("\n"),
+            if total > statements.len() {
+                format!("\n  … and {} more", total - statements.len())
+            } else {
+                String::new()
+            }
+        );
+    }
+    value
+}
+
+/// Runs `work` and returns its value, the statements it ran on the test's
+/// connection (literals replaced by `?`; at most 1,000 kept) and how many ran.
+///
+/// # Panics
+/// When `db` is not the `Database` a `#[railyard::test]` receives.
+pub async fn count_queries<T>(
+    db: &Database,
+    work: impl std::future::Future<Output = T>,
+) -> (T, Vec<String>, usize) {
+    let labels = db.pinned_recording().expect(
+        "count_queries and assert_max_queries need the Database a #[railyard::test] receives",
+    );
+    labels.recording.arm();
+    let value = work.await;
+    let (statements, total) = labels.recording.disarm();
+    (value, statements, total)
+}
+
+/// Fails the test when the block runs more than `max` statements on the
+/// test's connection, listing them; evaluates to the block's value. See
+/// [`testing::assert_max_queries`](crate::testing::assert_max_queries).
+///
+/// ```no_run
+/// # async fn demo(db: railyard::Database) {
+/// railyard::assert_max_queries!(db, 2, {
+///     // … the code under test
+/// });
+/// # }
+/// ```
+#[macro_export]
+macro_rules! assert_max_queries {
+    ($db:expr, $max:expr, $body:block) => {
+        $crate::testing::assert_max_queries(&$db, $max, async { $body }).await
+    };
 }
 
 /// A runtime that drives the harness's connections, so that a connection can

@@ -547,3 +547,47 @@ fn nowait_against_another_test_is_retried_until_that_test_ends() {
         None,
     );
 }
+
+/// Three lookups of one user each: the N+1 a query bound catches.
+async fn three_lookups(db: &Database) {
+    for i in 0..3 {
+        let email = format!("n-plus-{i}@bound.test");
+        assert_eq!(users_like(db, &email).await, 1);
+    }
+}
+
+#[railyard::test]
+async fn a_test_can_count_bound_and_list_its_statements(db: Database) {
+    for i in 0..3 {
+        db.write(async |c| add_user(c, &format!("n-plus-{i}@bound.test")).await)
+            .await
+            .unwrap();
+    }
+    let ((), statements, total) = railyard::testing::count_queries(&db, three_lookups(&db)).await;
+    assert_eq!(total, 3, "{statements:?}");
+    assert!(
+        statements
+            .iter()
+            .all(|s| s == "SELECT count(*) AS n FROM users WHERE email LIKE $1"),
+        "{statements:?}"
+    );
+    // Within the bound, the macro evaluates to the block's value.
+    let seven = railyard::assert_max_queries!(db, 3, {
+        three_lookups(&db).await;
+        7
+    });
+    assert_eq!(seven, 7);
+    // Beyond it, the test fails, listing what ran (never a value).
+    let failed = futures_util::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(
+        railyard::testing::assert_max_queries(&db, 2, three_lookups(&db)),
+    ))
+    .await
+    .expect_err("3 statements where 2 are allowed fail the test");
+    let message = failed.downcast_ref::<String>().cloned().unwrap_or_default();
+    assert!(
+        message.contains("3 statements ran where at most 2 were allowed"),
+        "{message}"
+    );
+    assert!(message.contains("  3. SELECT count(*)"), "{message}");
+    assert!(!message.contains("bound.test"), "{message}");
+}
