@@ -108,6 +108,25 @@ impl Binaries {
         ))
     }
 
+    /// Whether the server can load the shared library `name` (for example
+    /// `pg_stat_statements`): it is in `pg_config --pkglibdir`, or in the
+    /// `lib` directory beside the binaries (Debian's layout).
+    pub fn has_library(&self, name: &str) -> bool {
+        let file = format!("{name}.so");
+        let pg_config = self.dir.join("pg_config");
+        if let Ok(out) = Command::new(&pg_config).arg("--pkglibdir").output()
+            && out.status.success()
+        {
+            let d = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+            if d.join(&file).is_file() {
+                return true;
+            }
+        }
+        self.dir
+            .parent()
+            .is_some_and(|p| p.join("lib").join(&file).is_file())
+    }
+
     /// The directory holding the binaries.
     pub fn dir(&self) -> &Path {
         &self.dir
@@ -757,7 +776,16 @@ fn generate_certs(dir: &Path, pg: &Path, run_as: &RunAs) -> Result<(), Error> {
 /// `full_page_writes`), but `synchronous_commit` stays on, which with `fsync`
 /// off costs nothing and hands each commit to the walsender at once (so the
 /// replica replays within a millisecond, as on a healthy production pair).
-fn server_conf(pg: &Path, port: u16) -> String {
+fn server_conf(pg: &Path, port: u16, bins: &Binaries) -> String {
+    // Statement statistics of every client, for query insight, when the
+    // server has the module (it ships with PostgreSQL's contrib).
+    let statements = if bins.has_library("pg_stat_statements") {
+        "shared_preload_libraries = 'pg_stat_statements'\n\
+         compute_query_id = on\n\
+         pg_stat_statements.max = 5000\n"
+    } else {
+        ""
+    };
     format!(
         "# written by railyard at every start\n\
          port = {port}\n\
@@ -784,7 +812,8 @@ fn server_conf(pg: &Path, port: u16) -> String {
          max_locks_per_transaction = 256\n\
          deadlock_timeout = 100ms\n\
          logging_collector = off\n\
-         log_min_messages = warning\n",
+         log_min_messages = warning\n\
+         {statements}",
         sockets = pg.join("sockets").display(),
         pg = pg.display(),
     )
@@ -955,7 +984,7 @@ fn start_blocking(
         }
         write_file(
             &primary.join("railyard.conf"),
-            server_conf(&pg, state.primary_port).as_bytes(),
+            server_conf(&pg, state.primary_port, &bins).as_bytes(),
             0o600,
             Some(&run_as),
         )?;
@@ -1057,7 +1086,7 @@ fn start_blocking(
             );
             let conf = format!(
                 "{}primary_conninfo = '{}'\nprimary_slot_name = '{SLOT}'\n",
-                server_conf(&pg, port),
+                server_conf(&pg, port, &bins),
                 conninfo.replace('\'', "''")
             );
             write_file(

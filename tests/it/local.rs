@@ -94,6 +94,37 @@ async fn two_processes_starting_at_once_share_one_cluster() {
     joined.stop().unwrap();
     let warm = LocalCluster::builder().dir(&dir).start().await.unwrap();
     assert_eq!(warm.started(), StartKind::Warm);
+    // Statement statistics of every client, when the server has the module.
+    if railyard::local::Binaries::find()
+        .unwrap()
+        .has_library("pg_stat_statements")
+    {
+        #[derive(diesel::QueryableByName)]
+        struct Calls {
+            #[diesel(sql_type = diesel::sql_types::BigInt)]
+            calls: i64,
+        }
+        let db = railyard::Database::connect(warm.config_for("postgres").pool_max_size(1))
+            .await
+            .unwrap();
+        let mut conn = db.primary().await.unwrap();
+        diesel_async::SimpleAsyncConnection::batch_execute(
+            &mut **conn,
+            "CREATE EXTENSION IF NOT EXISTS pg_stat_statements; SELECT 4242 AS probe",
+        )
+        .await
+        .unwrap();
+        let seen: Calls = diesel_async::RunQueryDsl::get_result(
+            diesel::sql_query(
+                "SELECT coalesce(sum(calls), 0)::bigint AS calls FROM pg_stat_statements \
+                 WHERE query LIKE 'SELECT $1 AS probe%'",
+            ),
+            &mut **conn,
+        )
+        .await
+        .unwrap();
+        assert!(seen.calls >= 1, "pg_stat_statements is loaded and tracking");
+    }
     warm.destroy().unwrap();
 }
 
