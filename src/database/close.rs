@@ -143,6 +143,9 @@ impl Database {
         if let Some(w) = &self.inner.watchdog {
             w.stop();
         }
+        if let Some(p) = &self.inner.planner {
+            p.stop();
+        }
         let mut monitors_stopped = 0;
         if let Connections::Pooled { primary, router } = &self.inner.connections {
             primary.close();

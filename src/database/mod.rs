@@ -58,6 +58,7 @@ pub struct DatabaseBuilder {
     hooks: Vec<Arc<dyn QueryHook>>,
     watchdog: Option<crate::observe::Watchdog>,
     repeats: Option<u32>,
+    plans: Option<crate::observe::PlanCapture>,
 }
 
 impl fmt::Debug for DatabaseBuilder {
@@ -103,6 +104,30 @@ impl DatabaseBuilder {
     /// [`crate::StatementStats`], [`crate::QuerySpans`], [`crate::AuditLog`].
     pub fn hook(mut self, hook: impl QueryHook) -> Self {
         self.hooks.push(Arc::new(hook));
+        self
+    }
+
+    /// Captures the plans of statements slower than the capture's threshold,
+    /// off the request path: the caller never waits; a task on one dedicated
+    /// connection explains a generic form of each statement (see
+    /// [`PlanCapture`](crate::observe::PlanCapture)) and keeps the newest
+    /// plan per statement shape, with every constant replaced
+    /// ([`Database::plans`]).
+    ///
+    /// ```no_run
+    /// # async fn demo(config: railyard::Config) -> Result<(), railyard::Error> {
+    /// use std::time::Duration;
+    /// let db = railyard::Database::builder(config)
+    ///     .capture_plans(railyard::observe::PlanCapture::slower_than(Duration::from_millis(200)))
+    ///     .connect()
+    ///     .await?;
+    /// for plan in db.plans() {
+    ///     println!("{}: {:?} (cost {:.0})", plan.statement, plan.nodes, plan.total_cost);
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub fn capture_plans(mut self, p: crate::observe::PlanCapture) -> Self {
+        self.plans = Some(p);
         self
     }
 
@@ -155,10 +180,18 @@ impl DatabaseBuilder {
             Some(m) => Some(m.run(&config).await?),
             None => None,
         };
+        let (plan_store, plan_queue) = match self.plans {
+            Some(p) => {
+                let (store, rx) = crate::observe::PlanStore::new(p);
+                (Some(Arc::new(store)), Some(rx))
+            }
+            None => (None, None),
+        };
         let observer = Arc::new(Observer {
             hooks: self.hooks,
             metrics: Default::default(),
             repeats: self.repeats,
+            plans: plan_store.clone(),
         });
         // Every connection of this handle passes its gate (see `close`).
         let gate = Arc::new(Gate::default());
@@ -197,6 +230,10 @@ impl DatabaseBuilder {
             let name = config.effective_application_name().to_owned();
             crate::observe::spawn_watchdog(w, monitor.clone(), name)
         });
+        let planner = plan_store
+            .clone()
+            .zip(plan_queue)
+            .map(|(store, rx)| crate::observe::spawn_plans(store, rx, monitor.clone()));
         Router::spawn_monitors(&router, monitor);
         Ok(Database {
             inner: Arc::new(Inner {
@@ -214,6 +251,8 @@ impl DatabaseBuilder {
                 gate,
                 closing: tokio::sync::OnceCell::new(),
                 watchdog,
+                planner,
+                plan_store,
             }),
         })
     }
@@ -378,6 +417,9 @@ struct Inner {
     closing: tokio::sync::OnceCell<CloseReport>,
     /// The long-running statement watchdog, when one was asked for.
     watchdog: Option<crate::observe::RunningWatchdog>,
+    /// The task explaining slow statements, and the plans it keeps.
+    planner: Option<crate::observe::RunningWatchdog>,
+    plan_store: Option<Arc<crate::observe::PlanStore>>,
 }
 
 /// How long the primary's health answer is reused ([`Database::health`] and
@@ -502,6 +544,7 @@ impl Database {
             hooks: Vec::new(),
             watchdog: None,
             repeats: None,
+            plans: None,
         }
     }
 
@@ -889,6 +932,16 @@ impl Database {
 
     // ---- Reports ------------------------------------------------------------
 
+    /// The captured plans of slow statements, newest first (empty unless
+    /// [`DatabaseBuilder::capture_plans`] was used).
+    pub fn plans(&self) -> Vec<crate::observe::CapturedPlan> {
+        self.inner
+            .plan_store
+            .as_ref()
+            .map(|s| s.plans())
+            .unwrap_or_default()
+    }
+
     /// Each replica's monitored state.
     pub fn replica_health(&self) -> Vec<ReplicaHealth> {
         self.replicas().iter().map(|r| r.health()).collect()
@@ -1114,6 +1167,8 @@ impl Database {
                 gate: Arc::default(),
                 closing: tokio::sync::OnceCell::new(),
                 watchdog: None,
+                planner: None,
+                plan_store: None,
             }),
         }
     }

@@ -35,9 +35,12 @@
 
 pub mod health;
 pub use health::{HealthCheck, HealthReport, HealthStatus};
+mod plans;
 pub(crate) mod prometheus;
 mod stats;
 mod watchdog;
+pub use plans::{CapturedPlan, CostNode, MAX_PLANS, PlanCapture};
+pub(crate) use plans::{PlanStore, spawn as spawn_plans};
 use stats::sanitize_into;
 pub use stats::{StatementStat, StatementStats};
 pub use watchdog::Watchdog;
@@ -422,6 +425,8 @@ pub(crate) struct Observer {
     pub(crate) metrics: Metrics,
     /// Warn when one statement runs this many times in one operation.
     pub(crate) repeats: Option<u32>,
+    /// Where slow statements are offered for their plans.
+    pub(crate) plans: Option<Arc<PlanStore>>,
 }
 
 impl fmt::Debug for Observer {
@@ -697,7 +702,15 @@ impl Instrumentation for ConnInstrumentation {
                 // hooks, the text is never formatted.
                 let repeats = self.observer.repeats;
                 let recording = self.labels.recording.armed();
-                let hooked = !self.observer.hooks.is_empty() || repeats.is_some() || recording;
+                let slow_plan = self
+                    .observer
+                    .plans
+                    .as_ref()
+                    .filter(|p| duration >= p.settings.threshold());
+                let hooked = !self.observer.hooks.is_empty()
+                    || repeats.is_some()
+                    || recording
+                    || slow_plan.is_some();
                 self.raw.clear();
                 self.sql.clear();
                 if hooked {
@@ -743,6 +756,14 @@ impl Instrumentation for ConnInstrumentation {
                     sqlstate: coded.then_some(self.code.as_str()),
                 };
                 self.observer.metrics.record(&event);
+                if let Some(store) = slow_plan
+                    && error.is_none()
+                    && plans::explainable(operation, &self.sql)
+                {
+                    let mut shape = String::with_capacity(self.sql.len());
+                    stats::normalize_into(&self.sql, &mut shape);
+                    store.offer(&self.sql, &shape);
+                }
                 if recording
                     && !matches!(
                         operation,
@@ -903,6 +924,7 @@ mod tests {
             hooks: vec![Arc::new(hook), Arc::new(StatementStats::new())],
             metrics: Metrics::default(),
             repeats: None,
+            plans: None,
         });
         let labels = Arc::new(ConnLabels {
             host: "h".into(),

@@ -59,7 +59,12 @@ impl Watchdog {
 pub(crate) struct Running(tokio::task::JoinHandle<()>);
 
 impl Running {
-    /// Stops the watchdog now.
+    /// Wraps a background task: dropping the result aborts it.
+    pub(crate) fn new(task: tokio::task::JoinHandle<()>) -> Self {
+        Running(task)
+    }
+
+    /// Stops the task now.
     pub(crate) fn stop(&self) {
         self.0.abort();
     }
@@ -95,7 +100,7 @@ const SWEEP: &str = "SELECT pid, (extract(epoch FROM clock_timestamp() - query_s
 /// Starts the watchdog on connections from `opener`, for backends named
 /// `application_name`.
 pub(crate) fn spawn(w: Watchdog, opener: Opener, application_name: String) -> Running {
-    Running(tokio::spawn(async move {
+    Running::new(tokio::spawn(async move {
         let mut conn = None;
         loop {
             tokio::time::sleep(w.interval).await;

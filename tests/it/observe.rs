@@ -896,3 +896,59 @@ async fn a_statement_repeated_in_one_operation_is_reported_once_by_shape() {
         assert!(!warnings[0].contains(value), "{value} in {}", warnings[0]);
     }
 }
+
+#[tokio::test]
+async fn slow_statements_get_their_plans_captured_off_the_request_path_without_values() {
+    let base = support::ledger(|c| c).await;
+    let db = Database::builder(base.config().clone())
+        .capture_plans(railyard::observe::PlanCapture::slower_than(Duration::ZERO))
+        .connect()
+        .await
+        .unwrap();
+    db.with_primary(async |c| {
+        diesel::sql_query(
+            "SELECT id FROM orders WHERE symbol = $1 AND client_order_id = 'marker-lit-51aa' \
+             AND quantity > 123457",
+        )
+        .bind::<Text, _>("marker-param-77b0")
+        .execute(c)
+        .await?;
+        Ok::<_, Error>(())
+    })
+    .await
+    .unwrap();
+    let waiting = std::time::Instant::now();
+    let plan = loop {
+        if let Some(p) = db
+            .plans()
+            .into_iter()
+            .find(|p| p.statement.contains("FROM orders WHERE symbol = $1"))
+        {
+            break p;
+        }
+        assert!(
+            waiting.elapsed() < Duration::from_secs(10),
+            "no plan captured: {:?}",
+            db.plans()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        plan.nodes.iter().any(|n| n.contains("Scan")),
+        "{:?}",
+        plan.nodes
+    );
+    assert!(plan.total_cost > 0.0 && !plan.top.is_empty(), "{plan:?}");
+    let json = serde_json::to_string(&plan).unwrap();
+    assert!(
+        json.contains("Filter") || json.contains("Index Cond"),
+        "{json}"
+    );
+    for marker in ["marker-lit-51aa", "marker-param-77b0", "123457"] {
+        assert!(
+            !json.contains(marker),
+            "{marker} in the captured plan: {json}"
+        );
+    }
+    db.close(Duration::from_secs(5)).await;
+}
