@@ -942,6 +942,17 @@ impl Database {
             .unwrap_or_default()
     }
 
+    /// Statements whose captured plan changed and which got slower with it
+    /// (at most [`MAX_PLAN_CHANGES`](crate::observe::MAX_PLAN_CHANGES), oldest
+    /// first); each is also a warning on target `railyard::plans`.
+    pub fn plan_changes(&self) -> Vec<crate::observe::PlanChange> {
+        self.inner
+            .plan_store
+            .as_ref()
+            .map(|s| s.changes())
+            .unwrap_or_default()
+    }
+
     /// Each replica's monitored state.
     pub fn replica_health(&self) -> Vec<ReplicaHealth> {
         self.replicas().iter().map(|r| r.health()).collect()

@@ -39,7 +39,7 @@ mod plans;
 pub(crate) mod prometheus;
 mod stats;
 mod watchdog;
-pub use plans::{CapturedPlan, CostNode, MAX_PLANS, PlanCapture};
+pub use plans::{CapturedPlan, CostNode, MAX_PLAN_CHANGES, MAX_PLANS, PlanCapture, PlanChange};
 pub(crate) use plans::{PlanStore, spawn as spawn_plans};
 use stats::sanitize_into;
 pub use stats::{StatementStat, StatementStats};
@@ -762,7 +762,7 @@ impl Instrumentation for ConnInstrumentation {
                 {
                     let mut shape = String::with_capacity(self.sql.len());
                     stats::normalize_into(&self.sql, &mut shape);
-                    store.offer(&self.sql, &shape);
+                    store.offer(&self.sql, &shape, duration);
                 }
                 if recording
                     && !matches!(

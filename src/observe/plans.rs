@@ -39,10 +39,12 @@ const AGAIN_AFTER: Duration = Duration::from_secs(60);
 /// let p = railyard::observe::PlanCapture::slower_than(Duration::from_millis(200));
 /// assert_eq!(p.threshold(), Duration::from_millis(200));
 /// ```
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct PlanCapture {
     threshold: Duration,
     per_minute: u32,
+    again_after: Duration,
+    slowdown: f64,
 }
 
 impl PlanCapture {
@@ -52,7 +54,28 @@ impl PlanCapture {
         PlanCapture {
             threshold,
             per_minute: 30,
+            again_after: AGAIN_AFTER,
+            slowdown: 2.0,
         }
+    }
+
+    /// Explains a statement shape again at most this often (default 60 s).
+    #[must_use]
+    pub fn again_after(mut self, d: Duration) -> Self {
+        self.again_after = d;
+        self
+    }
+
+    /// A plan change is reported when the statement ran this many times
+    /// slower under its new plan than under its old one (default 2.0).
+    #[must_use]
+    pub fn plan_change_slowdown(mut self, factor: f64) -> Self {
+        self.slowdown = if factor.is_finite() {
+            factor.max(1.0)
+        } else {
+            2.0
+        };
+        self
     }
 
     /// At most `n` plans explained per minute (at least 1).
@@ -99,16 +122,37 @@ pub struct CapturedPlan {
     pub top: Vec<CostNode>,
     /// The plan as `EXPLAIN (FORMAT JSON)` gave it, every string normalised.
     pub plan: serde_json::Value,
+    /// How long the execution that triggered the capture took, ms.
+    pub duration_ms: f64,
     /// When it was captured.
     #[serde(skip)]
     pub captured_at: Instant,
 }
 
+/// A statement whose plan changed and which got slower with it (the "slow
+/// after ANALYZE", or after an index was dropped, case).
+#[derive(Debug, Clone, Serialize)]
+pub struct PlanChange {
+    /// The statement's shape.
+    pub statement: String,
+    /// The old plan's node types.
+    pub before: Vec<String>,
+    /// The new plan's node types.
+    pub after: Vec<String>,
+    /// The execution under the old plan, ms.
+    pub before_ms: f64,
+    /// The execution under the new plan, ms.
+    pub after_ms: f64,
+}
+
+/// How many plan changes are kept.
+pub const MAX_PLAN_CHANGES: usize = 64;
+
 /// Where offers go and plans are kept; shared by the connections and the task.
 #[derive(Debug)]
 pub(crate) struct PlanStore {
     pub(crate) settings: PlanCapture,
-    queue: tokio::sync::mpsc::Sender<String>,
+    queue: tokio::sync::mpsc::Sender<(String, Duration)>,
     state: Mutex<State>,
 }
 
@@ -118,11 +162,14 @@ struct State {
     order: VecDeque<String>,
     recent: HashMap<String, Instant>,
     spent: (Option<Instant>, u32),
+    changes: VecDeque<PlanChange>,
 }
 
 impl PlanStore {
     /// A store and the receiving end of its queue.
-    pub(crate) fn new(settings: PlanCapture) -> (Self, tokio::sync::mpsc::Receiver<String>) {
+    pub(crate) fn new(
+        settings: PlanCapture,
+    ) -> (Self, tokio::sync::mpsc::Receiver<(String, Duration)>) {
         let (queue, rx) = tokio::sync::mpsc::channel(QUEUE);
         (
             PlanStore {
@@ -139,11 +186,12 @@ impl PlanStore {
     }
 
     /// Offers a slow statement (literals already replaced); never waits.
-    pub(crate) fn offer(&self, sql: &str, shape: &str) {
+    pub(crate) fn offer(&self, sql: &str, shape: &str, took: Duration) {
         let now = Instant::now();
         {
             let mut s = self.lock();
-            if s.recent.get(shape).is_some_and(|t| now - *t < AGAIN_AFTER) {
+            let again = self.settings.again_after;
+            if s.recent.get(shape).is_some_and(|t| now - *t < again) {
                 return;
             }
             let window = s.spent.0.is_some_and(|t| now - t < Duration::from_secs(60));
@@ -155,19 +203,44 @@ impl PlanStore {
             }
             s.spent.1 += 1;
             if s.recent.len() >= 4 * MAX_PLANS {
-                s.recent.retain(|_, t| now - *t < AGAIN_AFTER);
+                s.recent.retain(|_, t| now - *t < again);
                 if s.recent.len() >= 4 * MAX_PLANS {
                     return;
                 }
             }
             s.recent.insert(shape.to_owned(), now);
         }
-        let _ = self.queue.try_send(sql.to_owned());
+        let _ = self.queue.try_send((sql.to_owned(), took));
     }
 
     fn keep(&self, plan: CapturedPlan) {
         let mut s = self.lock();
         let key = plan.statement.clone();
+        if let Some(old) = s.plans.get(&key)
+            && old.fingerprint != plan.fingerprint
+            && plan.duration_ms >= old.duration_ms * self.settings.slowdown
+        {
+            let change = PlanChange {
+                statement: key.clone(),
+                before: old.nodes.clone(),
+                after: plan.nodes.clone(),
+                before_ms: old.duration_ms,
+                after_ms: plan.duration_ms,
+            };
+            tracing::warn!(
+                target: "railyard::plans",
+                statement = %change.statement,
+                before = ?change.before,
+                after = ?change.after,
+                before_ms = change.before_ms,
+                after_ms = change.after_ms,
+                "a statement's plan changed and it got slower"
+            );
+            if s.changes.len() >= MAX_PLAN_CHANGES {
+                s.changes.pop_front();
+            }
+            s.changes.push_back(change);
+        }
         if s.plans.insert(key.clone(), plan).is_none() {
             s.order.push_back(key);
             while s.order.len() > MAX_PLANS {
@@ -176,6 +249,11 @@ impl PlanStore {
                 }
             }
         }
+    }
+
+    /// The plan changes seen, oldest first.
+    pub(crate) fn changes(&self) -> Vec<PlanChange> {
+        self.lock().changes.iter().cloned().collect()
     }
 
     /// The plans kept, newest first.
@@ -268,7 +346,7 @@ fn walk(
 }
 
 /// Summarises `EXPLAIN (FORMAT JSON)` output for `statement`.
-pub(crate) fn summarise(statement: String, json: &str) -> Option<CapturedPlan> {
+pub(crate) fn summarise(statement: String, json: &str, took: Duration) -> Option<CapturedPlan> {
     let mut value: serde_json::Value = serde_json::from_str(json).ok()?;
     redact(&mut value);
     let root = value.get(0)?.get("Plan")?.clone();
@@ -285,6 +363,7 @@ pub(crate) fn summarise(statement: String, json: &str) -> Option<CapturedPlan> {
         plan_rows: number(&root, "Plan Rows"),
         top: costs,
         plan: value,
+        duration_ms: took.as_secs_f64() * 1000.0,
         captured_at: Instant::now(),
     })
 }
@@ -326,12 +405,12 @@ pub(crate) fn explainable(operation: &str, sql: &str) -> bool {
 /// Starts the capture task on connections from `opener`.
 pub(crate) fn spawn(
     store: std::sync::Arc<PlanStore>,
-    mut rx: tokio::sync::mpsc::Receiver<String>,
+    mut rx: tokio::sync::mpsc::Receiver<(String, Duration)>,
     opener: Opener,
 ) -> super::watchdog::Running {
     super::watchdog::Running::new(tokio::spawn(async move {
         let mut conn = None;
-        while let Some(sql) = rx.recv().await {
+        while let Some((sql, took)) = rx.recv().await {
             if conn.is_none() {
                 conn = opener.open().await.ok();
             }
@@ -340,7 +419,7 @@ pub(crate) fn spawn(
             super::stats::normalize_into(&sql, &mut shape);
             match tokio::time::timeout(Duration::from_secs(5), explain(c, &sql)).await {
                 Ok(Ok(json)) => {
-                    if let Some(plan) = summarise(shape, &json) {
+                    if let Some(plan) = summarise(shape, &json, took) {
                         store.keep(plan);
                     }
                 }
@@ -373,16 +452,17 @@ mod tests {
         let (store, mut rx) =
             PlanStore::new(PlanCapture::slower_than(Duration::ZERO).per_minute(3));
         for _ in 0..5 {
-            store.offer("SELECT 1", "SELECT ?");
+            store.offer("SELECT 1", "SELECT ?", Duration::ZERO);
         }
         for i in 0..5 {
             store.offer(
                 &format!("SELECT {i} FROM t{i}"),
                 &format!("SELECT ? FROM t{i}"),
+                Duration::ZERO,
             );
         }
         let mut got = Vec::new();
-        while let Ok(sql) = rx.try_recv() {
+        while let Ok((sql, _)) = rx.try_recv() {
             got.push(sql);
         }
         assert_eq!(got, ["SELECT 1", "SELECT 0 FROM t0", "SELECT 1 FROM t1"]);
@@ -396,7 +476,7 @@ mod tests {
                        "Filter": "(email = 'secret@x.y'::text)"},
                       {"Node Type": "Index Scan", "Relation Name": "b", "Index Name": "b_pkey",
                        "Total Cost": 10.0, "Plan Rows": 5, "Index Cond": "(id > 987654)"}]}}]"#;
-        let p = summarise("SELECT ?".into(), json).unwrap();
+        let p = summarise("SELECT ?".into(), json, Duration::ZERO).unwrap();
         assert_eq!(p.nodes, ["Hash Join", "Seq Scan", "Index Scan"]);
         assert_eq!(p.top[0].node_type, "Seq Scan");
         assert_eq!(p.top[0].self_cost, 60.0);
@@ -408,7 +488,9 @@ mod tests {
         );
         let other = json.replace("b_pkey", "b_other_idx");
         assert_ne!(
-            summarise("SELECT ?".into(), &other).unwrap().fingerprint,
+            summarise("SELECT ?".into(), &other, Duration::ZERO)
+                .unwrap()
+                .fingerprint,
             p.fingerprint
         );
     }

@@ -952,3 +952,79 @@ async fn slow_statements_get_their_plans_captured_off_the_request_path_without_v
     }
     db.close(Duration::from_secs(5)).await;
 }
+
+#[tokio::test]
+async fn a_plan_that_changes_and_slows_down_after_an_index_is_dropped_is_reported() {
+    let fresh = support::fresh_database("plan_change").await;
+    let db = Database::builder(fresh.config.clone().pool_max_size(2))
+        .capture_plans(
+            railyard::observe::PlanCapture::slower_than(Duration::ZERO)
+                .again_after(Duration::ZERO)
+                .per_minute(100_000),
+        )
+        .connect()
+        .await
+        .unwrap();
+    db.with_primary(async |c| {
+        c.batch_execute(
+            "CREATE TABLE t (id bigserial PRIMARY KEY, k int NOT NULL, pad text NOT NULL); \
+             INSERT INTO t (k, pad) SELECT g, repeat('x', 100) FROM generate_series(1, 200000) g; \
+             CREATE INDEX t_k_idx ON t (k); ANALYZE t",
+        )
+        .await?;
+        Ok::<_, Error>(())
+    })
+    .await
+    .unwrap();
+    let lookups = async |from: i32| {
+        for k in from..from + 20 {
+            db.with_primary(async |c| {
+                diesel::sql_query("SELECT pad FROM t WHERE k = $1")
+                    .bind::<diesel::sql_types::Integer, _>(k)
+                    .execute(c)
+                    .await?;
+                Ok::<_, Error>(())
+            })
+            .await
+            .unwrap();
+        }
+    };
+    let plan_of = |db: &Database| {
+        db.plans()
+            .into_iter()
+            .find(|p| p.statement.contains("FROM t WHERE k = $1"))
+    };
+    lookups(1).await;
+    let waiting = std::time::Instant::now();
+    while !plan_of(&db).is_some_and(|p| p.nodes.iter().any(|n| n.contains("Index"))) {
+        assert!(waiting.elapsed() < Duration::from_secs(10), "{:?}", db.plans());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Let the offers still queued be explained before the index goes.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(db.plan_changes().is_empty(), "{:?}", db.plan_changes());
+    db.with_primary(async |c| {
+        c.batch_execute("DROP INDEX t_k_idx").await?;
+        Ok::<_, Error>(())
+    })
+    .await
+    .unwrap();
+    lookups(1000).await;
+    let waiting = std::time::Instant::now();
+    let change = loop {
+        if let Some(c) = db.plan_changes().into_iter().next() {
+            break c;
+        }
+        assert!(
+            waiting.elapsed() < Duration::from_secs(15),
+            "no plan change: {:?}",
+            plan_of(&db)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(change.statement.contains("FROM t WHERE k = $1"), "{change:?}");
+    assert!(change.before.iter().any(|n| n.contains("Index")), "{change:?}");
+    assert!(change.after.iter().any(|n| n == "Seq Scan"), "{change:?}");
+    assert!(change.after_ms >= 2.0 * change.before_ms, "{change:?}");
+    db.close(Duration::from_secs(5)).await;
+}
