@@ -997,7 +997,11 @@ async fn a_plan_that_changes_and_slows_down_after_an_index_is_dropped_is_reporte
     lookups(1).await;
     let waiting = std::time::Instant::now();
     while !plan_of(&db).is_some_and(|p| p.nodes.iter().any(|n| n.contains("Index"))) {
-        assert!(waiting.elapsed() < Duration::from_secs(10), "{:?}", db.plans());
+        assert!(
+            waiting.elapsed() < Duration::from_secs(10),
+            "{:?}",
+            db.plans()
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // Let the offers still queued be explained before the index goes.
@@ -1022,8 +1026,14 @@ async fn a_plan_that_changes_and_slows_down_after_an_index_is_dropped_is_reporte
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
-    assert!(change.statement.contains("FROM t WHERE k = $1"), "{change:?}");
-    assert!(change.before.iter().any(|n| n.contains("Index")), "{change:?}");
+    assert!(
+        change.statement.contains("FROM t WHERE k = $1"),
+        "{change:?}"
+    );
+    assert!(
+        change.before.iter().any(|n| n.contains("Index")),
+        "{change:?}"
+    );
     assert!(change.after.iter().any(|n| n == "Seq Scan"), "{change:?}");
     assert!(change.after_ms >= 2.0 * change.before_ms, "{change:?}");
     db.close(Duration::from_secs(5)).await;
