@@ -49,17 +49,16 @@ pub const INVARIANTS: [Invariant; 8] = [
               expected AS (SELECT account_id, sum(delta)::bigint AS cents FROM flows GROUP BY account_id), \
               bad AS (SELECT a.id FROM accounts a LEFT JOIN expected e ON e.account_id = a.id \
                       WHERE a.balance_cents <> coalesce(e.cents, 0)) \
-              SELECT count(*)::bigint AS violations, \
-                coalesce('accounts ' || string_agg(id::text, ', ' ORDER BY id) FILTER (WHERE id IS NOT NULL), '') AS detail \
-              FROM (SELECT id FROM bad ORDER BY id LIMIT 10) x",
+              SELECT (SELECT count(*) FROM bad)::bigint AS violations, \
+                coalesce('accounts ' || (SELECT string_agg(id::text, ', ') FROM (SELECT id FROM bad ORDER BY id LIMIT 10) b), '') AS detail",
         repairable: false,
     },
     Invariant {
         name: "no_negative_balance",
         meaning: "no account holds less than zero",
-        sql: "SELECT count(*)::bigint AS violations, \
-                coalesce('accounts ' || string_agg(id::text, ', '), '') AS detail \
-              FROM (SELECT id FROM accounts WHERE balance_cents < 0 ORDER BY id LIMIT 10) x",
+        sql: "WITH bad AS (SELECT id FROM accounts WHERE balance_cents < 0) \
+              SELECT (SELECT count(*) FROM bad)::bigint AS violations, \
+                coalesce('accounts ' || (SELECT string_agg(id::text, ', ') FROM (SELECT id FROM bad ORDER BY id LIMIT 10) b), '') AS detail",
         repairable: false,
     },
     Invariant {

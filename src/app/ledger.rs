@@ -105,6 +105,14 @@ pub struct Symbol {
     pub reference_price_cents: i64,
 }
 
+impl Symbol {
+    /// A limit price `offset_bp` basis points from the reference price (at
+    /// least a cent).
+    pub fn limit_price(&self, offset_bp: i64) -> i64 {
+        (self.reference_price_cents * (10_000 + offset_bp) / 10_000).max(1)
+    }
+}
+
 /// A trader of the load run: an account and the session its requests share.
 #[derive(Debug)]
 pub struct Trader {

@@ -265,6 +265,14 @@ async fn each_broken_invariant_is_caught_and_derived_data_is_repaired() {
         sql(&db, corrupt).await;
         let c = check();
         assert_eq!(failing(&c), broken, "{corrupt}\n{}", text(&c));
+        // Each verdict counts its offenders: one account, one trade, one fee.
+        for line in String::from_utf8_lossy(&c.stdout).lines() {
+            if let Some(rest) = line.strip_prefix("FAIL ")
+                && !rest.starts_with("money_conserved")
+            {
+                assert_eq!(rest.split_whitespace().nth(1), Some("1"), "{line}");
+            }
+        }
         let r = repair();
         assert_eq!(
             r.status.code(),
@@ -376,4 +384,27 @@ async fn railyard_queries_lists_the_applications_running_statements_by_shape() {
     );
     assert!(!stdout.contains("marker-literal-31c7"), "{}", text(&o));
     sleeper.await.unwrap().unwrap();
+}
+
+#[test]
+fn bad_load_flags_are_refused_by_name_before_any_connection() {
+    // A URL whose server does not exist: a flag error must come first.
+    let env = [(
+        "DATABASE_URL",
+        "postgres://u:pw-marker-8e1f@127.0.0.1:1/nowhere".to_owned(),
+    )];
+    for (args, flag) in [
+        (&["load", "--traders", "1"][..], "--traders"),
+        (&["load", "--rate", "0"][..], "--rate"),
+        (&["load", "--concurrency", "0"][..], "--concurrency"),
+        (&["load", "--orders", "0"][..], "--orders"),
+        (&["load", "--symbols", "0"][..], "--symbols"),
+    ] {
+        let o = railyard(args, &env);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {}", text(&o));
+        assert!(err.contains(flag), "{args:?} names {flag}: {err}");
+        assert!(!err.contains("pw-marker-8e1f"), "{err}");
+        assert!(!err.contains("connect"), "refused before connecting: {err}");
+    }
 }

@@ -127,110 +127,104 @@ fn failed(e: &railyard::Error, retries: Vec<&'static str>) -> Outcome {
 
 impl Engine for RailyardEngine {
     async fn run(self: Arc<Self>, op: Planned) -> Vec<Step> {
-        {
-            let trader = &self.traders[op.trader % self.traders.len()];
-            let key = format!("{}-{}", self.run, op.seq);
-            let started = Instant::now();
-            let kind = op.action.kind();
-            match op.action {
-                Action::Place {
-                    symbol,
-                    side,
+        let trader = &self.traders[op.trader % self.traders.len()];
+        let key = format!("{}-{}", self.run, op.seq);
+        let started = Instant::now();
+        let kind = op.action.kind();
+        match op.action {
+            Action::Place {
+                symbol,
+                side,
+                quantity,
+                price_offset_bp,
+                rebate_pct,
+            } => {
+                let sym = &self.symbols[symbol % self.symbols.len()];
+                let price = sym.limit_price(price_offset_bp);
+                let (placed, retries) = traced(ledger::place(
+                    trader,
+                    &key,
+                    &sym.symbol,
+                    side.as_str(),
                     quantity,
-                    price_offset_bp,
-                    rebate_pct,
-                } => {
-                    let sym = &self.symbols[symbol % self.symbols.len()];
-                    let price =
-                        (sym.reference_price_cents * (10_000 + price_offset_bp) / 10_000).max(1);
-                    let (placed, retries) = traced(ledger::place(
-                        trader,
-                        &key,
-                        &sym.symbol,
-                        side.as_str(),
-                        quantity,
-                        price,
-                    ))
-                    .await;
-                    let mut steps = Vec::with_capacity(2);
-                    match placed {
-                        Err(e) => steps.push(step(kind, started, failed(&e, retries))),
-                        Ok(_) => {
-                            steps.push(step(
-                                kind,
-                                started,
-                                Outcome {
-                                    retries,
-                                    ..Outcome::default()
-                                },
-                            ));
-                            let started = Instant::now();
-                            let (matched, retries) = traced(ledger::match_once(
-                                &trader.session,
-                                &sym.symbol,
-                                rebate_pct,
-                            ))
-                            .await;
-                            let outcome = match matched {
-                                Ok(_) => Outcome {
-                                    retries,
-                                    ..Outcome::default()
-                                },
-                                Err(e) => failed(&e, retries),
-                            };
-                            steps.push(step(OpKind::Match, started, outcome));
-                        }
+                    price,
+                ))
+                .await;
+                let mut steps = Vec::with_capacity(2);
+                match placed {
+                    Err(e) => steps.push(step(kind, started, failed(&e, retries))),
+                    Ok(_) => {
+                        steps.push(step(
+                            kind,
+                            started,
+                            Outcome {
+                                retries,
+                                ..Outcome::default()
+                            },
+                        ));
+                        let started = Instant::now();
+                        let (matched, retries) =
+                            traced(ledger::match_once(&trader.session, &sym.symbol, rebate_pct))
+                                .await;
+                        let outcome = match matched {
+                            Ok(_) => Outcome {
+                                retries,
+                                ..Outcome::default()
+                            },
+                            Err(e) => failed(&e, retries),
+                        };
+                        steps.push(step(OpKind::Match, started, outcome));
                     }
-                    steps
                 }
-                Action::Portfolio => {
-                    let (read, retries) = traced(ledger::portfolio(trader)).await;
-                    let outcome = match read {
-                        Ok((_, route, stale)) => Outcome {
-                            retries,
-                            replica: Some(matches!(route, Route::Replica(_))),
-                            stale,
-                            ..Outcome::default()
-                        },
-                        Err(e) => failed(&e, retries),
-                    };
-                    vec![step(kind, started, outcome)]
-                }
-                Action::Book { symbol } => {
-                    let sym = &self.symbols[symbol % self.symbols.len()];
-                    let (read, retries) = traced(ledger::book(&trader.session, &sym.symbol)).await;
-                    let outcome = match read {
-                        Ok((_, route)) => Outcome {
-                            retries,
-                            replica: Some(matches!(route, Route::Replica(_))),
-                            ..Outcome::default()
-                        },
-                        Err(e) => failed(&e, retries),
-                    };
-                    vec![step(kind, started, outcome)]
-                }
-                Action::Deposit { amount_cents } => {
-                    let (r, retries) = traced(ledger::deposit(trader, &key, amount_cents)).await;
-                    let outcome = match r {
-                        Ok(_) => Outcome {
-                            retries,
-                            ..Outcome::default()
-                        },
-                        Err(e) => failed(&e, retries),
-                    };
-                    vec![step(kind, started, outcome)]
-                }
-                Action::Cancel => {
-                    let (r, retries) = traced(ledger::cancel_oldest(trader)).await;
-                    let outcome = match r {
-                        Ok(_) => Outcome {
-                            retries,
-                            ..Outcome::default()
-                        },
-                        Err(e) => failed(&e, retries),
-                    };
-                    vec![step(kind, started, outcome)]
-                }
+                steps
+            }
+            Action::Portfolio => {
+                let (read, retries) = traced(ledger::portfolio(trader)).await;
+                let outcome = match read {
+                    Ok((_, route, stale)) => Outcome {
+                        retries,
+                        replica: Some(matches!(route, Route::Replica(_))),
+                        stale,
+                        ..Outcome::default()
+                    },
+                    Err(e) => failed(&e, retries),
+                };
+                vec![step(kind, started, outcome)]
+            }
+            Action::Book { symbol } => {
+                let sym = &self.symbols[symbol % self.symbols.len()];
+                let (read, retries) = traced(ledger::book(&trader.session, &sym.symbol)).await;
+                let outcome = match read {
+                    Ok((_, route)) => Outcome {
+                        retries,
+                        replica: Some(matches!(route, Route::Replica(_))),
+                        ..Outcome::default()
+                    },
+                    Err(e) => failed(&e, retries),
+                };
+                vec![step(kind, started, outcome)]
+            }
+            Action::Deposit { amount_cents } => {
+                let (r, retries) = traced(ledger::deposit(trader, &key, amount_cents)).await;
+                let outcome = match r {
+                    Ok(_) => Outcome {
+                        retries,
+                        ..Outcome::default()
+                    },
+                    Err(e) => failed(&e, retries),
+                };
+                vec![step(kind, started, outcome)]
+            }
+            Action::Cancel => {
+                let (r, retries) = traced(ledger::cancel_oldest(trader)).await;
+                let outcome = match r {
+                    Ok(_) => Outcome {
+                        retries,
+                        ..Outcome::default()
+                    },
+                    Err(e) => failed(&e, retries),
+                };
+                vec![step(kind, started, outcome)]
             }
         }
     }

@@ -343,123 +343,113 @@ async fn match_raw(
 
 impl Engine for RawEngine {
     async fn run(self: Arc<Self>, op: Planned) -> Vec<Step> {
-        {
-            let t = op.trader % self.accounts.len();
-            let account = self.accounts[t];
-            let key = format!("{}-{}", self.run, op.seq);
-            let started = Instant::now();
-            let kind = op.action.kind();
-            match op.action {
-                Action::Place {
-                    symbol,
-                    side,
-                    quantity,
-                    price_offset_bp,
-                    rebate_pct,
-                } => {
-                    let sym = &self.symbols[symbol % self.symbols.len()];
-                    let price =
-                        (sym.reference_price_cents * (10_000 + price_offset_bp) / 10_000).max(1);
+        let t = op.trader % self.accounts.len();
+        let account = self.accounts[t];
+        let key = format!("{}-{}", self.run, op.seq);
+        let started = Instant::now();
+        let kind = op.action.kind();
+        match op.action {
+            Action::Place {
+                symbol,
+                side,
+                quantity,
+                price_offset_bp,
+                rebate_pct,
+            } => {
+                let sym = &self.symbols[symbol % self.symbols.len()];
+                let price = sym.limit_price(price_offset_bp);
+                let (r, retries) = self
+                    .retrying(|c| {
+                        let symbol = sym.symbol.clone();
+                        let key = key.clone();
+                        Box::pin(async move {
+                            let s = c.statement(sql::PLACE).await?;
+                            let row = c
+                                .client
+                                .query_one(
+                                    &s,
+                                    &[&account, &symbol, &side.as_str(), &quantity, &price, &key],
+                                )
+                                .await?;
+                            Ok(row.get::<_, i64>(0))
+                        })
+                    })
+                    .await;
+                let mut steps = vec![done(
+                    kind,
+                    started,
+                    r.map(|id| {
+                        self.last_order[t].fetch_max(id, Ordering::AcqRel);
+                    }),
+                    retries,
+                    None,
+                )];
+                if steps[0].outcome.error.is_none() {
+                    let started = Instant::now();
                     let (r, retries) = self
                         .retrying(|c| {
                             let symbol = sym.symbol.clone();
-                            let key = key.clone();
-                            Box::pin(async move {
-                                let s = c.statement(sql::PLACE).await?;
-                                let row = c
-                                    .client
-                                    .query_one(
-                                        &s,
-                                        &[
-                                            &account,
-                                            &symbol,
-                                            &side.as_str(),
-                                            &quantity,
-                                            &price,
-                                            &key,
-                                        ],
-                                    )
-                                    .await?;
-                                Ok(row.get::<_, i64>(0))
-                            })
+                            Box::pin(async move { match_raw(c, &symbol, rebate_pct).await })
                         })
                         .await;
-                    let mut steps = vec![done(
-                        kind,
-                        started,
-                        r.map(|id| {
-                            self.last_order[t].fetch_max(id, Ordering::AcqRel);
-                        }),
-                        retries,
-                        None,
-                    )];
-                    if steps[0].outcome.error.is_none() {
-                        let started = Instant::now();
-                        let (r, retries) = self
-                            .retrying(|c| {
-                                let symbol = sym.symbol.clone();
-                                Box::pin(async move { match_raw(c, &symbol, rebate_pct).await })
-                            })
-                            .await;
-                        steps.push(done(OpKind::Match, started, r, retries, None));
-                    }
-                    steps
+                    steps.push(done(OpKind::Match, started, r, retries, None));
                 }
-                Action::Portfolio => {
-                    let known = self.last_order[t].load(Ordering::Acquire);
-                    let (r, retries) = self
-                        .retrying(|c| {
-                            Box::pin(async move {
-                                let s = c.statement(sql::PORTFOLIO).await?;
-                                let row = c.client.query_one(&s, &[&account]).await?;
-                                Ok(row.get::<_, i64>(3))
-                            })
+                steps
+            }
+            Action::Portfolio => {
+                let known = self.last_order[t].load(Ordering::Acquire);
+                let (r, retries) = self
+                    .retrying(|c| {
+                        Box::pin(async move {
+                            let s = c.statement(sql::PORTFOLIO).await?;
+                            let row = c.client.query_one(&s, &[&account]).await?;
+                            Ok(row.get::<_, i64>(3))
                         })
-                        .await;
-                    let stale = matches!(r, Ok(last) if last < known);
-                    let mut step = done(kind, started, r.map(|_| ()), retries, Some(false));
-                    step.outcome.stale = stale;
-                    vec![step]
-                }
-                Action::Book { symbol } => {
-                    let sym = &self.symbols[symbol % self.symbols.len()];
-                    let (r, retries) = self
-                        .retrying(|c| {
-                            let symbol = sym.symbol.clone();
-                            Box::pin(async move {
-                                let s = c.statement(sql::BOOK).await?;
-                                c.client.query(&s, &[&symbol]).await.map(|_| ())
-                            })
+                    })
+                    .await;
+                let stale = matches!(r, Ok(last) if last < known);
+                let mut step = done(kind, started, r.map(|_| ()), retries, Some(false));
+                step.outcome.stale = stale;
+                vec![step]
+            }
+            Action::Book { symbol } => {
+                let sym = &self.symbols[symbol % self.symbols.len()];
+                let (r, retries) = self
+                    .retrying(|c| {
+                        let symbol = sym.symbol.clone();
+                        Box::pin(async move {
+                            let s = c.statement(sql::BOOK).await?;
+                            c.client.query(&s, &[&symbol]).await.map(|_| ())
                         })
-                        .await;
-                    vec![done(kind, started, r, retries, Some(false))]
-                }
-                Action::Deposit { amount_cents } => {
-                    let (r, retries) = self
-                        .retrying(|c| {
-                            let key = key.clone();
-                            Box::pin(async move {
-                                let s = c.statement(sql::DEPOSIT).await?;
-                                c.client
-                                    .execute(&s, &[&account, &amount_cents, &key])
-                                    .await
-                                    .map(|_| ())
-                            })
+                    })
+                    .await;
+                vec![done(kind, started, r, retries, Some(false))]
+            }
+            Action::Deposit { amount_cents } => {
+                let (r, retries) = self
+                    .retrying(|c| {
+                        let key = key.clone();
+                        Box::pin(async move {
+                            let s = c.statement(sql::DEPOSIT).await?;
+                            c.client
+                                .execute(&s, &[&account, &amount_cents, &key])
+                                .await
+                                .map(|_| ())
                         })
-                        .await;
-                    vec![done(kind, started, r, retries, None)]
-                }
-                Action::Cancel => {
-                    let (r, retries) = self
-                        .retrying(|c| {
-                            Box::pin(async move {
-                                let s = c.statement(sql::CANCEL_OLDEST).await?;
-                                c.client.execute(&s, &[&account]).await.map(|_| ())
-                            })
+                    })
+                    .await;
+                vec![done(kind, started, r, retries, None)]
+            }
+            Action::Cancel => {
+                let (r, retries) = self
+                    .retrying(|c| {
+                        Box::pin(async move {
+                            let s = c.statement(sql::CANCEL_OLDEST).await?;
+                            c.client.execute(&s, &[&account]).await.map(|_| ())
                         })
-                        .await;
-                    vec![done(kind, started, r, retries, None)]
-                }
+                    })
+                    .await;
+                vec![done(kind, started, r, retries, None)]
             }
         }
     }
