@@ -69,7 +69,8 @@
 
 // The layers, lowest first. A module may use only the modules above it in this
 // list (tests/layers.rs checks it): error, config, local, conn, exec, route,
-// migrate, observe, database, http, testing.
+// migrate, observe, database, advise, http, testing.
+pub mod advise;
 pub mod config;
 pub mod conn;
 pub mod database;

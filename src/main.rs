@@ -78,6 +78,29 @@ enum Command {
         #[arg(long)]
         all: bool,
     },
+    /// Advise indexes from the statements every client ran
+    /// (pg_stat_statements), each proved with a hypothetical index (hypopg);
+    /// report unused, duplicate and redundant indexes, tables read mostly by
+    /// sequential scans, SELECT * on wide tables and deep OFFSET paging.
+    Advise {
+        /// Also write the verified indexes as diesel migrations with this
+        /// name (one per index, run_in_transaction = false).
+        #[arg(long, value_name = "NAME")]
+        migration: Option<String>,
+        /// Where --migration writes.
+        #[arg(long, default_value = "migrations")]
+        dir: std::path::PathBuf,
+        /// Keep an index only when it makes the statement's estimated cost
+        /// this many times cheaper.
+        #[arg(long, default_value_t = 2.0)]
+        min_cost_factor: f64,
+        /// Tables with fewer estimated rows get no index advice.
+        #[arg(long, default_value_t = 10_000)]
+        min_rows: u64,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Manage the ledger's migrations.
     Migrate {
         #[command(subcommand)]
@@ -265,6 +288,13 @@ async fn run(command: Command) -> Result<(), app::AppError> {
         Command::Load(args) => load(args).await,
         Command::Check { repair } => check(repair).await,
         Command::Queries { all } => Ok(queries(all).await?),
+        Command::Advise {
+            migration,
+            dir,
+            min_cost_factor,
+            min_rows,
+            json,
+        } => Ok(advise(migration, dir, min_cost_factor, min_rows, json).await?),
         Command::Migrate { action } => Ok(migrate(action).await?),
         Command::Local { action } => Ok(local(action).await?),
         Command::Ha { action } => Ok(ha(action).await?),
@@ -379,6 +409,34 @@ async fn check(repair: bool) -> Result<(), app::AppError> {
             failed.join(", ")
         )))
     }
+}
+
+async fn advise(
+    migration: Option<String>,
+    dir: std::path::PathBuf,
+    min_cost_factor: f64,
+    min_rows: u64,
+    json: bool,
+) -> Result<(), railyard::Error> {
+    let (config, _cluster) = config().await?;
+    let db = Database::connect(config.pool_max_size(2).replica_pool_max_size(1)).await?;
+    let advice = railyard::advise::Advisor::new(&db)
+        .min_cost_factor(min_cost_factor)
+        .min_table_rows(min_rows)
+        .run()
+        .await?;
+    if json {
+        println!("{}", advice.to_json());
+    } else {
+        print!("{advice}");
+    }
+    if let Some(name) = migration {
+        for path in advice.write_migrations(&dir, &name)? {
+            eprintln!("wrote {}", path.display());
+        }
+    }
+    db.close(std::time::Duration::from_secs(2)).await;
+    Ok(())
 }
 
 async fn queries(all: bool) -> Result<(), railyard::Error> {

@@ -59,6 +59,7 @@ pub struct DatabaseBuilder {
     watchdog: Option<crate::observe::Watchdog>,
     repeats: Option<u32>,
     plans: Option<crate::observe::PlanCapture>,
+    on_plan_change: Option<crate::observe::ChangeHook>,
 }
 
 impl fmt::Debug for DatabaseBuilder {
@@ -131,6 +132,31 @@ impl DatabaseBuilder {
         self
     }
 
+    /// Calls `f` with each plan change (see [`Database::plan_changes`]): a
+    /// statement whose captured plan changed structure and which ran
+    /// [`plan_change_slowdown`](crate::observe::PlanCapture::plan_change_slowdown)
+    /// times slower under it. Called on the plan-capture task, never on the
+    /// request path; it should be quick (send to a channel, page someone).
+    /// Needs [`capture_plans`](DatabaseBuilder::capture_plans).
+    ///
+    /// ```no_run
+    /// # async fn demo(config: railyard::Config) -> Result<(), railyard::Error> {
+    /// use std::time::Duration;
+    /// let db = railyard::Database::builder(config)
+    ///     .capture_plans(railyard::observe::PlanCapture::slower_than(Duration::from_millis(100)))
+    ///     .on_plan_change(|c| eprintln!("{} now runs {:?}", c.statement, c.after))
+    ///     .connect()
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn on_plan_change(
+        mut self,
+        f: impl Fn(&crate::observe::PlanChange) + Send + Sync + 'static,
+    ) -> Self {
+        self.on_plan_change = Some(crate::observe::ChangeHook(Arc::new(f)));
+        self
+    }
+
     /// Warns (target `railyard::n_plus_one`) when the same statement, its
     /// constants and parameters aside, runs `threshold` times (at least 2) in
     /// one operation: one check-out of a connection, or one top-level
@@ -182,7 +208,7 @@ impl DatabaseBuilder {
         };
         let (plan_store, plan_queue) = match self.plans {
             Some(p) => {
-                let (store, rx) = crate::observe::PlanStore::new(p);
+                let (store, rx) = crate::observe::PlanStore::new(p, self.on_plan_change);
                 (Some(Arc::new(store)), Some(rx))
             }
             None => (None, None),
@@ -545,6 +571,7 @@ impl Database {
             watchdog: None,
             repeats: None,
             plans: None,
+            on_plan_change: None,
         }
     }
 
@@ -739,6 +766,26 @@ impl Database {
     /// Checks out a primary connection.
     pub async fn primary(&self) -> Result<PooledConn, Error> {
         self.checkout(Want::Primary).await
+    }
+
+    /// Opens a connection to the primary outside the pools, for work that
+    /// changes session state the pools must not see (the advisor's
+    /// hypothetical indexes and prepared statements). Uninstrumented: it is
+    /// not the application's traffic. Closed by dropping it.
+    pub(crate) async fn dedicated_primary(&self) -> Result<crate::conn::Conn, Error> {
+        Opener::new(
+            self.inner.config.primary.clone(),
+            self.inner.config.clone(),
+            TargetSessionAttrs::ReadWrite,
+        )?
+        .gated(self.inner.gate.clone())
+        .open()
+        .await
+    }
+
+    /// The number of configured replicas.
+    pub(crate) fn replica_count(&self) -> usize {
+        self.replicas().len()
     }
 
     /// Checks out a connection to replica `index` (in configuration order): the
@@ -1069,6 +1116,9 @@ impl Database {
         checks.extend(self.replica_health().iter().map(health::replica));
         checks.extend(self.pool_status().iter().map(health::pool));
         checks.push(health::errors(&self.inner.observer.metrics));
+        if let Some(store) = &self.inner.plan_store {
+            checks.push(health::plans(store.plans().len(), &store.changes()));
+        }
         HealthReport::of(checks)
     }
 

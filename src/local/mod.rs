@@ -772,6 +772,17 @@ fn generate_certs(dir: &Path, pg: &Path, run_as: &RunAs) -> Result<(), Error> {
     Ok(())
 }
 
+/// `CREATE EXTENSION` for query insight's extensions the server has:
+/// `pg_stat_statements` (statement statistics of every client) and `hypopg`
+/// (hypothetical indexes, which prove index advice).
+fn query_insight_extensions(bins: &Binaries) -> String {
+    ["pg_stat_statements", "hypopg"]
+        .iter()
+        .filter(|e| bins.has_library(e))
+        .map(|e| format!("CREATE EXTENSION IF NOT EXISTS {e};"))
+        .collect()
+}
+
 /// Settings for a disposable test cluster: durability is off (`fsync`,
 /// `full_page_writes`), but `synchronous_commit` stays on, which with `fsync`
 /// off costs nothing and hands each commit to the walsender at once (so the
@@ -1007,14 +1018,32 @@ fn start_blocking(
 
     let password = state.password.clone();
     let primary_port = state.primary_port;
+    let extensions = query_insight_extensions(&bins);
     if cold {
         handle.block_on(async {
+            // In template1 first, so that every database created later has them.
+            let template = admin_client_port(dir, primary_port, &password, "template1").await?;
+            if let Err(e) = template.batch_execute(&extensions).await {
+                // Query insight degrades without them; the cluster still serves.
+                tracing::warn!(target: "railyard::local", error = %e, "could not create the query-insight extensions");
+            }
+            drop(template);
             let client = admin_client_port(dir, primary_port, &password, "postgres").await?;
             client
                 .batch_execute(&format!("CREATE DATABASE {DBNAME}"))
                 .await
                 .map_err(|e| Error::Local(format!("creating database {DBNAME}: {e}")))
         })?;
+    } else if !extensions.is_empty() {
+        // A cluster made before the extensions were: its application
+        // database gets them (two starts racing may both try; one wins).
+        let _ = handle.block_on(async {
+            let client = admin_client_port(dir, primary_port, &password, DBNAME).await?;
+            client
+                .batch_execute(&extensions)
+                .await
+                .map_err(|e| Error::Local(e.to_string()))
+        });
     }
 
     if b.replica {

@@ -294,6 +294,54 @@ pub(crate) fn errors(metrics: &Metrics) -> HealthCheck {
     )
 }
 
+/// How long a plan change keeps the verdict degraded.
+pub const PLAN_CHANGE_WINDOW: Duration = Duration::from_secs(15 * 60);
+
+/// Plan capture's verdict: degraded while a statement's plan changed and got
+/// slower within [`PLAN_CHANGE_WINDOW`], naming the newest three (shapes
+/// only: never a value).
+pub(crate) fn plans(captured: usize, changes: &[super::PlanChange]) -> HealthCheck {
+    let recent: Vec<&super::PlanChange> = changes
+        .iter()
+        .rev()
+        .filter(|c| c.seen_at.elapsed() < PLAN_CHANGE_WINDOW)
+        .collect();
+    if recent.is_empty() {
+        return check(
+            "plans",
+            HealthStatus::Healthy,
+            format!(
+                "{captured} plans captured; no plan change slowed a statement in the last {} minutes",
+                PLAN_CHANGE_WINDOW.as_secs() / 60
+            ),
+        );
+    }
+    let named = recent
+        .iter()
+        .take(3)
+        .map(|c| {
+            format!(
+                "{} ({} -> {}, {:.1} ms -> {:.1} ms)",
+                c.statement,
+                c.before.join(" > "),
+                c.after.join(" > "),
+                c.before_ms,
+                c.after_ms
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; ");
+    check(
+        "plans",
+        HealthStatus::Degraded,
+        format!(
+            "{} statements changed plan and got slower in the last {} minutes: {named}",
+            recent.len(),
+            PLAN_CHANGE_WINDOW.as_secs() / 60
+        ),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

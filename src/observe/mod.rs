@@ -40,7 +40,7 @@ pub(crate) mod prometheus;
 mod stats;
 mod watchdog;
 pub use plans::{CapturedPlan, CostNode, MAX_PLAN_CHANGES, MAX_PLANS, PlanCapture, PlanChange};
-pub(crate) use plans::{PlanStore, spawn as spawn_plans};
+pub(crate) use plans::{ChangeHook, PlanStore, explain as explain_generic, spawn as spawn_plans};
 use stats::sanitize_into;
 pub use stats::{StatementStat, StatementStats};
 pub use watchdog::Watchdog;

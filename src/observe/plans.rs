@@ -66,8 +66,10 @@ impl PlanCapture {
         self
     }
 
-    /// A plan change is reported when the statement ran this many times
-    /// slower under its new plan than under its old one (default 2.0).
+    /// A plan change is reported when the statement runs this many times
+    /// slower under its new plan than under its old one (default 2.0), by a
+    /// moving average of the executions whose plans were captured; once per
+    /// change of plan.
     #[must_use]
     pub fn plan_change_slowdown(mut self, factor: f64) -> Self {
         self.slowdown = if factor.is_finite() {
@@ -139,10 +141,24 @@ pub struct PlanChange {
     pub before: Vec<String>,
     /// The new plan's node types.
     pub after: Vec<String>,
-    /// The execution under the old plan, ms.
+    /// The moving average of executions under the old plan, ms.
     pub before_ms: f64,
-    /// The execution under the new plan, ms.
+    /// The moving average under the new plan when the change was reported, ms.
     pub after_ms: f64,
+    /// When it was seen.
+    #[serde(skip)]
+    pub seen_at: Instant,
+}
+
+/// A function called with each plan change, on the capture task (never on
+/// the request path); see `DatabaseBuilder::on_plan_change`.
+#[derive(Clone)]
+pub(crate) struct ChangeHook(pub(crate) std::sync::Arc<dyn Fn(&PlanChange) + Send + Sync>);
+
+impl std::fmt::Debug for ChangeHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ChangeHook")
+    }
 }
 
 /// How many plan changes are kept.
@@ -152,13 +168,31 @@ pub const MAX_PLAN_CHANGES: usize = 64;
 #[derive(Debug)]
 pub(crate) struct PlanStore {
     pub(crate) settings: PlanCapture,
+    on_change: Option<ChangeHook>,
     queue: tokio::sync::mpsc::Sender<(String, Duration)>,
     state: Mutex<State>,
+}
+
+/// A shape's latency under its current plan, against the plan before.
+///
+/// Latency is a moving average (each capture weighs one half) of the
+/// executions that triggered captures. An execution is explained after it
+/// ran, so the first capture under a new plan may time an execution of the
+/// old one; the average lets the next few decide.
+#[derive(Debug)]
+struct Trend {
+    fingerprint: u64,
+    ms: f64,
+    /// The plan before: its nodes and its average, until a change is reported.
+    before: Option<(Vec<String>, f64)>,
 }
 
 #[derive(Debug, Default)]
 struct State {
     plans: HashMap<String, CapturedPlan>,
+    /// Latency under each shape's plan, and under the plan before it (the
+    /// same keys as `plans`).
+    trends: HashMap<String, Trend>,
     order: VecDeque<String>,
     recent: HashMap<String, Instant>,
     spent: (Option<Instant>, u32),
@@ -169,11 +203,13 @@ impl PlanStore {
     /// A store and the receiving end of its queue.
     pub(crate) fn new(
         settings: PlanCapture,
+        on_change: Option<ChangeHook>,
     ) -> (Self, tokio::sync::mpsc::Receiver<(String, Duration)>) {
         let (queue, rx) = tokio::sync::mpsc::channel(QUEUE);
         (
             PlanStore {
                 settings,
+                on_change,
                 queue,
                 state: Mutex::new(State::default()),
             },
@@ -216,38 +252,63 @@ impl PlanStore {
     fn keep(&self, plan: CapturedPlan) {
         let mut s = self.lock();
         let key = plan.statement.clone();
-        if let Some(old) = s.plans.get(&key)
-            && old.fingerprint != plan.fingerprint
-            && plan.duration_ms >= old.duration_ms * self.settings.slowdown
-        {
-            let change = PlanChange {
-                statement: key.clone(),
-                before: old.nodes.clone(),
-                after: plan.nodes.clone(),
-                before_ms: old.duration_ms,
-                after_ms: plan.duration_ms,
-            };
-            tracing::warn!(
-                target: "railyard::plans",
-                statement = %change.statement,
-                before = ?change.before,
-                after = ?change.after,
-                before_ms = change.before_ms,
-                after_ms = change.after_ms,
-                "a statement's plan changed and it got slower"
-            );
-            if s.changes.len() >= MAX_PLAN_CHANGES {
-                s.changes.pop_front();
+        let old_nodes = s.plans.get(&key).map(|p| p.nodes.clone());
+        let d = plan.duration_ms;
+        let trend = s.trends.entry(key.clone()).or_insert(Trend {
+            fingerprint: plan.fingerprint,
+            ms: d,
+            before: None,
+        });
+        if trend.fingerprint == plan.fingerprint {
+            trend.ms = (trend.ms + d) / 2.0;
+        } else {
+            trend.before = old_nodes.map(|nodes| (nodes, trend.ms));
+            trend.fingerprint = plan.fingerprint;
+            trend.ms = d;
+        }
+        let change = match &trend.before {
+            Some((nodes, before_ms)) if trend.ms >= before_ms * self.settings.slowdown => {
+                Some(PlanChange {
+                    statement: key.clone(),
+                    before: nodes.clone(),
+                    after: plan.nodes.clone(),
+                    before_ms: *before_ms,
+                    after_ms: trend.ms,
+                    seen_at: Instant::now(),
+                })
             }
-            s.changes.push_back(change);
+            _ => None,
+        };
+        if change.is_some() {
+            trend.before = None;
         }
         if s.plans.insert(key.clone(), plan).is_none() {
             s.order.push_back(key);
             while s.order.len() > MAX_PLANS {
                 if let Some(old) = s.order.pop_front() {
                     s.plans.remove(&old);
+                    s.trends.remove(&old);
                 }
             }
+        }
+        let Some(change) = change else { return };
+        tracing::warn!(
+            target: "railyard::plans",
+            statement = %change.statement,
+            before = ?change.before,
+            after = ?change.after,
+            before_ms = change.before_ms,
+            after_ms = change.after_ms,
+            "a statement's plan changed and it got slower"
+        );
+        if s.changes.len() >= MAX_PLAN_CHANGES {
+            s.changes.pop_front();
+        }
+        s.changes.push_back(change.clone());
+        // Outside the lock: the hook may read the store.
+        drop(s);
+        if let Some(hook) = &self.on_change {
+            (hook.0)(&change);
         }
     }
 
@@ -370,7 +431,7 @@ pub(crate) fn summarise(statement: String, json: &str, took: Duration) -> Option
 
 /// Explains one statement on `conn` in a read-only transaction that is
 /// rolled back, in one round trip; the tap keeps the plan's row.
-async fn explain(conn: &mut crate::conn::Conn, sql: &str) -> Result<String, String> {
+pub(crate) async fn explain(conn: &mut crate::conn::Conn, sql: &str) -> Result<String, String> {
     let n = parameters(sql);
     let script = if n == 0 {
         format!("BEGIN READ ONLY; EXPLAIN (FORMAT JSON) {sql}; ROLLBACK")
@@ -450,7 +511,7 @@ mod tests {
     #[tokio::test]
     async fn a_shape_is_offered_once_a_minute_and_within_the_rate() {
         let (store, mut rx) =
-            PlanStore::new(PlanCapture::slower_than(Duration::ZERO).per_minute(3));
+            PlanStore::new(PlanCapture::slower_than(Duration::ZERO).per_minute(3), None);
         for _ in 0..5 {
             store.offer("SELECT 1", "SELECT ?", Duration::ZERO);
         }
@@ -466,6 +527,45 @@ mod tests {
             got.push(sql);
         }
         assert_eq!(got, ["SELECT 1", "SELECT 0 FROM t0", "SELECT 1 FROM t1"]);
+    }
+
+    fn captured(fingerprint: u64, node: &str, ms: f64) -> CapturedPlan {
+        CapturedPlan {
+            statement: "SELECT pad FROM t WHERE k = $1".into(),
+            fingerprint,
+            nodes: vec![node.into()],
+            total_cost: 1.0,
+            plan_rows: 1.0,
+            top: Vec::new(),
+            plan: serde_json::Value::Null,
+            duration_ms: ms,
+            captured_at: Instant::now(),
+        }
+    }
+
+    #[test]
+    fn a_change_is_reported_once_when_the_new_plan_runs_slower_even_after_a_stale_fast_sample() {
+        let (store, _rx) = PlanStore::new(PlanCapture::slower_than(Duration::ZERO), None);
+        for ms in [0.2, 0.3, 0.2] {
+            store.keep(captured(1, "Index Scan", ms));
+        }
+        // Explained after the index went, timed before: fast.
+        store.keep(captured(2, "Seq Scan", 0.2));
+        assert!(store.changes().is_empty());
+        store.keep(captured(2, "Seq Scan", 15.0));
+        let c = store.changes();
+        assert_eq!(c.len(), 1, "{c:?}");
+        assert_eq!(
+            (c[0].before.as_slice(), c[0].after.as_slice()),
+            (&["Index Scan".to_owned()][..], &["Seq Scan".to_owned()][..])
+        );
+        assert!(c[0].before_ms < 0.3 && c[0].after_ms > 7.0, "{c:?}");
+        store.keep(captured(2, "Seq Scan", 16.0));
+        assert_eq!(store.changes().len(), 1);
+        // A different plan that is not slower: nothing.
+        store.keep(captured(3, "Bitmap Heap Scan", 12.0));
+        store.keep(captured(3, "Bitmap Heap Scan", 11.0));
+        assert_eq!(store.changes().len(), 1);
     }
 
     #[test]

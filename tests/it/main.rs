@@ -1,6 +1,7 @@
 //! Railyard's integration tests: one binary, a module per concern, all against a
 //! real PostgreSQL (the local cluster, or `TEST_DATABASE_URL`).
 
+mod advise;
 mod config;
 mod connect;
 #[cfg(feature = "testing")]

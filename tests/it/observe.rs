@@ -953,15 +953,27 @@ async fn slow_statements_get_their_plans_captured_off_the_request_path_without_v
     db.close(Duration::from_secs(5)).await;
 }
 
-#[tokio::test]
-async fn a_plan_that_changes_and_slows_down_after_an_index_is_dropped_is_reported() {
+#[tokio::test(flavor = "current_thread")]
+async fn a_plan_that_changes_and_slows_down_under_a_running_workload_is_an_event_a_hook_call_and_a_health_reason()
+ {
+    let capture = Capture::default();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(capture.clone())
+        .with_ansi(false)
+        .with_max_level(tracing::Level::WARN)
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
     let fresh = support::fresh_database("plan_change").await;
+    let (tx, mut hooked) = tokio::sync::mpsc::unbounded_channel();
     let db = Database::builder(fresh.config.clone().pool_max_size(2))
         .capture_plans(
             railyard::observe::PlanCapture::slower_than(Duration::ZERO)
                 .again_after(Duration::ZERO)
                 .per_minute(100_000),
         )
+        .on_plan_change(move |c| {
+            let _ = tx.send(c.clone());
+        })
         .connect()
         .await
         .unwrap();
@@ -976,25 +988,34 @@ async fn a_plan_that_changes_and_slows_down_after_an_index_is_dropped_is_reporte
     })
     .await
     .unwrap();
-    let lookups = async |from: i32| {
-        for k in from..from + 20 {
-            db.with_primary(async |c| {
-                diesel::sql_query("SELECT pad FROM t WHERE k = $1")
-                    .bind::<diesel::sql_types::Integer, _>(k)
-                    .execute(c)
-                    .await?;
-                Ok::<_, Error>(())
-            })
-            .await
-            .unwrap();
-        }
-    };
     let plan_of = |db: &Database| {
         db.plans()
             .into_iter()
             .find(|p| p.statement.contains("FROM t WHERE k = $1"))
     };
-    lookups(1).await;
+    // The workload: lookups, one after another, until told to stop.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let workload = {
+        let (db, stop) = (db.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut k = 0;
+            while !std::sync::atomic::AtomicBool::load(&stop, std::sync::atomic::Ordering::Relaxed)
+            {
+                k += 1;
+                db.with_primary(async |c| {
+                    diesel::sql_query(
+                        "SELECT pad FROM t WHERE k = $1 AND pad <> 'marker-lit-0d5e'",
+                    )
+                    .bind::<diesel::sql_types::Integer, _>(770_000 + k)
+                    .execute(c)
+                    .await?;
+                    Ok::<_, Error>(())
+                })
+                .await
+                .unwrap();
+            }
+        })
+    };
     let waiting = std::time::Instant::now();
     while !plan_of(&db).is_some_and(|p| p.nodes.iter().any(|n| n.contains("Index"))) {
         assert!(
@@ -1004,28 +1025,24 @@ async fn a_plan_that_changes_and_slows_down_after_an_index_is_dropped_is_reporte
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    // Let the offers still queued be explained before the index goes.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(db.plan_changes().is_empty(), "{:?}", db.plan_changes());
+    let before = db.health().await;
+    let plans = before.checks.iter().find(|c| c.name == "plans").unwrap();
+    assert_eq!(plans.status, railyard::HealthStatus::Healthy, "{plans:?}");
+    // The index goes while the lookups run.
     db.with_primary(async |c| {
         c.batch_execute("DROP INDEX t_k_idx").await?;
         Ok::<_, Error>(())
     })
     .await
     .unwrap();
-    lookups(1000).await;
-    let waiting = std::time::Instant::now();
-    let change = loop {
-        if let Some(c) = db.plan_changes().into_iter().next() {
-            break c;
-        }
-        assert!(
-            waiting.elapsed() < Duration::from_secs(15),
-            "no plan change: {:?}",
-            plan_of(&db)
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let change = tokio::time::timeout(Duration::from_secs(15), hooked.recv())
+        .await
+        .unwrap_or_else(|_| panic!("no plan change: {:?}", plan_of(&db)))
+        .unwrap();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    workload.await.unwrap();
     assert!(
         change.statement.contains("FROM t WHERE k = $1"),
         "{change:?}"
@@ -1036,5 +1053,29 @@ async fn a_plan_that_changes_and_slows_down_after_an_index_is_dropped_is_reporte
     );
     assert!(change.after.iter().any(|n| n == "Seq Scan"), "{change:?}");
     assert!(change.after_ms >= 2.0 * change.before_ms, "{change:?}");
+    assert_eq!(
+        db.plan_changes().into_iter().next().map(|c| c.statement),
+        Some(change.statement.clone())
+    );
+    // /health names it, degraded, with no value.
+    let report = db.health().await;
+    let plans = report.checks.iter().find(|c| c.name == "plans").unwrap();
+    assert_eq!(plans.status, railyard::HealthStatus::Degraded, "{plans:?}");
+    assert!(
+        plans.reason.contains("FROM t WHERE k = $1") && plans.reason.contains("Seq Scan"),
+        "{plans:?}"
+    );
+    let logs = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
+    assert!(
+        logs.contains("railyard::plans") && logs.contains("plan changed"),
+        "{logs}"
+    );
+    let json = report.to_json();
+    for marker in ["marker-lit-0d5e", "770001", "770002"] {
+        assert!(
+            !json.contains(marker) && !logs.contains(marker),
+            "{marker}: {json}\n{logs}"
+        );
+    }
     db.close(Duration::from_secs(5)).await;
 }
