@@ -133,6 +133,11 @@ pub enum Error {
     #[error("local PostgreSQL cluster: {0}")]
     Local(String),
 
+    /// Index advice could not be written as asked (a bad migration name,
+    /// nothing verified to write, a migration that exists already).
+    #[error("index advice: {0}")]
+    Advice(String),
+
     /// The test harness's isolation was broken: the code under test ended the
     /// test's transaction, a deferred constraint failed at the end of the test,
     /// or the test's one connection stayed busy.
@@ -237,6 +242,7 @@ impl Error {
             | Error::Tls { .. }
             | Error::Migration(_)
             | Error::Local(_)
+            | Error::Advice(_)
             | Error::TestIsolation(_)
             | Error::Closed { .. }
             | Error::Io { .. } => ErrorClass::Permanent,

@@ -13,13 +13,13 @@ pub(super) fn write(advice: &Advice, dir: &Path, name: &str) -> Result<Vec<PathB
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
     {
-        return Err(Error::Local(format!(
-            "migration name {name:?}: use lowercase letters, digits and _ (for example add_advised_indexes)"
+        return Err(Error::Advice(format!(
+            "the migration name {name:?} (--migration): use lowercase letters, digits and _ (for example add_advised_indexes)"
         )));
     }
     let indexes: Vec<_> = advice.indexes.iter().filter(|i| i.verified).collect();
     if indexes.is_empty() {
-        return Err(Error::Local(
+        return Err(Error::Advice(
             "no verified index advice to write (run with hypopg installed; unverified advice is never written)"
                 .to_owned(),
         ));
@@ -36,7 +36,7 @@ pub(super) fn write(advice: &Advice, dir: &Path, name: &str) -> Result<Vec<PathB
         };
         let path = dir.join(format!("{}_{name}{suffix}", at.format("%Y-%m-%d-%H%M%S")));
         if path.exists() {
-            return Err(Error::Local(format!(
+            return Err(Error::Advice(format!(
                 "{} exists already; nothing was written over it",
                 path.display()
             )));

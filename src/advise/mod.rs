@@ -221,6 +221,7 @@ impl<'a> Advisor<'a> {
             relations.learn(&mut conn, &plan::relations(&plan)).await?;
             self.patterns(&mut advice, s, &plan, &relations);
             let wants = plan::wants(&plan, &relations.columns, &relations.rows, self.min_rows);
+            tracing::debug!(target: "railyard::advise", statement = %s.shape, cost = before, wants = ?wants, "explained");
             for w in wants {
                 let candidates: Vec<Vec<String>> = w
                     .candidates()
@@ -521,7 +522,10 @@ fn merge(all: Vec<Statement>) -> Vec<Statement> {
 /// Whether a statement is one the advisor explains: a query or data change
 /// on the application's tables.
 fn examinable(shape: &str) -> bool {
-    let lower = shape.trim_start().to_ascii_lowercase();
+    // `(SELECT …) UNION ALL (SELECT …)` starts with a parenthesis.
+    let lower = shape
+        .trim_start_matches(|c: char| c == '(' || c.is_whitespace())
+        .to_ascii_lowercase();
     let kind = lower
         .split(|c: char| !c.is_ascii_alphabetic())
         .next()
@@ -761,7 +765,7 @@ async fn from_pg_stat_statements(conn: &mut Conn, schema: &str) -> Result<Vec<St
         "SELECT s.query, s.calls, s.total_exec_time AS total_ms \
          FROM {schema}.pg_stat_statements s JOIN pg_database d ON d.oid = s.dbid \
          WHERE d.datname = current_database() AND s.toplevel \
-           AND s.query ~* '^\\s*(select|with|update|delete|insert)\\M' \
+           AND s.query ~* '^[\\s(]*(select|with|update|delete|insert)\\M' \
          ORDER BY s.total_exec_time DESC LIMIT {}",
         4 * MAX_STATEMENTS
     );
@@ -930,6 +934,9 @@ mod tests {
     fn statements_are_examined_when_they_touch_application_tables() {
         assert!(examinable("SELECT a FROM t WHERE b = $1"));
         assert!(examinable("WITH x AS (SELECT 1) SELECT * FROM x"));
+        assert!(examinable(
+            "(SELECT a FROM t WHERE b = $1) UNION ALL (SELECT a FROM u)"
+        ));
         assert!(examinable("INSERT INTO t SELECT * FROM u WHERE k = $1"));
         assert!(!examinable("INSERT INTO t (a) VALUES ($1)"));
         assert!(!examinable("SELECT * FROM pg_stat_activity"));
