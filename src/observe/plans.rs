@@ -471,13 +471,32 @@ pub(crate) fn spawn(
 ) -> super::watchdog::Running {
     super::watchdog::Running::new(tokio::spawn(async move {
         let mut conn = None;
-        while let Some((sql, took)) = rx.recv().await {
-            if conn.is_none() {
-                conn = opener.open().await.ok();
+        // Failures are warned about on the first and every 100th, so that
+        // a server where explaining cannot work (no connection, a role
+        // without access) says so once, clearly, without a flood.
+        let mut failures = 0u64;
+        let mut failed = |what: &str, statement: &str, error: String| {
+            failures += 1;
+            let error = super::statement_shape(&error);
+            if failures % 100 == 1 {
+                tracing::warn!(target: "railyard::plans", failures, statement, error, "plan capture: {what}; plans of slow statements will be missing");
+            } else {
+                tracing::debug!(target: "railyard::plans", failures, statement, error, "plan capture: {what}");
             }
-            let Some(c) = conn.as_mut() else { continue };
+        };
+        while let Some((sql, took)) = rx.recv().await {
             let mut shape = String::new();
             super::stats::normalize_into(&sql, &mut shape);
+            if conn.is_none() {
+                match opener.open().await {
+                    Ok(c) => conn = Some(c),
+                    Err(e) => {
+                        failed("cannot open its connection", &shape, e.to_string());
+                        continue;
+                    }
+                }
+            }
+            let Some(c) = conn.as_mut() else { continue };
             match tokio::time::timeout(Duration::from_secs(5), explain(c, &sql)).await {
                 Ok(Ok(json)) => {
                     if let Some(plan) = summarise(shape, &json, took) {
@@ -485,11 +504,14 @@ pub(crate) fn spawn(
                     }
                 }
                 Ok(Err(e)) => {
-                    tracing::debug!(target: "railyard::plans", statement = %shape, error = %e, "could not explain a slow statement");
+                    failed("cannot explain a slow statement", &shape, e);
                     // Its transaction or prepared statement may be left over.
                     conn = None;
                 }
-                Err(_) => conn = None,
+                Err(_) => {
+                    failed("no plan within 5 s", &shape, String::new());
+                    conn = None;
+                }
             }
         }
     }))

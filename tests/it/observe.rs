@@ -1079,3 +1079,62 @@ async fn a_plan_that_changes_and_slows_down_under_a_running_workload_is_an_event
     }
     db.close(Duration::from_secs(5)).await;
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_statement_that_cannot_be_explained_is_warned_about_once_without_its_values() {
+    let capture = Capture::default();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(capture.clone())
+        .with_ansi(false)
+        .with_max_level(tracing::Level::WARN)
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let base = support::ledger(|c| c).await;
+    let db = Database::builder(base.config().clone().pool_max_size(1))
+        .capture_plans(
+            railyard::observe::PlanCapture::slower_than(Duration::ZERO).again_after(Duration::ZERO),
+        )
+        .connect()
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        // PREPARE cannot choose a generate_series for two untyped
+        // parameters: the capture cannot explain it.
+        db.with_primary(async |c| {
+            diesel::sql_query(
+                "SELECT g, 'marker-lit-a61f' AS x FROM generate_series($1, $2) g WHERE $3::text <> 'z'",
+            )
+            .bind::<diesel::sql_types::Integer, _>(1)
+            .bind::<diesel::sql_types::Integer, _>(2)
+            .bind::<Text, _>("marker-param-5c2e")
+                .execute(c)
+                .await?;
+            Ok::<_, Error>(())
+        })
+        .await
+        .unwrap();
+    }
+    let waited = std::time::Instant::now();
+    let logs = loop {
+        let logs = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
+        if logs.contains("plan capture") || waited.elapsed() > Duration::from_secs(10) {
+            break logs;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(
+        logs.matches("plan capture: cannot explain").count(),
+        1,
+        "{logs}"
+    );
+    assert!(
+        logs.contains("WARN") && logs.contains("is not unique"),
+        "{logs}"
+    );
+    assert!(
+        !logs.contains("marker-lit-a61f") && !logs.contains("marker-param-5c2e"),
+        "{logs}"
+    );
+    assert!(db.plans().is_empty());
+    db.close(Duration::from_secs(5)).await;
+}
