@@ -45,6 +45,8 @@
 //! | to decide what a failure means | [`Error::class`] → [`ErrorClass`]; [`Error::violation`] (details in [`error`]) |
 //! | to see every query | [`QueryHook`], [`StatementStats`], [`SlowQueryLog`], [`QuerySpans`], [`AuditLog`] |
 //! | health and metrics | [`Database::health`], [`Database::metrics_text`] (types in [`observe`]) |
+//! | plans of slow statements, plan changes, N+1 warnings, a long-query watchdog | [`DatabaseBuilder::capture_plans`], [`DatabaseBuilder::on_plan_change`], [`DatabaseBuilder::detect_repeats`], [`DatabaseBuilder::watchdog`] |
+//! | indexes to create (proved with hypopg), unused and redundant ones | [`advise::Advisor`] |
 //! | to refuse a burst rather than queue it | per-pool queue bounds: [`Config::pool_max_waiters`], [`Config::pool_max_wait`]; [`Error::Overloaded`] |
 //! | to stop without losing work in flight | [`Database::close`] ([`database::CloseReport`]); `http::Readiness` for `/readyz` |
 //! | tests against real PostgreSQL | `#[railyard::test]` (feature `testing`) |
