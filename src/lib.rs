@@ -71,7 +71,7 @@
 
 // The layers, lowest first. A module may use only the modules above it in this
 // list (tests/layers.rs checks it): error, config, local, conn, exec, route,
-// migrate, observe, database, advise, http, testing.
+// migrate, observe, database, advise, watch, http, testing.
 pub mod advise;
 pub mod config;
 pub mod conn;
@@ -87,6 +87,7 @@ pub mod observe;
 pub mod route;
 #[cfg(feature = "testing")]
 pub mod testing;
+pub mod watch;
 
 pub use config::{Config, Credentials, Secret, SslMode};
 pub use conn::{Conn, PooledConn, Route};

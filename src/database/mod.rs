@@ -1010,6 +1010,22 @@ impl Database {
         self.inner.retries.counts()
     }
 
+    /// Cumulative figures since the handle was built (queries, their
+    /// latencies, failures and retries by class): a sampler diffs two of them
+    /// for rates and percentiles of the interval between. No I/O.
+    ///
+    /// ```no_run
+    /// # async fn demo(db: railyard::Database) {
+    /// let before = db.activity();
+    /// tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    /// let now = db.activity();
+    /// println!("{} queries/s, p99 {:?}", now.queries - before.queries, now.latency.quantile_since(&before.latency, 0.99));
+    /// # }
+    /// ```
+    pub fn activity(&self) -> crate::observe::Activity {
+        self.inner.observer.metrics.activity(self.retry_counts())
+    }
+
     /// Snapshots of the primary pool and each replica pool.
     pub fn pool_status(&self) -> Vec<PoolStatus> {
         let Connections::Pooled { primary, router } = &self.inner.connections else {

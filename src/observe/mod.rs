@@ -33,6 +33,8 @@
 //! state and never drives them. The connection layer calls into it only through
 //! the `Instrument` seam.
 
+mod activity;
+pub use activity::{Activity, LATENCY_BUCKETS, LatencyCounts};
 pub mod health;
 pub use health::{HealthCheck, HealthReport, HealthStatus};
 mod plans;
@@ -319,6 +321,8 @@ pub(crate) struct Metrics {
     pub(crate) primary: DurationHistogram,
     pub(crate) replica: DurationHistogram,
     pub(crate) errors: [AtomicU64; CLASS_COUNT],
+    /// Every query's latency, in fine buckets (for samplers).
+    pub(crate) latency: activity::LatencyBuckets,
     /// Per-second buckets of the last minute, indexed by second modulo 60:
     /// bounded, and lock-free (a query records with atomics only).
     window: [Second; WINDOW],
@@ -330,6 +334,7 @@ impl Default for Metrics {
             primary: DurationHistogram::default(),
             replica: DurationHistogram::default(),
             errors: Default::default(),
+            latency: Default::default(),
             window: std::array::from_fn(|_| Second::default()),
         }
     }
@@ -360,6 +365,7 @@ impl Metrics {
             Route::Primary => self.primary.record(e.duration),
             Route::Replica(_) => self.replica.record(e.duration),
         }
+        self.latency.record(e.duration);
         self.count(e.class);
     }
 
@@ -396,6 +402,20 @@ impl Metrics {
         slot.total.fetch_add(1, Ordering::Relaxed);
         if let Some(i) = class {
             slot.errors[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// The cumulative figures a sampler diffs.
+    pub(crate) fn activity(&self, retries: Vec<(ErrorClass, u64)>) -> Activity {
+        Activity {
+            queries: self.primary.count.load(Ordering::Relaxed)
+                + self.replica.count.load(Ordering::Relaxed),
+            latency: self.latency.counts(),
+            errors: ErrorClass::ALL
+                .iter()
+                .map(|c| (*c, self.errors[c.index()].load(Ordering::Relaxed)))
+                .collect(),
+            retries,
         }
     }
 
