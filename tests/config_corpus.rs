@@ -417,6 +417,8 @@ fn corpus() -> Vec<Case> {
         "RAILYARD_STATEMENT_TIMEOUT",
         "RAILYARD_POOL_MAX_WAIT",
         "RAILYARD_SHUTDOWN_TIMEOUT",
+        "RAILYARD_WATCHDOG_CANCEL_AFTER",
+        "RAILYARD_CAPTURE_PLANS_SLOWER_THAN",
     ] {
         for (v, why) in [
             ("-5s", "must not be negative"),
@@ -431,6 +433,36 @@ fn corpus() -> Vec<Case> {
             c.push(var(key, v).says(why));
         }
         c.push(var(key, &big).says("unit"));
+    }
+    c.push(
+        var("RAILYARD_WATCHDOG_CANCEL_AFTER", "5ms")
+            .shows("5ms")
+            .says("shorter than 10ms"),
+    );
+    for (v, why) in [
+        ("-1", "must not be negative"),
+        ("0", "at least 2"),
+        ("1", "at least 2"),
+        ("100001", "too large, at most 100000"),
+        ("4294967295", "too large, at most 100000"),
+        ("2.5", "expected a whole number"),
+        ("many", "expected a whole number"),
+        ("", "empty"),
+    ] {
+        let c1 = var("RAILYARD_DETECT_REPEATS", v).says(why);
+        c.push(if v.is_empty() {
+            c1.hidden()
+        } else {
+            c1.shows(v)
+        });
+    }
+    c.push(var("RAILYARD_DETECT_REPEATS", &digits).says("too large"));
+    for key in [
+        "RAILYARD_WATCHDOG_CANCEL_AFTER",
+        "RAILYARD_CAPTURE_PLANS_SLOWER_THAN",
+        "RAILYARD_DETECT_REPEATS",
+    ] {
+        c.push(var(key, &format!("postgres://app:{m}@h/db")).hidden());
     }
     c.push(var("RAILYARD_CONNECT_TIMEOUT", "0s").says("positive"));
     c.push(var("RAILYARD_CHECKOUT_TIMEOUT", "0ms").says("positive"));

@@ -8,8 +8,8 @@ use std::time::Duration;
 use super::profile::{PROFILE_VAR, Profile, local_database_name};
 use super::url::{check_name, check_path, check_time_zone};
 use super::{
-    Config, ConnectTarget, Credentials, MAX_DURATION, MAX_POOL_SIZE, MAX_POOL_WAITERS, Setting,
-    prefix_field,
+    Config, ConnectTarget, Credentials, MAX_DETECT_REPEATS, MAX_DURATION, MAX_POOL_SIZE,
+    MAX_POOL_WAITERS, MIN_WATCHDOG_LIMIT, Setting, prefix_field,
 };
 use crate::error::ConfigError;
 
@@ -231,6 +231,32 @@ fn apply(config: &mut Config, setting: Setting, key: &str, value: &str) -> Resul
                 e
             })?
         }
+        Setting::WatchdogCancelAfter => {
+            let d = optional_duration(key, value)?;
+            // Said here with the value as typed (the validator says it for
+            // the setter).
+            if d.is_some_and(|d| d < MIN_WATCHDOG_LIMIT) {
+                return Err(ConfigError::new(
+                    key,
+                    value,
+                    format!(
+                        "shorter than {}ms, the watchdog's shortest limit; use 0 or off to run no watchdog",
+                        MIN_WATCHDOG_LIMIT.as_millis()
+                    ),
+                ));
+            }
+            config.watchdog_cancel_after = d;
+        }
+        Setting::CapturePlansSlowerThan => {
+            config.capture_plans_slower_than = optional_duration(key, value)?
+        }
+        Setting::DetectRepeats => {
+            // At least 2 is the validator's rule, which names the variable.
+            config.detect_repeats = match value.trim() {
+                "off" | "none" => None,
+                _ => Some(parse_number(key, value, MAX_DETECT_REPEATS)?),
+            }
+        }
     }
     Ok(())
 }
@@ -427,6 +453,7 @@ mod tests {
             ("RAILYARD_STATEMENT_TIMEOUT", "500us"),
             ("RAILYARD_STATEMENT_TIMEOUT", "30days"),
             ("RAILYARD_POOL_MIN_IDLE", "11"),
+            ("RAILYARD_DETECT_REPEATS", "1"),
         ] {
             let err = env_err(&[(key, value)]);
             assert_eq!(err.field, key, "{key}={value}: {err}");
@@ -595,6 +622,126 @@ mod tests {
     }
 
     #[test]
+    fn query_insight_settings_are_read_off_by_default_and_checked() {
+        let url = ("DATABASE_URL", "postgres://u@h/db");
+        for profile in ["development", "test", "production"] {
+            let c = Config::from_vars([url, ("RAILYARD_ENV", profile)]).unwrap();
+            assert_eq!(c.watchdog_cancel_after, None, "{profile}");
+            assert_eq!(c.capture_plans_slower_than, None, "{profile}");
+            assert_eq!(c.detect_repeats, None, "{profile}");
+        }
+        let c = Config::from_vars([
+            url,
+            ("RAILYARD_WATCHDOG_CANCEL_AFTER", "30s"),
+            ("RAILYARD_CAPTURE_PLANS_SLOWER_THAN", "500ms"),
+            ("RAILYARD_DETECT_REPEATS", " 20 "),
+        ])
+        .unwrap();
+        assert_eq!(c.watchdog_cancel_after, Some(Duration::from_secs(30)));
+        assert_eq!(
+            c.capture_plans_slower_than,
+            Some(Duration::from_millis(500))
+        );
+        assert_eq!(c.detect_repeats, Some(20));
+        let c = Config::from_vars([
+            url,
+            ("RAILYARD_WATCHDOG_CANCEL_AFTER", "10ms"),
+            ("RAILYARD_CAPTURE_PLANS_SLOWER_THAN", "1us"),
+            ("RAILYARD_DETECT_REPEATS", "2"),
+        ])
+        .unwrap();
+        assert_eq!(c.watchdog_cancel_after, Some(MIN_WATCHDOG_LIMIT));
+        assert_eq!(c.capture_plans_slower_than, Some(Duration::from_micros(1)));
+        assert_eq!(c.detect_repeats, Some(2));
+        let c = Config::from_vars([
+            url,
+            ("RAILYARD_DETECT_REPEATS", &MAX_DETECT_REPEATS.to_string()),
+        ])
+        .unwrap();
+        assert_eq!(c.detect_repeats, Some(MAX_DETECT_REPEATS));
+        for (off, zero) in [("off", "0"), ("none", "0s"), ("off", "0ms")] {
+            let c = Config::from_vars([
+                url,
+                ("RAILYARD_WATCHDOG_CANCEL_AFTER", off),
+                ("RAILYARD_CAPTURE_PLANS_SLOWER_THAN", zero),
+                ("RAILYARD_DETECT_REPEATS", off),
+            ])
+            .unwrap();
+            assert_eq!(c.watchdog_cancel_after, None);
+            assert_eq!(c.capture_plans_slower_than, None);
+            assert_eq!(c.detect_repeats, None);
+        }
+        let durations = [
+            ("", "empty"),
+            ("abc", "unit"),
+            ("5", "without a unit"),
+            ("-5s", "must not be negative"),
+            ("11years", "too large"),
+            ("99999999999999999999h", "too large"),
+        ];
+        for key in [
+            "RAILYARD_WATCHDOG_CANCEL_AFTER",
+            "RAILYARD_CAPTURE_PLANS_SLOWER_THAN",
+        ] {
+            for (value, reason) in durations {
+                let err = env_err(&[(key, value)]);
+                assert_eq!(err.field, key, "{key}={value}: {err}");
+                assert!(err.reason.contains(reason), "{key}={value}: {err}");
+            }
+        }
+        for value in ["5ms", "500us", "9.9ms"] {
+            let err = env_err(&[("RAILYARD_WATCHDOG_CANCEL_AFTER", value)]);
+            assert_eq!(err.field, "RAILYARD_WATCHDOG_CANCEL_AFTER", "{err}");
+            assert_eq!(err.value, value, "{err}");
+            assert!(err.reason.contains("shorter than 10ms"), "{err}");
+        }
+        for (value, reason) in [
+            ("", "empty"),
+            ("abc", "expected a whole number"),
+            ("1", "at least 2"),
+            ("0", "at least 2"),
+            ("-3", "must not be negative"),
+            ("2.5", "expected a whole number"),
+            ("5s", "expected a whole number"),
+            ("100001", "too large, at most 100000"),
+            ("99999999999", "too large, at most 100000"),
+            (&"9".repeat(10_000), "too large"),
+        ] {
+            let err = env_err(&[("RAILYARD_DETECT_REPEATS", value)]);
+            assert_eq!(err.field, "RAILYARD_DETECT_REPEATS", "{value:.20}: {err}");
+            assert!(err.reason.contains(reason), "{value:.20}: {err}");
+        }
+        // A setter called later takes the name over.
+        let c = Config::from_vars([url, ("RAILYARD_DETECT_REPEATS", "5")]).unwrap();
+        for (c, setter) in [
+            (c.clone().detect_repeats(Some(1)), "Config::detect_repeats"),
+            (
+                c.clone().detect_repeats(Some(MAX_DETECT_REPEATS + 1)),
+                "Config::detect_repeats",
+            ),
+            (
+                c.clone()
+                    .watchdog_cancel_after(Some(Duration::from_millis(9))),
+                "Config::watchdog_cancel_after",
+            ),
+            (
+                c.clone().watchdog_cancel_after(Some(MAX_DURATION * 2)),
+                "Config::watchdog_cancel_after",
+            ),
+            (
+                c.clone().capture_plans_slower_than(Some(Duration::ZERO)),
+                "Config::capture_plans_slower_than",
+            ),
+            (
+                c.clone().capture_plans_slower_than(Some(MAX_DURATION * 2)),
+                "Config::capture_plans_slower_than",
+            ),
+        ] {
+            assert_eq!(c.validate().unwrap_err().field, setter);
+        }
+    }
+
+    #[test]
     fn every_variable_refuses_an_empty_value() {
         for s in Setting::ALL {
             let err = env_err(&[(s.env(), " ")]);
@@ -738,6 +885,9 @@ mod tests {
             ("RAILYARD_SSLROOTCERT", "/etc/ca.pem"),
             ("RAILYARD_PASSWORD_FILE", "/run/secrets/pg"),
             ("RAILYARD_TIME_ZONE", "Europe/Paris"),
+            ("RAILYARD_WATCHDOG_CANCEL_AFTER", "45s"),
+            ("RAILYARD_CAPTURE_PLANS_SLOWER_THAN", "250ms"),
+            ("RAILYARD_DETECT_REPEATS", "10"),
             ("RAILYARD_LOCAL_DIR", "/not/ours"),
             ("PATH", "/usr/bin"),
         ])
@@ -757,6 +907,12 @@ mod tests {
         assert_eq!(c.ssl_root_cert.as_deref(), Some("/etc/ca.pem".as_ref()));
         assert!(matches!(c.credentials, Credentials::File(_)));
         assert_eq!(c.time_zone, "Europe/Paris");
+        assert_eq!(c.watchdog_cancel_after, Some(Duration::from_secs(45)));
+        assert_eq!(
+            c.capture_plans_slower_than,
+            Some(Duration::from_millis(250))
+        );
+        assert_eq!(c.detect_repeats, Some(10));
         let shown = format!("{c:?} {c}");
         assert!(!shown.contains("pw@"), "{shown}");
     }

@@ -28,6 +28,9 @@
 //! | `RAILYARD_PASSWORD_FILE`, `RAILYARD_PASSWORD_ENV` | read the password for every new connection from a file (a regular file of at most [`MAX_PASSWORD_FILE_LEN`] bytes) or a variable; set one of them, not both |
 //! | `RAILYARD_TIME_ZONE` | session `TimeZone` (default `UTC`); checked by the server at the first connection |
 //! | `RAILYARD_POOLER` | `none` (default), `pgbouncer-session` or `pgbouncer-transaction`: the [`Pooler`] in front of the servers |
+//! | `RAILYARD_WATCHDOG_CANCEL_AFTER` | runs the long-running statement watchdog ([`crate::observe::Watchdog::cancel_after`]): this application's statements running longer are cancelled. A duration of at least [`MIN_WATCHDOG_LIMIT`] (10 ms); `0`, `off` or `none` (the default) runs none. [`crate::DatabaseBuilder::watchdog`] wins when called |
+//! | `RAILYARD_CAPTURE_PLANS_SLOWER_THAN` | captures the plans of statements slower than this ([`crate::observe::PlanCapture::slower_than`]): a positive duration; `0`, `off` or `none` (the default) captures none. [`crate::DatabaseBuilder::capture_plans`] wins when called |
+//! | `RAILYARD_DETECT_REPEATS` | warns when one statement runs this many times in one operation ([`crate::DatabaseBuilder::detect_repeats`]): 2 to [`MAX_DETECT_REPEATS`]; `off` or `none` (the default) disables. The builder's call wins when made |
 //!
 //! Every `RAILYARD_*` variable above, when set, must not be empty: unset it to
 //! get the default. Errors name the variable (`RAILYARD_CONNECT_TIMEOUT`,
@@ -92,6 +95,16 @@ pub const MAX_DURATION: Duration = Duration::from_secs(10 * 365 * 86_400);
 
 /// The largest CA certificate file (`sslrootcert`) read, in bytes (1 MiB).
 pub const MAX_ROOT_CERT_LEN: u64 = 1 << 20;
+
+/// The shortest limit of the long-running statement watchdog
+/// (`RAILYARD_WATCHDOG_CANCEL_AFTER`): [`crate::observe::Watchdog::cancel_after`]
+/// raises shorter ones to it, the configuration refuses them.
+pub const MIN_WATCHDOG_LIMIT: Duration = Duration::from_millis(10);
+
+/// The largest repeat threshold accepted (`RAILYARD_DETECT_REPEATS`): one
+/// operation running a statement that many times is far past any N+1 worth
+/// naming, and a larger value is a typing mistake.
+pub const MAX_DETECT_REPEATS: u32 = 100_000;
 
 /// The longest `statement_timeout`, in milliseconds: the server's limit.
 pub(crate) const MAX_STATEMENT_TIMEOUT_MS: u128 = i32::MAX as u128;
@@ -386,11 +399,14 @@ pub(crate) enum Setting {
     PoolMaxWaiters,
     PoolMaxWait,
     ShutdownTimeout,
+    WatchdogCancelAfter,
+    CapturePlansSlowerThan,
+    DetectRepeats,
 }
 
 impl Setting {
     /// Every setting, for the environment parser.
-    pub(crate) const ALL: [Setting; 19] = [
+    pub(crate) const ALL: [Setting; 22] = [
         Setting::PoolMaxSize,
         Setting::PoolMinIdle,
         Setting::ReplicaPoolMaxSize,
@@ -410,6 +426,9 @@ impl Setting {
         Setting::PasswordEnv,
         Setting::TimeZone,
         Setting::Pooler,
+        Setting::WatchdogCancelAfter,
+        Setting::CapturePlansSlowerThan,
+        Setting::DetectRepeats,
     ];
 
     /// The environment variable.
@@ -434,6 +453,9 @@ impl Setting {
             Setting::PoolMaxWaiters => "RAILYARD_POOL_MAX_WAITERS",
             Setting::PoolMaxWait => "RAILYARD_POOL_MAX_WAIT",
             Setting::ShutdownTimeout => "RAILYARD_SHUTDOWN_TIMEOUT",
+            Setting::WatchdogCancelAfter => "RAILYARD_WATCHDOG_CANCEL_AFTER",
+            Setting::CapturePlansSlowerThan => "RAILYARD_CAPTURE_PLANS_SLOWER_THAN",
+            Setting::DetectRepeats => "RAILYARD_DETECT_REPEATS",
         }
     }
 
@@ -466,6 +488,11 @@ impl Setting {
             ),
             Setting::PoolMaxWait => d(c.pool.max_wait_or_default()),
             Setting::ShutdownTimeout => d(c.shutdown_deadline()),
+            Setting::WatchdogCancelAfter => off(c.watchdog_cancel_after),
+            Setting::CapturePlansSlowerThan => off(c.capture_plans_slower_than),
+            Setting::DetectRepeats => c
+                .detect_repeats
+                .map_or_else(|| "off".to_owned(), |n| n.to_string()),
         }
     }
 
@@ -490,6 +517,9 @@ impl Setting {
             Setting::PoolMaxWaiters => "Config::pool_max_waiters",
             Setting::PoolMaxWait => "Config::pool_max_wait",
             Setting::ShutdownTimeout => "Config::shutdown_timeout",
+            Setting::WatchdogCancelAfter => "Config::watchdog_cancel_after",
+            Setting::CapturePlansSlowerThan => "Config::capture_plans_slower_than",
+            Setting::DetectRepeats => "Config::detect_repeats",
         }
     }
 }
@@ -531,6 +561,12 @@ pub struct Config {
     pub(crate) breaker_threshold: u32,
     pub(crate) breaker_cooldown: Duration,
     pub(crate) shutdown_timeout: Duration,
+    /// The long-running statement watchdog's limit, when it should run.
+    pub(crate) watchdog_cancel_after: Option<Duration>,
+    /// The plan-capture threshold, when plans should be captured.
+    pub(crate) capture_plans_slower_than: Option<Duration>,
+    /// The repeat threshold of N+1 detection, when it should run.
+    pub(crate) detect_repeats: Option<u32>,
     /// The settings named by their environment variable in errors: all of them
     /// for a configuration read from the environment (a default is changed
     /// there too), less those a setter changed later.
@@ -561,6 +597,9 @@ impl fmt::Debug for Config {
             .field("breaker_threshold", &self.breaker_threshold)
             .field("breaker_cooldown", &self.breaker_cooldown)
             .field("shutdown_timeout", &self.shutdown_timeout)
+            .field("watchdog_cancel_after", &self.watchdog_cancel_after)
+            .field("capture_plans_slower_than", &self.capture_plans_slower_than)
+            .field("detect_repeats", &self.detect_repeats)
             .finish()
     }
 }
@@ -636,6 +675,9 @@ impl Config {
             breaker_threshold: 5,
             breaker_cooldown: Duration::from_millis(250),
             shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
+            watchdog_cancel_after: None,
+            capture_plans_slower_than: None,
+            detect_repeats: None,
             from_env: BTreeSet::new(),
             env_urls: None,
         }
@@ -734,6 +776,7 @@ impl Config {
             if d.is_zero() && !zero_ok {
                 let hint = match s {
                     S::IdleTimeout | S::MaxLifetime => "must be positive (no value means no limit)",
+                    S::CapturePlansSlowerThan => "must be positive (no value captures no plans)",
                     _ => "must be positive",
                 };
                 Err(ConfigError::new(self.field(s), "0", hint))
@@ -810,6 +853,38 @@ impl Config {
                     format!(
                         "too large, at most {MAX_STATEMENT_TIMEOUT_MS}ms (about 24.8 days, the server's limit)"
                     ),
+                ));
+            }
+        }
+        if let Some(d) = self.watchdog_cancel_after {
+            duration(S::WatchdogCancelAfter, d, false)?;
+            if d < MIN_WATCHDOG_LIMIT {
+                return Err(ConfigError::new(
+                    self.field(S::WatchdogCancelAfter),
+                    format!("{d:?}"),
+                    format!(
+                        "shorter than {}ms, the watchdog's shortest limit; use none/off to run no watchdog",
+                        MIN_WATCHDOG_LIMIT.as_millis()
+                    ),
+                ));
+            }
+        }
+        if let Some(d) = self.capture_plans_slower_than {
+            duration(S::CapturePlansSlowerThan, d, false)?;
+        }
+        if let Some(n) = self.detect_repeats {
+            if n < 2 {
+                return Err(ConfigError::new(
+                    self.field(S::DetectRepeats),
+                    n.to_string(),
+                    "must be at least 2 (a statement that runs once is not repeated); use none/off to disable it",
+                ));
+            }
+            if n > MAX_DETECT_REPEATS {
+                return Err(ConfigError::new(
+                    self.field(S::DetectRepeats),
+                    n.to_string(),
+                    format!("too large, at most {MAX_DETECT_REPEATS}"),
                 ));
             }
         }
@@ -1080,6 +1155,77 @@ impl Config {
     pub fn pooler(mut self, pooler: Pooler) -> Self {
         self.from_env.remove(&Setting::Pooler);
         self.pooler = pooler;
+        self
+    }
+
+    /// Runs the long-running statement watchdog with this limit (`None`: no
+    /// watchdog), as [`crate::DatabaseBuilder::watchdog`] with
+    /// [`crate::observe::Watchdog::cancel_after`] would; the builder's call
+    /// wins when made. At least [`MIN_WATCHDOG_LIMIT`] (10 ms). Defaults to
+    /// none (`RAILYARD_WATCHDOG_CANCEL_AFTER`).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let config = railyard::Config::from_url("postgres://app@localhost/ledger")?
+    ///     .watchdog_cancel_after(Some(Duration::from_secs(30)));
+    /// config.validate()?;
+    /// let err = config
+    ///     .watchdog_cancel_after(Some(Duration::from_millis(1)))
+    ///     .validate()
+    ///     .unwrap_err();
+    /// assert_eq!(err.field, "Config::watchdog_cancel_after");
+    /// # Ok::<(), railyard::error::ConfigError>(())
+    /// ```
+    #[must_use]
+    pub fn watchdog_cancel_after(mut self, limit: Option<Duration>) -> Self {
+        self.from_env.remove(&Setting::WatchdogCancelAfter);
+        self.watchdog_cancel_after = limit;
+        self
+    }
+
+    /// Captures the plans of statements slower than this (`None`: none), as
+    /// [`crate::DatabaseBuilder::capture_plans`] with
+    /// [`crate::observe::PlanCapture::slower_than`] would; the builder's call
+    /// wins when made. Positive. Defaults to none
+    /// (`RAILYARD_CAPTURE_PLANS_SLOWER_THAN`).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let config = railyard::Config::from_url("postgres://app@localhost/ledger")?
+    ///     .capture_plans_slower_than(Some(Duration::from_millis(200)));
+    /// config.validate()?;
+    /// let err = config
+    ///     .capture_plans_slower_than(Some(Duration::ZERO))
+    ///     .validate()
+    ///     .unwrap_err();
+    /// assert_eq!(err.field, "Config::capture_plans_slower_than");
+    /// # Ok::<(), railyard::error::ConfigError>(())
+    /// ```
+    #[must_use]
+    pub fn capture_plans_slower_than(mut self, threshold: Option<Duration>) -> Self {
+        self.from_env.remove(&Setting::CapturePlansSlowerThan);
+        self.capture_plans_slower_than = threshold;
+        self
+    }
+
+    /// Warns (target `railyard::n_plus_one`) when one statement runs this
+    /// many times in one operation (`None`: no detection), as
+    /// [`crate::DatabaseBuilder::detect_repeats`] would; the builder's call
+    /// wins when made. 2 to [`MAX_DETECT_REPEATS`]. Defaults to none
+    /// (`RAILYARD_DETECT_REPEATS`).
+    ///
+    /// ```
+    /// let config = railyard::Config::from_url("postgres://app@localhost/ledger")?
+    ///     .detect_repeats(Some(20));
+    /// config.validate()?;
+    /// let err = config.detect_repeats(Some(1)).validate().unwrap_err();
+    /// assert_eq!(err.field, "Config::detect_repeats");
+    /// # Ok::<(), railyard::error::ConfigError>(())
+    /// ```
+    #[must_use]
+    pub fn detect_repeats(mut self, threshold: Option<u32>) -> Self {
+        self.from_env.remove(&Setting::DetectRepeats);
+        self.detect_repeats = threshold;
         self
     }
 

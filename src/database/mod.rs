@@ -115,6 +115,10 @@ impl DatabaseBuilder {
     /// plan per statement shape, with every constant replaced
     /// ([`Database::plans`]).
     ///
+    /// Without this call, the configuration's
+    /// [`Config::capture_plans_slower_than`] (`RAILYARD_CAPTURE_PLANS_SLOWER_THAN`)
+    /// applies, when set.
+    ///
     /// ```no_run
     /// # async fn demo(config: railyard::Config) -> Result<(), railyard::Error> {
     /// use std::time::Duration;
@@ -137,7 +141,8 @@ impl DatabaseBuilder {
     /// [`plan_change_slowdown`](crate::observe::PlanCapture::plan_change_slowdown)
     /// times slower under it. Called on the plan-capture task, never on the
     /// request path; it should be quick (send to a channel, page someone).
-    /// Needs [`capture_plans`](DatabaseBuilder::capture_plans).
+    /// Needs [`capture_plans`](DatabaseBuilder::capture_plans) (or
+    /// [`Config::capture_plans_slower_than`]).
     ///
     /// ```no_run
     /// # async fn demo(config: railyard::Config) -> Result<(), railyard::Error> {
@@ -165,6 +170,9 @@ impl DatabaseBuilder {
     /// then formatted and normalised as hooks do, so this has the cost of a
     /// hook; it suits development and test more than production.
     ///
+    /// Without this call, the configuration's [`Config::detect_repeats`]
+    /// (`RAILYARD_DETECT_REPEATS`) applies, when set.
+    ///
     /// ```no_run
     /// # async fn demo(config: railyard::Config) -> Result<(), railyard::Error> {
     /// let db = railyard::Database::builder(config).detect_repeats(20).connect().await?;
@@ -180,6 +188,10 @@ impl DatabaseBuilder {
     /// watchdog's limit are cancelled, and their shape (never a value) is
     /// logged on target `railyard::audit`. It uses one dedicated connection
     /// and stops when the handle closes.
+    ///
+    /// Without this call, the configuration's
+    /// [`Config::watchdog_cancel_after`] (`RAILYARD_WATCHDOG_CANCEL_AFTER`)
+    /// applies, when set.
     ///
     /// ```no_run
     /// # async fn demo(config: railyard::Config) -> Result<(), railyard::Error> {
@@ -201,12 +213,13 @@ impl DatabaseBuilder {
     pub async fn connect(self) -> Result<Database, Error> {
         let started = Instant::now();
         self.config.validate()?;
+        let insights = self.insights();
         let config = Arc::new(resolve_local(self.config).await?);
         let migrations = match &self.migrator {
             Some(m) => Some(m.run(&config).await?),
             None => None,
         };
-        let (plan_store, plan_queue) = match self.plans {
+        let (plan_store, plan_queue) = match insights.plans {
             Some(p) => {
                 let (store, rx) = crate::observe::PlanStore::new(p, self.on_plan_change);
                 (Some(Arc::new(store)), Some(rx))
@@ -216,7 +229,7 @@ impl DatabaseBuilder {
         let observer = Arc::new(Observer {
             hooks: self.hooks,
             metrics: Default::default(),
-            repeats: self.repeats,
+            repeats: insights.repeats,
             plans: plan_store.clone(),
         });
         // Every connection of this handle passes its gate (see `close`).
@@ -252,7 +265,7 @@ impl DatabaseBuilder {
         let primary = TargetPool::build(Route::Primary, opener, config.pool.max_size, &config);
         primary.add(first);
         let router = Arc::new(Router::new(replicas, self.routing));
-        let watchdog = self.watchdog.map(|w| {
+        let watchdog = insights.watchdog.map(|w| {
             let name = config.effective_application_name().to_owned();
             crate::observe::spawn_watchdog(w, monitor.clone(), name)
         });
@@ -282,6 +295,36 @@ impl DatabaseBuilder {
             }),
         })
     }
+}
+
+impl DatabaseBuilder {
+    /// The query-insight features to run: each builder call made, else the
+    /// configuration's setting (`RAILYARD_WATCHDOG_CANCEL_AFTER`,
+    /// `RAILYARD_DETECT_REPEATS`, `RAILYARD_CAPTURE_PLANS_SLOWER_THAN`).
+    fn insights(&self) -> Insights {
+        let config = &self.config;
+        Insights {
+            watchdog: self.watchdog.or_else(|| {
+                config
+                    .watchdog_cancel_after
+                    .map(crate::observe::Watchdog::cancel_after)
+            }),
+            repeats: self.repeats.or(config.detect_repeats),
+            plans: self.plans.or_else(|| {
+                config
+                    .capture_plans_slower_than
+                    .map(crate::observe::PlanCapture::slower_than)
+            }),
+        }
+    }
+}
+
+/// The query-insight features a [`DatabaseBuilder`] starts.
+#[derive(Debug, PartialEq)]
+struct Insights {
+    watchdog: Option<crate::observe::Watchdog>,
+    repeats: Option<u32>,
+    plans: Option<crate::observe::PlanCapture>,
 }
 
 /// A configuration that stands for the local cluster (no `DATABASE_URL`, in
@@ -1370,5 +1413,57 @@ mod tests {
     fn _handles_are_send_and_sync() {
         fn check<T: Send + Sync + Clone>() {}
         check::<Database>();
+    }
+
+    #[test]
+    fn query_insights_come_from_the_config_unless_the_builder_sets_them() {
+        use crate::observe::{PlanCapture, Watchdog};
+        let ms = Duration::from_millis;
+        let base = Config::from_url("postgres://u@h/db").unwrap();
+        assert_eq!(
+            Database::builder(base.clone()).insights(),
+            Insights {
+                watchdog: None,
+                repeats: None,
+                plans: None
+            },
+            "all off by default"
+        );
+        let config = Config::from_vars([
+            ("DATABASE_URL", "postgres://u@h/db"),
+            ("RAILYARD_WATCHDOG_CANCEL_AFTER", "300ms"),
+            ("RAILYARD_DETECT_REPEATS", "7"),
+            ("RAILYARD_CAPTURE_PLANS_SLOWER_THAN", "250ms"),
+        ])
+        .unwrap();
+        assert_eq!(
+            Database::builder(config.clone()).insights(),
+            Insights {
+                watchdog: Some(Watchdog::cancel_after(ms(300))),
+                repeats: Some(7),
+                plans: Some(PlanCapture::slower_than(ms(250))),
+            },
+            "from the config"
+        );
+        assert_eq!(
+            Database::builder(config)
+                .watchdog(Watchdog::cancel_after(ms(900)))
+                .detect_repeats(3)
+                .capture_plans(PlanCapture::slower_than(ms(50)))
+                .insights(),
+            Insights {
+                watchdog: Some(Watchdog::cancel_after(ms(900))),
+                repeats: Some(3),
+                plans: Some(PlanCapture::slower_than(ms(50))),
+            },
+            "the builder's calls win"
+        );
+        assert_eq!(
+            Database::builder(base.detect_repeats(Some(4)))
+                .insights()
+                .repeats,
+            Some(4),
+            "from a setter"
+        );
     }
 }

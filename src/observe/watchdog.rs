@@ -32,11 +32,12 @@ pub struct Watchdog {
 }
 
 impl Watchdog {
-    /// Cancels statements running longer than `limit` (at least 10 ms),
+    /// Cancels statements running longer than `limit` (at least
+    /// [`MIN_WATCHDOG_LIMIT`](crate::config::MIN_WATCHDOG_LIMIT), 10 ms),
     /// looking every quarter of it (between 50 ms and 1 s): a statement is
     /// cancelled within `limit` plus one interval.
     pub fn cancel_after(limit: Duration) -> Self {
-        let limit = limit.max(Duration::from_millis(10));
+        let limit = limit.max(crate::config::MIN_WATCHDOG_LIMIT);
         Watchdog {
             limit,
             interval: (limit / 4).clamp(Duration::from_millis(50), Duration::from_secs(1)),

@@ -835,6 +835,63 @@ async fn the_watchdog_cancels_statements_over_its_limit_and_logs_only_their_shap
 }
 
 #[tokio::test(flavor = "current_thread")]
+async fn the_configured_watchdog_runs_without_a_builder_call() {
+    // Its own application name: the watchdog leaves other tests' backends alone.
+    let app = support::unique("watchdog_config");
+    let limit = Duration::from_millis(300);
+    let db = support::ledger(|c| {
+        c.application_name(app.clone())
+            .watchdog_cancel_after(Some(limit))
+    })
+    .await;
+    let started = std::time::Instant::now();
+    let e = db
+        .transaction(async |c| {
+            diesel::sql_query("SELECT pg_sleep(5)").execute(c).await?;
+            Ok::<_, Error>(())
+        })
+        .await
+        .unwrap_err();
+    let took = started.elapsed();
+    assert_eq!(e.sqlstate().map(|s| s.code()), Some("57014"), "{e}");
+    assert!(
+        took >= limit && took < Duration::from_millis(1500),
+        "cancelled after {took:?} (limit {limit:?})"
+    );
+    db.close(Duration::from_secs(5)).await;
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn configured_repeat_detection_warns_without_a_builder_call() {
+    let capture = Capture::default();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(capture.clone())
+        .with_max_level(tracing::Level::WARN)
+        .with_ansi(false)
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let db = support::ledger(|c| c.detect_repeats(Some(3))).await;
+    db.transaction(async |c| {
+        for i in 0..3 {
+            diesel::sql_query("SELECT $1::int + 7003 AS n")
+                .bind::<diesel::sql_types::Integer, _>(i)
+                .execute(c)
+                .await?;
+        }
+        Ok::<_, Error>(())
+    })
+    .await
+    .unwrap();
+    db.close(Duration::from_secs(5)).await;
+    let logs = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
+    assert!(
+        logs.lines()
+            .any(|l| l.contains("railyard::n_plus_one") && l.contains("count=3")),
+        "{logs}"
+    );
+}
+
+#[tokio::test(flavor = "current_thread")]
 async fn a_statement_repeated_in_one_operation_is_reported_once_by_shape() {
     let capture = Capture::default();
     let subscriber = tracing_subscriber::fmt()
