@@ -133,6 +133,11 @@ pub enum Error {
     #[error("local PostgreSQL cluster: {0}")]
     Local(String),
 
+    /// The alert rules (a rules file, a silence) were refused; the message
+    /// names the rule or field, never a value from the file.
+    #[error("alerts: {0}")]
+    Alerts(String),
+
     /// Index advice could not be written as asked (a bad migration name,
     /// nothing verified to write, a migration that exists already).
     #[error("index advice: {0}")]
@@ -243,6 +248,7 @@ impl Error {
             | Error::Migration(_)
             | Error::Local(_)
             | Error::Advice(_)
+            | Error::Alerts(_)
             | Error::TestIsolation(_)
             | Error::Closed { .. }
             | Error::Io { .. } => ErrorClass::Permanent,

@@ -71,8 +71,9 @@
 
 // The layers, lowest first. A module may use only the modules above it in this
 // list (tests/layers.rs checks it): error, config, local, conn, exec, route,
-// migrate, observe, database, advise, watch, http, testing.
+// migrate, observe, database, advise, watch, alert, http, testing.
 pub mod advise;
+pub mod alert;
 pub mod config;
 pub mod conn;
 pub mod database;

@@ -34,6 +34,7 @@
 //! the `Instrument` seam.
 
 mod activity;
+pub(crate) use activity::LatencyBuckets;
 pub use activity::{Activity, LATENCY_BUCKETS, LatencyCounts};
 pub mod health;
 pub use health::{HealthCheck, HealthReport, HealthStatus};
