@@ -844,9 +844,14 @@ impl Database {
         let conn = self.checkout(Want::Primary).await?;
         let wire = conn.wire_arc();
         let mark = wire.mark();
-        run_once(conn, f, self.contention())
-            .await
-            .map_err(|e| self.after_close(e, &wire, mark))
+        let host = format!("{}:{}", conn.info().host, conn.info().port);
+        match run_once(conn, f, self.contention()).await {
+            Ok(v) => Ok(v),
+            Err(e) => {
+                let e = exec::enrich_once(e, &wire, mark, host).await;
+                Err(self.after_close(e, &wire, mark))
+            }
+        }
     }
 
     // ---- Work ---------------------------------------------------------------

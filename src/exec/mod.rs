@@ -431,6 +431,25 @@ fn enrich_error(
     }
 }
 
+/// The error of work run once, with no retries (`Database::with_primary`),
+/// carrying what the tap saw as transaction and write errors do: the
+/// server's SQLSTATE and class, and `Ambiguous` for a connection lost after
+/// a statement was sent (an autocommit statement may have committed).
+pub(crate) async fn enrich_once<E: 'static>(
+    e: E,
+    wire: &WireState,
+    mark: WireMark,
+    host: String,
+) -> E {
+    let phase = if wire.written_since(mark) > 0 {
+        Phase::Commit
+    } else {
+        Phase::BeforeSend
+    };
+    let f = Failure::from_wire(wire, mark, phase, host).await;
+    enrich(e, &f, 1, None)
+}
+
 fn host_of(conn: &Conn) -> String {
     format!("{}:{}", conn.info().host, conn.info().port)
 }

@@ -1008,3 +1008,28 @@ mod support_n {
         pub n: i64,
     }
 }
+
+#[tokio::test]
+async fn with_primary_errors_carry_the_servers_sqlstate_and_class() {
+    let db = support::ledger(|c| c).await;
+    let e = db
+        .with_primary(async |c| {
+            c.batch_execute("SET statement_timeout = '100ms'").await?;
+            let r = c.batch_execute("SELECT pg_sleep(2)").await;
+            c.batch_execute("RESET statement_timeout").await?;
+            r?;
+            Ok::<_, Error>(())
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.sqlstate(), Some(&SqlState::QUERY_CANCELED), "{e:?}");
+    assert_eq!(e.class(), railyard::ErrorClass::Timeout, "{e:?}");
+    let e = db
+        .with_primary(async |c| {
+            c.batch_execute("SELECT 1/0").await?;
+            Ok::<_, Error>(())
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.sqlstate(), Some(&SqlState::DIVISION_BY_ZERO), "{e:?}");
+}
