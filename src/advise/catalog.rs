@@ -161,14 +161,16 @@ pub(crate) fn redundant(indexes: &[IndexRow]) -> Vec<RedundantIndex> {
         }
         let Some(cols_a) = plain(a) else { continue };
         let classes_a: Vec<&str> = a.opclasses.split(' ').collect();
+        // A duplicate is the stronger finding: look for one first.
+        let mut found: Option<(&IndexRow, bool)> = None;
         for b in indexes {
             if std::ptr::eq(a, b) || a.table != b.table || !b.valid || a.method != b.method {
                 continue;
             }
             let Some(cols_b) = plain(b) else { continue };
             let classes_b: Vec<&str> = b.opclasses.split(' ').collect();
-            let same_predicate = a.predicate == b.predicate;
-            let duplicate = cols_a == cols_b && classes_a == classes_b && same_predicate;
+            let duplicate =
+                cols_a == cols_b && classes_a == classes_b && a.predicate == b.predicate;
             let prefix = a.method == "btree"
                 && b.predicate.is_none()
                 && a.predicate.is_none()
@@ -178,17 +180,23 @@ pub(crate) fn redundant(indexes: &[IndexRow]) -> Vec<RedundantIndex> {
             // Of two plain duplicates, keep the one behind a constraint, else
             // the first by name.
             let b_keeps = b.unique || b.primary || b.constraint || b.index < a.index;
-            if (duplicate && b_keeps) || prefix {
-                out.push(RedundantIndex {
-                    table: a.table.clone(),
-                    index: a.index.clone(),
-                    covered_by: b.index.clone(),
-                    duplicate,
-                    bytes: a.bytes,
-                    definition: a.definition.clone(),
-                });
+            if duplicate && b_keeps {
+                found = Some((b, true));
                 break;
             }
+            if prefix && found.is_none() {
+                found = Some((b, false));
+            }
+        }
+        if let Some((b, duplicate)) = found {
+            out.push(RedundantIndex {
+                table: a.table.clone(),
+                index: a.index.clone(),
+                covered_by: b.index.clone(),
+                duplicate,
+                bytes: a.bytes,
+                definition: a.definition.clone(),
+            });
         }
     }
     out

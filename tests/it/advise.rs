@@ -128,6 +128,7 @@ async fn advice_is_proved_with_hypopg_and_the_written_migration_makes_the_lookup
         .await
         .unwrap();
     let text = advice.to_string();
+    eprintln!("{text}");
     let json = advice.to_json();
     for marker in ["marker-lit-3c1d", "marker-param-9e4b", "700000", "700001"] {
         assert!(

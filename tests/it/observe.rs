@@ -1127,6 +1127,10 @@ async fn a_plan_that_changes_and_slows_down_under_a_running_workload_is_an_event
         logs.contains("railyard::plans") && logs.contains("plan changed"),
         "{logs}"
     );
+    if let Some(line) = logs.lines().find(|l| l.contains("plan changed")) {
+        eprintln!("{line}");
+    }
+    eprintln!("{}: {}", plans.name, plans.reason);
     let json = report.to_json();
     for marker in ["marker-lit-0d5e", "770001", "770002"] {
         assert!(
