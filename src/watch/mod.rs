@@ -151,6 +151,7 @@ pub struct TopStatement {
 struct Shared {
     history: Mutex<VecDeque<Arc<Sample>>>,
     keep: usize,
+    every: Duration,
     statements: Option<StatementStats>,
 }
 
@@ -187,6 +188,7 @@ impl Watcher {
         let shared = Arc::new(Shared {
             history: Mutex::new(VecDeque::with_capacity(keep.min(1024))),
             keep,
+            every,
             statements: options.statements,
         });
         let (tx, latest) = tokio::sync::watch::channel(Arc::new(empty_sample()));
@@ -232,6 +234,40 @@ impl Watcher {
             .iter()
             .cloned()
             .collect()
+    }
+
+    /// The samples taken after `at_ms` (milliseconds since 1970), oldest
+    /// first, at most the newest `max`: what a poller that has seen
+    /// everything up to `at_ms` is missing. Copies only those.
+    ///
+    /// ```no_run
+    /// # fn demo(watcher: railyard::watch::Watcher) {
+    /// let mut seen = 0;
+    /// for s in watcher.since(seen, 900) {
+    ///     seen = s.at_ms;
+    /// }
+    /// # }
+    /// ```
+    pub fn since(&self, at_ms: u64, max: usize) -> Vec<Arc<Sample>> {
+        let h = self
+            .shared
+            .history
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        // Samples are taken in order, so their times only grow.
+        let first = h.partition_point(|s| s.at_ms <= at_ms);
+        let first = first.max(h.len().saturating_sub(max));
+        h.range(first..).cloned().collect()
+    }
+
+    /// The time between samples.
+    pub fn every(&self) -> Duration {
+        self.shared.every
+    }
+
+    /// How many samples are kept at most.
+    pub fn keep(&self) -> usize {
+        self.shared.keep
     }
 
     /// The newest sample (an empty one before the first).
