@@ -23,8 +23,8 @@ use serde::Serialize;
 
 use crate::database::Database;
 use crate::observe::health::HealthStatus;
-use crate::observe::{CapturedPlan, CostNode, PlanChange};
-use crate::watch::{Sample, TopStatement, Watcher};
+use crate::observe::{CapturedPlan, CostNode, HealthCheck, PlanChange};
+use crate::watch::{PoolSample, ReplicaSample, Sample, TopStatement, Watcher};
 
 /// The page, with its CSS and JS inline.
 const PAGE: &str = include_str!("dashboard.html");
@@ -57,11 +57,14 @@ const PAGE_REASONS: usize = 20;
 /// Statements, plans and changes are gathered at most this often.
 pub(crate) const STATEMENTS_EVERY: Duration = Duration::from_secs(5);
 
+/// The statements block and when it was gathered.
+type CachedBlock = Arc<Mutex<Option<(Instant, Arc<StatementsBlock>)>>>;
+
 #[derive(Clone)]
 struct Dash {
     db: Database,
     watcher: Watcher,
-    statements: Arc<Mutex<Option<(Instant, Arc<StatementsBlock>)>>>,
+    statements: CachedBlock,
 }
 
 /// The dashboard's routes.
@@ -99,7 +102,7 @@ async fn data(State(d): State<Dash>, RawQuery(query): RawQuery) -> impl IntoResp
         now_ms: now_ms(),
         every_ms: d.watcher.every().as_millis() as u64,
         window_ms: WINDOW.as_millis() as u64,
-        latest: latest.as_deref(),
+        latest: latest.as_deref().map(Latest::of),
         history: History::of(&samples),
         statements: (q.stmts != Some(block.at_ms)).then_some(&*block),
     };
@@ -163,10 +166,36 @@ struct Data<'a> {
     every_ms: u64,
     window_ms: u64,
     /// `null` before the first sample.
-    latest: Option<&'a Sample>,
+    latest: Option<Latest<'a>>,
     history: History,
     /// `null` when the page has this block already.
     statements: Option<&'a StatementsBlock>,
+}
+
+/// The newest sample without its rates (the history carries them).
+#[derive(Serialize)]
+struct Latest<'a> {
+    at_ms: u64,
+    status: HealthStatus,
+    reasons: &'a [HealthCheck],
+    primary_up: bool,
+    migrations: Option<&'a HealthCheck>,
+    pools: &'a [PoolSample],
+    replicas: &'a [ReplicaSample],
+}
+
+impl<'a> Latest<'a> {
+    fn of(s: &'a Sample) -> Self {
+        Latest {
+            at_ms: s.at_ms,
+            status: s.status,
+            reasons: &s.reasons,
+            primary_up: s.primary_up,
+            migrations: s.migrations.as_ref(),
+            pools: &s.pools,
+            replicas: &s.replicas,
+        }
+    }
 }
 
 /// Samples as one array per series, values rounded.
@@ -449,12 +478,10 @@ fn window_start() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::observe::HealthCheck;
-    use crate::watch::{PoolSample, ReplicaSample};
 
     fn sample(at_ms: u64, i: usize) -> Arc<Sample> {
         let mut errors = BTreeMap::new();
-        if i % 3 == 0 {
+        if i.is_multiple_of(3) {
             errors.insert("timeout", 1.0 / 3.0);
         }
         let mut retries = BTreeMap::new();
