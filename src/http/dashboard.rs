@@ -553,6 +553,11 @@ mod tests {
         let compact = serde_json::to_string(&h).unwrap();
         let full =
             serde_json::to_string(&samples.iter().map(|s| &**s).collect::<Vec<_>>()).unwrap();
+        eprintln!(
+            "6 samples: {} bytes compact, {} as objects",
+            compact.len(),
+            full.len()
+        );
         assert!(
             compact.len() * 3 < full.len(),
             "{compact} vs {}",

@@ -283,3 +283,92 @@ async fn serve_shows_a_self_contained_dashboard_fed_by_compact_data() {
     eprintln!("dashboard: screenshot at {}", png.display());
     drop(serve);
 }
+
+#[tokio::test]
+async fn the_page_renders_alerts_from_an_extra_router_escaped_with_their_buttons() {
+    use axum::routing::get;
+    use railyard::watch::{WatchOptions, Watcher};
+    if chromium().is_none() {
+        return;
+    }
+    let db = support::ledger(|c| c).await;
+    let watcher = Watcher::spawn(
+        db.clone(),
+        WatchOptions {
+            every: Duration::from_millis(200),
+            ..WatchOptions::default()
+        },
+    );
+    let alert = |rule: &str, severity: &str, state: &str, summary: &str| {
+        serde_json::json!({
+            "rule": rule, "labels": {"replica": "r'1"}, "severity": severity, "state": state,
+            "since_ms": 1_700_000_000_000u64, "value": 12.5, "summary": summary,
+            "silenced": false, "inhibited": false, "acknowledged": false, "escalated": false
+        })
+    };
+    let body = serde_json::json!({
+        "alerts": [
+            alert("pool_saturated", "warning", "pending", "waiting"),
+            alert("replica_lag", "critical", "firing", "lag <img src=x onerror=alert(1)> is 12 s"),
+            alert("errors", "info", "resolved", "back to normal"),
+        ],
+        "silences": [{"id": "s1", "matchers": {"rule": "x"}, "until_ms": 1_700_000_360_000u64,
+                      "comment": "<b>maintenance</b>"}]
+    });
+    let extra = axum::Router::new().route(
+        "/alerts",
+        get(move || {
+            let body = body.clone();
+            async move { axum::Json(body) }
+        }),
+    );
+    let app = railyard::http::router_with_dashboard(
+        db.clone(),
+        railyard::http::Readiness::new(),
+        watcher,
+        Some(extra),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let dom = headless(
+        &["--dump-dom", "--virtual-time-budget=5000"],
+        &format!("http://{addr}/"),
+    )
+    .await;
+    let dom = without_script(&dom);
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/dashboard-screens");
+    std::fs::create_dir_all(&dir).unwrap();
+    headless(
+        &[
+            "--hide-scrollbars",
+            "--virtual-time-budget=5000",
+            "--window-size=1400,1800",
+            &format!("--screenshot={}", dir.join("alerts.png").display()),
+        ],
+        &format!("http://{addr}/"),
+    )
+    .await;
+    server.abort();
+    assert_eq!(dom.matches("<div class=\"alert ").count(), 3, "{dom}");
+    let firing = dom
+        .find("data-rule=\"replica_lag\" data-state=\"firing\"")
+        .expect("the firing alert with its rule and state");
+    let pending = dom.find("data-rule=\"pool_saturated\"").unwrap();
+    assert!(firing < pending, "firing alerts come first");
+    assert_eq!(dom.matches("data-act=\"silence\"").count(), 1, "{dom}");
+    assert_eq!(dom.matches("data-act=\"ack\"").count(), 1, "{dom}");
+    assert!(
+        dom.contains("<span id=\"firing\" class=\"on\">1 firing</span>"),
+        "{dom}"
+    );
+    assert!(!dom.contains("<img"), "markup from an alert is text: {dom}");
+    assert!(
+        dom.contains("lag &lt;img src=x onerror=alert(1)&gt; is 12 s"),
+        "{dom}"
+    );
+    assert!(dom.contains("replica=r'1"), "{dom}");
+    assert!(dom.contains("&lt;b&gt;maintenance&lt;/b&gt;"), "{dom}");
+}
