@@ -45,6 +45,7 @@
 //! | to decide what a failure means | [`Error::class`] → [`ErrorClass`]; [`Error::violation`] (details in [`error`]) |
 //! | to see every query | [`QueryHook`], [`StatementStats`], [`SlowQueryLog`], [`QuerySpans`], [`AuditLog`] |
 //! | health and metrics | [`Database::health`], [`Database::metrics_text`] (types in [`observe`]) |
+//! | a live view of the last fifteen minutes | [`watch::Watcher`]; `http::router_with_dashboard` serves it as a page (feature `http`) |
 //! | plans of slow statements, plan changes, N+1 warnings, a long-query watchdog | [`DatabaseBuilder::capture_plans`], [`DatabaseBuilder::on_plan_change`], [`DatabaseBuilder::detect_repeats`], [`DatabaseBuilder::watchdog`] |
 //! | indexes to create (proved with hypopg), unused and redundant ones | [`advise::Advisor`] |
 //! | to refuse a burst rather than queue it | per-pool queue bounds: [`Config::pool_max_waiters`], [`Config::pool_max_wait`]; [`Error::Overloaded`] |
@@ -61,7 +62,7 @@
 //! |---|---|
 //! | `local` | `local::LocalCluster`: a private primary + streaming replica from the machine's PostgreSQL binaries (pulls certificate generation) |
 //! | `testing` | `#[railyard::test]` and `testing`: rollback-isolated tests (turns on `local`) |
-//! | `http` | `http::router`: `/healthz`, `/readyz`, `/health`, `/metrics` (axum) |
+//! | `http` | `http::router`: `/healthz`, `/readyz`, `/health`, `/metrics` (axum); `http::router_with_dashboard`: the live dashboard at `/` |
 //! | `cli` | the reference application and CLI (`src/main.rs`; turns on `local` and `http`) |
 //!
 //! The default build pulls no HTTP server, CLI or certificate-generation crate.

@@ -43,7 +43,9 @@ struct Cli {
 enum Command {
     /// Boot (start the local cluster when DATABASE_URL is unset, migrate) and print a report.
     Boot,
-    /// Boot, then serve /healthz, /readyz, /health and /metrics over HTTP.
+    /// Boot, then serve /healthz, /readyz, /health and /metrics over HTTP,
+    /// and the live dashboard at / (health, pools, replicas, the last 15
+    /// minutes, top statements and their plans; polls every second).
     ///
     /// On SIGTERM or SIGINT: /readyz answers 503 at once, everything is still
     /// served for a fifth of RAILYARD_SHUTDOWN_TIMEOUT (at most 2 s) so that
@@ -160,6 +162,10 @@ struct LoadArgs {
     /// No live progress line.
     #[arg(long)]
     quiet: bool,
+    /// Serve the live dashboard of the run's own database on this address
+    /// while it runs (port 0 picks a free one; the URL is printed).
+    #[arg(long, value_name = "ADDR")]
+    dashboard: Option<std::net::SocketAddr>,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -303,15 +309,23 @@ async fn run(command: Command) -> Result<(), app::AppError> {
 
 /// Boots the ledger database for a command that works on its data.
 async fn ledger_db(pool: Option<u32>) -> Result<(Database, Option<LocalCluster>), railyard::Error> {
+    ledger_db_with(pool, None).await
+}
+
+/// Boots the ledger database, with `stats` as a hook when given.
+async fn ledger_db_with(
+    pool: Option<u32>,
+    stats: Option<railyard::StatementStats>,
+) -> Result<(Database, Option<LocalCluster>), railyard::Error> {
     let (mut config, cluster) = config().await?;
     if let Some(n) = pool {
         config = config.pool_max_size(n);
     }
-    let db = Database::builder(config)
-        .migrations(Migrator::new(MIGRATIONS))
-        .connect()
-        .await?;
-    Ok((db, cluster))
+    let mut builder = Database::builder(config).migrations(Migrator::new(MIGRATIONS));
+    if let Some(stats) = stats {
+        builder = builder.hook(stats);
+    }
+    Ok((builder.connect().await?, cluster))
 }
 
 async fn load(args: LoadArgs) -> Result<(), app::AppError> {
@@ -335,7 +349,17 @@ async fn load(args: LoadArgs) -> Result<(), app::AppError> {
     };
     opts.validate()?;
     let pool = u32::try_from(opts.concurrency).unwrap_or(u32::MAX);
-    let (db, cluster) = ledger_db(Some(pool)).await?;
+    // With a dashboard, the run's statements are recorded for its top list.
+    let stats = args.dashboard.map(|_| railyard::StatementStats::new());
+    let (db, cluster) = ledger_db_with(Some(pool), stats.clone()).await?;
+    let dashboard = match (args.dashboard, stats) {
+        (Some(addr), Some(stats)) => {
+            let live = app::load::dashboard::serve(&db, stats, addr).await?;
+            out!("dashboard on http://{}/", live.addr());
+            Some(live)
+        }
+        _ => None,
+    };
     out!(
         "load: {} traders, {} symbols, {} ops/s for {}, concurrency {}, seed {}",
         opts.traders,
@@ -353,6 +377,7 @@ async fn load(args: LoadArgs) -> Result<(), app::AppError> {
     out!("reports           {} {}", json.display(), html.display());
     let verdicts = app::check::check(&db).await?;
     print_verdicts(&verdicts);
+    drop(dashboard);
     let stale = report.railyard.stale_reads;
     let failed = verdicts.iter().filter(|v| !v.passed()).count();
     db.close(db.config().shutdown_deadline()).await;
@@ -618,13 +643,23 @@ async fn serve(addr: std::net::SocketAddr) -> Result<(), railyard::Error> {
     // From here on, SIGTERM and SIGINT start a drain instead of killing the
     // process (later ones are ignored: the timeout bounds the drain).
     let mut signals = StopSignals::new()?;
+    let stats = railyard::StatementStats::new();
     let db = Database::builder(config)
         .migrations(Migrator::new(MIGRATIONS))
         .hook(railyard::SlowQueryLog::new(Duration::from_millis(100)))
         .hook(railyard::AuditLog)
         .hook(railyard::QuerySpans)
+        .hook(stats.clone())
         .connect()
         .await?;
+    // Samples every second, fifteen minutes kept: what the dashboard draws.
+    let watcher = railyard::watch::Watcher::spawn(
+        db.clone(),
+        railyard::watch::WatchOptions {
+            statements: Some(stats),
+            ..railyard::watch::WatchOptions::default()
+        },
+    );
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|source| railyard::Error::Io {
@@ -639,7 +674,7 @@ async fn serve(addr: std::net::SocketAddr) -> Result<(), railyard::Error> {
         })?;
     let readiness = railyard::http::Readiness::new();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let app = railyard::http::router_with(db.clone(), readiness.clone());
+    let app = railyard::http::router_with_dashboard(db.clone(), readiness.clone(), watcher, None);
     let mut server = tokio::spawn(
         axum::serve(listener, app)
             .with_graceful_shutdown(async move {
@@ -648,6 +683,7 @@ async fn serve(addr: std::net::SocketAddr) -> Result<(), railyard::Error> {
             .into_future(),
     );
     out!("serving /healthz /readyz /health /metrics on http://{addr}");
+    out!("dashboard on http://{addr}/");
     let signal = tokio::select! {
         ended = &mut server => return http_ended(ended),
         signal = signals.next() => signal,

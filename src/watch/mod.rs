@@ -151,6 +151,7 @@ pub struct TopStatement {
 struct Shared {
     history: Mutex<VecDeque<Arc<Sample>>>,
     keep: usize,
+    every: Duration,
     statements: Option<StatementStats>,
 }
 
@@ -187,6 +188,7 @@ impl Watcher {
         let shared = Arc::new(Shared {
             history: Mutex::new(VecDeque::with_capacity(keep.min(1024))),
             keep,
+            every,
             statements: options.statements,
         });
         let (tx, latest) = tokio::sync::watch::channel(Arc::new(empty_sample()));
@@ -234,6 +236,37 @@ impl Watcher {
             .collect()
     }
 
+    /// The samples taken after `at_ms` (milliseconds since 1970), oldest
+    /// first, at most the newest `max`: what a poller that has seen
+    /// everything up to `at_ms` is missing. Copies only those.
+    ///
+    /// ```no_run
+    /// # fn demo(watcher: railyard::watch::Watcher) {
+    /// let mut seen = 0;
+    /// for s in watcher.since(seen, 900) {
+    ///     seen = s.at_ms;
+    /// }
+    /// # }
+    /// ```
+    pub fn since(&self, at_ms: u64, max: usize) -> Vec<Arc<Sample>> {
+        let h = self
+            .shared
+            .history
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        after(&h, at_ms, max)
+    }
+
+    /// The time between samples.
+    pub fn every(&self) -> Duration {
+        self.shared.every
+    }
+
+    /// How many samples are kept at most.
+    pub fn keep(&self) -> usize {
+        self.shared.keep
+    }
+
     /// The newest sample (an empty one before the first).
     pub fn latest(&self) -> Arc<Sample> {
         self.latest.borrow().clone()
@@ -266,6 +299,14 @@ impl Watcher {
             })
             .collect()
     }
+}
+
+/// The newest `max` samples of `h` taken after `at_ms`.
+fn after(h: &VecDeque<Arc<Sample>>, at_ms: u64, max: usize) -> Vec<Arc<Sample>> {
+    // Samples are taken in order, so their times only grow.
+    let first = h.partition_point(|s| s.at_ms <= at_ms);
+    let first = first.max(h.len().saturating_sub(max));
+    h.range(first..).cloned().collect()
 }
 
 fn now_ms() -> u64 {
@@ -397,5 +438,29 @@ impl Sampler {
         }
         self.last = now;
         sample
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn since_returns_only_newer_samples_and_at_most_max() {
+        let h: VecDeque<Arc<Sample>> = (1..=10)
+            .map(|i| {
+                let mut s = empty_sample();
+                s.at_ms = i * 1000;
+                Arc::new(s)
+            })
+            .collect();
+        let at = |v: Vec<Arc<Sample>>| v.iter().map(|s| s.at_ms / 1000).collect::<Vec<_>>();
+        assert_eq!(at(after(&h, 0, 100)), (1..=10).collect::<Vec<_>>());
+        assert_eq!(at(after(&h, 8000, 100)), vec![9, 10]);
+        assert_eq!(at(after(&h, 8500, 100)), vec![9, 10]);
+        assert_eq!(at(after(&h, 10_000, 100)), Vec::<u64>::new());
+        assert_eq!(at(after(&h, 0, 3)), vec![8, 9, 10]);
+        assert_eq!(at(after(&h, 0, 1)), vec![10]);
+        assert!(after(&VecDeque::new(), 0, 5).is_empty());
     }
 }

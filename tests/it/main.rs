@@ -4,6 +4,8 @@
 mod advise;
 mod config;
 mod connect;
+#[cfg(feature = "cli")]
+mod dashboard;
 #[cfg(feature = "testing")]
 mod entry_points;
 mod faults;

@@ -9,6 +9,7 @@
 //! operations it starts late carry that wait in their latency, which counts
 //! from the intended start (no coordinated omission).
 
+pub mod dashboard;
 pub mod engine;
 pub mod html;
 pub mod pgbench;

@@ -1,7 +1,9 @@
 //! HTTP endpoints for operators (feature `http`): `/healthz` (the process is
 //! alive), `/readyz` (the primary answers and migrations are current, and the
 //! process is not shutting down), `/health` (the full report as JSON) and
-//! `/metrics` (Prometheus text format).
+//! `/metrics` (Prometheus text format); with [`router_with_dashboard`], a
+//! live dashboard at `/` (one self-contained page, no external resources)
+//! fed by `/dashboard/data`.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -14,6 +16,9 @@ use axum::routing::get;
 
 use crate::database::Database;
 use crate::observe::health::{self, HealthReport, HealthStatus};
+use crate::watch::Watcher;
+
+mod dashboard;
 
 /// Whether the process still takes traffic, beside what its database says.
 /// A process that is stopping calls [`Readiness::drain`] first: `/readyz`
@@ -85,6 +90,53 @@ pub fn router_with(db: Database, readiness: Readiness) -> Router {
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .with_state(App { db, readiness })
+}
+
+/// The router of [`router_with`], plus the live dashboard: `GET /` (one HTML
+/// page with its CSS and JS inline, nothing fetched from elsewhere, which
+/// polls every second) and `GET /dashboard/data` (JSON: the latest sample,
+/// the history as arrays per series, `?since=AT_MS` for only the samples
+/// after `AT_MS`, top statements, captured plans and plan changes; every
+/// part bounded). `extra` is merged in as is: the page polls `GET /alerts`
+/// and posts to `/alerts/silences` and `/alerts/ack`, which an alerting
+/// module supplies this way (without it the page says alerting is not
+/// configured). `extra` must not define the routes above (axum panics on
+/// overlapping routes).
+///
+/// Register the same [`StatementStats`](crate::observe::StatementStats) as a
+/// hook on the database and in the watcher's options for top statements;
+/// plans appear when plan capture is on.
+///
+/// ```no_run
+/// # async fn demo(config: railyard::Config) -> Result<(), Box<dyn std::error::Error>> {
+/// use railyard::watch::{WatchOptions, Watcher};
+/// let stats = railyard::StatementStats::new();
+/// let db = railyard::Database::builder(config).hook(stats.clone()).connect().await?;
+/// let watcher = Watcher::spawn(
+///     db.clone(),
+///     WatchOptions { statements: Some(stats), ..WatchOptions::default() },
+/// );
+/// let app = railyard::http::router_with_dashboard(
+///     db,
+///     railyard::http::Readiness::new(),
+///     watcher,
+///     None,
+/// );
+/// let listener = tokio::net::TcpListener::bind("127.0.0.1:9187").await?;
+/// axum::serve(listener, app).await?; // open http://127.0.0.1:9187/
+/// # Ok(()) }
+/// ```
+pub fn router_with_dashboard(
+    db: Database,
+    readiness: Readiness,
+    watcher: Watcher,
+    extra: Option<Router>,
+) -> Router {
+    let app = router_with(db.clone(), readiness).merge(dashboard::routes(db, watcher));
+    match extra {
+        Some(extra) => app.merge(extra),
+        None => app,
+    }
 }
 
 fn json(status: StatusCode, body: String) -> impl IntoResponse {

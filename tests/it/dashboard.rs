@@ -1,0 +1,374 @@
+//! The live dashboard of `railyard serve`: the page is self-contained, the
+//! data endpoint has its sections and `?since=` sends only what is new, and
+//! (with Chromium) the page renders the verdict and the replicas; a
+//! screenshot is kept under `target/dashboard-screens/`.
+//!
+//! Without `chromium` on the PATH the browser part says so and passes, unless
+//! `RAILYARD_REQUIRE_CHROMIUM=1` (CI).
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::support;
+
+/// One HTTP/1.1 GET: status, head and body; `None` when nothing answers.
+async fn fetch(addr: &str, path: &str) -> Option<(u16, String, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .ok()?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await.ok()?;
+    let text = String::from_utf8(buf).ok()?;
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    let status = head.split_whitespace().nth(1)?.parse().ok()?;
+    Some((status, head.to_ascii_lowercase(), body.to_owned()))
+}
+
+async fn data(addr: &str, query: &str) -> Value {
+    let (status, head, body) = fetch(addr, &format!("/dashboard/data{query}"))
+        .await
+        .expect("the data endpoint answers");
+    assert_eq!(status, 200, "{head}");
+    assert!(head.contains("content-type: application/json"), "{head}");
+    serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"))
+}
+
+/// Stops `serve` on drop, so a failed assertion leaves no process behind.
+struct Serve(Child);
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let pid = nix::unistd::Pid::from_raw(self.0.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(10) {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The chromium binary, or `None` (with a notice) when it is not installed.
+fn chromium() -> Option<&'static str> {
+    let found = Command::new("chromium")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if found {
+        return Some("chromium");
+    }
+    if std::env::var("RAILYARD_REQUIRE_CHROMIUM").is_ok_and(|v| v == "1") {
+        panic!("chromium is required (RAILYARD_REQUIRE_CHROMIUM=1) and not on the PATH");
+    }
+    eprintln!("dashboard: the headless-browser check is skipped: chromium is not installed");
+    None
+}
+
+/// Headless Chromium on `url` with `args`; its stdout.
+async fn headless(args: &[&str], url: &str) -> String {
+    let mut cmd = tokio::process::Command::new("chromium");
+    cmd.args(["--headless=new", "--no-sandbox", "--disable-gpu"])
+        .args(args)
+        .arg(url)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true);
+    let out = tokio::time::timeout(Duration::from_secs(90), cmd.output())
+        .await
+        .expect("chromium finishes within 90 s")
+        .expect("chromium runs");
+    assert!(out.status.success(), "chromium: {}", out.status);
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The document without its script (whose source holds markup in strings).
+fn without_script(dom: &str) -> String {
+    match (dom.find("<script"), dom.rfind("</script>")) {
+        (Some(a), Some(b)) if a < b => format!("{}{}", &dom[..a], &dom[b + "</script>".len()..]),
+        _ => dom.to_owned(),
+    }
+}
+
+#[tokio::test]
+async fn serve_shows_a_self_contained_dashboard_fed_by_compact_data() {
+    let base = support::ledger(|c| c).await;
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_railyard"));
+    cmd.args(["serve", "--addr", "127.0.0.1:0"])
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("HOME", std::env::var_os("HOME").unwrap_or_default())
+        .env("DATABASE_URL", base.config().primary().expose_url())
+        .env("RAILYARD_APPLICATION_NAME", support::unique("dash"))
+        .env("RAILYARD_SHUTDOWN_TIMEOUT", "2s")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    let replica = support::cluster().await.is_some();
+    if let Some(c) = support::cluster().await {
+        cmd.env(
+            "DATABASE_REPLICA_URLS",
+            c.replica_socket_target("railyard_it").unwrap().expose_url(),
+        );
+    }
+    let mut child = cmd.spawn().expect("the binary runs");
+    let stdout = child.stdout.take().unwrap();
+    let serve = Serve(child);
+    let (lines_tx, lines) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = lines_tx.send(line);
+        }
+    });
+    let mut seen = Vec::new();
+    let addr = loop {
+        let line = lines
+            .recv_timeout(Duration::from_secs(60))
+            .unwrap_or_else(|_| panic!("serve prints where it listens: {seen:?}"));
+        seen.push(line.clone());
+        if let Some(rest) = line.split("http://").nth(1) {
+            break rest.trim().trim_end_matches('/').to_owned();
+        }
+    };
+    let url_line = lines
+        .recv_timeout(Duration::from_secs(10))
+        .expect("serve prints the dashboard's URL");
+    assert_eq!(url_line, format!("dashboard on http://{addr}/"));
+
+    // A few samples first (one a second).
+    let started = Instant::now();
+    let full = loop {
+        if fetch(&addr, "/healthz").await.is_some() {
+            let d = data(&addr, "").await;
+            if d["history"]["at_ms"]
+                .as_array()
+                .is_some_and(|a| a.len() >= 3)
+            {
+                break d;
+            }
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "no samples");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+
+    // The page: HTML, not cached, nothing fetched from elsewhere.
+    let (status, head, page) = fetch(&addr, "/").await.expect("the page answers");
+    assert_eq!(status, 200);
+    assert!(
+        head.contains("content-type: text/html; charset=utf-8"),
+        "{head}"
+    );
+    assert!(head.contains("cache-control: no-cache"), "{head}");
+    let lower = page.to_ascii_lowercase();
+    for needle in ["http://", "https://", "<script src", "<link href", "<link "] {
+        assert!(!lower.contains(needle), "the page holds {needle:?}");
+    }
+    assert!(page.len() < 30 * 1024, "{} bytes", page.len());
+    assert!(
+        ["healthy", "degraded", "unhealthy"]
+            .iter()
+            .any(|v| page.contains(&format!("id=\"verdict\" class=\"v-{v}\">{v}</span>"))),
+        "the verdict is in the page before any script runs"
+    );
+
+    // The data: every section, compact.
+    for key in [
+        "now_ms",
+        "every_ms",
+        "window_ms",
+        "latest",
+        "history",
+        "statements",
+    ] {
+        assert!(!full[key].is_null(), "no {key}: {full}");
+    }
+    for key in ["status", "pools", "replicas", "reasons", "primary_up"] {
+        assert!(!full["latest"][key].is_null(), "no latest.{key}");
+    }
+    let history = &full["history"];
+    let n = history["at_ms"].as_array().unwrap().len();
+    for key in ["status", "qps", "p50", "p95", "p99"] {
+        assert_eq!(history[key].as_array().map(Vec::len), Some(n), "{key}");
+    }
+    for key in ["errors", "retries", "lag_s"] {
+        assert!(history[key].is_object(), "{key}");
+    }
+    let statements = &full["statements"];
+    for key in ["at_ms", "top", "other_plans", "plan_changes"] {
+        assert!(!statements[key].is_null(), "no statements.{key}");
+    }
+    assert!(statements["top"].as_array().unwrap().len() <= 10);
+    if replica {
+        assert_eq!(full["latest"]["replicas"].as_array().unwrap().len(), 1);
+        assert_eq!(history["lag_s"].as_object().unwrap().len(), 1);
+    }
+
+    // ?since= sends only the samples after it; &stmts= spares the statements.
+    let at = history["at_ms"].as_array().unwrap();
+    let second_newest = at[n - 2].as_u64().unwrap();
+    let stmts_at = statements["at_ms"].as_u64().unwrap();
+    let newer = data(&addr, &format!("?since={second_newest}&stmts={stmts_at}")).await;
+    let m = newer["history"]["at_ms"].as_array().unwrap().len();
+    assert!(
+        m >= 1 && m < n,
+        "{m} samples after the second newest of {n}"
+    );
+    assert!(
+        newer["history"]["at_ms"][0].as_u64().unwrap() > second_newest,
+        "{newer}"
+    );
+    let steady = serde_json::to_string(&newer).unwrap().len();
+    eprintln!(
+        "dashboard: full answer {} bytes ({n} samples), a steady poll {steady} bytes ({m} samples)",
+        serde_json::to_string(&full).unwrap().len()
+    );
+    if newer["statements"].is_null() {
+        assert!(steady < 3_000, "{steady} bytes: {newer}");
+    }
+
+    // The page in a real browser.
+    let Some(_) = chromium() else {
+        drop(serve);
+        return;
+    };
+    let url = format!("http://{addr}/");
+    let dom = headless(&["--dump-dom", "--virtual-time-budget=5000"], &url).await;
+    let dom = without_script(&dom);
+    let verdict_re = ["healthy", "degraded", "unhealthy"]
+        .iter()
+        .any(|v| dom.contains(&format!("id=\"verdict\" class=\"v-{v}\">{v}</span>")));
+    assert!(verdict_re, "#verdict is filled: {dom}");
+    assert!(dom.contains("<table>"), "the pools are rendered: {dom}");
+    assert!(
+        dom.contains("alerting not configured"),
+        "no /alerts here: {dom}"
+    );
+    if replica {
+        assert!(
+            dom.contains("class=\"replica st-") && dom.contains("data-state=\""),
+            "a .replica element with its state: {dom}"
+        );
+    }
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/dashboard-screens");
+    std::fs::create_dir_all(&dir).unwrap();
+    let png = dir.join("serve.png");
+    let _ = std::fs::remove_file(&png);
+    headless(
+        &[
+            "--hide-scrollbars",
+            "--virtual-time-budget=5000",
+            "--window-size=1400,1800",
+            &format!("--screenshot={}", png.display()),
+        ],
+        &url,
+    )
+    .await;
+    let size = std::fs::metadata(&png).map(|m| m.len()).unwrap_or(0);
+    assert!(
+        size > 10_000,
+        "a screenshot at {}: {size} bytes",
+        png.display()
+    );
+    eprintln!("dashboard: screenshot at {}", png.display());
+    drop(serve);
+}
+
+#[tokio::test]
+async fn the_page_renders_alerts_from_an_extra_router_escaped_with_their_buttons() {
+    use axum::routing::get;
+    use railyard::watch::{WatchOptions, Watcher};
+    if chromium().is_none() {
+        return;
+    }
+    let db = support::ledger(|c| c).await;
+    let watcher = Watcher::spawn(
+        db.clone(),
+        WatchOptions {
+            every: Duration::from_millis(200),
+            ..WatchOptions::default()
+        },
+    );
+    let alert = |rule: &str, severity: &str, state: &str, summary: &str| {
+        serde_json::json!({
+            "rule": rule, "labels": {"replica": "r'1"}, "severity": severity, "state": state,
+            "since_ms": 1_700_000_000_000u64, "value": 12.5, "summary": summary,
+            "silenced": false, "inhibited": false, "acknowledged": false, "escalated": false
+        })
+    };
+    let body = serde_json::json!({
+        "alerts": [
+            alert("pool_saturated", "warning", "pending", "waiting"),
+            alert("replica_lag", "critical", "firing", "lag <img src=x onerror=alert(1)> is 12 s"),
+            alert("errors", "info", "resolved", "back to normal"),
+        ],
+        "silences": [{"id": "s1", "matchers": {"rule": "x"}, "until_ms": 1_700_000_360_000u64,
+                      "comment": "<b>maintenance</b>"}]
+    });
+    let extra = axum::Router::new().route(
+        "/alerts",
+        get(move || {
+            let body = body.clone();
+            async move { axum::Json(body) }
+        }),
+    );
+    let app = railyard::http::router_with_dashboard(
+        db.clone(),
+        railyard::http::Readiness::new(),
+        watcher,
+        Some(extra),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let dom = headless(
+        &["--dump-dom", "--virtual-time-budget=5000"],
+        &format!("http://{addr}/"),
+    )
+    .await;
+    let dom = without_script(&dom);
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/dashboard-screens");
+    std::fs::create_dir_all(&dir).unwrap();
+    headless(
+        &[
+            "--hide-scrollbars",
+            "--virtual-time-budget=5000",
+            "--window-size=1400,1800",
+            &format!("--screenshot={}", dir.join("alerts.png").display()),
+        ],
+        &format!("http://{addr}/"),
+    )
+    .await;
+    server.abort();
+    assert_eq!(dom.matches("<div class=\"alert ").count(), 3, "{dom}");
+    let firing = dom
+        .find("data-rule=\"replica_lag\" data-state=\"firing\"")
+        .expect("the firing alert with its rule and state");
+    let pending = dom.find("data-rule=\"pool_saturated\"").unwrap();
+    assert!(firing < pending, "firing alerts come first");
+    assert_eq!(dom.matches("data-act=\"silence\"").count(), 1, "{dom}");
+    assert_eq!(dom.matches("data-act=\"ack\"").count(), 1, "{dom}");
+    assert!(
+        dom.contains("<span id=\"firing\" class=\"on\">1 firing</span>"),
+        "{dom}"
+    );
+    assert!(!dom.contains("<img"), "markup from an alert is text: {dom}");
+    assert!(
+        dom.contains("lag &lt;img src=x onerror=alert(1)&gt; is 12 s"),
+        "{dom}"
+    );
+    assert!(dom.contains("replica=r'1"), "{dom}");
+    assert!(dom.contains("&lt;b&gt;maintenance&lt;/b&gt;"), "{dom}");
+}
