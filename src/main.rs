@@ -57,6 +57,10 @@ enum Command {
         /// printed on the first line).
         #[arg(long, default_value = "127.0.0.1:9187")]
         addr: std::net::SocketAddr,
+        /// Alert rules (TOML; see docs/alerts.example.toml). Default: the
+        /// built-in rules, notified as log events. Also RAILYARD_ALERTS.
+        #[arg(long, env = "RAILYARD_ALERTS", value_name = "FILE")]
+        alerts: Option<std::path::PathBuf>,
     },
     /// Drive a trading day through the crate: traders place orders on
     /// Zipf-popular symbols, a matcher crosses them in SERIALIZABLE
@@ -290,7 +294,7 @@ async fn config() -> Result<(Config, Option<LocalCluster>), railyard::Error> {
 async fn run(command: Command) -> Result<(), app::AppError> {
     match command {
         Command::Boot => Ok(boot().await?),
-        Command::Serve { addr } => Ok(serve(addr).await?),
+        Command::Serve { addr, alerts } => Ok(serve(addr, alerts).await?),
         Command::Load(args) => load(args).await,
         Command::Check { repair } => check(repair).await,
         Command::Queries { all } => Ok(queries(all).await?),
@@ -636,13 +640,22 @@ async fn boot() -> Result<(), railyard::Error> {
     Ok(())
 }
 
-async fn serve(addr: std::net::SocketAddr) -> Result<(), railyard::Error> {
+async fn serve(
+    addr: std::net::SocketAddr,
+    alerts: Option<std::path::PathBuf>,
+) -> Result<(), railyard::Error> {
     use std::time::Duration;
     let (config, _cluster) = config().await?;
     let timeout = config.shutdown_deadline();
     // From here on, SIGTERM and SIGINT start a drain instead of killing the
     // process (later ones are ignored: the timeout bounds the drain).
     let mut signals = StopSignals::new()?;
+    // The rules first: a bad file stops the start before anything connects.
+    let rules = match &alerts {
+        Some(path) => railyard::alert::AlertConfig::from_file(path)?,
+        None => railyard::alert::AlertConfig::builtin(),
+    };
+    let alerts = railyard::alert::Alerts::new(rules);
     let stats = railyard::StatementStats::new();
     let db = Database::builder(config)
         .migrations(Migrator::new(MIGRATIONS))
@@ -650,6 +663,7 @@ async fn serve(addr: std::net::SocketAddr) -> Result<(), railyard::Error> {
         .hook(railyard::AuditLog)
         .hook(railyard::QuerySpans)
         .hook(stats.clone())
+        .hook(alerts.statement_hook())
         .connect()
         .await?;
     // Samples every second, fifteen minutes kept: what the dashboard draws.
@@ -674,7 +688,13 @@ async fn serve(addr: std::net::SocketAddr) -> Result<(), railyard::Error> {
         })?;
     let readiness = railyard::http::Readiness::new();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let app = railyard::http::router_with_dashboard(db.clone(), readiness.clone(), watcher, None);
+    alerts.watch(&watcher);
+    let app = railyard::http::router_with_dashboard(
+        db.clone(),
+        readiness.clone(),
+        watcher,
+        Some(railyard::alert::router(alerts)),
+    );
     let mut server = tokio::spawn(
         axum::serve(listener, app)
             .with_graceful_shutdown(async move {
@@ -682,7 +702,7 @@ async fn serve(addr: std::net::SocketAddr) -> Result<(), railyard::Error> {
             })
             .into_future(),
     );
-    out!("serving /healthz /readyz /health /metrics on http://{addr}");
+    out!("serving /healthz /readyz /health /metrics /alerts on http://{addr}");
     out!("dashboard on http://{addr}/");
     let signal = tokio::select! {
         ended = &mut server => return http_ended(ended),

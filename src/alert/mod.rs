@@ -143,11 +143,18 @@ fn now_ms() -> u64 {
 
 impl Alerts {
     /// Starts the channels and evaluates each of `watcher`'s samples (on
-    /// the current Tokio runtime).
+    /// the current Tokio runtime): [`Alerts::new`] then [`Alerts::watch`].
     pub fn start(config: AlertConfig, watcher: &Watcher) -> Alerts {
         let alerts = Alerts::new(config);
+        alerts.watch(watcher);
+        alerts
+    }
+
+    /// Evaluates each of `watcher`'s samples from now on (a second call
+    /// replaces the first).
+    pub fn watch(&self, watcher: &Watcher) {
         let mut samples = watcher.subscribe();
-        let weak = Arc::downgrade(&alerts.0);
+        let weak = Arc::downgrade(&self.0);
         let task = tokio::spawn(async move {
             while samples.changed().await.is_ok() {
                 let sample = samples.borrow_and_update().clone();
@@ -155,11 +162,21 @@ impl Alerts {
                 Alerts(shared).evaluate(now_ms(), &sample);
             }
         });
-        *alerts.0.task.lock().unwrap_or_else(|p| p.into_inner()) = Some(task);
-        alerts
+        if let Some(old) = self
+            .0
+            .task
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .replace(task)
+        {
+            old.abort();
+        }
     }
 
-    /// The alerting without a sampler: feed it with [`Alerts::evaluate`].
+    /// The alerting without a sampler yet (channels started on the current
+    /// Tokio runtime): register [`Alerts::statement_hook`] on the database,
+    /// then [`Alerts::watch`] its watcher, or feed it with
+    /// [`Alerts::evaluate`].
     pub fn new(config: AlertConfig) -> Alerts {
         let mut channels = vec![channels::Channel::log()];
         for (name, c) in config.channels {

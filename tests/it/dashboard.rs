@@ -251,8 +251,8 @@ async fn serve_shows_a_self_contained_dashboard_fed_by_compact_data() {
     assert!(verdict_re, "#verdict is filled: {dom}");
     assert!(dom.contains("<table>"), "the pools are rendered: {dom}");
     assert!(
-        dom.contains("alerting not configured"),
-        "no /alerts here: {dom}"
+        dom.contains("no alerts") || dom.contains("class=\"alert "),
+        "serve's built-in rules answer /alerts: {dom}"
     );
     if replica {
         assert!(
@@ -371,4 +371,364 @@ async fn the_page_renders_alerts_from_an_extra_router_escaped_with_their_buttons
     );
     assert!(dom.contains("replica=r'1"), "{dom}");
     assert!(dom.contains("&lt;b&gt;maintenance&lt;/b&gt;"), "{dom}");
+}
+
+/// Requests a webhook receiver got (bodies), answering 200 to each.
+async fn receiver() -> (String, std::sync::Arc<std::sync::Mutex<Vec<Value>>>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = got.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 8192];
+                loop {
+                    let Ok(n) = s.read(&mut chunk).await else {
+                        return;
+                    };
+                    buf.extend_from_slice(&chunk[..n]);
+                    let text = String::from_utf8_lossy(&buf).to_string();
+                    if let Some(end) = text.find("\r\n\r\n") {
+                        let len: usize = text
+                            .lines()
+                            .find_map(|l| l.strip_prefix("Content-Length: "))
+                            .and_then(|v| v.trim().parse().ok())
+                            .unwrap_or(0);
+                        if buf.len() >= end + 4 + len {
+                            if let Ok(v) = serde_json::from_slice(&buf[end + 4..end + 4 + len]) {
+                                seen.lock().unwrap().push(v);
+                            }
+                            break;
+                        }
+                    }
+                    if n == 0 {
+                        return;
+                    }
+                }
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                    .await;
+            });
+        }
+    });
+    (url, got)
+}
+
+async fn alerts_of(addr: &str) -> Value {
+    let (status, _, body) = fetch(addr, "/alerts").await.expect("/alerts answers");
+    assert_eq!(status, 200);
+    serde_json::from_str(&body).unwrap()
+}
+
+fn screenshot_dir() -> std::path::PathBuf {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/dashboard-screens");
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+async fn screenshot(url: &str, name: &str) {
+    let png = screenshot_dir().join(name);
+    let _ = std::fs::remove_file(&png);
+    headless(
+        &[
+            "--hide-scrollbars",
+            "--virtual-time-budget=4000",
+            "--window-size=1400,1500",
+            &format!("--screenshot={}", png.display()),
+        ],
+        url,
+    )
+    .await;
+    let size = std::fs::metadata(&png).map(|m| m.len()).unwrap_or(0);
+    assert!(
+        size > 10_000,
+        "a screenshot at {}: {size} bytes",
+        png.display()
+    );
+    eprintln!("dashboard: screenshot at {}", png.display());
+}
+
+/// What a person on call sees: `serve` with an alert file on a private
+/// primary + replica; replay is paused on the replica while writes go on.
+/// The page shows the replica lagging and the alert firing, the webhook
+/// gets exactly one grouped notification; when replay resumes the alert
+/// resolves, on the page too.
+#[tokio::test]
+async fn a_paused_replica_shows_on_the_page_fires_one_grouped_webhook_and_resolves() {
+    use railyard::{Config, Database, LocalCluster};
+    support::server().await;
+    let dir = std::env::temp_dir().join(support::unique("alerts"));
+    let cluster = LocalCluster::builder()
+        .dir(&dir)
+        .ephemeral(true)
+        .start()
+        .await
+        .expect("private cluster");
+    let (hook, got) = receiver().await;
+    let rules = dir.join("alerts.toml");
+    std::fs::write(
+        &rules,
+        format!(
+            r#"
+builtin = false
+[[rule]]
+name = "replica_lag"
+metric = "replica_lag_bytes"
+above = 0
+for = "2s"
+severity = "warning"
+[grouping]
+wait = "1s"
+interval = "2s"
+[channel.oncall]
+type = "webhook"
+url = "{hook}"
+timeout = "2s"
+[[route]]
+severity = "warning"
+channels = ["log", "oncall"]
+"#
+        ),
+    )
+    .unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_railyard"));
+    cmd.args(["serve", "--addr", "127.0.0.1:0", "--alerts"])
+        .arg(&rules)
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("HOME", std::env::var_os("HOME").unwrap_or_default())
+        .env(
+            "DATABASE_URL",
+            cluster.primary_socket_target("railyard").expose_url(),
+        )
+        .env(
+            "DATABASE_REPLICA_URLS",
+            cluster
+                .replica_socket_target("railyard")
+                .unwrap()
+                .expose_url(),
+        )
+        .env("RAILYARD_SHUTDOWN_TIMEOUT", "2s")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    let mut child = cmd.spawn().expect("the binary runs");
+    let stdout = child.stdout.take().unwrap();
+    let serve = Serve(child);
+    let (lines_tx, lines) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = lines_tx.send(line);
+        }
+    });
+    let addr = loop {
+        let line = lines
+            .recv_timeout(Duration::from_secs(60))
+            .expect("serve prints where it listens");
+        if let Some(rest) = line.split("http://").nth(1) {
+            break rest.trim().trim_end_matches('/').to_owned();
+        }
+    };
+    let url = format!("http://{addr}/");
+    let primary =
+        Database::connect(Config::new(cluster.primary_socket_target("railyard")).pool_max_size(1))
+            .await
+            .unwrap();
+    let replica_admin = Database::connect(
+        Config::from_url(&format!(
+            "{}&target_session_attrs=any",
+            cluster
+                .replica_socket_target("postgres")
+                .unwrap()
+                .expose_url()
+        ))
+        .unwrap()
+        .pool_max_size(1),
+    )
+    .await
+    .unwrap();
+    let admin = async |sql: &str| {
+        replica_admin
+            .with_primary(async |c| {
+                diesel_async::SimpleAsyncConnection::batch_execute(&mut **c, sql).await?;
+                Ok::<_, railyard::Error>(())
+            })
+            .await
+            .unwrap();
+    };
+
+    // Streaming and caught up: on the page, and no alert.
+    let started = Instant::now();
+    loop {
+        if fetch(&addr, "/healthz").await.is_some() {
+            let d = data(&addr, "").await;
+            if d["latest"]["replicas"][0]["state"] == "healthy" {
+                break;
+            }
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the replica never showed healthy"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let browser = chromium();
+    if browser.is_some() {
+        let dom =
+            without_script(&headless(&["--dump-dom", "--virtual-time-budget=4000"], &url).await);
+        assert!(
+            dom.contains("data-state=\"healthy\""),
+            "the replica, healthy: {dom}"
+        );
+        assert!(dom.contains("no alerts"), "{dom}");
+        screenshot(&url, "1-streaming.png").await;
+    }
+    assert!(got.lock().unwrap().is_empty());
+
+    // Replay paused, writes go on: the lag grows.
+    admin("SELECT pg_wal_replay_pause()").await;
+    let writing = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let writer = {
+        let (primary, writing) = (primary.clone(), writing.clone());
+        tokio::spawn(async move {
+            let mut i = 0;
+            while writing.load(std::sync::atomic::Ordering::Relaxed) {
+                i += 1;
+                let email = format!("lag{i}-{}@example.test", std::process::id());
+                let _ = primary
+                    .with_primary(async |c| {
+                        diesel_async::SimpleAsyncConnection::batch_execute(
+                            &mut **c,
+                            &format!("INSERT INTO users (email, name) VALUES ('{email}', 'lag')"),
+                        )
+                        .await?;
+                        Ok::<_, railyard::Error>(())
+                    })
+                    .await;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
+    let paused = Instant::now();
+    let fired = loop {
+        let a = alerts_of(&addr).await;
+        if let Some(alert) = a["alerts"].as_array().and_then(|v| {
+            v.iter()
+                .find(|x| x["rule"] == "replica_lag" && x["state"] == "firing")
+        }) {
+            break alert.clone();
+        }
+        // The rule's `for` (2 s), a sample (1 s) and a few seconds of slack.
+        assert!(
+            paused.elapsed() < Duration::from_secs(10),
+            "no firing alert: {a}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let fired_after = paused.elapsed();
+    eprintln!(
+        "dashboard: replica_lag firing {fired_after:.1?} after replay was paused: {}",
+        fired["summary"]
+    );
+    // The replica is ejected once it is over the lag bound (10 s behind).
+    loop {
+        let d = data(&addr, "").await;
+        if d["latest"]["replicas"][0]["state"] == "lagging" {
+            break;
+        }
+        assert!(
+            paused.elapsed() < Duration::from_secs(30),
+            "never lagging: {}",
+            d["latest"]
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    if browser.is_some() {
+        let dom =
+            without_script(&headless(&["--dump-dom", "--virtual-time-budget=4000"], &url).await);
+        assert!(
+            dom.contains("data-state=\"lagging\""),
+            "the replica, lagging: {dom}"
+        );
+        assert!(
+            dom.contains("data-rule=\"replica_lag\" data-state=\"firing\""),
+            "the firing alert: {dom}"
+        );
+        screenshot(&url, "2-replay-paused.png").await;
+    }
+    // Exactly one grouped notification for the firing group.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    {
+        let got = got.lock().unwrap();
+        let firing: Vec<&Value> = got.iter().filter(|n| n["status"] == "firing").collect();
+        assert_eq!(firing.len(), 1, "{got:?}");
+        assert_eq!(firing[0]["group"]["rule"], "replica_lag");
+        assert_eq!(firing[0]["alerts"].as_array().unwrap().len(), 1);
+        assert_eq!(firing[0]["alerts"][0]["labels"]["severity"], "warning");
+        eprintln!("dashboard: the webhook got {}", firing[0]);
+    }
+
+    // Replay resumes: the alert resolves, on the page too.
+    writing.store(false, std::sync::atomic::Ordering::Relaxed);
+    writer.await.unwrap();
+    admin("SELECT pg_wal_replay_resume()").await;
+    let resumed = Instant::now();
+    loop {
+        let a = alerts_of(&addr).await;
+        if a["alerts"].as_array().is_some_and(|v| {
+            v.iter()
+                .any(|x| x["rule"] == "replica_lag" && x["state"] == "resolved")
+        }) {
+            break;
+        }
+        assert!(
+            resumed.elapsed() < Duration::from_secs(20),
+            "not resolved: {a}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    eprintln!(
+        "dashboard: resolved {:.1?} after replay resumed",
+        resumed.elapsed()
+    );
+    if browser.is_some() {
+        let dom =
+            without_script(&headless(&["--dump-dom", "--virtual-time-budget=4000"], &url).await);
+        assert!(
+            dom.contains("data-rule=\"replica_lag\" data-state=\"resolved\""),
+            "the resolved alert: {dom}"
+        );
+        screenshot(&url, "3-resolved.png").await;
+    }
+    let waited = Instant::now();
+    while !got
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|n| n["status"] == "resolved")
+    {
+        assert!(
+            waited.elapsed() < Duration::from_secs(10),
+            "no resolved notification"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        got.lock()
+            .unwrap()
+            .iter()
+            .filter(|n| n["status"] == "firing")
+            .count(),
+        1
+    );
+    drop(serve);
+    primary.close(Duration::from_secs(2)).await;
+    replica_admin.close(Duration::from_secs(2)).await;
+    drop(cluster);
 }
