@@ -249,9 +249,12 @@ impl DatabaseBuilder {
         for target in &config.replicas {
             let name: Arc<str> = replica_name(target).into();
             let route = Route::Replica(name.clone());
-            let replica = Opener::new(target.clone(), config.clone(), TargetSessionAttrs::Any)?
-                .observed(observer.clone(), route.clone())
+            // The monitor's opener shares the pool's breaker but not its
+            // instrumentation: its polling is not the application's traffic
+            // (statistics, hooks, the error rate, the dashboard).
+            let watching = Opener::new(target.clone(), config.clone(), TargetSessionAttrs::Any)?
                 .gated(gate.clone());
+            let replica = watching.clone().observed(observer.clone(), route.clone());
             let pool = TargetPool::build(
                 route,
                 replica.clone(),
@@ -259,7 +262,7 @@ impl DatabaseBuilder {
                 &config,
             );
             openers.push(replica.clone());
-            replicas.push(Arc::new(ReplicaNode::new(name, pool, replica)));
+            replicas.push(Arc::new(ReplicaNode::new(name, pool, watching)));
         }
         check_replicas_at_boot(&config, &mut first, &replicas, &openers).await?;
         let primary = TargetPool::build(Route::Primary, opener, config.pool.max_size, &config);

@@ -1199,3 +1199,37 @@ async fn a_statement_that_cannot_be_explained_is_warned_about_once_without_its_v
     assert!(db.plans().is_empty());
     db.close(Duration::from_secs(5)).await;
 }
+
+#[tokio::test]
+async fn the_replica_monitors_polling_is_not_the_applications_traffic() {
+    let Some(cluster) = support::cluster().await else {
+        eprintln!("no local cluster: skipped");
+        return;
+    };
+    let base = support::ledger(|c| c).await;
+    let stats = railyard::StatementStats::new();
+    let db = Database::builder(
+        base.config()
+            .clone()
+            .replica(cluster.replica_socket_target("railyard_it").unwrap()),
+    )
+    .routing(railyard::RoutingConfig::default().check_interval(Duration::from_millis(20)))
+    .hook(stats.clone())
+    .connect()
+    .await
+    .unwrap();
+    let before = db.activity().queries;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    // Some 30 monitor rounds later: not one query counted.
+    assert_eq!(db.activity().queries, before);
+    assert!(
+        stats
+            .snapshot()
+            .iter()
+            .all(|s| !s.sql.contains("pg_is_in_recovery")),
+        "{:?}",
+        stats.snapshot()
+    );
+    assert!(db.replica_health()[0].replay_lsn.is_some());
+    db.close(Duration::from_secs(2)).await;
+}
