@@ -421,6 +421,36 @@ async fn receiver() -> (String, std::sync::Arc<std::sync::Mutex<Vec<Value>>>) {
     (url, got)
 }
 
+/// One HTTP/1.1 request with a JSON body: status, head, body.
+async fn request(addr: &str, method: &str, path: &str, body: &str) -> (u16, String, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(
+        format!(
+            "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await.unwrap();
+    let text = String::from_utf8_lossy(&buf).to_string();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (status, head.to_owned(), body.to_owned())
+}
+
+async fn post(addr: &str, path: &str, body: &str) -> (u16, String) {
+    let (status, _, body) = request(addr, "POST", path, body).await;
+    (status, body)
+}
+
 async fn alerts_of(addr: &str) -> Value {
     let (status, _, body) = fetch(addr, "/alerts").await.expect("/alerts answers");
     assert_eq!(status, 200);
@@ -673,6 +703,35 @@ channels = ["log", "oncall"]
         assert_eq!(firing[0]["alerts"][0]["labels"]["severity"], "warning");
         eprintln!("dashboard: the webhook got {}", firing[0]);
     }
+
+    // Acknowledged and silenced over HTTP, as the page's buttons do; the
+    // silence is ended again so that the resolution is notified.
+    let ack = post(&addr, "/alerts/ack", r#"{"rule":"replica_lag"}"#).await;
+    assert_eq!(ack.0, 200, "{ack:?}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&ack.1).unwrap()["acknowledged"],
+        1
+    );
+    let silence = post(
+        &addr,
+        "/alerts/silences",
+        r#"{"matchers":{"rule":"replica_lag"},"for_s":3600,"comment":"test"}"#,
+    )
+    .await;
+    assert_eq!(silence.0, 201, "{silence:?}");
+    let id = serde_json::from_str::<Value>(&silence.1).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let view = alerts_of(&addr).await;
+    let a = &view["alerts"][0];
+    assert!(a["acknowledged"] == true && a["silenced"] == true, "{view}");
+    assert_eq!(view["silences"][0]["id"], id.as_str());
+    let bad = post(&addr, "/alerts/silences", r#"{"matchers":{},"for_s":60}"#).await;
+    assert_eq!(bad.0, 400, "{bad:?}");
+    let (status, _, _) = request(&addr, "DELETE", &format!("/alerts/silences/{id}"), "").await;
+    assert_eq!(status, 204);
+    assert_eq!(alerts_of(&addr).await["alerts"][0]["silenced"], false);
 
     // Replay resumes: the alert resolves, on the page too.
     writing.store(false, std::sync::atomic::Ordering::Relaxed);
