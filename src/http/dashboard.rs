@@ -60,11 +60,19 @@ pub(crate) const STATEMENTS_EVERY: Duration = Duration::from_secs(5);
 /// The statements block and when it was gathered.
 type CachedBlock = Arc<Mutex<Option<(Instant, Arc<StatementsBlock>)>>>;
 
+/// The latest index advice (JSON) and when it was made.
+type CachedAdvice = Arc<tokio::sync::Mutex<Option<(Instant, Arc<String>)>>>;
+
+/// Index advice is made at most this often: it explains up to a few hundred
+/// statements on a connection of its own.
+pub(crate) const ADVICE_EVERY: Duration = Duration::from_secs(60);
+
 #[derive(Clone)]
 struct Dash {
     db: Database,
     watcher: Watcher,
     statements: CachedBlock,
+    advice: CachedAdvice,
 }
 
 /// The dashboard's routes.
@@ -72,11 +80,49 @@ pub(super) fn routes(db: Database, watcher: Watcher) -> Router {
     Router::new()
         .route("/", get(page))
         .route("/dashboard/data", get(data))
+        .route("/dashboard/advice", get(advice))
         .with_state(Dash {
             db,
             watcher,
             statements: Arc::new(Mutex::new(None)),
+            advice: Arc::default(),
         })
+}
+
+/// Index advice (see `railyard::advise`), made on request at most once a
+/// minute; concurrent requests wait for the one being made.
+async fn advice(State(d): State<Dash>) -> impl IntoResponse {
+    let mut cached = d.advice.lock().await;
+    if let Some((at, json)) = cached.as_ref()
+        && at.elapsed() < ADVICE_EVERY
+    {
+        return (
+            axum::http::StatusCode::OK,
+            [(header::CONTENT_TYPE, "application/json")],
+            json.to_string(),
+        );
+    }
+    let mut advisor = crate::advise::Advisor::new(&d.db);
+    if let Some(stats) = d.watcher.statements() {
+        advisor = advisor.statements(stats);
+    }
+    match advisor.run().await {
+        Ok(a) => {
+            let json = Arc::new(a.to_json());
+            *cached = Some((Instant::now(), json.clone()));
+            (
+                axum::http::StatusCode::OK,
+                [(header::CONTENT_TYPE, "application/json")],
+                json.to_string(),
+            )
+        }
+        Err(e) => (
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            [(header::CONTENT_TYPE, "application/json")],
+            serde_json::json!({ "error": crate::observe::statement_shape(&e.to_string()) })
+                .to_string(),
+        ),
+    }
 }
 
 async fn page(State(d): State<Dash>) -> impl IntoResponse {

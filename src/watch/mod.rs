@@ -277,6 +277,11 @@ impl Watcher {
         self.latest.clone()
     }
 
+    /// The statement statistics the watcher was given, if any.
+    pub fn statements(&self) -> Option<&StatementStats> {
+        self.shared.statements.as_ref()
+    }
+
     /// The `n` statements with the most total time, when the watcher was
     /// given statement statistics.
     pub fn top_statements(&self, n: usize) -> Vec<TopStatement> {

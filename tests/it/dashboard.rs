@@ -786,6 +786,12 @@ channels = ["log", "oncall"]
             .count(),
         1
     );
+    // Index advice on demand, as the page's button asks for it.
+    let (status, head, body) = fetch(&addr, "/dashboard/advice").await.unwrap();
+    assert_eq!(status, 200, "{head}{body}");
+    let advice: Value = serde_json::from_str(&body).unwrap();
+    assert!(advice["statements_examined"].is_u64(), "{advice}");
+    assert_eq!(advice["verified"], true, "{advice}");
     drop(serve);
     primary.close(Duration::from_secs(2)).await;
     replica_admin.close(Duration::from_secs(2)).await;
