@@ -133,6 +133,11 @@ pub enum Error {
     #[error("local PostgreSQL cluster: {0}")]
     Local(String),
 
+    /// A notification or a listen was refused before it reached the server
+    /// (a payload over the server's limit, a channel name it would refuse).
+    #[error("notify: {0}")]
+    Notify(String),
+
     /// The alert rules (a rules file, a silence) were refused; the message
     /// names the rule or field, never a value from the file.
     #[error("alerts: {0}")]
@@ -249,6 +254,7 @@ impl Error {
             | Error::Local(_)
             | Error::Advice(_)
             | Error::Alerts(_)
+            | Error::Notify(_)
             | Error::TestIsolation(_)
             | Error::Closed { .. }
             | Error::Io { .. } => ErrorClass::Permanent,

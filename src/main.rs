@@ -107,6 +107,22 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Print notifications on these channels as JSON lines, and a gap
+    /// marker (`{"gap": …}`) each time the connection was lost and is back:
+    /// notifications sent in between were missed.
+    Listen {
+        /// The channels (LISTEN).
+        #[arg(required = true)]
+        channels: Vec<String>,
+    },
+    /// Send a notification (NOTIFY) on a channel.
+    Notify {
+        /// The channel.
+        channel: String,
+        /// The payload (fewer than 8,000 bytes).
+        #[arg(default_value = "")]
+        payload: String,
+    },
     /// Manage the ledger's migrations.
     Migrate {
         #[command(subcommand)]
@@ -305,6 +321,14 @@ async fn run(command: Command) -> Result<(), app::AppError> {
             min_rows,
             json,
         } => Ok(advise(migration, dir, min_cost_factor, min_rows, json).await?),
+        Command::Listen { channels } => Ok(listen(channels).await?),
+        Command::Notify { channel, payload } => {
+            let (config, _cluster) = config().await?;
+            let db = Database::connect(config.pool_max_size(1)).await?;
+            db.notify(&channel, &payload).await?;
+            db.close(std::time::Duration::from_secs(2)).await;
+            Ok(())
+        }
         Command::Migrate { action } => Ok(migrate(action).await?),
         Command::Local { action } => Ok(local(action).await?),
         Command::Ha { action } => Ok(ha(action).await?),
@@ -464,6 +488,30 @@ async fn advise(
             eprintln!("wrote {}", path.display());
         }
     }
+    db.close(std::time::Duration::from_secs(2)).await;
+    Ok(())
+}
+
+async fn listen(channels: Vec<String>) -> Result<(), railyard::Error> {
+    use std::io::Write;
+    let (config, _cluster) = config().await?;
+    let db = Database::connect(config.pool_max_size(1)).await?;
+    let mut listener = db.listen(channels).await?;
+    let mut signals = StopSignals::new()?;
+    loop {
+        let event = tokio::select! {
+            e = listener.next() => e,
+            _ = signals.next() => None,
+        };
+        let Some(event) = event else { break };
+        let line = serde_json::to_string(&event).unwrap_or_default();
+        let mut out = std::io::stdout().lock();
+        // A closed pipe (`railyard listen … | head`) ends the command.
+        if writeln!(out, "{line}").and_then(|()| out.flush()).is_err() {
+            break;
+        }
+    }
+    drop(listener);
     db.close(std::time::Duration::from_secs(2)).await;
     Ok(())
 }

@@ -32,6 +32,9 @@ pub(crate) struct Opener {
     /// The closing state of the `Database` this opener serves: a closed gate
     /// refuses to connect, and every connection made is registered with it.
     gate: Option<Arc<Gate>>,
+    /// Where the connection's driver hands the notifications (`LISTEN`) it
+    /// reads; `None`: they are dropped, as a pooled connection's are.
+    forward: Option<tokio::sync::mpsc::Sender<tokio_postgres::Notification>>,
 }
 
 impl fmt::Debug for Opener {
@@ -74,7 +77,19 @@ impl Opener {
             breaker,
             instrument: None,
             gate: None,
+            forward: None,
         })
+    }
+
+    /// Connections from this opener hand their notifications to `tx`. The
+    /// driver waits for room in `tx` before it reads on, so a consumer that
+    /// falls behind holds the socket, and the server queues for it.
+    pub(crate) fn forwarding(
+        mut self,
+        tx: tokio::sync::mpsc::Sender<tokio_postgres::Notification>,
+    ) -> Self {
+        self.forward = Some(tx);
+        self
     }
 
     /// Connects only while `gate` is open, and registers every connection
@@ -305,11 +320,12 @@ impl Opener {
             Err(e) => return Err(self.classify_connect_error(host, port, &wire, e)),
         };
         let driver_wire = wire.clone();
+        let forward = self.forward.clone();
         tokio::spawn(async move {
             // A severed connection (a closing `Database`'s last resort) drops
             // its socket here, whoever holds the client.
             let reason = tokio::select! {
-                result = connection => result.err().map(|e| e.to_string()),
+                result = drive(connection, forward) => result.err().map(|e| e.to_string()),
                 () = driver_wire.severed() => Some(
                     "closed by Database::close: the connection was still held after the close's deadline".to_owned(),
                 ),
@@ -501,6 +517,34 @@ impl Opener {
             sqlstate,
             message,
             source: Some(Box::new(e)),
+        }
+    }
+}
+
+/// Runs a connection: as tokio-postgres does (notifications dropped), or
+/// handing each notification to `forward`, waiting for room first.
+async fn drive<S, T>(
+    mut connection: tokio_postgres::Connection<S, T>,
+    forward: Option<tokio::sync::mpsc::Sender<tokio_postgres::Notification>>,
+) -> Result<(), tokio_postgres::Error>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let Some(tx) = forward else {
+        return connection.await;
+    };
+    loop {
+        match std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+            Some(Ok(tokio_postgres::AsyncMessage::Notification(n))) => {
+                if tx.send(n).await.is_err() {
+                    // Nobody listens any more: run on, dropping them.
+                    return connection.await;
+                }
+            }
+            Some(Ok(_)) => {}
+            Some(Err(e)) => return Err(e),
+            None => return Ok(()),
         }
     }
 }

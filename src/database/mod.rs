@@ -15,6 +15,7 @@
 
 mod builders;
 mod close;
+mod listen;
 mod session;
 
 use std::fmt;
@@ -45,6 +46,7 @@ use crate::route::{
 
 pub use builders::{TransactionBuilder, WriteBuilder};
 pub use close::{CLOSE_GRACE, CloseReport};
+pub use listen::{Gap, LISTEN_BUFFER, ListenEvent, Listener, MAX_PAYLOAD, Notification};
 pub use session::Session;
 
 /// Builds a [`Database`]: pools, and migrations at boot.

@@ -12,6 +12,7 @@ mod faults;
 mod ha;
 #[cfg(feature = "testing")]
 mod harness;
+mod listen;
 mod local;
 mod migrations;
 #[cfg(feature = "http")]
