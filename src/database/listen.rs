@@ -113,10 +113,15 @@ fn check_channel(channel: &str) -> Result<(), Error> {
 }
 
 impl Database {
-    /// Listens on `channels` on a connection of its own, reconnecting after
-    /// any failure and yielding a [`ListenEvent::Gap`] each time (see the
-    /// [module](self)). Returns once the first `LISTEN` is in place, so a
-    /// notification sent after this returns is received.
+    /// Listens on `channels` on a connection of its own (never a pooled
+    /// one), reconnecting with backoff after any failure (a terminated
+    /// backend, a restarted server, a failover: the primary URL's hosts are
+    /// walked as for every connection) and yielding a [`ListenEvent::Gap`]
+    /// each time, before anything from the new connection: notifications
+    /// sent in between were missed, so resynchronise. At most
+    /// [`LISTEN_BUFFER`] events wait in the stream; beyond that the socket is
+    /// not read and the server queues. Returns once the first `LISTEN` is in
+    /// place, so a notification sent after this returns is received.
     ///
     /// ```no_run
     /// # async fn demo(db: railyard::Database) -> Result<(), railyard::Error> {
