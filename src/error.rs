@@ -133,6 +133,12 @@ pub enum Error {
     #[error("local PostgreSQL cluster: {0}")]
     Local(String),
 
+    /// A change stream could not start or go on (a bad slot or table name,
+    /// a missing slot, a slot lost to a failover); the message says what to
+    /// do.
+    #[error("change stream: {0}")]
+    Changes(String),
+
     /// A notification or a listen was refused before it reached the server
     /// (a payload over the server's limit, a channel name it would refuse).
     #[error("notify: {0}")]
@@ -255,6 +261,7 @@ impl Error {
             | Error::Advice(_)
             | Error::Alerts(_)
             | Error::Notify(_)
+            | Error::Changes(_)
             | Error::TestIsolation(_)
             | Error::Closed { .. }
             | Error::Io { .. } => ErrorClass::Permanent,

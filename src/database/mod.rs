@@ -14,6 +14,7 @@
 //! [`Database::close`], in `close.rs`).
 
 mod builders;
+mod changes;
 mod close;
 mod listen;
 mod session;
@@ -45,6 +46,9 @@ use crate::route::{
 };
 
 pub use builders::{TransactionBuilder, WriteBuilder};
+pub use changes::{
+    CHANGE_BUFFER, ChangeEvent, ChangeOp, ChangeStream, ChangeStreamConfig, ResumeToken, Row,
+};
 pub use close::{CLOSE_GRACE, CloseReport};
 pub use listen::{Gap, LISTEN_BUFFER, ListenEvent, Listener, MAX_PAYLOAD, Notification};
 pub use session::Session;
@@ -297,6 +301,7 @@ impl DatabaseBuilder {
                 watchdog,
                 planner,
                 plan_store,
+                slots: Default::default(),
             }),
         })
     }
@@ -494,6 +499,8 @@ struct Inner {
     /// The task explaining slow statements, and the plans it keeps.
     planner: Option<crate::observe::RunningWatchdog>,
     plan_store: Option<Arc<crate::observe::PlanStore>>,
+    /// The change streams' slots and what they last measured.
+    slots: changes::Slots,
 }
 
 /// How long the primary's health answer is reused ([`Database::health`] and
@@ -1188,6 +1195,15 @@ impl Database {
         if let Some(store) = &self.inner.plan_store {
             checks.push(health::plans(store.plans().len(), &store.changes()));
         }
+        for (name, f) in self
+            .inner
+            .slots
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            checks.push(health::slot(name, f.retained_bytes, f.limit, f.lost));
+        }
         HealthReport::of(checks)
     }
 
@@ -1247,12 +1263,24 @@ impl Database {
     /// Prometheus text exposition of query durations (OpenTelemetry's bucket
     /// bounds), pool gauges, retries and errors by class, and replica lag.
     pub fn metrics_text(&self) -> String {
-        prometheus::render(&prometheus::Figures {
+        let mut text = prometheus::render(&prometheus::Figures {
             metrics: &self.inner.observer.metrics,
             retries: self.retry_counts(),
             pools: self.pool_status(),
             replicas: self.replica_health(),
-        })
+        });
+        let slots = self.inner.slots.lock().unwrap_or_else(|p| p.into_inner());
+        if !slots.is_empty() {
+            text.push_str("# HELP railyard_slot_retained_bytes WAL a change stream's slot keeps on the primary.\n# TYPE railyard_slot_retained_bytes gauge\n");
+            for (name, f) in slots.iter() {
+                if let Some(b) = f.retained_bytes {
+                    text.push_str(&format!(
+                        "railyard_slot_retained_bytes{{slot=\"{name}\"}} {b}\n"
+                    ));
+                }
+            }
+        }
+        text
     }
 
     // ---- The harness's pin --------------------------------------------------
@@ -1299,6 +1327,7 @@ impl Database {
                 watchdog: None,
                 planner: None,
                 plan_store: None,
+                slots: Default::default(),
             }),
         }
     }

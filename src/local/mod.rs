@@ -808,7 +808,7 @@ fn server_conf(pg: &Path, port: u16, bins: &Binaries) -> String {
          password_encryption = 'scram-sha-256'\n\
          max_connections = 300\n\
          shared_buffers = 64MB\n\
-         wal_level = replica\n\
+         wal_level = logical\n\
          max_wal_senders = 10\n\
          max_replication_slots = 10\n\
          hot_standby = on\n\

@@ -294,6 +294,33 @@ pub(crate) fn errors(metrics: &Metrics) -> HealthCheck {
     )
 }
 
+/// A change stream's slot: degraded when it retains more WAL than its limit
+/// (a consumer that stopped acknowledging fills the primary's disk), or
+/// when it was lost.
+pub(crate) fn slot(name: &str, retained: Option<u64>, limit: u64, lost: bool) -> HealthCheck {
+    let (status, reason) = if lost {
+        (
+            HealthStatus::Degraded,
+            "lost: the slot is gone from the primary (a failover?); its stream ended".to_owned(),
+        )
+    } else {
+        match retained {
+            None => (HealthStatus::Healthy, "not measured yet".to_owned()),
+            Some(b) if b > limit => (
+                HealthStatus::Degraded,
+                format!(
+                    "retains {b} bytes of WAL, over its limit of {limit}: acknowledge events, or drop the slot if it is abandoned"
+                ),
+            ),
+            Some(b) => (
+                HealthStatus::Healthy,
+                format!("retains {b} bytes of WAL (limit {limit})"),
+            ),
+        }
+    };
+    check(format!("slot {name}"), status, reason)
+}
+
 /// How long a plan change keeps the verdict degraded.
 pub const PLAN_CHANGE_WINDOW: Duration = Duration::from_secs(15 * 60);
 

@@ -2,6 +2,7 @@
 //! real PostgreSQL (the local cluster, or `TEST_DATABASE_URL`).
 
 mod advise;
+mod changes;
 mod config;
 mod connect;
 #[cfg(feature = "cli")]

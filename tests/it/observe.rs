@@ -323,6 +323,21 @@ async fn health_degrades_without_the_replica_and_readiness_fails_without_the_pri
     cluster.start_replica().unwrap();
     settle(HealthStatus::Healthy).await;
 
+    // A query on each route, so that each route's histogram has counts (the
+    // replica's monitor polls on connections of its own, not counted).
+    db.read(async |c| {
+        c.batch_execute("SELECT 1").await?;
+        Ok::<_, Error>(())
+    })
+    .await
+    .unwrap();
+    db.with_primary(async |c| {
+        c.batch_execute("SELECT 1").await?;
+        Ok::<_, Error>(())
+    })
+    .await
+    .unwrap();
+
     // The HTTP endpoints, over a real socket.
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
