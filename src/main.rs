@@ -115,6 +115,24 @@ enum Command {
         #[arg(required = true)]
         channels: Vec<String>,
     },
+    /// Print row changes of these tables as JSON lines with their resume
+    /// tokens, from a logical replication slot (created when missing).
+    /// Each transaction is acknowledged once printed; start again after a
+    /// printed token with --from.
+    Changes {
+        /// The tables, separated by commas.
+        #[arg(long, value_delimiter = ',', required_unless_present = "drop_slot")]
+        tables: Vec<String>,
+        /// The slot (and publication railyard_SLOT).
+        #[arg(long, default_value = "railyard_cli")]
+        slot: String,
+        /// Start after this token (the last one you handled).
+        #[arg(long, value_name = "TOKEN")]
+        from: Option<String>,
+        /// Drop the slot and its publication, and exit.
+        #[arg(long)]
+        drop_slot: bool,
+    },
     /// Send a notification (NOTIFY) on a channel.
     Notify {
         /// The channel.
@@ -322,6 +340,12 @@ async fn run(command: Command) -> Result<(), app::AppError> {
             json,
         } => Ok(advise(migration, dir, min_cost_factor, min_rows, json).await?),
         Command::Listen { channels } => Ok(listen(channels).await?),
+        Command::Changes {
+            tables,
+            slot,
+            from,
+            drop_slot,
+        } => Ok(changes(tables, slot, from, drop_slot).await?),
         Command::Notify { channel, payload } => {
             let (config, _cluster) = config().await?;
             let db = Database::connect(config.pool_max_size(1)).await?;
@@ -490,6 +514,53 @@ async fn advise(
     }
     db.close(std::time::Duration::from_secs(2)).await;
     Ok(())
+}
+
+async fn changes(
+    tables: Vec<String>,
+    slot: String,
+    from: Option<String>,
+    drop_slot: bool,
+) -> Result<(), railyard::Error> {
+    use std::io::Write;
+    let (config, _cluster) = config().await?;
+    let db = Database::connect(config.pool_max_size(1)).await?;
+    if drop_slot {
+        let existed = db.drop_change_slot(&slot).await?;
+        eprintln!(
+            "slot {slot} {}",
+            if existed { "dropped" } else { "did not exist" }
+        );
+        db.close(std::time::Duration::from_secs(2)).await;
+        return Ok(());
+    }
+    let mut cfg = railyard::database::ChangeStreamConfig::new(&slot, tables);
+    if let Some(t) = from {
+        cfg = cfg.from(t.parse()?);
+    }
+    let mut stream = db.changes(cfg).await?;
+    let mut signals = StopSignals::new()?;
+    let result = loop {
+        let event = tokio::select! {
+            e = stream.next() => e,
+            _ = signals.next() => None,
+        };
+        let event = match event {
+            None => break Ok(()),
+            Some(Err(e)) => break Err(e),
+            Some(Ok(e)) => e,
+        };
+        let line = serde_json::to_string(&event).unwrap_or_default();
+        let mut out = std::io::stdout().lock();
+        if writeln!(out, "{line}").and_then(|()| out.flush()).is_err() {
+            break Ok(());
+        }
+        // Printed: handled, as far as this command goes.
+        stream.ack(&event.token);
+    };
+    drop(stream);
+    db.close(std::time::Duration::from_secs(2)).await;
+    result
 }
 
 async fn listen(channels: Vec<String>) -> Result<(), railyard::Error> {

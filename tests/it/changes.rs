@@ -248,3 +248,116 @@ async fn an_unacknowledged_slot_is_reported_over_its_limit_and_a_lost_slot_ends_
     assert!(stream.next().await.is_none());
     db.close(Duration::from_secs(2)).await;
 }
+
+/// `railyard changes` prints changes as JSON lines with their tokens, and
+/// starts again after a token.
+#[cfg(feature = "cli")]
+#[tokio::test]
+async fn the_cli_prints_changes_with_tokens_and_resumes_after_one() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    let (cluster, db) = private("changes_cli").await;
+    let url = cluster.primary_socket_target("postgres").expose_url();
+    let spawn = |extra: &[&str]| {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_railyard"))
+            .args(["changes", "--tables", "ev", "--slot", "cli_test"])
+            .args(extra)
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("DATABASE_URL", &url)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel::<serde_json::Value>();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(serde_json::from_str(&line).unwrap());
+            }
+        });
+        (child, lines)
+    };
+    let insert = async |from: i32, to: i32| {
+        db.with_primary(async |c| {
+            for i in from..=to {
+                c.batch_execute(&format!("INSERT INTO ev (writer, seq) VALUES (1, {i})"))
+                    .await?;
+            }
+            Ok::<_, Error>(())
+        })
+        .await
+        .unwrap();
+    };
+    let (mut first, lines) = spawn(&[]);
+    // The slot exists once the command has started.
+    let started = Instant::now();
+    loop {
+        #[derive(diesel::QueryableByName)]
+        struct N {
+            #[diesel(sql_type = diesel::sql_types::BigInt)]
+            n: i64,
+        }
+        let n: Vec<N> = db
+            .with_primary(async |c| {
+                use diesel_async::RunQueryDsl;
+                diesel::sql_query(
+                    "SELECT count(*) AS n FROM pg_replication_slots WHERE slot_name = 'cli_test'",
+                )
+                .load(c)
+                .await
+                .map_err(Error::from)
+            })
+            .await
+            .unwrap();
+        if n[0].n == 1 {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "no slot");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    insert(1, 3).await;
+    let got: Vec<serde_json::Value> = (0..3)
+        .map(|_| {
+            lines
+                .recv_timeout(Duration::from_secs(20))
+                .expect("a change")
+        })
+        .collect();
+    let _ = first.kill();
+    let _ = first.wait();
+    let seqs: Vec<&str> = got
+        .iter()
+        .map(|v| v["new"]["seq"].as_str().unwrap())
+        .collect();
+    assert_eq!(seqs, ["1", "2", "3"], "{got:?}");
+    assert_eq!(got[0]["op"], "insert");
+    assert_eq!(got[0]["table"], "public.ev");
+    let token = got[1]["token"].as_str().unwrap().to_owned();
+    insert(4, 5).await;
+    let (mut second, lines) = spawn(&["--from", &token]);
+    let again: Vec<serde_json::Value> = (0..3)
+        .map(|_| {
+            lines
+                .recv_timeout(Duration::from_secs(20))
+                .expect("a change")
+        })
+        .collect();
+    let _ = second.kill();
+    let _ = second.wait();
+    let seqs: Vec<&str> = again
+        .iter()
+        .map(|v| v["new"]["seq"].as_str().unwrap())
+        .collect();
+    assert_eq!(seqs, ["3", "4", "5"], "after {token}: {again:?}");
+    let status = Command::new(env!("CARGO_BIN_EXE_railyard"))
+        .args(["changes", "--slot", "cli_test", "--drop-slot"])
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("DATABASE_URL", &url)
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    db.close(Duration::from_secs(2)).await;
+}
