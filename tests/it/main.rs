@@ -19,11 +19,13 @@ mod migrations;
 #[cfg(feature = "http")]
 mod observe;
 mod pooler;
+mod proxy;
 mod route;
 mod shedding;
 mod shutdown;
 mod support;
 mod tls;
 mod tx;
+mod wire;
 #[cfg(feature = "cli")]
 mod workload;

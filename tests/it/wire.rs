@@ -1,0 +1,215 @@
+//! Faults on the wire, through the fault-injecting proxy (`proxy.rs`): the
+//! ambiguous commit, made deterministic.
+//!
+//! A cut right after COMMIT is forwarded, before its reply: the server
+//! committed and the client never heard. Railyard must say `Ambiguous`
+//! (never `Reconnect`), retry nothing, and discard the connection; the row is
+//! on the server; the caller resolves the outcome with the row's unique key
+//! (`INSERT … ON CONFLICT (key) DO NOTHING`, then a lookup by key). A cut
+//! before COMMIT is sent (at a statement inside the transaction) is a failure
+//! the retry may repair, and it does.
+
+use std::time::Duration;
+
+use diesel::sql_types::{BigInt, Text};
+use diesel_async::{RunQueryDsl, SimpleAsyncConnection};
+use railyard::{Config, Database, Error, ErrorClass};
+
+use crate::proxy::{Cut, Frame, Proxy};
+use crate::support;
+
+/// A database reached through a proxy to the shared cluster's primary, with
+/// a table of keyed rows; `None` without the local cluster.
+async fn through_proxy(name: &str) -> Option<(Proxy, Database, String)> {
+    let cluster = support::cluster().await?;
+    support::ledger(|c| c).await;
+    let upstream = cluster
+        .socket_dir()
+        .join(format!(".s.PGSQL.{}", cluster.primary_port()));
+    let proxy = Proxy::start(upstream).await;
+    let url = format!(
+        "postgres://railyard:{}@127.0.0.1:{}/railyard_it?sslmode=disable",
+        cluster.password().expose(),
+        proxy.port
+    );
+    let db = Database::connect(Config::from_url(&url).unwrap().pool_max_size(2))
+        .await
+        .unwrap();
+    let table = support::unique(name);
+    db.with_primary(async |c| {
+        c.batch_execute(&format!(
+            "CREATE TABLE {table} (key text PRIMARY KEY, amount bigint NOT NULL)"
+        ))
+        .await?;
+        Ok::<_, Error>(())
+    })
+    .await
+    .unwrap();
+    Some((proxy, db, table))
+}
+
+async fn rows(db: &Database, table: &str, key: &str) -> i64 {
+    #[derive(diesel::QueryableByName)]
+    struct N {
+        #[diesel(sql_type = BigInt)]
+        n: i64,
+    }
+    let n: Vec<N> = db
+        .with_primary(async |c| {
+            diesel::sql_query(format!("SELECT count(*) AS n FROM {table} WHERE key = $1"))
+                .bind::<Text, _>(key)
+                .load(c)
+                .await
+                .map_err(Error::from)
+        })
+        .await
+        .unwrap();
+    n[0].n
+}
+
+async fn drop_table(db: &Database, table: &str) {
+    let _ = db
+        .with_primary(async |c| {
+            c.batch_execute(&format!("DROP TABLE IF EXISTS {table}"))
+                .await?;
+            Ok::<_, Error>(())
+        })
+        .await;
+}
+
+/// A COMMIT (Railyard commits with a simple query).
+fn is_commit(f: &Frame<'_>) -> bool {
+    f.kind == b'Q'
+        && f.sql
+            .is_some_and(|s| s.trim_start().to_ascii_uppercase().starts_with("COMMIT"))
+}
+
+fn inserts_into(table: &str) -> impl Fn(&Frame<'_>) -> bool + Send + Sync + 'static {
+    let needle = format!("INSERT INTO {table}");
+    move |f| f.sql.is_some_and(|s| s.contains(&needle))
+}
+
+/// The documented pattern: the row's unique key makes the write safe to
+/// apply again, and a lookup by key says whether it happened.
+async fn insert_keyed(c: &mut railyard::Conn, table: &str, key: &str) -> Result<(), Error> {
+    diesel::sql_query(format!(
+        "INSERT INTO {table} (key, amount) VALUES ($1, 100) ON CONFLICT (key) DO NOTHING"
+    ))
+    .bind::<Text, _>(key)
+    .execute(c)
+    .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_commit_whose_reply_is_lost_is_ambiguous_not_retried_and_the_row_is_there() {
+    let Some((proxy, db, table)) = through_proxy("ambiguous_tx").await else {
+        return;
+    };
+    let key = "transfer-1";
+    let attempts = std::sync::atomic::AtomicU32::new(0);
+    let before = proxy.accepted();
+    proxy.arm(Cut::After(Box::new(is_commit)));
+    let e = db
+        .transaction(async |c| {
+            attempts.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            insert_keyed(c, &table, key).await
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(proxy.cuts(), 1);
+    assert_eq!(e.class(), ErrorClass::Ambiguous, "{e:?}");
+    assert!(matches!(e, Error::Ambiguous(_)), "{e:?}");
+    assert_eq!(
+        std::sync::atomic::AtomicU32::load(&attempts, std::sync::atomic::Ordering::SeqCst),
+        1,
+        "nothing is retried"
+    );
+    // The server committed: a blind retry would have written it twice.
+    assert_eq!(rows(&db, &table, key).await, 1);
+    // The pool did not keep the connection: the next check-out is a new one.
+    let broken = db.pool_status()[0].connections_closed_broken;
+    assert!(broken >= 1, "{:?}", db.pool_status());
+    assert!(proxy.accepted() > before, "a new connection was opened");
+    // Resolving it: the key says it happened; applying again changes nothing.
+    db.transaction(async |c| insert_keyed(c, &table, key).await)
+        .await
+        .unwrap();
+    assert_eq!(rows(&db, &table, key).await, 1);
+    drop_table(&db, &table).await;
+    db.close(Duration::from_secs(2)).await;
+}
+
+#[tokio::test]
+async fn an_autocommit_write_whose_reply_is_lost_is_ambiguous_not_retried_and_the_row_is_there() {
+    let Some((proxy, db, table)) = through_proxy("ambiguous_write").await else {
+        return;
+    };
+    let key = "deposit-1";
+    let attempts = std::sync::atomic::AtomicU32::new(0);
+    proxy.arm(Cut::After(Box::new(inserts_into(&table))));
+    let e = db
+        .write(async |c| {
+            attempts.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            insert_keyed(c, &table, key).await
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(proxy.cuts(), 1);
+    assert_eq!(e.class(), ErrorClass::Ambiguous, "{e:?}");
+    assert_eq!(
+        std::sync::atomic::AtomicU32::load(&attempts, std::sync::atomic::Ordering::SeqCst),
+        1
+    );
+    assert_eq!(rows(&db, &table, key).await, 1, "the server committed it");
+    // Not even an idempotent write is retried blindly on its own key… it is
+    // the caller's key that makes re-applying safe:
+    db.write(async |c| insert_keyed(c, &table, key).await)
+        .await
+        .unwrap();
+    assert_eq!(rows(&db, &table, key).await, 1);
+
+    // Cut instead of forwarding: the client cannot tell the difference (it
+    // wrote the bytes), so it is ambiguous too, and the row is not there;
+    // the same resolution writes it once.
+    let key = "deposit-2";
+    proxy.arm(Cut::Before(Box::new(inserts_into(&table))));
+    let e = db
+        .write(async |c| insert_keyed(c, &table, key).await)
+        .await
+        .unwrap_err();
+    assert_eq!(e.class(), ErrorClass::Ambiguous, "{e:?}");
+    assert_eq!(rows(&db, &table, key).await, 0, "the server never saw it");
+    db.write(async |c| insert_keyed(c, &table, key).await)
+        .await
+        .unwrap();
+    assert_eq!(rows(&db, &table, key).await, 1);
+    drop_table(&db, &table).await;
+    db.close(Duration::from_secs(2)).await;
+}
+
+#[tokio::test]
+async fn a_cut_before_commit_is_sent_is_retried_and_the_row_is_written_once() {
+    let Some((proxy, db, table)) = through_proxy("before_commit").await else {
+        return;
+    };
+    let key = "transfer-2";
+    let attempts = std::sync::atomic::AtomicU32::new(0);
+    // The connection dies at the transaction's INSERT: COMMIT is never sent.
+    proxy.arm(Cut::Before(Box::new(inserts_into(&table))));
+    db.transaction(async |c| {
+        attempts.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        insert_keyed(c, &table, key).await
+    })
+    .await
+    .unwrap();
+    assert_eq!(proxy.cuts(), 1);
+    assert_eq!(
+        std::sync::atomic::AtomicU32::load(&attempts, std::sync::atomic::Ordering::SeqCst),
+        2,
+        "retried once"
+    );
+    assert_eq!(rows(&db, &table, key).await, 1);
+    drop_table(&db, &table).await;
+    db.close(Duration::from_secs(2)).await;
+}
