@@ -44,6 +44,10 @@ pub enum Cut {
     After(Pred),
     /// Instead of forwarding the matching message.
     Before(Pred),
+    /// At the matching message, stop relaying both ways without closing
+    /// either side (a dead switch, a crashed host): nothing is forwarded
+    /// and nothing comes back, until the proxy is dropped.
+    BlackHole(Pred),
 }
 
 #[derive(Default)]
@@ -51,6 +55,20 @@ struct Control {
     plan: Mutex<Option<Cut>>,
     accepted: AtomicU64,
     cuts: AtomicU64,
+    /// Set when the proxy is dropped: black-holed connections let go then.
+    stopped: std::sync::atomic::AtomicBool,
+    stop: tokio::sync::Notify,
+}
+
+impl Control {
+    /// Waits until the proxy is dropped.
+    async fn until_stopped(&self) {
+        let notified = self.stop.notified();
+        if self.stopped.load(Ordering::SeqCst) {
+            return;
+        }
+        notified.await;
+    }
 }
 
 /// The proxy; stops accepting when dropped.
@@ -63,6 +81,8 @@ pub struct Proxy {
 impl Drop for Proxy {
     fn drop(&mut self) {
         self.task.abort();
+        self.control.stopped.store(true, Ordering::SeqCst);
+        self.control.stop.notify_waiters();
     }
 }
 
@@ -171,9 +191,12 @@ async fn relay(client: TcpStream, server: UnixStream, control: Arc<Control>) {
     // ReadyForQuery, then everything closes.
     let swallow = Arc::new(tokio::sync::Notify::new());
     let swallowing = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let holed = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let s2c = {
         let swallowing = swallowing.clone();
         let swallow = swallow.clone();
+        let holed = holed.clone();
+        let control = control.clone();
         tokio::spawn(async move {
             let mut buf = vec![0u8; 16 * 1024];
             let mut frames = Vec::new();
@@ -182,6 +205,12 @@ async fn relay(client: TcpStream, server: UnixStream, control: Arc<Control>) {
                     Ok(0) | Err(_) => return,
                     Ok(n) => n,
                 };
+                if holed.load(Ordering::SeqCst) {
+                    // Relay nothing, close nothing.
+                    let _held = (&sr, &cw);
+                    control.until_stopped().await;
+                    return;
+                }
                 if swallowing.load(Ordering::SeqCst) {
                     // Wait for the server's ReadyForQuery, then stop.
                     frames.extend_from_slice(&buf[..n]);
@@ -228,24 +257,36 @@ async fn relay(client: TcpStream, server: UnixStream, control: Arc<Control>) {
                 kind,
                 sql: sql_of(kind, &msg),
             };
-            if !cutting_after {
+            let action = if cutting_after {
+                None
+            } else {
                 let mut plan = control.plan.lock().unwrap();
                 let hit = match plan.as_ref() {
-                    Some(Cut::After(p)) | Some(Cut::Before(p)) => kind != 0 && p(&frame),
+                    Some(Cut::After(p)) | Some(Cut::Before(p)) | Some(Cut::BlackHole(p)) => {
+                        kind != 0 && p(&frame)
+                    }
                     None => false,
                 };
-                if hit {
-                    match plan.take() {
-                        Some(Cut::Before(_)) => {
-                            control.cuts.fetch_add(1, Ordering::SeqCst);
-                            drop(plan);
-                            s2c.abort();
-                            return; // both sides dropped
-                        }
-                        Some(Cut::After(_)) => cutting_after = true,
-                        None => {}
-                    }
+                if hit { plan.take() } else { None }
+            };
+            match action {
+                Some(Cut::Before(_)) => {
+                    control.cuts.fetch_add(1, Ordering::SeqCst);
+                    s2c.abort();
+                    return; // both sides dropped
                 }
+                Some(Cut::After(_)) => cutting_after = true,
+                Some(Cut::BlackHole(_)) => {
+                    control.cuts.fetch_add(1, Ordering::SeqCst);
+                    holed.store(true, Ordering::SeqCst);
+                    // Hold every socket open, relaying nothing, until the
+                    // proxy goes.
+                    let _held = (&cr, &sw);
+                    control.until_stopped().await;
+                    s2c.abort();
+                    return;
+                }
+                None => {}
             }
             if sw.write_all(&msg).await.is_err() {
                 break 'read;

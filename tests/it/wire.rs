@@ -213,3 +213,50 @@ async fn a_cut_before_commit_is_sent_is_retried_and_the_row_is_written_once() {
     drop_table(&db, &table).await;
     db.close(Duration::from_secs(2)).await;
 }
+
+/// A black hole in the middle of a transaction's query: the operation ends
+/// at its deadline with class Timeout, the connection is not reused, and the
+/// pool still serves (no slot leaked).
+#[tokio::test]
+async fn a_black_holed_query_ends_at_the_deadline_and_leaks_no_pool_slot() {
+    let Some((proxy, db, table)) = through_proxy("black_hole").await else {
+        return;
+    };
+    proxy.arm(Cut::BlackHole(Box::new(inserts_into(&table))));
+    let started = std::time::Instant::now();
+    let e = db
+        .build_transaction()
+        .timeout(Duration::from_millis(500))
+        .run(async |c| insert_keyed(c, &table, "held").await)
+        .await
+        .unwrap_err();
+    let detected = started.elapsed();
+    eprintln!("wire: a black-holed query ended after {detected:?} (deadline 500 ms): {e}");
+    assert_eq!(e.class(), ErrorClass::Timeout, "{e:?}");
+    assert!(detected < Duration::from_millis(1500), "{detected:?}");
+    // The pool (2 connections) serves on: more operations than its size.
+    for i in 0..5 {
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            db.transaction(async |c| insert_keyed(c, &table, &format!("after-{i}")).await),
+        )
+        .await
+        .expect("the pool serves after a black hole")
+        .unwrap();
+    }
+    let waited = std::time::Instant::now();
+    loop {
+        let p = &db.pool_status()[0];
+        if p.connections.saturating_sub(p.idle) == 0 {
+            break;
+        }
+        assert!(
+            waited.elapsed() < Duration::from_secs(5),
+            "a slot stays in use: {p:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop_table(&db, &table).await;
+    db.close(Duration::from_secs(2)).await;
+    drop(proxy);
+}
