@@ -247,6 +247,10 @@ impl Opener {
                     .await
                     .map_err(|e| fail(ConnectStage::Socket, None, e.to_string()))?;
                 let _ = s.set_nodelay(true);
+                // A peer that died without a word (a crashed host, a dead
+                // switch) is found within about 30 s even when no request is
+                // in flight (an idle pooled connection, a listener).
+                let _ = socket2::SockRef::from(&s).set_tcp_keepalive(&KEEPALIVE);
                 Socket::Tcp(s)
             }
             Host::Unix(dir) => {
@@ -321,11 +325,18 @@ impl Opener {
         };
         let driver_wire = wire.clone();
         let forward = self.forward.clone();
+        // The server's statement timeout cannot reach the client through a
+        // dead link (a black hole: a crashed host, a dead switch, a proxy
+        // that stopped relaying); the connection's own watch does.
+        let stall_bound = self.config.statement_timeout.map(|t| t + STALL_GRACE);
         tokio::spawn(async move {
             // A severed connection (a closing `Database`'s last resort) drops
             // its socket here, whoever holds the client.
             let reason = tokio::select! {
                 result = drive(connection, forward) => result.err().map(|e| e.to_string()),
+                bound = stalled(&driver_wire, stall_bound) => Some(format!(
+                    "no reply from the server for {bound:?} while a request was in flight (the statement timeout plus {STALL_GRACE:?}): the server or the network is gone"
+                )),
                 () = driver_wire.severed() => Some(
                     "closed by Database::close: the connection was still held after the close's deadline".to_owned(),
                 ),
@@ -545,6 +556,38 @@ where
             Some(Ok(_)) => {}
             Some(Err(e)) => return Err(e),
             None => return Ok(()),
+        }
+    }
+}
+
+/// TCP keepalive on every connection: probes after 15 s of silence, every
+/// 5 s, 3 of them: a dead peer is given up on after about 30 s.
+const KEEPALIVE: socket2::TcpKeepalive = socket2::TcpKeepalive::new()
+    .with_time(std::time::Duration::from_secs(15))
+    .with_interval(std::time::Duration::from_secs(5))
+    .with_retries(3);
+
+/// Beyond the statement timeout, how long a request may go unanswered
+/// before its connection is given up.
+pub(crate) const STALL_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Returns when a request has been in flight with no message from the
+/// server for `bound` (never without a bound). It samples the message count
+/// a few times per bound: no cost per message.
+async fn stalled(wire: &WireState, bound: Option<std::time::Duration>) -> std::time::Duration {
+    let Some(bound) = bound else {
+        return std::future::pending().await;
+    };
+    let tick = (bound / 8).max(std::time::Duration::from_millis(50));
+    let mut last = (wire.message_count(), tokio::time::Instant::now());
+    loop {
+        tokio::time::sleep(tick).await;
+        let now = (wire.message_count(), tokio::time::Instant::now());
+        let bound = bound.max(wire.stall_floor());
+        if now.0 != last.0 || wire.in_flight() == 0 {
+            last = now;
+        } else if now.1 - last.1 >= bound {
+            return bound;
         }
     }
 }

@@ -81,6 +81,9 @@ pub struct WireState {
     /// [`WireState::capture_replies`]).
     capture_armed: AtomicBool,
     captured: Mutex<Captured>,
+    /// The longest statement timeout a transaction set on this connection
+    /// (`SET LOCAL`), plus the grace: the stall watch never gives up sooner.
+    stall_floor_ms: AtomicU64,
 }
 
 /// What an armed capture kept of the replies to one request: the tag of its
@@ -364,6 +367,21 @@ impl WireState {
     /// the socket at once (no `Terminate`), so the server sees the client gone
     /// and rolls back whatever the session had open. Requests in flight, and
     /// every later one, fail with a closed connection.
+    /// Raises the connection's stall bound to at least `d` (see
+    /// `conn::open::STALL_GRACE`): a transaction that allows its statements
+    /// longer than the configured timeout is not given up on sooner.
+    pub(crate) fn raise_stall_floor(&self, d: std::time::Duration) {
+        self.stall_floor_ms.fetch_max(
+            d.as_millis().min(u64::MAX as u128) as u64,
+            Ordering::Relaxed,
+        );
+    }
+
+    /// The stall floor (zero when none).
+    pub(crate) fn stall_floor(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.stall_floor_ms.load(Ordering::Relaxed))
+    }
+
     pub(crate) fn sever(&self) {
         self.severed.store(true, Ordering::SeqCst);
         self.sever_waker.wake();

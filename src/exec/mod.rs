@@ -531,6 +531,10 @@ pub(crate) async fn transaction<S: Source, F: ConnWork>(
         let read_only = opts.read_only;
         let (begin, f, cancel) = (&begin, f.clone(), &cancel);
         async move {
+            let begin = Begin {
+                sql: begin,
+                statement_timeout: opts.statement_timeout,
+            };
             let mut r = attempt_transaction(src, lease, begin, f, cancel, record, attempt).await;
             if let Err((_, failure)) = &mut r
                 && read_only
@@ -860,10 +864,18 @@ fn swallowed(failure: &Failure) -> Error {
     }))
 }
 
+/// How a transaction begins: its `BEGIN …` and the statement timeout it
+/// sets, if it sets its own.
+#[derive(Clone, Copy)]
+struct Begin<'a> {
+    sql: &'a str,
+    statement_timeout: Option<Duration>,
+}
+
 async fn attempt_transaction<S: Source, F: ConnWork>(
     src: &S,
     lease: Option<Result<PooledConn, Error>>,
-    begin: &str,
+    begin: Begin<'_>,
     f: F,
     cancel: &CancelSlot,
     record: bool,
@@ -875,7 +887,11 @@ async fn attempt_transaction<S: Source, F: ConnWork>(
         host,
         mark,
     } = start_attempt::<S, F::Error>(src, lease, cancel, attempt).await?;
-    if let Err(e) = AnsiTransactionManager::begin_transaction_sql(&mut **conn, begin).await {
+    if let Some(t) = begin.statement_timeout {
+        conn.wire()
+            .raise_stall_floor(t + crate::conn::open::STALL_GRACE);
+    }
+    if let Err(e) = AnsiTransactionManager::begin_transaction_sql(&mut **conn, begin.sql).await {
         let failure = Failure::from_wire(&wire, mark, Phase::InFlight, host).await;
         return Err((F::Error::from(Error::Query(e)), failure));
     }

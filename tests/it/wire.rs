@@ -260,3 +260,70 @@ async fn a_black_holed_query_ends_at_the_deadline_and_leaks_no_pool_slot() {
     db.close(Duration::from_secs(2)).await;
     drop(proxy);
 }
+
+/// With no deadline of its own, a black-holed statement is bounded by the
+/// configured statement timeout plus a grace: the server's timeout cannot
+/// reach the client through a dead link, so the connection's stall watch
+/// gives up on it. In a transaction the statement had not reached COMMIT:
+/// the transaction is retried on a new connection and succeeds. An
+/// autocommit write is ambiguous (its bytes were written).
+#[tokio::test]
+async fn a_black_holed_statement_without_a_deadline_ends_at_the_statement_timeout_plus_grace() {
+    let Some((proxy, _db, table)) = through_proxy("stall").await else {
+        return;
+    };
+    let cluster = support::cluster().await.unwrap();
+    let url = format!(
+        "postgres://railyard:{}@127.0.0.1:{}/railyard_it?sslmode=disable",
+        cluster.password().expose(),
+        proxy.port
+    );
+    let db = Database::connect(
+        Config::from_url(&url)
+            .unwrap()
+            .pool_max_size(2)
+            .statement_timeout(Some(Duration::from_millis(300))),
+    )
+    .await
+    .unwrap();
+    let attempts = std::sync::atomic::AtomicU32::new(0);
+    proxy.arm(Cut::BlackHole(Box::new(inserts_into(&table))));
+    let started = std::time::Instant::now();
+    db.transaction(async |c| {
+        attempts.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        insert_keyed(c, &table, "tx").await
+    })
+    .await
+    .unwrap();
+    let took = started.elapsed();
+    eprintln!(
+        "wire: a black-holed statement in a transaction was given up after {took:?} (statement timeout 300 ms + 2 s grace) and retried"
+    );
+    assert_eq!(
+        std::sync::atomic::AtomicU32::load(&attempts, std::sync::atomic::Ordering::SeqCst),
+        2
+    );
+    assert!(
+        took >= Duration::from_millis(2300) && took < Duration::from_secs(4),
+        "{took:?}"
+    );
+    assert_eq!(rows(&db, &table, "tx").await, 1);
+
+    proxy.arm(Cut::BlackHole(Box::new(inserts_into(&table))));
+    let started = std::time::Instant::now();
+    let e = db
+        .write(async |c| insert_keyed(c, &table, "auto").await)
+        .await
+        .unwrap_err();
+    let took = started.elapsed();
+    eprintln!("wire: a black-holed autocommit write ended after {took:?}: {e}");
+    assert_eq!(e.class(), ErrorClass::Ambiguous, "{e:?}");
+    assert!(took < Duration::from_secs(4), "{took:?}");
+    assert_eq!(
+        rows(&db, &table, "auto").await,
+        0,
+        "the black hole forwarded nothing"
+    );
+    drop_table(&db, &table).await;
+    db.close(Duration::from_secs(2)).await;
+}
