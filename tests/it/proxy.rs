@@ -55,6 +55,8 @@ struct Control {
     plan: Mutex<Option<Cut>>,
     accepted: AtomicU64,
     cuts: AtomicU64,
+    /// Latency added to each forwarded chunk, each way, in microseconds.
+    latency_us: AtomicU64,
     /// Set when the proxy is dropped: black-holed connections let go then.
     stopped: std::sync::atomic::AtomicBool,
     stop: tokio::sync::Notify,
@@ -115,6 +117,14 @@ impl Proxy {
     /// Arms a one-shot cut, for the next matching message on any connection.
     pub fn arm(&self, cut: Cut) {
         *self.control.plan.lock().unwrap() = Some(cut);
+    }
+
+    /// Adds `one_way` before each chunk is forwarded, in both directions:
+    /// a request and its reply take `2 × one_way` longer.
+    pub fn set_latency(&self, one_way: std::time::Duration) {
+        self.control
+            .latency_us
+            .store(one_way.as_micros() as u64, Ordering::SeqCst);
     }
 
     /// Connections accepted so far.
@@ -185,8 +195,13 @@ fn sql_of(kind: u8, msg: &[u8]) -> Option<&str> {
 
 async fn relay(client: TcpStream, server: UnixStream, control: Arc<Control>) {
     let _ = client.set_nodelay(true);
-    let (mut cr, mut cw) = client.into_split();
-    let (mut sr, mut sw) = server.into_split();
+    let (mut cr, cw) = client.into_split();
+    let (mut sr, sw) = server.into_split();
+    // Each direction goes through a delay line: a chunk read at `t` is
+    // written at `t + latency`, so latency adds to each trip once instead
+    // of piling up behind earlier chunks.
+    let to_client = line(cw);
+    let to_server = line(sw);
     // After an `After` cut: the server's replies are swallowed until its
     // ReadyForQuery, then everything closes.
     let swallow = Arc::new(tokio::sync::Notify::new());
@@ -207,7 +222,7 @@ async fn relay(client: TcpStream, server: UnixStream, control: Arc<Control>) {
                 };
                 if holed.load(Ordering::SeqCst) {
                     // Relay nothing, close nothing.
-                    let _held = (&sr, &cw);
+                    let _held = (&sr, &to_client);
                     control.until_stopped().await;
                     return;
                 }
@@ -230,7 +245,8 @@ async fn relay(client: TcpStream, server: UnixStream, control: Arc<Control>) {
                     frames.drain(..at);
                     continue;
                 }
-                if cw.write_all(&buf[..n]).await.is_err() {
+                let at = tokio::time::Instant::now() + latency(&control);
+                if to_client.send((at, buf[..n].to_vec())).await.is_err() {
                     return;
                 }
             }
@@ -252,6 +268,7 @@ async fn relay(client: TcpStream, server: UnixStream, control: Arc<Control>) {
             Ok(n) => n,
         };
         framer.buf.extend_from_slice(&buf[..n]);
+        let at = tokio::time::Instant::now() + latency(&control);
         while let Some((kind, msg)) = framer.next() {
             let frame = Frame {
                 kind,
@@ -281,14 +298,14 @@ async fn relay(client: TcpStream, server: UnixStream, control: Arc<Control>) {
                     holed.store(true, Ordering::SeqCst);
                     // Hold every socket open, relaying nothing, until the
                     // proxy goes.
-                    let _held = (&cr, &sw);
+                    let _held = (&cr, &to_server);
                     control.until_stopped().await;
                     s2c.abort();
                     return;
                 }
                 None => {}
             }
-            if sw.write_all(&msg).await.is_err() {
+            if to_server.send((at, msg)).await.is_err() {
                 break 'read;
             }
             if cutting_after && kind == b'E' {
@@ -309,4 +326,30 @@ async fn relay(client: TcpStream, server: UnixStream, control: Arc<Control>) {
         }
     }
     s2c.abort();
+}
+
+fn latency(control: &Control) -> std::time::Duration {
+    std::time::Duration::from_micros(control.latency_us.load(Ordering::Relaxed))
+}
+
+type Line = tokio::sync::mpsc::Sender<(tokio::time::Instant, Vec<u8>)>;
+
+/// A writer that writes each chunk at its time; it ends (closing `w`) when
+/// every sender is gone.
+fn line<W: tokio::io::AsyncWrite + Unpin + Send + 'static>(mut w: W) -> Line {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<(tokio::time::Instant, Vec<u8>)>(1024);
+    tokio::spawn(async move {
+        while let Some((at, bytes)) = rx.recv().await {
+            // The timer ticks by the millisecond: no sleep when the time has
+            // come already (no latency set), or a zero-latency proxy would
+            // add a tick to every trip.
+            if at > tokio::time::Instant::now() {
+                tokio::time::sleep_until(at).await;
+            }
+            if w.write_all(&bytes).await.is_err() {
+                return;
+            }
+        }
+    });
+    tx
 }

@@ -327,3 +327,133 @@ async fn a_black_holed_statement_without_a_deadline_ends_at_the_statement_timeou
     drop_table(&db, &table).await;
     db.close(Duration::from_secs(2)).await;
 }
+
+/// The latency table: Railyard against raw diesel-async (bb8 with its
+/// manager's default `SELECT 1` check-out validation) at 0, 1 and 10 ms of
+/// added round-trip time, through the proxy. Sequential operations, mean
+/// time per operation, ratio raw / Railyard (above 1: Railyard is faster).
+/// Run: `cargo test --all-features --test it wire::latency_table -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement, not a check: run it by name"]
+async fn latency_table() {
+    use diesel_async::AsyncPgConnection;
+    use diesel_async::pooled_connection::AsyncDieselConnectionManager;
+    let Some((proxy, db, table)) = through_proxy("latency").await else {
+        return;
+    };
+    db.with_primary(async |c| {
+        c.batch_execute(&format!(
+            "INSERT INTO {table} SELECT 'k' || g, g FROM generate_series(1, 100) g"
+        ))
+        .await?;
+        Ok::<_, Error>(())
+    })
+    .await
+    .unwrap();
+    let cluster = support::cluster().await.unwrap();
+    let url = format!(
+        "postgres://railyard:{}@127.0.0.1:{}/railyard_it?sslmode=disable",
+        cluster.password().expose(),
+        proxy.port
+    );
+    let raw = bb8::Pool::builder()
+        .max_size(2)
+        .build(AsyncDieselConnectionManager::<AsyncPgConnection>::new(
+            url.clone(),
+        ))
+        .await
+        .unwrap();
+    // A primary-key lookup through diesel's query builder: a statement both
+    // sides prepare once per connection and cache, as applications do.
+    let ids = support::accounts(&db, 100, 1_000).await;
+    diesel::table! {
+        accounts (id) {
+            id -> Int8,
+            balance_cents -> Int8,
+        }
+    }
+    use diesel::{ExpressionMethods, QueryDsl};
+    let lookup = move |i: usize| {
+        accounts::table
+            .filter(accounts::id.eq(ids[i % ids.len()]))
+            .select(accounts::balance_cents)
+    };
+    println!(
+        "added RTT (measured SELECT 1) | lookup: railyard / raw (ratio) | transaction: railyard / raw (ratio)"
+    );
+    for (rtt_ms, n) in [(0u64, 400usize), (1, 200), (10, 40)] {
+        proxy.set_latency(Duration::from_micros(rtt_ms * 500));
+        let time = async |f: &dyn Fn(
+            usize,
+        ) -> std::pin::Pin<
+            Box<dyn std::future::Future<Output = ()> + 'static>,
+        >| {
+            for i in 0..5 {
+                f(i).await; // warm
+            }
+            let started = std::time::Instant::now();
+            for i in 0..n {
+                f(i).await;
+            }
+            started.elapsed().as_secs_f64() * 1000.0 / n as f64
+        };
+        // The round trip as it is, timer ticks included.
+        let mut probe = raw.get().await.unwrap();
+        let started = std::time::Instant::now();
+        for _ in 0..20 {
+            probe.batch_execute("SELECT 1").await.unwrap();
+        }
+        let rt = started.elapsed().as_secs_f64() * 1000.0 / 20.0;
+        drop(probe);
+        let ours_lookup = time(&|i| {
+            let q = lookup(i);
+            let db = db.clone();
+            Box::pin(async move {
+                db.with_primary(async |c| q.first::<i64>(c).await.map_err(Error::from))
+                    .await
+                    .unwrap();
+            })
+        })
+        .await;
+        let raw_lookup = time(&|i| {
+            let q = lookup(i);
+            let raw = raw.clone();
+            Box::pin(async move {
+                let mut c = raw.get().await.unwrap();
+                q.first::<i64>(&mut *c).await.unwrap();
+            })
+        })
+        .await;
+        let ours_tx = time(&|i| {
+            let q = lookup(i);
+            let db = db.clone();
+            Box::pin(async move {
+                db.transaction(async |c| q.first::<i64>(c).await.map_err(Error::from))
+                    .await
+                    .unwrap();
+            })
+        })
+        .await;
+        let raw_tx = time(&|i| {
+            let q = lookup(i);
+            let raw = raw.clone();
+            Box::pin(async move {
+                // What diesel-async's `transaction` sends: BEGIN, the
+                // statement, COMMIT.
+                let mut c = raw.get().await.unwrap();
+                c.batch_execute("BEGIN").await.unwrap();
+                q.first::<i64>(&mut *c).await.unwrap();
+                c.batch_execute("COMMIT").await.unwrap();
+            })
+        })
+        .await;
+        println!(
+            "{rtt_ms:>3} ms ({rt:.2} ms) | {ours_lookup:.3} ms / {raw_lookup:.3} ms ({:.2}×) | {ours_tx:.3} ms / {raw_tx:.3} ms ({:.2}×)",
+            raw_lookup / ours_lookup,
+            raw_tx / ours_tx
+        );
+    }
+    proxy.set_latency(Duration::ZERO);
+    drop_table(&db, &table).await;
+    db.close(Duration::from_secs(2)).await;
+}
