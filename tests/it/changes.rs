@@ -44,7 +44,7 @@ async fn every_change_arrives_in_commit_order_across_consumer_crashes_with_dupli
     const WRITERS: i32 = 8;
     const PER_TXN: i32 = 50;
     const TXNS: i32 = 250; // 8 × 250 × 50 = 100,000 changes
-    let (_cluster, db) = private("changes").await;
+    let (cluster, db) = private("changes").await;
     let config = ChangeStreamConfig::new("ev_stream", ["ev"]);
     let mut stream = db.changes(config.clone()).await.unwrap();
     let started = Instant::now();
@@ -149,11 +149,12 @@ async fn every_change_arrives_in_commit_order_across_consumer_crashes_with_dupli
     drop(stream);
     assert!(db.drop_change_slot("ev_stream").await.unwrap());
     db.close(Duration::from_secs(2)).await;
+    cluster.destroy().unwrap();
 }
 
 #[tokio::test]
 async fn an_unacknowledged_slot_is_reported_over_its_limit_and_a_lost_slot_ends_the_stream() {
-    let (_cluster, db) = private("slot").await;
+    let (cluster, db) = private("slot").await;
     let capture = std::sync::Arc::new(std::sync::Mutex::new(Vec::<u8>::new()));
     let mut stream = db
         .changes(
@@ -247,6 +248,7 @@ async fn an_unacknowledged_slot_is_reported_over_its_limit_and_a_lost_slot_ends_
     );
     assert!(stream.next().await.is_none());
     db.close(Duration::from_secs(2)).await;
+    cluster.destroy().unwrap();
 }
 
 /// `railyard changes` prints changes as JSON lines with their tokens, and
@@ -360,4 +362,5 @@ async fn the_cli_prints_changes_with_tokens_and_resumes_after_one() {
         .unwrap();
     assert!(status.success());
     db.close(Duration::from_secs(2)).await;
+    cluster.destroy().unwrap();
 }

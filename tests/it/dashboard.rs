@@ -795,5 +795,5 @@ channels = ["log", "oncall"]
     drop(serve);
     primary.close(Duration::from_secs(2)).await;
     replica_admin.close(Duration::from_secs(2)).await;
-    drop(cluster);
+    cluster.destroy().unwrap();
 }

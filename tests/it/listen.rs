@@ -166,6 +166,7 @@ async fn a_restarted_server_gives_a_gap_and_listening_resumes() {
     }
     drop(l);
     db.close(Duration::from_secs(2)).await;
+    cluster.destroy().unwrap();
 }
 
 /// `railyard listen` prints notifications and gap markers as JSON lines.
