@@ -13,15 +13,7 @@ use railyard::{Config, Database, Error, LocalCluster};
 use crate::support;
 
 async fn private(name: &str) -> (LocalCluster, Database) {
-    support::server().await;
-    let dir = std::env::temp_dir().join(support::unique(name));
-    let cluster = LocalCluster::builder()
-        .dir(&dir)
-        .ephemeral(true)
-        .replica(false)
-        .start()
-        .await
-        .expect("private cluster");
+    let cluster = support::private_cluster(name, false).await;
     let db =
         Database::connect(Config::new(cluster.primary_socket_target("postgres")).pool_max_size(10))
             .await

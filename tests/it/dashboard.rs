@@ -492,15 +492,9 @@ async fn screenshot(url: &str, name: &str) {
 /// resolves, on the page too.
 #[tokio::test]
 async fn a_paused_replica_shows_on_the_page_fires_one_grouped_webhook_and_resolves() {
-    use railyard::{Config, Database, LocalCluster};
-    support::server().await;
-    let dir = std::env::temp_dir().join(support::unique("alerts"));
-    let cluster = LocalCluster::builder()
-        .dir(&dir)
-        .ephemeral(true)
-        .start()
-        .await
-        .expect("private cluster");
+    use railyard::{Config, Database};
+    let cluster = support::private_cluster("alerts", true).await;
+    let dir = cluster.dir().to_path_buf();
     let (hook, got) = receiver().await;
     let rules = dir.join("alerts.toml");
     std::fs::write(

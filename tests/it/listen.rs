@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use railyard::database::ListenEvent;
-use railyard::{Config, Database, Error, LocalCluster};
+use railyard::{Config, Database, Error};
 
 use crate::support;
 
@@ -127,15 +127,7 @@ async fn a_payload_over_the_servers_limit_is_refused_before_it_is_sent() {
 
 #[tokio::test]
 async fn a_restarted_server_gives_a_gap_and_listening_resumes() {
-    support::server().await;
-    let dir = std::env::temp_dir().join(support::unique("listen"));
-    let cluster = LocalCluster::builder()
-        .dir(&dir)
-        .ephemeral(true)
-        .replica(false)
-        .start()
-        .await
-        .expect("private cluster");
+    let cluster = support::private_cluster("listen", false).await;
     let db =
         Database::connect(Config::new(cluster.primary_socket_target("postgres")).pool_max_size(2))
             .await

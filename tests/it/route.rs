@@ -42,14 +42,7 @@ async fn wait_healthy(db: &Database) {
 
 /// A private cluster with the ledger migrated, reached over its sockets.
 async fn private(name: &str) -> (LocalCluster, Config) {
-    support::server().await;
-    let dir = std::env::temp_dir().join(support::unique(name));
-    let cluster = LocalCluster::builder()
-        .dir(&dir)
-        .ephemeral(true)
-        .start()
-        .await
-        .expect("private cluster");
+    let cluster = support::private_cluster(name, true).await;
     let config = Config::new(cluster.primary_socket_target("railyard"))
         .replica(cluster.replica_socket_target("railyard").unwrap());
     railyard::Migrator::new(support::LEDGER)
@@ -57,6 +50,28 @@ async fn private(name: &str) -> (LocalCluster, Config) {
         .await
         .unwrap();
     (cluster, config)
+}
+
+/// Reads `email`'s count through `session` until the read is routed to the
+/// replica again (within 10 s of replay resuming); the count it read there.
+async fn back_on_replica(db: &Database, session: &railyard::Session, email: &str) -> i64 {
+    let waited = std::time::Instant::now();
+    loop {
+        let (n, route) = session
+            .read_routed(async |c| count_user(c, email).await)
+            .await
+            .unwrap();
+        if matches!(route, Route::Replica(_)) {
+            return n;
+        }
+        assert!(
+            waited.elapsed() < Duration::from_secs(10),
+            "still on the primary 10 s after replay resumed: floor {:?}, {:?}",
+            session.token(),
+            db.replica_health()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 async fn replica_admin(cluster: &LocalCluster) -> Database {
@@ -530,23 +545,7 @@ async fn read_your_writes_holds_while_replay_is_paused_and_across_a_token_string
     // primary raised it to the primary's position when they ran (monotonic
     // reads), which includes any WAL written since (a page pruned by a
     // read, a standby snapshot), so the test waits for the route itself.
-    let waited = std::time::Instant::now();
-    let n = loop {
-        let (n, route) = session
-            .read_routed(async |c| count_user(c, &email).await)
-            .await
-            .unwrap();
-        if matches!(route, Route::Replica(_)) {
-            break n;
-        }
-        assert!(
-            waited.elapsed() < Duration::from_secs(10),
-            "still on the primary 10 s after replay resumed: floor {:?}, {:?}",
-            session.token(),
-            db.replica_health()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let n = back_on_replica(&db, &session, &email).await;
     assert_eq!(n, 1);
 
     // 10,000 write→read pairs, replay paused and resumed at random meanwhile.
@@ -688,23 +687,7 @@ async fn after_a_read_on_the_primary_a_session_never_reads_older_data_than_it_sa
     // the primary's position as the monitor samples it after that read
     // (which the token carries only once sampled), so the test waits for the
     // route itself rather than for a position it would have to guess.
-    let waited = std::time::Instant::now();
-    let n = loop {
-        let (n, route) = session
-            .read_routed(async |c| count_user(c, &theirs).await)
-            .await
-            .unwrap();
-        if matches!(route, Route::Replica(_)) {
-            break n;
-        }
-        assert!(
-            waited.elapsed() < Duration::from_secs(10),
-            "still on the primary 10 s after replay resumed: {:?}, {:?}",
-            session.token(),
-            db.replica_health()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let n = back_on_replica(&db, &session, &theirs).await;
     assert_eq!(n, 1, "the replica read sees what the primary read saw");
     drop((db, replica));
     cluster.destroy().unwrap();

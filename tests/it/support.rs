@@ -332,3 +332,18 @@ pub async fn total_balance(db: &Database, ids: &[i64]) -> i64 {
     }
     total
 }
+
+/// A private cluster of one test (a primary, and a streaming replica when
+/// `replica`), in a directory of its own, marked as this process's so that
+/// a killed run's is reaped by the next; the test calls `destroy` at its end.
+pub async fn private_cluster(name: &str, replica: bool) -> railyard::LocalCluster {
+    server().await;
+    let dir = std::env::temp_dir().join(unique(name));
+    railyard::LocalCluster::builder()
+        .dir(&dir)
+        .ephemeral(true)
+        .replica(replica)
+        .start()
+        .await
+        .expect("private cluster")
+}

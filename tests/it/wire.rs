@@ -27,11 +27,7 @@ async fn through_proxy(name: &str) -> Option<(Proxy, Database, String)> {
         .socket_dir()
         .join(format!(".s.PGSQL.{}", cluster.primary_port()));
     let proxy = Proxy::start(upstream).await;
-    let url = format!(
-        "postgres://railyard:{}@127.0.0.1:{}/railyard_it?sslmode=disable",
-        cluster.password().expose(),
-        proxy.port
-    );
+    let url = proxy_url(&proxy).await;
     let db = Database::connect(Config::from_url(&url).unwrap().pool_max_size(2))
         .await
         .unwrap();
@@ -46,6 +42,17 @@ async fn through_proxy(name: &str) -> Option<(Proxy, Database, String)> {
     .await
     .unwrap();
     Some((proxy, db, table))
+}
+
+/// The ledger database of the shared cluster, reached through `proxy`
+/// (plain TCP to the proxy; the proxy uses the server's Unix socket).
+async fn proxy_url(proxy: &Proxy) -> String {
+    let cluster = support::cluster().await.expect("the local cluster");
+    format!(
+        "postgres://railyard:{}@127.0.0.1:{}/railyard_it?sslmode=disable",
+        cluster.password().expose(),
+        proxy.port
+    )
 }
 
 async fn rows(db: &Database, table: &str, key: &str) -> i64 {
@@ -272,12 +279,7 @@ async fn a_black_holed_statement_without_a_deadline_ends_at_the_statement_timeou
     let Some((proxy, _db, table)) = through_proxy("stall").await else {
         return;
     };
-    let cluster = support::cluster().await.unwrap();
-    let url = format!(
-        "postgres://railyard:{}@127.0.0.1:{}/railyard_it?sslmode=disable",
-        cluster.password().expose(),
-        proxy.port
-    );
+    let url = proxy_url(&proxy).await;
     let db = Database::connect(
         Config::from_url(&url)
             .unwrap()
@@ -350,12 +352,7 @@ async fn latency_table() {
     })
     .await
     .unwrap();
-    let cluster = support::cluster().await.unwrap();
-    let url = format!(
-        "postgres://railyard:{}@127.0.0.1:{}/railyard_it?sslmode=disable",
-        cluster.password().expose(),
-        proxy.port
-    );
+    let url = proxy_url(&proxy).await;
     let raw = bb8::Pool::builder()
         .max_size(2)
         .build(AsyncDieselConnectionManager::<AsyncPgConnection>::new(
