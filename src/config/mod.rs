@@ -337,6 +337,12 @@ pub struct PoolConfig {
     /// is shed. `None`: [`DEFAULT_POOL_MAX_WAIT`], or half the checkout
     /// timeout when that is shorter (see [`PoolConfig::max_wait_or_default`]).
     pub max_wait: Option<Duration>,
+    /// A connection idle in the pool for this long is pinged (an empty
+    /// query) at check-out; a younger one is checked from the protocol tap,
+    /// without a round trip. The ping is bounded by the connect timeout: a
+    /// connection that does not answer in time (a dead link) is discarded
+    /// and the check-out goes on with another. Defaults to 30 s.
+    pub ping_after_idle: Duration,
 }
 
 impl Default for PoolConfig {
@@ -349,6 +355,7 @@ impl Default for PoolConfig {
             max_lifetime: Some(Duration::from_secs(1800)),
             max_waiters: None,
             max_wait: None,
+            ping_after_idle: Duration::from_secs(30),
         }
     }
 }
@@ -1004,6 +1011,22 @@ impl Config {
     pub fn checkout_timeout(mut self, d: Duration) -> Self {
         self.from_env.remove(&Setting::CheckoutTimeout);
         self.pool.checkout_timeout = d;
+        self
+    }
+
+    /// How long a connection may sit idle in the pool before a check-out
+    /// pings it (see [`PoolConfig::ping_after_idle`]). Defaults to 30 s.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let c = railyard::Config::from_url("postgres://u@h/db")?
+    ///     .ping_after_idle(Duration::from_secs(5));
+    /// assert_eq!(c.pool().ping_after_idle, Duration::from_secs(5));
+    /// # Ok::<(), railyard::error::ConfigError>(())
+    /// ```
+    #[must_use]
+    pub fn ping_after_idle(mut self, d: Duration) -> Self {
+        self.pool.ping_after_idle = d;
         self
     }
 

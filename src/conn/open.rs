@@ -110,6 +110,11 @@ impl Opener {
         self
     }
 
+    /// How long one host may take to answer a connection attempt.
+    pub(crate) fn connect_timeout(&self) -> std::time::Duration {
+        self.config.effective_connect_timeout(&self.target)
+    }
+
     /// Opens one connection, walking the target's hosts in order.
     pub(crate) async fn open(&self) -> Result<Conn, Error> {
         if self.gate.as_ref().is_some_and(|g| g.is_closed()) {

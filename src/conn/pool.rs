@@ -80,7 +80,26 @@ impl bb8::ManageConnection for Manager {
         }
         if conn.last_returned.elapsed() >= self.ping_after_idle {
             use diesel_async::SimpleAsyncConnection;
-            conn.pg.batch_execute("").await?;
+            // A dead link (a crashed host, a dropped route) would hold the
+            // ping until the check-out's own timeout, and the caller's
+            // operation with it: bounded by the connect timeout, it is
+            // discarded and the check-out goes on with another connection.
+            let bound = self.opener.connect_timeout();
+            match tokio::time::timeout(bound, conn.pg.batch_execute("")).await {
+                Ok(r) => r?,
+                Err(_) => {
+                    return Err(Error::Connect(ConnectError {
+                        host: conn.info.host.to_string(),
+                        port: conn.info.port,
+                        stage: ConnectStage::Timeout,
+                        sqlstate: None,
+                        message: format!(
+                            "the idle connection did not answer a ping within {bound:?}"
+                        ),
+                        source: None,
+                    }));
+                }
+            }
         }
         Ok(())
     }
@@ -250,7 +269,7 @@ impl TargetPool {
                 && opener.attrs() == TargetSessionAttrs::ReadWrite,
             generation: generation.clone(),
             opener,
-            ping_after_idle: Duration::from_secs(30),
+            ping_after_idle: config.pool.ping_after_idle,
         };
         let pool = bb8::Pool::builder()
             .max_size(max_size)

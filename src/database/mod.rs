@@ -978,14 +978,34 @@ impl Database {
             _outstanding,
         } = lease;
         let Some(node) = node else {
-            let v = f(&mut conn).await?;
             // (A harness's stale-replica read has no node either.)
-            let seen = if route == Route::Primary {
-                self.after_primary_read(seen)
-            } else {
-                seen
+            if route != Route::Primary {
+                return Ok((f(&mut conn).await?, route, seen));
+            }
+            let wire = conn.wire_arc();
+            let mark = wire.mark();
+            let v = match f.clone()(&mut conn).await {
+                Ok(v) => v,
+                Err(e) => {
+                    // A read whose connection was lost (reset, closed, given
+                    // up by the stall watch) changed nothing: it runs once
+                    // more, on a new connection. Any other failure is the
+                    // caller's.
+                    let class = match wire.error_since(mark) {
+                        Some(s) => s.class(wire.is_closed()),
+                        None => classify(None, wire.is_closed()),
+                    };
+                    let lost = wire.is_closed() && class == ErrorClass::Reconnect;
+                    drop(conn);
+                    if !lost || self.lifecycle() != Lifecycle::Open {
+                        return Err(e);
+                    }
+                    tracing::debug!(target: "railyard::route", "a read lost its primary connection: running it again on a new one");
+                    let mut conn = self.checkout(Want::Primary).await?;
+                    f(&mut conn).await?
+                }
             };
-            return Ok((v, route, seen));
+            return Ok((v, route, self.after_primary_read(seen)));
         };
         let wire = conn.wire_arc();
         let mark = wire.mark();

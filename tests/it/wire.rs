@@ -16,6 +16,15 @@ use diesel_async::{RunQueryDsl, SimpleAsyncConnection};
 use railyard::{Config, Database, Error, ErrorClass};
 
 use crate::proxy::{Cut, Frame, Proxy};
+
+// The ledger's accounts, for statements diesel prepares once per connection
+// and caches (an uncached statement is closed with a request of its own).
+diesel::table! {
+    accounts (id) {
+        id -> Int8,
+        balance_cents -> Int8,
+    }
+}
 use crate::support;
 
 /// A database reached through a proxy to the shared cluster's primary, with
@@ -363,12 +372,6 @@ async fn latency_table() {
     // A primary-key lookup through diesel's query builder: a statement both
     // sides prepare once per connection and cache, as applications do.
     let ids = support::accounts(&db, 100, 1_000).await;
-    diesel::table! {
-        accounts (id) {
-            id -> Int8,
-            balance_cents -> Int8,
-        }
-    }
     use diesel::{ExpressionMethods, QueryDsl};
     let lookup = move |i: usize| {
         accounts::table
@@ -451,6 +454,251 @@ async fn latency_table() {
         );
     }
     proxy.set_latency(Duration::ZERO);
+    drop_table(&db, &table).await;
+    db.close(Duration::from_secs(2)).await;
+}
+
+/// A database through a proxy that passes TLS through (verify-full against
+/// the local cluster's CA: the session is with the server, not the proxy).
+async fn through_tls_proxy() -> Option<(Proxy, String)> {
+    let cluster = support::cluster().await?;
+    support::ledger(|c| c).await;
+    let proxy = Proxy::start_tls(([127, 0, 0, 1], cluster.primary_port()).into()).await;
+    let url = format!(
+        "postgres://railyard:{}@127.0.0.1:{}/railyard_it?sslmode=verify-full&sslrootcert={}",
+        cluster.password().expose(),
+        proxy.port,
+        cluster.ca_cert().display()
+    );
+    Some((proxy, url))
+}
+
+/// Through TLS the proxy reads no frame; it counts the client's flights. A
+/// flight armed while the transaction's connection is idle between requests
+/// is the next request: the COMMIT. Its reply is dropped after the server
+/// committed: Ambiguous, not retried, the row there.
+#[tokio::test]
+async fn through_tls_a_commit_whose_reply_is_lost_is_ambiguous_and_the_row_is_there() {
+    let Some((proxy, url)) = through_tls_proxy().await else {
+        return;
+    };
+    // One connection: no other flight can come between.
+    let db = Database::connect(Config::from_url(&url).unwrap().pool_max_size(1))
+        .await
+        .unwrap();
+    let table = support::unique("ambiguous_tls");
+    db.with_primary(async |c| {
+        c.batch_execute(&format!(
+            "CREATE TABLE {table} (key text PRIMARY KEY, amount bigint NOT NULL)"
+        ))
+        .await?;
+        Ok::<_, Error>(())
+    })
+    .await
+    .unwrap();
+    #[derive(diesel::QueryableByName)]
+    struct Ssl {
+        #[diesel(sql_type = diesel::sql_types::Bool)]
+        ssl: bool,
+    }
+    let ssl: Vec<Ssl> = db
+        .with_primary(async |c| {
+            diesel::sql_query("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
+                .load(c)
+                .await
+                .map_err(Error::from)
+        })
+        .await
+        .unwrap();
+    assert!(ssl[0].ssl, "the session through the proxy is TLS");
+    let attempts = std::sync::atomic::AtomicU32::new(0);
+    let key = "transfer-tls";
+    let e = db
+        .transaction(async |c| {
+            attempts.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            insert_keyed(c, &table, key).await?;
+            // The INSERT's reply is in: the next flight is the COMMIT.
+            proxy.arm(Cut::AfterNextFlight);
+            Ok::<(), Error>(())
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(proxy.cuts(), 1);
+    assert_eq!(e.class(), ErrorClass::Ambiguous, "{e:?}");
+    assert_eq!(
+        std::sync::atomic::AtomicU32::load(&attempts, std::sync::atomic::Ordering::SeqCst),
+        1,
+        "nothing is retried"
+    );
+    assert_eq!(rows(&db, &table, key).await, 1, "the server committed it");
+    drop_table(&db, &table).await;
+    db.close(Duration::from_secs(2)).await;
+}
+
+/// A slow link is not a dead one: a result that takes longer to arrive than
+/// the stall bound (statement timeout + 2 s), through a bandwidth cap, is
+/// read whole, since its rows keep coming.
+#[tokio::test]
+async fn a_result_slowed_by_a_bandwidth_cap_is_read_whole_not_given_up() {
+    let Some((proxy, _db, table)) = through_proxy("slow_link").await else {
+        return;
+    };
+    let url = proxy_url(&proxy).await;
+    let db = Database::connect(
+        Config::from_url(&url)
+            .unwrap()
+            .pool_max_size(1)
+            .statement_timeout(Some(Duration::from_millis(300))),
+    )
+    .await
+    .unwrap();
+    // About 1 MB, at 400 kB/s.
+    proxy.set_bandwidth(Some(400_000));
+    let started = std::time::Instant::now();
+    let n: i64 = db
+        .read(async |c| {
+            #[derive(diesel::QueryableByName)]
+            struct Pad {
+                #[diesel(sql_type = Text)]
+                #[allow(dead_code)]
+                pad: String,
+            }
+            let rows: Vec<Pad> = diesel::sql_query(
+                "SELECT repeat('x', 1000) AS pad FROM generate_series(1, 1000)",
+            )
+            .load(c)
+            .await?;
+            Ok::<_, Error>(rows.len() as i64)
+        })
+        .await
+        .unwrap();
+    let took = started.elapsed();
+    proxy.set_bandwidth(None);
+    eprintln!("wire: 1000 rows of 1 kB through a 400 kB/s link in {took:?} (stall bound 2.3 s)");
+    assert_eq!(n, 1000);
+    assert!(took > Duration::from_millis(2300), "{took:?}: the cap held");
+    drop_table(&db, &table).await;
+    db.close(Duration::from_secs(2)).await;
+}
+
+/// A reset (RST) in the middle of a read's result: the read fails with a
+/// reconnect-class error, is retried on a new connection, and succeeds.
+#[tokio::test]
+async fn a_reset_in_the_middle_of_a_result_is_retried_for_a_read() {
+    let Some((proxy, db, table)) = through_proxy("reset").await else {
+        return;
+    };
+    let attempts = std::sync::atomic::AtomicU32::new(0);
+    let before = proxy.accepted();
+    proxy.arm(Cut::ResetInReply(
+        Box::new(|f| f.sql.is_some_and(|s| s.contains("generate_series(1, 2000)"))),
+        5_000,
+    ));
+    let n = db
+        .read(async |c| {
+            attempts.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            #[derive(diesel::QueryableByName)]
+            struct N {
+                #[diesel(sql_type = BigInt)]
+                n: i64,
+            }
+            let rows: Vec<N> =
+                diesel::sql_query("SELECT g::int8 AS n FROM generate_series(1, 2000) g")
+                    .load(c)
+                    .await?;
+            Ok::<_, Error>(rows.iter().map(|r| r.n).sum::<i64>())
+        })
+        .await
+        .unwrap();
+    assert_eq!(proxy.cuts(), 1);
+    assert_eq!(n, 2000 * 2001 / 2);
+    assert_eq!(
+        std::sync::atomic::AtomicU32::load(&attempts, std::sync::atomic::Ordering::SeqCst),
+        2,
+        "retried once"
+    );
+    assert!(proxy.accepted() > before, "on a new connection");
+    drop_table(&db, &table).await;
+    db.close(Duration::from_secs(2)).await;
+}
+
+/// Half-closes. The server-to-client direction shut at a read's query: the
+/// client reads end of file, and the read is retried on a new connection.
+/// The client-to-server direction shut after the query is forwarded: the
+/// server answers it and then, reading end of file, ends the session; the
+/// read succeeds, and the closed connection is not handed out again.
+#[tokio::test]
+async fn half_closed_connections_are_retried_or_discarded_never_reused() {
+    use diesel::{ExpressionMethods, QueryDsl};
+    let Some((proxy, db, table)) = through_proxy("half_close").await else {
+        return;
+    };
+    let attempts = std::sync::atomic::AtomicU32::new(0);
+    let count = |a: &std::sync::atomic::AtomicU32| {
+        std::sync::atomic::AtomicU32::swap(a, 0, std::sync::atomic::Ordering::SeqCst)
+    };
+    // Two statement shapes, each cached per connection: the cut matches
+    // the first one's Parse on the connection it meets.
+    let below = async |n: i64| {
+        db.read(async |c| {
+            attempts.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            accounts::table
+                .filter(accounts::balance_cents.lt(n))
+                .count()
+                .get_result::<i64>(c)
+                .await
+                .map_err(Error::from)
+        })
+        .await
+    };
+    let above = async |n: i64| {
+        db.read(async |c| {
+            attempts.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            accounts::table
+                .filter(accounts::balance_cents.gt(n))
+                .count()
+                .get_result::<i64>(c)
+                .await
+                .map_err(Error::from)
+        })
+        .await
+    };
+    let shape = |op: &'static str| {
+        move |f: &Frame<'_>| {
+            f.kind == b'P'
+                && f.sql.is_some_and(|s| {
+                    s.contains("\"balance_cents\" ") && s.contains(&format!("{op} $1"))
+                })
+        }
+    };
+    proxy.arm(Cut::HalfClose(
+        Box::new(shape("<")),
+        crate::proxy::Dir::ToClient,
+    ));
+    let started = std::time::Instant::now();
+    below(0).await.unwrap();
+    eprintln!(
+        "wire: a read whose reply direction was shut was retried in {:?}",
+        started.elapsed()
+    );
+    assert_eq!(proxy.cuts(), 1);
+    assert_eq!(count(&attempts), 2, "retried once");
+
+    proxy.arm(Cut::HalfClose(
+        Box::new(shape(">")),
+        crate::proxy::Dir::ToServer,
+    ));
+    above(i64::MAX).await.unwrap();
+    assert_eq!(proxy.cuts(), 2);
+    assert_eq!(count(&attempts), 1, "the server answered before it hung up");
+    // The server has hung up on that connection: the next check-outs find
+    // it closed and never hand it out.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    for n in 0..4 {
+        above(n).await.unwrap();
+        below(n).await.unwrap();
+        assert_eq!(count(&attempts), 2, "no operation met the closed connection");
+    }
     drop_table(&db, &table).await;
     db.close(Duration::from_secs(2)).await;
 }
