@@ -255,7 +255,13 @@ impl Opener {
                 // A peer that died without a word (a crashed host, a dead
                 // switch) is found within about 30 s even when no request is
                 // in flight (an idle pooled connection, a listener).
-                let _ = socket2::SockRef::from(&s).set_tcp_keepalive(&KEEPALIVE);
+                let sock = socket2::SockRef::from(&s);
+                let _ = sock.set_tcp_keepalive(&KEEPALIVE);
+                // Keepalives probe only an idle link: with a request in
+                // flight, the kernel retransmits for up to about 15 min.
+                // This bounds unacknowledged data to the same 30 s.
+                #[cfg(any(target_os = "linux", target_os = "android"))]
+                let _ = sock.set_tcp_user_timeout(Some(TCP_USER_TIMEOUT));
                 Socket::Tcp(s)
             }
             Host::Unix(dir) => {
@@ -571,6 +577,12 @@ const KEEPALIVE: socket2::TcpKeepalive = socket2::TcpKeepalive::new()
     .with_time(std::time::Duration::from_secs(15))
     .with_interval(std::time::Duration::from_secs(5))
     .with_retries(3);
+
+/// How long data written to a TCP socket may go unacknowledged before the
+/// kernel gives the connection up: as long as keepalives take to find an
+/// idle dead peer.
+#[cfg(any(target_os = "linux", target_os = "android"))]
+const TCP_USER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Beyond the statement timeout, how long a request may go unanswered
 /// before its connection is given up.

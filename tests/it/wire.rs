@@ -702,3 +702,160 @@ async fn half_closed_connections_are_retried_or_discarded_never_reused() {
     drop_table(&db, &table).await;
     db.close(Duration::from_secs(2)).await;
 }
+
+/// Black holes at check-out. A connection idle past `ping_after_idle` is
+/// pinged at check-out; the ping through a black hole is given up at the
+/// connect timeout, the connection discarded, and the read goes on with a new
+/// one. When new connections are black-holed too, the check-out ends at its
+/// own timeout with a reconnect-class error, and the pool serves again once
+/// the link is back: no slot leaked.
+#[tokio::test]
+async fn black_holes_at_check_out_end_at_the_connect_and_checkout_timeouts() {
+    let Some((proxy, _db, table)) = through_proxy("hole_checkout").await else {
+        return;
+    };
+    let url = proxy_url(&proxy).await;
+    let db = Database::connect(
+        Config::from_url(&url)
+            .unwrap()
+            .pool_max_size(2)
+            .ping_after_idle(Duration::from_millis(100))
+            .connect_timeout(Duration::from_millis(500))
+            .checkout_timeout(Duration::from_secs(2)),
+    )
+    .await
+    .unwrap();
+    let read = async || {
+        db.read(async |c| {
+            diesel::select(diesel::dsl::sql::<BigInt>("1::int8"))
+                .get_result::<i64>(c)
+                .await
+                .map_err(Error::from)
+        })
+        .await
+    };
+    read().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let holed = proxy.black_hole_all();
+    assert!(holed >= 1);
+    let before = proxy.accepted();
+    let started = std::time::Instant::now();
+    read().await.unwrap();
+    let took = started.elapsed();
+    eprintln!("wire: a black-holed idle connection was found at check-out and replaced in {took:?} (connect timeout 500 ms)");
+    assert!(
+        took >= Duration::from_millis(450) && took < Duration::from_millis(1500),
+        "{took:?}"
+    );
+    assert!(proxy.accepted() > before, "a new connection");
+
+    // Nothing answers: neither the pooled connection nor a new one.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    proxy.black_hole_all();
+    proxy.black_hole_new_connections(true);
+    let started = std::time::Instant::now();
+    let e = read().await.unwrap_err();
+    let took = started.elapsed();
+    eprintln!("wire: with every connection black-holed, the check-out ended after {took:?} (checkout timeout 2 s): {e}");
+    assert!(
+        matches!(e.class(), ErrorClass::Timeout | ErrorClass::Reconnect),
+        "{e:?}"
+    );
+    assert!(took < Duration::from_millis(2600), "{took:?}");
+    proxy.black_hole_new_connections(false);
+    for _ in 0..4 {
+        tokio::time::timeout(Duration::from_secs(5), read())
+            .await
+            .expect("the pool serves once the link is back")
+            .unwrap();
+    }
+    drop_table(&db, &table).await;
+    db.close(Duration::from_secs(2)).await;
+}
+
+/// A black hole in the replica monitor's check: the check ends at its
+/// timeout, the replica is ejected (reads go to the primary), the monitor's
+/// connection is discarded, and with the link back the replica is
+/// re-admitted.
+#[tokio::test]
+async fn a_black_holed_replica_check_ejects_the_replica_within_the_check_timeout() {
+    let Some(cluster) = support::cluster().await else {
+        return;
+    };
+    let Some(replica_port) = cluster.replica_port() else {
+        return;
+    };
+    support::ledger(|c| c).await;
+    let primary = Proxy::start(
+        cluster
+            .socket_dir()
+            .join(format!(".s.PGSQL.{}", cluster.primary_port())),
+    )
+    .await;
+    let replica = Proxy::start(
+        cluster
+            .socket_dir()
+            .join(format!(".s.PGSQL.{replica_port}")),
+    )
+    .await;
+    let replica_url = proxy_url(&replica).await;
+    let db = Database::builder(
+        Config::from_url(&proxy_url(&primary).await)
+            .unwrap()
+            .replica_url(&replica_url)
+            .unwrap(),
+    )
+    .routing(
+        railyard::RoutingConfig::default()
+            .check_interval(Duration::from_millis(100))
+            .check_timeout(Duration::from_millis(300))
+            .readmit_after(2),
+    )
+    .connect()
+    .await
+    .unwrap();
+    let on_replica = async || {
+        let waited = std::time::Instant::now();
+        while !matches!(db.route_for_read(None), railyard::Route::Replica(_)) {
+            assert!(waited.elapsed() < Duration::from_secs(10), "never on the replica");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        waited.elapsed()
+    };
+    on_replica().await;
+    let before = replica.accepted();
+    replica.arm(Cut::BlackHole(Box::new(|f| {
+        f.sql.is_some_and(|s| s.contains("pg_is_in_recovery"))
+    })));
+    let armed = std::time::Instant::now();
+    while replica.cuts() == 0 {
+        assert!(armed.elapsed() < Duration::from_secs(5), "no check came");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let held = std::time::Instant::now();
+    while db.route_for_read(None) != railyard::Route::Primary {
+        assert!(held.elapsed() < Duration::from_secs(5), "never ejected");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let ejected = held.elapsed();
+    let health = db.replica_health();
+    eprintln!(
+        "wire: a black-holed replica check ejected the replica after {ejected:?} (check timeout 300 ms): {:?} {:?}",
+        health[0].status, health[0].last_error
+    );
+    assert!(ejected < Duration::from_millis(1200), "{ejected:?}");
+    let (_, route) = db
+        .read_routed(async |c| {
+            diesel::select(diesel::dsl::sql::<BigInt>("1::int8"))
+                .get_result::<i64>(c)
+                .await
+                .map_err(Error::from)
+        })
+        .await
+        .unwrap();
+    assert_eq!(route, railyard::Route::Primary);
+    let back = on_replica().await;
+    eprintln!("wire: re-admitted {back:?} later, on a new monitor connection");
+    assert!(replica.accepted() > before, "the monitor's connection was replaced");
+    db.close(Duration::from_secs(2)).await;
+}
