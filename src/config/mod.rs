@@ -343,6 +343,13 @@ pub struct PoolConfig {
     /// connection that does not answer in time (a dead link) is discarded
     /// and the check-out goes on with another. Defaults to 30 s.
     pub ping_after_idle: Duration,
+    /// Connection attempts one target (the primary, or one replica) may
+    /// have under way at once, per `Database`. When many connections must
+    /// be replaced at once (a network cut, a restarted server), an attempt
+    /// beyond this bound first waits a random part of a spread that grows
+    /// with the number under way (2 ms each, up to 100 ms), then its turn:
+    /// the pool refills in a stream, not a herd. Defaults to 8.
+    pub max_connecting: u32,
 }
 
 impl Default for PoolConfig {
@@ -356,6 +363,7 @@ impl Default for PoolConfig {
             max_waiters: None,
             max_wait: None,
             ping_after_idle: Duration::from_secs(30),
+            max_connecting: 8,
         }
     }
 }
@@ -1027,6 +1035,20 @@ impl Config {
     #[must_use]
     pub fn ping_after_idle(mut self, d: Duration) -> Self {
         self.pool.ping_after_idle = d;
+        self
+    }
+
+    /// How many connection attempts one target may have under way at once
+    /// (see [`PoolConfig::max_connecting`]); at least 1. Defaults to 8.
+    ///
+    /// ```
+    /// let c = railyard::Config::from_url("postgres://u@h/db")?.max_connecting(8);
+    /// assert_eq!(c.pool().max_connecting, 8);
+    /// # Ok::<(), railyard::error::ConfigError>(())
+    /// ```
+    #[must_use]
+    pub fn max_connecting(mut self, n: u32) -> Self {
+        self.pool.max_connecting = n.max(1);
         self
     }
 

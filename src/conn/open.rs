@@ -28,6 +28,7 @@ pub(crate) struct Opener {
     ssl_mode: SslMode,
     attrs: TargetSessionAttrs,
     pub(crate) breaker: Arc<Breaker>,
+    attempts: Arc<Attempts>,
     instrument: Option<(Arc<dyn Instrument>, Route)>,
     /// The closing state of the `Database` this opener serves: a closed gate
     /// refuses to connect, and every connection made is registered with it.
@@ -68,6 +69,12 @@ impl Opener {
             config.breaker_threshold,
             config.breaker_cooldown,
         ));
+        let bound = config.pool.max_connecting.max(1) as usize;
+        let attempts = Arc::new(Attempts {
+            under_way: std::sync::atomic::AtomicUsize::new(0),
+            bound,
+            permits: tokio::sync::Semaphore::new(bound),
+        });
         Ok(Opener {
             target,
             config,
@@ -75,6 +82,7 @@ impl Opener {
             ssl_mode,
             attrs,
             breaker,
+            attempts,
             instrument: None,
             gate: None,
             forward: None,
@@ -120,6 +128,7 @@ impl Opener {
         if self.gate.as_ref().is_some_and(|g| g.is_closed()) {
             return Err(Error::Closed { source: None });
         }
+        let _turn = self.attempts.turn().await;
         let name = self.name();
         let admission = self.breaker.admit(&name)?;
         let mut answered_in_another_role = false;
@@ -577,6 +586,60 @@ const KEEPALIVE: socket2::TcpKeepalive = socket2::TcpKeepalive::new()
     .with_time(std::time::Duration::from_secs(15))
     .with_interval(std::time::Duration::from_secs(5))
     .with_retries(3);
+
+/// Connection attempts to one target: how many are under way, and a bound
+/// on how many run at once.
+#[derive(Debug)]
+struct Attempts {
+    under_way: std::sync::atomic::AtomicUsize,
+    bound: usize,
+    permits: tokio::sync::Semaphore,
+}
+
+/// What an attempt made while `n` others are under way (as many as the
+/// bound, or more) may first wait, at most: `n` times this, up to
+/// [`MAX_SPREAD`].
+const SPREAD_PER_ATTEMPT: std::time::Duration = std::time::Duration::from_millis(2);
+/// The most an attempt waits before it starts.
+const MAX_SPREAD: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// An attempt's turn: counted as under way until dropped.
+struct Turn<'a> {
+    attempts: &'a Attempts,
+    _permit: Option<tokio::sync::SemaphorePermit<'a>>,
+}
+
+impl Drop for Turn<'_> {
+    fn drop(&mut self) {
+        self.attempts
+            .under_way
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
+impl Attempts {
+    /// Waits for this attempt's turn. Within the bound, it goes at once;
+    /// beyond it (many connections lost together), it waits a random part of
+    /// a spread that grows with the number under way, then for a permit:
+    /// the server sees a stream of attempts, not a herd, and each attempt,
+    /// not competing with all the others, completes sooner.
+    async fn turn(&self) -> Turn<'_> {
+        let ahead = self
+            .under_way
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        let mut turn = Turn {
+            attempts: self,
+            _permit: None,
+        };
+        if ahead >= self.bound {
+            let spread = (SPREAD_PER_ATTEMPT * ahead as u32).min(MAX_SPREAD);
+            tokio::time::sleep(spread.mul_f64(rand::random_range(0.0..=1.0))).await;
+        }
+        // The semaphore is never closed.
+        turn._permit = self.permits.acquire().await.ok();
+        turn
+    }
+}
 
 /// How long data written to a TCP socket may go unacknowledged before the
 /// kernel gives the connection up: as long as keepalives take to find an

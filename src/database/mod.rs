@@ -982,29 +982,7 @@ impl Database {
             if route != Route::Primary {
                 return Ok((f(&mut conn).await?, route, seen));
             }
-            let wire = conn.wire_arc();
-            let mark = wire.mark();
-            let v = match f.clone()(&mut conn).await {
-                Ok(v) => v,
-                Err(e) => {
-                    // A read whose connection was lost (reset, closed, given
-                    // up by the stall watch) changed nothing: it runs once
-                    // more, on a new connection. Any other failure is the
-                    // caller's.
-                    let class = match wire.error_since(mark) {
-                        Some(s) => s.class(wire.is_closed()),
-                        None => classify(None, wire.is_closed()),
-                    };
-                    let lost = wire.is_closed() && class == ErrorClass::Reconnect;
-                    drop(conn);
-                    if !lost || self.lifecycle() != Lifecycle::Open {
-                        return Err(e);
-                    }
-                    tracing::debug!(target: "railyard::route", "a read lost its primary connection: running it again on a new one");
-                    let mut conn = self.checkout(Want::Primary).await?;
-                    f(&mut conn).await?
-                }
-            };
+            let v = self.read_on_primary(conn, f).await?;
             return Ok((v, route, self.after_primary_read(seen)));
         };
         let wire = conn.wire_arc();
@@ -1027,6 +1005,47 @@ impl Database {
                 let v = f(&mut conn).await?;
                 Ok((v, Route::Primary, self.after_primary_read(floor)))
             }
+        }
+    }
+
+    /// Runs a read on a primary connection. A read whose connection was
+    /// lost (reset, closed, given up by the stall watch) changed nothing: it
+    /// runs again on a new connection, within the retry policy's attempts
+    /// and the retry budget, after its backoff. Any other failure is the
+    /// caller's.
+    async fn read_on_primary<F: ConnWork>(
+        &self,
+        mut conn: PooledConn,
+        f: F,
+    ) -> Result<F::Value, F::Error> {
+        let retries = &self.inner.retries;
+        retries.budget.deposit();
+        let mut attempt = 1;
+        loop {
+            let wire = conn.wire_arc();
+            let mark = wire.mark();
+            let e = match f.clone()(&mut conn).await {
+                Ok(v) => return Ok(v),
+                Err(e) => e,
+            };
+            drop(conn);
+            let class = match wire.error_since(mark) {
+                Some(s) => s.class(wire.is_closed()),
+                None => classify(None, wire.is_closed()),
+            };
+            let lost = wire.is_closed() && class == ErrorClass::Reconnect;
+            if !lost
+                || attempt >= retries.policy.attempts()
+                || self.lifecycle() != Lifecycle::Open
+                || !retries.budget.withdraw()
+            {
+                return Err(e);
+            }
+            retries.note(class);
+            tracing::debug!(target: "railyard::retry", attempt, "a read lost its primary connection: running it again on a new one");
+            tokio::time::sleep(retries.policy.backoff(attempt)).await;
+            attempt += 1;
+            conn = self.checkout(Want::Primary).await?;
         }
     }
 

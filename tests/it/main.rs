@@ -23,6 +23,7 @@ mod proxy;
 mod route;
 mod shedding;
 mod shutdown;
+mod storm;
 mod support;
 mod tls;
 mod tx;

@@ -121,9 +121,8 @@ struct Control {
     plan: Mutex<Option<Cut>>,
     accepted: AtomicU64,
     cuts: AtomicU64,
-    /// Connections being relayed now, and the most at once.
+    /// Connections being relayed now.
     open: AtomicU64,
-    peak: AtomicU64,
     /// When connections were accepted (the newest `STARTS_KEPT`).
     starts: Mutex<VecDeque<Instant>>,
     /// Each live connection's fate, for `reset_all`.
@@ -229,8 +228,7 @@ impl Proxy {
                 let c = c.clone();
                 let upstream = upstream.clone();
                 tokio::spawn(async move {
-                    let open = c.open.fetch_add(1, Ordering::SeqCst) + 1;
-                    c.peak.fetch_max(open, Ordering::SeqCst);
+                    c.open.fetch_add(1, Ordering::SeqCst);
                     match upstream {
                         Upstream::Unix(path) => {
                             if let Ok(server) = UnixStream::connect(&path).await {
@@ -323,15 +321,6 @@ impl Proxy {
     /// Connections being relayed now.
     pub fn open(&self) -> u64 {
         self.control.open.load(Ordering::SeqCst)
-    }
-
-    /// The most connections relayed at once, since the last call (which
-    /// starts the next period at the current count).
-    pub fn take_peak(&self) -> u64 {
-        self.control
-            .peak
-            .swap(self.open(), Ordering::SeqCst)
-            .max(self.open())
     }
 
     /// When the connections accepted at or after `since` were accepted.
@@ -446,7 +435,7 @@ where
             loop {
                 let n = tokio::select! {
                     biased;
-                    _ = fate.changed() => match { let f = *fate.borrow_and_update(); f } {
+                    _ = fate.changed() => match current(&mut fate) {
                         Fate::Run => continue,
                         Fate::Hole => {
                             let _held = (&sr, &to_client);
@@ -495,7 +484,11 @@ where
                     reply.reset_after.store(left - n as u64, Ordering::SeqCst);
                 }
                 let at = Instant::now() + latency(&control);
-                if to_client.send(Out::Data(at, buf[..n].to_vec())).await.is_err() {
+                if to_client
+                    .send(Out::Data(at, buf[..n].to_vec()))
+                    .await
+                    .is_err()
+                {
                     return;
                 }
                 if reset {
@@ -524,7 +517,7 @@ where
     let end = 'read: loop {
         let n = tokio::select! {
             biased;
-            _ = fate.changed() => match { let f = *fate.borrow_and_update(); f } {
+            _ = fate.changed() => match current(&mut fate) {
                 Fate::Run => continue,
                 f => break 'read f,
             },
@@ -558,7 +551,9 @@ where
                 opaque = true;
                 reply.spoke.store(false, Ordering::SeqCst);
                 let rest = std::mem::take(&mut framer.buf);
-                if tx.send(Out::Data(at, msg)).await.is_err() || tx.send(Out::Data(at, rest)).await.is_err() {
+                if tx.send(Out::Data(at, msg)).await.is_err()
+                    || tx.send(Out::Data(at, rest)).await.is_err()
+                {
                     break 'read Fate::Close;
                 }
                 break;
@@ -595,7 +590,11 @@ where
                 executed = true;
             }
             let end_of_request = kind == b'Q' || (kind == b'S' && executed);
-            let now = if end_of_request { half_close.take() } else { None };
+            let now = if end_of_request {
+                half_close.take()
+            } else {
+                None
+            };
             match now {
                 // The server's replies keep coming; the client's writes go nowhere.
                 Some(Dir::ToServer) => {
@@ -639,6 +638,11 @@ where
     // line, so that the close is a RST); then the client's socket goes.
     let _ = tokio::time::timeout(Duration::from_secs(5), s2c).await;
     drop(cr);
+}
+
+/// The fate now (the watch's guard is not held across an await).
+fn current(fate: &mut watch::Receiver<Fate>) -> Fate {
+    *fate.borrow_and_update()
 }
 
 fn latency(control: &Control) -> Duration {

@@ -341,53 +341,86 @@ async fn a_black_holed_statement_without_a_deadline_ends_at_the_statement_timeou
 
 /// The latency table: Railyard against raw diesel-async (bb8 with its
 /// manager's default `SELECT 1` check-out validation) at 0, 1 and 10 ms of
-/// added round-trip time, through the proxy. Sequential operations, mean
-/// time per operation, ratio raw / Railyard (above 1: Railyard is faster).
+/// added round-trip time, through proxies to the primary and the replica.
+/// Sequential operations, mean time per operation, ratio raw / Railyard
+/// (above 1: Railyard is faster). Rows: a pooled primary-key lookup on the
+/// primary; a one-lookup transaction; a routed read (Railyard's `read`, on
+/// the replica, against raw's replica pool); read-your-writes (a session's
+/// one-update transaction and then its read of the row, against raw's
+/// update transaction and read on the primary, the cheapest raw way to read
+/// one's own write).
 /// Run: `cargo test --all-features --test it wire::latency_table -- --ignored --nocapture`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "a measurement, not a check: run it by name"]
 async fn latency_table() {
+    use diesel::{ExpressionMethods, QueryDsl};
     use diesel_async::AsyncPgConnection;
     use diesel_async::pooled_connection::AsyncDieselConnectionManager;
-    let Some((proxy, db, table)) = through_proxy("latency").await else {
+    let Some(cluster) = support::cluster().await else {
         return;
     };
-    db.with_primary(async |c| {
-        c.batch_execute(&format!(
-            "INSERT INTO {table} SELECT 'k' || g, g FROM generate_series(1, 100) g"
-        ))
-        .await?;
-        Ok::<_, Error>(())
-    })
+    let Some(replica_port) = cluster.replica_port() else {
+        return;
+    };
+    let seed = support::ledger(|c| c).await;
+    let ids: std::sync::Arc<[i64]> = support::accounts(&seed, 100, 1_000).await.into();
+    let socket = |port: u16| cluster.socket_dir().join(format!(".s.PGSQL.{port}"));
+    let primary = Proxy::start(socket(cluster.primary_port())).await;
+    let replica = Proxy::start(socket(replica_port)).await;
+    let primary_url = proxy_url(&primary).await;
+    let replica_url = proxy_url(&replica).await;
+    let db = Database::connect(
+        Config::from_url(&primary_url)
+            .unwrap()
+            .pool_max_size(2)
+            .replica_url(&replica_url)
+            .unwrap()
+            .replica_pool_max_size(2),
+    )
     .await
     .unwrap();
-    let url = proxy_url(&proxy).await;
-    let raw = bb8::Pool::builder()
-        .max_size(2)
-        .build(AsyncDieselConnectionManager::<AsyncPgConnection>::new(
-            url.clone(),
-        ))
-        .await
-        .unwrap();
-    // A primary-key lookup through diesel's query builder: a statement both
-    // sides prepare once per connection and cache, as applications do.
-    let ids = support::accounts(&db, 100, 1_000).await;
-    use diesel::{ExpressionMethods, QueryDsl};
-    let lookup = move |i: usize| {
-        accounts::table
-            .filter(accounts::id.eq(ids[i % ids.len()]))
-            .select(accounts::balance_cents)
+    let raw_pool = async |url: &str| {
+        bb8::Pool::builder()
+            .max_size(2)
+            .build(AsyncDieselConnectionManager::<AsyncPgConnection>::new(
+                url.to_owned(),
+            ))
+            .await
+            .unwrap()
     };
+    let raw = raw_pool(&primary_url).await;
+    let raw_replica = raw_pool(&replica_url).await;
+    // Statements both sides prepare once per connection and cache, as
+    // applications do.
+    let lookup = {
+        let ids = ids.clone();
+        move |i: usize| {
+            accounts::table
+                .filter(accounts::id.eq(ids[i % ids.len()]))
+                .select(accounts::balance_cents)
+        }
+    };
+    let touch = move |i: usize| {
+        diesel::update(accounts::table.filter(accounts::id.eq(ids[i % ids.len()])))
+            .set(accounts::balance_cents.eq(accounts::balance_cents))
+    };
+    // Every replica caught up before measuring: the routed read's row shows
+    // the replica's figures, not a fallback's.
+    let waited = std::time::Instant::now();
+    while !matches!(db.route_for_read(None), railyard::Route::Replica(_)) {
+        assert!(waited.elapsed() < Duration::from_secs(10));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     println!(
-        "added RTT (measured SELECT 1) | lookup: railyard / raw (ratio) | transaction: railyard / raw (ratio)"
+        "added RTT (measured SELECT 1) | lookup: railyard / raw (ratio) | transaction | routed read | read-your-writes"
     );
+    type Op<'a> =
+        &'a dyn Fn(usize) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + 'static>>;
     for (rtt_ms, n) in [(0u64, 400usize), (1, 200), (10, 40)] {
-        proxy.set_latency(Duration::from_micros(rtt_ms * 500));
-        let time = async |f: &dyn Fn(
-            usize,
-        ) -> std::pin::Pin<
-            Box<dyn std::future::Future<Output = ()> + 'static>,
-        >| {
+        for p in [&primary, &replica] {
+            p.set_latency(Duration::from_micros(rtt_ms * 500));
+        }
+        let time = async |f: Op<'_>| {
             for i in 0..5 {
                 f(i).await; // warm
             }
@@ -405,9 +438,10 @@ async fn latency_table() {
         }
         let rt = started.elapsed().as_secs_f64() * 1000.0 / 20.0;
         drop(probe);
-        let ours_lookup = time(&|i| {
-            let q = lookup(i);
-            let db = db.clone();
+        let pair =
+            |ours: f64, theirs: f64| format!("{ours:.3} / {theirs:.3} ms ({:.2}×)", theirs / ours);
+        let ours = time(&|i| {
+            let (q, db) = (lookup(i), db.clone());
             Box::pin(async move {
                 db.with_primary(async |c| q.first::<i64>(c).await.map_err(Error::from))
                     .await
@@ -415,18 +449,17 @@ async fn latency_table() {
             })
         })
         .await;
-        let raw_lookup = time(&|i| {
-            let q = lookup(i);
-            let raw = raw.clone();
+        let theirs = time(&|i| {
+            let (q, raw) = (lookup(i), raw.clone());
             Box::pin(async move {
                 let mut c = raw.get().await.unwrap();
                 q.first::<i64>(&mut *c).await.unwrap();
             })
         })
         .await;
-        let ours_tx = time(&|i| {
-            let q = lookup(i);
-            let db = db.clone();
+        let lookups = pair(ours, theirs);
+        let ours = time(&|i| {
+            let (q, db) = (lookup(i), db.clone());
             Box::pin(async move {
                 db.transaction(async |c| q.first::<i64>(c).await.map_err(Error::from))
                     .await
@@ -434,9 +467,8 @@ async fn latency_table() {
             })
         })
         .await;
-        let raw_tx = time(&|i| {
-            let q = lookup(i);
-            let raw = raw.clone();
+        let theirs = time(&|i| {
+            let (q, raw) = (lookup(i), raw.clone());
             Box::pin(async move {
                 // What diesel-async's `transaction` sends: BEGIN, the
                 // statement, COMMIT.
@@ -447,14 +479,69 @@ async fn latency_table() {
             })
         })
         .await;
-        println!(
-            "{rtt_ms:>3} ms ({rt:.2} ms) | {ours_lookup:.3} ms / {raw_lookup:.3} ms ({:.2}×) | {ours_tx:.3} ms / {raw_tx:.3} ms ({:.2}×)",
-            raw_lookup / ours_lookup,
-            raw_tx / ours_tx
+        let transactions = pair(ours, theirs);
+        let replica_reads = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let ours = time(&|i| {
+            let (q, db, on) = (lookup(i), db.clone(), replica_reads.clone());
+            Box::pin(async move {
+                let (_, route) = db
+                    .read_routed(async |c| q.first::<i64>(c).await.map_err(Error::from))
+                    .await
+                    .unwrap();
+                if matches!(route, railyard::Route::Replica(_)) {
+                    on.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            })
+        })
+        .await;
+        let theirs = time(&|i| {
+            let (q, raw) = (lookup(i), raw_replica.clone());
+            Box::pin(async move {
+                let mut c = raw.get().await.unwrap();
+                q.first::<i64>(&mut *c).await.unwrap();
+            })
+        })
+        .await;
+        let routed = format!(
+            "{} [{} of {} on the replica]",
+            pair(ours, theirs),
+            std::sync::atomic::AtomicU64::load(
+                &replica_reads,
+                std::sync::atomic::Ordering::Relaxed
+            ),
+            n + 5
         );
+        let ours = time(&|i| {
+            let (q, w, db) = (lookup(i), touch(i), db.clone());
+            Box::pin(async move {
+                let session = db.session();
+                session
+                    .transaction(async |c| w.execute(c).await.map_err(Error::from))
+                    .await
+                    .unwrap();
+                session
+                    .read(async |c| q.first::<i64>(c).await.map_err(Error::from))
+                    .await
+                    .unwrap();
+            })
+        })
+        .await;
+        let theirs = time(&|i| {
+            let (q, w, raw) = (lookup(i), touch(i), raw.clone());
+            Box::pin(async move {
+                let mut c = raw.get().await.unwrap();
+                c.batch_execute("BEGIN").await.unwrap();
+                w.execute(&mut *c).await.unwrap();
+                c.batch_execute("COMMIT").await.unwrap();
+                drop(c);
+                let mut c = raw.get().await.unwrap();
+                q.first::<i64>(&mut *c).await.unwrap();
+            })
+        })
+        .await;
+        let ryw = pair(ours, theirs);
+        println!("{rtt_ms:>3} ms ({rt:.2} ms) | {lookups} | {transactions} | {routed} | {ryw}");
     }
-    proxy.set_latency(Duration::ZERO);
-    drop_table(&db, &table).await;
     db.close(Duration::from_secs(2)).await;
 }
 
@@ -563,11 +650,10 @@ async fn a_result_slowed_by_a_bandwidth_cap_is_read_whole_not_given_up() {
                 #[allow(dead_code)]
                 pad: String,
             }
-            let rows: Vec<Pad> = diesel::sql_query(
-                "SELECT repeat('x', 1000) AS pad FROM generate_series(1, 1000)",
-            )
-            .load(c)
-            .await?;
+            let rows: Vec<Pad> =
+                diesel::sql_query("SELECT repeat('x', 1000) AS pad FROM generate_series(1, 1000)")
+                    .load(c)
+                    .await?;
             Ok::<_, Error>(rows.len() as i64)
         })
         .await
@@ -591,7 +677,10 @@ async fn a_reset_in_the_middle_of_a_result_is_retried_for_a_read() {
     let attempts = std::sync::atomic::AtomicU32::new(0);
     let before = proxy.accepted();
     proxy.arm(Cut::ResetInReply(
-        Box::new(|f| f.sql.is_some_and(|s| s.contains("generate_series(1, 2000)"))),
+        Box::new(|f| {
+            f.sql
+                .is_some_and(|s| s.contains("generate_series(1, 2000)"))
+        }),
         5_000,
     ));
     let n = db
@@ -697,7 +786,11 @@ async fn half_closed_connections_are_retried_or_discarded_never_reused() {
     for n in 0..4 {
         above(n).await.unwrap();
         below(n).await.unwrap();
-        assert_eq!(count(&attempts), 2, "no operation met the closed connection");
+        assert_eq!(
+            count(&attempts),
+            2,
+            "no operation met the closed connection"
+        );
     }
     drop_table(&db, &table).await;
     db.close(Duration::from_secs(2)).await;
@@ -742,7 +835,9 @@ async fn black_holes_at_check_out_end_at_the_connect_and_checkout_timeouts() {
     let started = std::time::Instant::now();
     read().await.unwrap();
     let took = started.elapsed();
-    eprintln!("wire: a black-holed idle connection was found at check-out and replaced in {took:?} (connect timeout 500 ms)");
+    eprintln!(
+        "wire: a black-holed idle connection was found at check-out and replaced in {took:?} (connect timeout 500 ms)"
+    );
     assert!(
         took >= Duration::from_millis(450) && took < Duration::from_millis(1500),
         "{took:?}"
@@ -756,7 +851,9 @@ async fn black_holes_at_check_out_end_at_the_connect_and_checkout_timeouts() {
     let started = std::time::Instant::now();
     let e = read().await.unwrap_err();
     let took = started.elapsed();
-    eprintln!("wire: with every connection black-holed, the check-out ended after {took:?} (checkout timeout 2 s): {e}");
+    eprintln!(
+        "wire: with every connection black-holed, the check-out ended after {took:?} (checkout timeout 2 s): {e}"
+    );
     assert!(
         matches!(e.class(), ErrorClass::Timeout | ErrorClass::Reconnect),
         "{e:?}"
@@ -817,7 +914,10 @@ async fn a_black_holed_replica_check_ejects_the_replica_within_the_check_timeout
     let on_replica = async || {
         let waited = std::time::Instant::now();
         while !matches!(db.route_for_read(None), railyard::Route::Replica(_)) {
-            assert!(waited.elapsed() < Duration::from_secs(10), "never on the replica");
+            assert!(
+                waited.elapsed() < Duration::from_secs(10),
+                "never on the replica"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         waited.elapsed()
@@ -856,6 +956,9 @@ async fn a_black_holed_replica_check_ejects_the_replica_within_the_check_timeout
     assert_eq!(route, railyard::Route::Primary);
     let back = on_replica().await;
     eprintln!("wire: re-admitted {back:?} later, on a new monitor connection");
-    assert!(replica.accepted() > before, "the monitor's connection was replaced");
+    assert!(
+        replica.accepted() > before,
+        "the monitor's connection was replaced"
+    );
     db.close(Duration::from_secs(2)).await;
 }
