@@ -354,7 +354,6 @@ impl Error {
         })
     }
 
-    #[cfg(feature = "local")]
     pub(crate) fn io(context: impl Into<String>, source: std::io::Error) -> Self {
         Error::Io {
             context: context.into(),
@@ -617,7 +616,9 @@ pub enum MigrationError {
     },
     /// A migration marked risky was not applied because the backup that must
     /// precede it could not be taken.
-    #[error("migration {name} is marked risky and was NOT applied: the backup before it failed: {source}")]
+    #[error(
+        "migration {name} is marked risky and was NOT applied: the backup before it failed: {source}"
+    )]
     BackupFailed {
         /// The migration's directory name (version and name).
         name: String,

@@ -1184,7 +1184,8 @@ async fn ha(action: HaAction) -> Result<(), railyard::Error> {
 }
 
 /// The local cluster's backups, for the `backup` commands.
-async fn local_backups() -> Result<(railyard::backup::local::LocalBackups, LocalCluster, Config), app::AppError> {
+async fn local_backups()
+-> Result<(railyard::backup::local::LocalBackups, LocalCluster, Config), app::AppError> {
     let (config, cluster) = config().await?;
     let Some(cluster) = cluster else {
         return Err(app::AppError::Usage(
@@ -1258,7 +1259,13 @@ async fn backup(action: BackupAction) -> Result<(), app::AppError> {
             } else {
                 out!(
                     "{:<34} {:<5} {:<20} {:<20} {:>10} {:>10} {:>10}  WAL",
-                    "label", "type", "start (UTC)", "stop (UTC)", "size", "copied", "repo"
+                    "label",
+                    "type",
+                    "start (UTC)",
+                    "stop (UTC)",
+                    "size",
+                    "copied",
+                    "repo"
                 );
                 for s in &sets {
                     out!(
@@ -1331,7 +1338,9 @@ async fn backup(action: BackupAction) -> Result<(), app::AppError> {
                     format!("checks failed: {}", failed.join(", "))
                 });
                 out!("drill FAILED in {total:.2}s: {why}");
-                return Err(app::AppError::Failed(format!("restore drill failed: {why}")));
+                return Err(app::AppError::Failed(format!(
+                    "restore drill failed: {why}"
+                )));
             }
         }
         BackupAction::Restore { to_time, keep } => {
@@ -1353,7 +1362,7 @@ async fn backup(action: BackupAction) -> Result<(), app::AppError> {
                     at.format("%Y-%m-%dT%H:%M:%S%.6fZ")
                 ),
                 None => out!(
-                    "recovered to {}: no committed transaction recorded (track_commit_timestamp was off then)",
+                    "recovered to {}: no commit timestamp found (track_commit_timestamp was off when it committed)",
                     r.target.format("%Y-%m-%dT%H:%M:%S%.6fZ")
                 ),
             }
@@ -1394,7 +1403,11 @@ async fn backup(action: BackupAction) -> Result<(), app::AppError> {
             } else {
                 let started = Instant::now();
                 scratch.remove().await?;
-                out!("phase {:<15} {:>8.2}s ok", "teardown", started.elapsed().as_secs_f64());
+                out!(
+                    "phase {:<15} {:>8.2}s ok",
+                    "teardown",
+                    started.elapsed().as_secs_f64()
+                );
             }
         }
         BackupAction::Discard { name } => {

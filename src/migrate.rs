@@ -852,7 +852,9 @@ impl Backup {
                 );
                 let dump = self
                     .handle
-                    .block_on(crate::backup::dump::pg_dump(target, dir, &stem, tables, *timeout))
+                    .block_on(crate::backup::dump::pg_dump(
+                        target, dir, &stem, tables, *timeout,
+                    ))
                     .map_err(fail)?;
                 (
                     "pg_dump",
@@ -869,7 +871,11 @@ impl Backup {
                     })
                     .map_err(fail)?
                     .pop()
-                    .ok_or_else(|| fail(Error::Backup("pgBackRest lists no backup after taking one".into())))?;
+                    .ok_or_else(|| {
+                        fail(Error::Backup(
+                            "pgBackRest lists no backup after taking one".into(),
+                        ))
+                    })?;
                 ("pgbackrest", set.label, i64::try_from(set.repo_delta).ok())
             }
         };

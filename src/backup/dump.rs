@@ -27,9 +27,11 @@ pub(crate) fn valid_table(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 127
         && name.split('.').count() <= 2
-        && name
-            .split('.')
-            .all(|p| !p.is_empty() && p.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '$'))
+        && name.split('.').all(|p| {
+            !p.is_empty()
+                && p.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '$')
+        })
 }
 
 /// Dumps the database of `target` (only `tables` when not empty) into
@@ -50,9 +52,12 @@ pub async fn pg_dump(
             bad.chars().take(60).collect::<String>()
         )));
     }
-    tokio::fs::create_dir_all(dir)
-        .await
-        .map_err(|e| Error::io(format!("creating the backup directory {}", dir.display()), e))?;
+    tokio::fs::create_dir_all(dir).await.map_err(|e| {
+        Error::io(
+            format!("creating the backup directory {}", dir.display()),
+            e,
+        )
+    })?;
     let path = dir.join(format!("{stem}.dump"));
     let partial = dir.join(format!("{stem}.dump.partial"));
     let mut c = std::process::Command::new(tool::find("pg_dump")?);
@@ -66,7 +71,13 @@ pub async fn pg_dump(
     c.arg(format!("--file={}", partial.display()));
     libpq_env(&mut c, target);
     let secrets: Vec<&Secret> = target.password.iter().collect();
-    let r = tool::run(c, "dumping the database before a risky migration", deadline, &secrets).await;
+    let r = tool::run(
+        c,
+        "dumping the database before a risky migration",
+        deadline,
+        &secrets,
+    )
+    .await;
     if let Err(e) = r {
         let _ = tokio::fs::remove_file(&partial).await;
         return Err(e);
@@ -89,8 +100,18 @@ pub async fn pg_dump(
 /// process has (a `PGSERVICE` of the caller must not redirect the dump).
 pub(crate) fn libpq_env(c: &mut std::process::Command, target: &ConnectTarget) {
     for v in [
-        "PGSERVICE", "PGSERVICEFILE", "PGPASSFILE", "PGHOST", "PGHOSTADDR", "PGPORT", "PGUSER",
-        "PGDATABASE", "PGPASSWORD", "PGSSLMODE", "PGSSLROOTCERT", "PGOPTIONS",
+        "PGSERVICE",
+        "PGSERVICEFILE",
+        "PGPASSFILE",
+        "PGHOST",
+        "PGHOSTADDR",
+        "PGPORT",
+        "PGUSER",
+        "PGDATABASE",
+        "PGPASSWORD",
+        "PGSSLMODE",
+        "PGSSLROOTCERT",
+        "PGOPTIONS",
     ] {
         c.env_remove(v);
     }

@@ -386,10 +386,7 @@ impl LocalBackups {
         };
         let mut client = self.source_client(&self.database).await?;
         let name = format!("railyard-{label}");
-        let tx = client
-            .transaction()
-            .await
-            .map_err(|e| pg("BEGIN", e))?;
+        let tx = client.transaction().await.map_err(|e| pg("BEGIN", e))?;
         tx.batch_execute("SET LOCAL lock_timeout = '10s'")
             .await
             .map_err(|e| pg("SET lock_timeout", e))?;
@@ -441,7 +438,8 @@ impl LocalBackups {
     }
 
     fn point_of(&self, label: &str) -> Option<CountedPoint> {
-        let text = fs::read_to_string(self.dir.join("points").join(format!("{label}.json"))).ok()?;
+        let text =
+            fs::read_to_string(self.dir.join("points").join(format!("{label}.json"))).ok()?;
         serde_json::from_str(&text).ok()
     }
 
@@ -484,7 +482,10 @@ impl LocalBackups {
         };
         report.target = match &point {
             Some(p) => format!("restore point {} at {}", p.restore_point, p.lsn),
-            None => "the end of the backup (no counted restore point recorded: rows are not compared)".into(),
+            None => {
+                "the end of the backup (no counted restore point recorded: rows are not compared)"
+                    .into()
+            }
         };
         let mut scratch = match self.scratch("drill").await {
             Ok(s) => s,
@@ -494,7 +495,14 @@ impl LocalBackups {
             }
         };
         let outcome = self
-            .drill_phases(&mut scratch, &label, &target, point.as_ref(), checks, &mut report)
+            .drill_phases(
+                &mut scratch,
+                &label,
+                &target,
+                point.as_ref(),
+                checks,
+                &mut report,
+            )
             .await;
         if let Err(e) = outcome {
             report.error = Some(e.to_string());
@@ -537,7 +545,9 @@ impl LocalBackups {
         r?;
         let started = Instant::now();
         let r = scratch.start().await;
-        report.phases.push(timed("start/recovery", started, r.is_ok()));
+        report
+            .phases
+            .push(timed("start/recovery", started, r.is_ok()));
         r?;
         let started = Instant::now();
         let r = self.check_phase(scratch, point, checks).await;
@@ -600,7 +610,22 @@ impl LocalBackups {
     /// [`Scratch::keep`] to leave it running).
     pub async fn restore(&self, to: DateTime<Utc>) -> Result<(Scratch, PitrReport), Error> {
         self.require_enabled()?;
+        if to > Utc::now() {
+            return Err(Error::Backup(format!(
+                "--to-time {} is in the future; give a time that has passed",
+                to.format("%Y-%m-%dT%H:%M:%S%.6fZ")
+            )));
+        }
         self.write_config().await?;
+        // Recovery stops at the first commit after the target, which may be
+        // in the segment being written: switch it and let it be archived.
+        let client = self.source_client("postgres").await?;
+        let row = client
+            .query_one("SELECT pg_walfile_name(pg_current_wal_lsn())", &[])
+            .await
+            .map_err(|e| Error::Backup(format!("reading the primary's WAL position: {e}")))?;
+        wait_archived(&client, &row.get::<_, String>(0)).await?;
+        drop(client);
         let mut scratch = self.scratch("pitr").await?;
         let mut phases = Vec::new();
         let started = Instant::now();
@@ -637,8 +662,26 @@ impl LocalBackups {
                 )
                 .await
                 .map_err(|e| Error::Backup(format!("pg_last_committed_xact(): {e}")))?;
-            let xid: Option<String> = row.get(0);
-            let at: Option<f64> = row.get(1);
+            let (mut xid, mut at): (Option<String>, Option<f64>) = (row.get(0), row.get(1));
+            if xid.is_none() {
+                // Only commits replayed since the start are remembered: when
+                // recovery replayed none (the target is before any commit
+                // after the backup began), the newest commit timestamp kept
+                // in pg_commit_ts (looking back 10,000 transactions) says it.
+                let row = client
+                    .query_opt(
+                        "WITH n AS (SELECT (pg_snapshot_xmax(pg_current_snapshot())::text::bigint % 4294967296) AS next) \
+                         SELECT x::text, extract(epoch FROM pg_xact_commit_timestamp(x::text::xid))::float8 \
+                         FROM n, generate_series(n.next - 1, greatest(3, n.next - 10000), -1) x \
+                         WHERE pg_xact_commit_timestamp(x::text::xid) IS NOT NULL LIMIT 1",
+                        &[],
+                    )
+                    .await
+                    .map_err(|e| Error::Backup(format!("reading commit timestamps: {e}")))?;
+                if let Some(r) = row {
+                    (xid, at) = (r.get(0), r.get(1));
+                }
+            }
             Ok::<_, Error>(xid.zip(at).and_then(|(x, t)| {
                 DateTime::from_timestamp_micros((t * 1e6) as i64).map(|t| (x, t))
             }))
@@ -699,7 +742,8 @@ impl LocalBackups {
         let (d, dd) = (dir.clone(), data.clone());
         blocking(move || {
             for p in [&d, &dd, &d.join("s")] {
-                fs::create_dir_all(p).map_err(|e| Error::io(format!("creating {}", p.display()), e))?;
+                fs::create_dir_all(p)
+                    .map_err(|e| Error::io(format!("creating {}", p.display()), e))?;
                 run_as.own(p)?;
             }
             use std::os::unix::fs::PermissionsExt;
@@ -887,7 +931,12 @@ impl Scratch {
             self.bins.clone(),
         );
         blocking(move || {
-            write_file(&data.join("railyard.conf"), conf.as_bytes(), 0o600, Some(&run_as))?;
+            write_file(
+                &data.join("railyard.conf"),
+                conf.as_bytes(),
+                0o600,
+                Some(&run_as),
+            )?;
             let _ = fs::remove_file(data.join("standby.signal"));
             pg_ctl(
                 &bins,

@@ -188,6 +188,7 @@ impl PgBackRest {
         &self.stanza
     }
 
+    #[cfg_attr(not(feature = "local"), allow(dead_code))]
     pub(crate) fn cwd(mut self, dir: impl Into<PathBuf>) -> Self {
         self.cwd = Some(dir.into());
         self
@@ -292,10 +293,7 @@ impl PgBackRest {
             }
             RestoreTarget::Time(t) => {
                 options.push("--type=time".into());
-                options.push(format!(
-                    "--target={}",
-                    t.format("%Y-%m-%d %H:%M:%S%.6f+00")
-                ));
+                options.push(format!("--target={}", t.format("%Y-%m-%d %H:%M:%S%.6f+00")));
                 options.push("--target-action=promote".into());
             }
             RestoreTarget::Latest => {}

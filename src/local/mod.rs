@@ -641,7 +641,16 @@ impl LocalCluster {
             &run_as,
             &pg,
             &[
-                "restart", "-m", "fast", "-w", "-t", "60", "-D", "primary", "-l", "primary.log",
+                "restart",
+                "-m",
+                "fast",
+                "-w",
+                "-t",
+                "60",
+                "-D",
+                "primary",
+                "-l",
+                "primary.log",
             ],
         )?;
         if self.state.replica_port.is_some() {
