@@ -439,12 +439,16 @@ async fn the_newest_migration_may_be_edited_in_development_and_redone_or_repaire
 const RISKY: EmbeddedMigrations = embed_migrations!("tests/migrations/risky");
 const SAFE: EmbeddedMigrations = embed_migrations!("tests/migrations/safe");
 
-/// A directory of the system's temporary directory, removed when dropped.
+/// A path in the system's temporary directory (a directory or a file), removed when dropped.
 struct TempDir(std::path::PathBuf);
 
 impl Drop for TempDir {
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+        if self.0.is_dir() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        } else {
+            let _ = std::fs::remove_file(&self.0);
+        }
     }
 }
 
