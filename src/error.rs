@@ -183,6 +183,27 @@ pub enum Error {
         source: Box<Error>,
     },
 
+    /// An external tool (pgBackRest, pg_dump, pg_restore, pg_ctl) failed or
+    /// ran past its deadline; `stderr` is its error output (its tail), with
+    /// any password the tool was given removed.
+    #[error("{what}: {tool} {outcome}{}", if stderr.is_empty() { String::new() } else { format!(": {stderr}") })]
+    Tool {
+        /// What was being done.
+        what: String,
+        /// The program.
+        tool: String,
+        /// How it ended: `exited with status 1`, `timed out after 60s`, …
+        outcome: String,
+        /// Its error output (the last lines), secrets removed.
+        stderr: String,
+    },
+
+    /// A backup, restore or restore drill could not be done as asked (no
+    /// backup to restore, a bad target time, a repository that is not set
+    /// up); the message says what to do.
+    #[error("backup: {0}")]
+    Backup(String),
+
     /// An I/O error outside a connection (files, processes).
     #[error("{context}: {source}")]
     Io {
@@ -263,6 +284,8 @@ impl Error {
             | Error::Notify(_)
             | Error::Changes(_)
             | Error::TestIsolation(_)
+            | Error::Tool { .. }
+            | Error::Backup(_)
             | Error::Closed { .. }
             | Error::Io { .. } => ErrorClass::Permanent,
             Error::Overloaded { .. } => ErrorClass::Overloaded,
@@ -331,7 +354,6 @@ impl Error {
         })
     }
 
-    #[cfg(feature = "local")]
     pub(crate) fn io(context: impl Into<String>, source: std::io::Error) -> Self {
         Error::Io {
             context: context.into(),
@@ -591,6 +613,18 @@ pub enum MigrationError {
         sqlstate: Option<SqlState>,
         /// The error message.
         message: String,
+    },
+    /// A migration marked risky was not applied because the backup that must
+    /// precede it could not be taken.
+    #[error(
+        "migration {name} is marked risky and was NOT applied: the backup before it failed: {source}"
+    )]
+    BackupFailed {
+        /// The migration's directory name (version and name).
+        name: String,
+        /// Why the backup failed.
+        #[source]
+        source: Box<Error>,
     },
     /// There is nothing to revert, or the migration has no `down.sql`.
     #[error("cannot revert: {0}")]

@@ -71,10 +71,11 @@
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
 
 // The layers, lowest first. A module may use only the modules above it in this
-// list (tests/layers.rs checks it): error, config, local, conn, exec, route,
+// list (tests/layers.rs checks it): error, config, local, backup, conn, exec, route,
 // migrate, observe, database, advise, watch, alert, http, testing.
 pub mod advise;
 pub mod alert;
+pub mod backup;
 pub mod config;
 pub mod conn;
 pub mod database;

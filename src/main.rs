@@ -146,6 +146,12 @@ enum Command {
         #[command(subcommand)]
         action: MigrateAction,
     },
+    /// Backups of the local cluster with pgBackRest: set up, take, list,
+    /// prove with a restore drill, restore to a point in time.
+    Backup {
+        #[command(subcommand)]
+        action: BackupAction,
+    },
     /// Manage the local PostgreSQL cluster.
     Local {
         #[command(subcommand)]
@@ -230,6 +236,51 @@ enum MigrateAction {
     Repair,
     /// List the migrations embedded in this binary (no database needed).
     Embedded,
+}
+
+#[derive(Subcommand)]
+enum BackupAction {
+    /// Turn WAL archiving on (restarts the local primary once; the replica
+    /// follows), write the pgBackRest configuration and repository inside the
+    /// cluster's directory, create the stanza and check it.
+    Init,
+    /// Take a backup, then a counted restore point (row counts of every
+    /// table, for the drill to compare against).
+    Run {
+        /// full, incr (changed since the last backup) or diff (since the last full).
+        #[arg(long = "type", default_value = "full", value_name = "TYPE")]
+        kind: String,
+    },
+    /// List the backups: label, type, start and stop, sizes, WAL range.
+    List {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Restore drill: restore the newest backup (or --set) into a scratch
+    /// instance, recover to its counted restore point, promote, run the
+    /// ledger's invariants and compare every table's rows, then remove it.
+    /// Exit 1 when it fails.
+    Verify {
+        /// The backup's label (see `backup list`).
+        #[arg(long, value_name = "LABEL")]
+        set: Option<String>,
+    },
+    /// Point-in-time recovery into a scratch instance; report the last
+    /// transaction it holds. Removed afterwards unless --keep.
+    Restore {
+        /// The target time, RFC 3339 (e.g. 2025-01-31T12:00:00.123Z).
+        #[arg(long, value_name = "TIME")]
+        to_time: String,
+        /// Leave the instance running; print its URL and how to remove it.
+        #[arg(long)]
+        keep: bool,
+    },
+    /// Stop and remove a scratch instance left by `restore --keep`.
+    Discard {
+        /// Its name, as `restore --keep` printed it.
+        name: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -354,6 +405,7 @@ async fn run(command: Command) -> Result<(), app::AppError> {
             Ok(())
         }
         Command::Migrate { action } => Ok(migrate(action).await?),
+        Command::Backup { action } => backup(action).await,
         Command::Local { action } => Ok(local(action).await?),
         Command::Ha { action } => Ok(ha(action).await?),
     }
@@ -932,7 +984,18 @@ async fn migrate(action: MigrateAction) -> Result<(), railyard::Error> {
                     }
                     _ => "in a state this CLI does not know".into(),
                 };
-                out!("{:<16} {:<45} {state}", row.version, row.name);
+                let backup = match (&row.backup, row.risky) {
+                    (Some(b), _) => format!(
+                        "  backup: {} {} at {}{}",
+                        b.kind,
+                        b.location,
+                        b.taken_at.format("%Y-%m-%d %H:%M:%S%.3f UTC"),
+                        b.bytes.map(|n| format!(" ({n} bytes)")).unwrap_or_default()
+                    ),
+                    (None, true) => "  risky: backup before applying".into(),
+                    (None, false) => String::new(),
+                };
+                out!("{:<16} {:<45} {state}{backup}", row.version, row.name);
             }
         }
         MigrateAction::Run => {
@@ -1115,6 +1178,241 @@ async fn ha(action: HaAction) -> Result<(), railyard::Error> {
             } else {
                 out!("nothing to remove ({})", dir.display());
             }
+        }
+    }
+    Ok(())
+}
+
+/// The local cluster's backups, for the `backup` commands.
+async fn local_backups()
+-> Result<(railyard::backup::local::LocalBackups, LocalCluster, Config), app::AppError> {
+    let (config, cluster) = config().await?;
+    let Some(cluster) = cluster else {
+        return Err(app::AppError::Usage(
+            "`railyard backup` drives the local cluster, and DATABASE_URL points elsewhere; unset it, or see the README's \"Backups on your own server\" for what to set up there".into(),
+        ));
+    };
+    let db = config.primary().dbname().unwrap_or("railyard").to_owned();
+    Ok((
+        railyard::backup::local::LocalBackups::new(&cluster, &db)?,
+        cluster,
+        config,
+    ))
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / 1_048_576.0)
+}
+
+async fn backup(action: BackupAction) -> Result<(), app::AppError> {
+    use railyard::backup::local::{CheckOutcome, Checks};
+    use railyard::backup::pgbackrest::BackupType;
+    let (backups, _cluster, config) = local_backups().await?;
+    match action {
+        BackupAction::Init => {
+            let r = backups.init().await?;
+            out!(
+                "backups enabled in {:.2?}: config {}, repository {}, stanza {}; primary {}",
+                r.took,
+                r.config.display(),
+                r.repo.display(),
+                railyard::backup::local::STANZA,
+                if r.restarted {
+                    "restarted with archive_mode=on (the replica streams again)"
+                } else {
+                    "already archiving"
+                }
+            );
+        }
+        BackupAction::Run { kind } => {
+            let kind: BackupType = kind.parse()?;
+            let r = backups.run(kind).await?;
+            out!(
+                "backup {} ({}) in {:.2?}: {} of the cluster, {} copied, {} in the repository (+{}), WAL {}..{}",
+                r.set.label,
+                r.set.kind,
+                r.backup_took,
+                mib(r.set.size),
+                mib(r.set.delta),
+                mib(r.set.repo_size),
+                mib(r.set.repo_delta),
+                r.set.wal_start,
+                r.set.wal_stop
+            );
+            out!(
+                "restore point {} at {} in {:.2?}: {} rows in {} tables of {} counted",
+                r.point.restore_point,
+                r.point.lsn,
+                r.point_took,
+                r.point.counts.values().sum::<i64>(),
+                r.point.counts.len(),
+                r.point.database
+            );
+        }
+        BackupAction::List { json } => {
+            let sets = backups.list().await?;
+            if json {
+                out!(
+                    "{}",
+                    serde_json::to_string_pretty(&sets).unwrap_or_default()
+                );
+            } else {
+                out!(
+                    "{:<34} {:<5} {:<20} {:<20} {:>10} {:>10} {:>10}  WAL",
+                    "label",
+                    "type",
+                    "start (UTC)",
+                    "stop (UTC)",
+                    "size",
+                    "copied",
+                    "repo"
+                );
+                for s in &sets {
+                    out!(
+                        "{:<34} {:<5} {:<20} {:<20} {:>10} {:>10} {:>10}  {}..{}",
+                        s.label,
+                        s.kind,
+                        s.start.format("%Y-%m-%d %H:%M:%S"),
+                        s.stop.format("%Y-%m-%d %H:%M:%S"),
+                        mib(s.size),
+                        mib(s.delta),
+                        mib(s.repo_size),
+                        s.wal_start,
+                        s.wal_stop
+                    );
+                }
+                out!("{} backup(s)", sets.len());
+            }
+        }
+        BackupAction::Verify { set } => {
+            let checks: Checks = Box::new(|config: Config| {
+                Box::pin(async move {
+                    let db = Database::connect(config.pool_max_size(2)).await?;
+                    let verdicts = app::check::check(&db).await;
+                    db.close(std::time::Duration::from_secs(2)).await;
+                    Ok(verdicts?
+                        .into_iter()
+                        .map(|v| {
+                            CheckOutcome::new(
+                                format!("invariant {}", v.name),
+                                v.passed(),
+                                format!("{} violation(s) {}", v.violations, v.detail),
+                            )
+                        })
+                        .collect())
+                })
+            });
+            let r = backups.verify(set.as_deref(), checks).await?;
+            out!(
+                "drill of {} to {}",
+                r.label.as_deref().unwrap_or("(no backup)"),
+                r.target
+            );
+            for p in &r.phases {
+                out!(
+                    "phase {:<15} {:>8.2}s {}",
+                    p.name,
+                    p.took.as_secs_f64(),
+                    if p.ok { "ok" } else { "FAILED" }
+                );
+            }
+            for c in &r.checks {
+                out!(
+                    "{} {:<32} {}",
+                    if c.passed { "pass" } else { "FAIL" },
+                    c.name,
+                    c.detail
+                );
+            }
+            let total: f64 = r.phases.iter().map(|p| p.took.as_secs_f64()).sum();
+            if r.passed() {
+                out!("drill PASSED in {total:.2}s");
+            } else {
+                let why = r.error.clone().unwrap_or_else(|| {
+                    let failed: Vec<&str> = r
+                        .checks
+                        .iter()
+                        .filter(|c| !c.passed)
+                        .map(|c| c.name.as_str())
+                        .collect();
+                    format!("checks failed: {}", failed.join(", "))
+                });
+                out!("drill FAILED in {total:.2}s: {why}");
+                return Err(app::AppError::Failed(format!(
+                    "restore drill failed: {why}"
+                )));
+            }
+        }
+        BackupAction::Restore { to_time, keep } => {
+            let to = chrono::DateTime::parse_from_rfc3339(&to_time)
+                .map_err(|e| {
+                    app::AppError::Usage(format!(
+                        "--to-time: {e}; give an RFC 3339 time such as 2025-01-31T12:00:00.123Z"
+                    ))
+                })?
+                .with_timezone(&chrono::Utc);
+            let (scratch, r) = backups.restore(to).await?;
+            for p in &r.phases {
+                out!("phase {:<15} {:>8.2}s ok", p.name, p.took.as_secs_f64());
+            }
+            match &r.last_xact {
+                Some((xid, at)) => out!(
+                    "recovered to {}: last committed transaction {xid} at {}",
+                    r.target.format("%Y-%m-%dT%H:%M:%S%.6fZ"),
+                    at.format("%Y-%m-%dT%H:%M:%S%.6fZ")
+                ),
+                None => out!(
+                    "recovered to {}: no commit timestamp found (track_commit_timestamp was off when it committed)",
+                    r.target.format("%Y-%m-%dT%H:%M:%S%.6fZ")
+                ),
+            }
+            let db = config.primary().dbname().unwrap_or("railyard").to_owned();
+            let newest = async {
+                let client = scratch.client(&db).await?;
+                let row = client
+                    .query_one(
+                        "SELECT (SELECT max(created_at)::text FROM orders), (SELECT max(created_at)::text FROM deposits), (SELECT max(executed_at)::text FROM trades), \
+                                (SELECT count(*) FROM orders), (SELECT count(*) FROM deposits), (SELECT count(*) FROM trades)",
+                        &[],
+                    )
+                    .await
+                    .map_err(|e| railyard::Error::Backup(format!("reading the restored ledger: {e}")))?;
+                Ok::<_, railyard::Error>(format!(
+                    "newest ledger rows: order created {}, deposit {}, trade {} ({} orders, {} deposits, {} trades)",
+                    row.get::<_, Option<String>>(0).unwrap_or_else(|| "-".into()),
+                    row.get::<_, Option<String>>(1).unwrap_or_else(|| "-".into()),
+                    row.get::<_, Option<String>>(2).unwrap_or_else(|| "-".into()),
+                    row.get::<_, i64>(3),
+                    row.get::<_, i64>(4),
+                    row.get::<_, i64>(5)
+                ))
+            }
+            .await;
+            match newest {
+                Ok(line) => out!("{line}"),
+                Err(e) => out!("newest ledger rows: not read ({e})"),
+            }
+            if keep {
+                out!("kept {} on port {}", scratch.name(), scratch.port());
+                out!("url {}", scratch.target(&db));
+                out!(
+                    "(the password is the local cluster's: `railyard local env`); remove it with: railyard backup discard {}",
+                    scratch.name()
+                );
+                scratch.keep();
+            } else {
+                let started = Instant::now();
+                scratch.remove().await?;
+                out!(
+                    "phase {:<15} {:>8.2}s ok",
+                    "teardown",
+                    started.elapsed().as_secs_f64()
+                );
+            }
+        }
+        BackupAction::Discard { name } => {
+            backups.discard(&name).await?;
+            out!("removed {name}");
         }
     }
     Ok(())

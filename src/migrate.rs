@@ -34,6 +34,26 @@
 //! [`Migrator::redo_last`] and [`Migrator::repair_last`] are the same tools as
 //! functions (the reference CLI's `migrate redo` and `migrate repair`).
 //!
+//! # Risky migrations: a backup first
+//!
+//! A migration whose `up.sql` begins with the line
+//!
+//! ```sql
+//! -- railyard: risky tables=orders,trades
+//! ```
+//!
+//! (or only `-- railyard: risky`) is applied only after a backup was taken,
+//! under the migration lock: with pgBackRest when
+//! [`Migrator::backup_before_risky`] says so, otherwise with `pg_dump`
+//! (custom format, compressed) of the listed tables — of the whole database,
+//! schema and data, when none is listed — into the directory given there or
+//! in `RAILYARD_MIGRATION_BACKUP_DIR`. The backup is recorded in
+//! `railyard_migration_backups` (version, kind, file or label, time), which
+//! [`Migrator::status`] reports. When the backup fails, or none is
+//! configured, the migration is not applied and the run fails with
+//! [`MigrationError::BackupFailed`] naming it. The header is an SQL comment:
+//! diesel and the server ignore it, and it is part of the checksum.
+//!
 //! # Picking up new migrations in incremental builds
 //!
 //! `embed_migrations!` reads the directory at compile time, and cargo does not
@@ -55,7 +75,8 @@ use diesel_async::AsyncPgConnection;
 use diesel_async::async_connection_wrapper::AsyncConnectionWrapper;
 use sha2::{Digest, Sha256};
 
-use crate::config::{Config, TargetSessionAttrs};
+use crate::backup::BeforeRisky;
+use crate::config::{Config, ConnectTarget, TargetSessionAttrs};
 use crate::conn::open::Opener;
 use crate::error::{Error, MigrationError};
 
@@ -81,6 +102,26 @@ pub struct Migrator {
     source: Source,
     lock_timeout: Option<Duration>,
     allow_edited_latest: bool,
+    before_risky: Option<BeforeRisky>,
+}
+
+/// The environment variable naming the directory of the `pg_dump` taken
+/// before a risky migration, when [`Migrator::backup_before_risky`] is not
+/// called.
+pub const BACKUP_DIR_VAR: &str = "RAILYARD_MIGRATION_BACKUP_DIR";
+
+/// The backup taken before a risky migration, as recorded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct MigrationBackup {
+    /// `pg_dump` or `pgbackrest`.
+    pub kind: String,
+    /// The dump's path, or the pgBackRest backup's label.
+    pub location: String,
+    /// When it was taken.
+    pub taken_at: chrono::DateTime<chrono::Utc>,
+    /// Its size in bytes, when known.
+    pub bytes: Option<i64>,
 }
 
 /// The environment variable of the development override for edited migrations.
@@ -167,6 +208,10 @@ pub struct MigrationStatus {
     pub name: String,
     /// Applied, pending or unknown.
     pub state: MigrationState,
+    /// Whether `up.sql` is marked risky (see the module docs).
+    pub risky: bool,
+    /// The newest backup taken before it (risky migrations).
+    pub backup: Option<MigrationBackup>,
 }
 
 struct Known {
@@ -174,6 +219,8 @@ struct Known {
     name: String,
     up_sha: String,
     down_sha: String,
+    /// `Some(tables)` when `up.sql` is marked risky (no tables: all of them).
+    risky: Option<Vec<String>>,
     migration: Box<dyn Migration<Pg>>,
 }
 
@@ -263,7 +310,26 @@ impl Migrator {
             source: Arc::new(source),
             lock_timeout: None,
             allow_edited_latest: false,
+            before_risky: None,
         }
+    }
+
+    /// How to back up before a migration marked risky (see the module
+    /// docs). Without it, `pg_dump` into `RAILYARD_MIGRATION_BACKUP_DIR`;
+    /// without that either, a risky migration is refused.
+    #[must_use]
+    pub fn backup_before_risky(mut self, how: BeforeRisky) -> Self {
+        self.before_risky = Some(how);
+        self
+    }
+
+    /// The configured backup, or the environment's.
+    fn before_risky(&self) -> Option<BeforeRisky> {
+        self.before_risky.clone().or_else(|| {
+            std::env::var_os(BACKUP_DIR_VAR)
+                .filter(|v| !v.is_empty())
+                .map(BeforeRisky::pg_dump)
+        })
     }
 
     /// Development only: accept an edit of the newest migration after it was
@@ -360,7 +426,12 @@ impl Migrator {
             }));
         }
         let mut report = self
-            .run_with(conn, lock_timeout, config.pooler.per_transaction())
+            .run_with(
+                conn,
+                lock_timeout,
+                config.pooler.per_transaction(),
+                Some(config.primary.clone()),
+            )
             .await?;
         report.total = started.elapsed();
         Ok(report)
@@ -372,7 +443,7 @@ impl Migrator {
         conn: AsyncPgConnection,
         lock_timeout: Duration,
     ) -> Result<MigrationReport, Error> {
-        self.run_with(conn, lock_timeout, false).await
+        self.run_with(conn, lock_timeout, false, None).await
     }
 
     /// Applies pending migrations under the session lock, or, behind a
@@ -385,10 +456,16 @@ impl Migrator {
         conn: AsyncPgConnection,
         lock_timeout: Duration,
         per_transaction: bool,
+        target: Option<ConnectTarget>,
     ) -> Result<MigrationReport, Error> {
         let started = Instant::now();
         let source = self.source.clone();
         let allow = self.edits_allowed()?;
+        let backup = Backup {
+            how: self.before_risky(),
+            target,
+            handle: tokio::runtime::Handle::current(),
+        };
         let mut report = blocking(conn, move |c| {
             let known = load(&source)?;
             // The common boot: everything applied and unchanged. Checking that
@@ -406,10 +483,10 @@ impl Migrator {
                 });
             }
             if per_transaction {
-                return apply_in_transactions(c, &known, allow, lock_timeout);
+                return apply_in_transactions(c, &known, allow, lock_timeout, &backup);
             }
             with_lock(c, lock_timeout, |c, lock_wait| {
-                let mut report = apply_pending(c, &known, allow)?;
+                let mut report = apply_pending(c, &known, allow, &backup)?;
                 report.lock_wait = lock_wait;
                 Ok(report)
             })
@@ -449,6 +526,13 @@ impl Migrator {
             Some(sql) => Async::load(diesel::sql_query(sql), conn).await.map_err(q)?,
             None => Vec::new(),
         };
+        let backups: Vec<BackupRow> = if tables.backups {
+            Async::load(diesel::sql_query(BACKUPS_SQL), conn)
+                .await
+                .map_err(q)?
+        } else {
+            Vec::new()
+        };
         let applied = Applied {
             rows,
             recorded: tables.ours,
@@ -456,7 +540,7 @@ impl Migrator {
         };
         // Loaded after the queries: embedded migrations are not `Send`.
         let known = load(&self.source)?;
-        Ok(status_of(applied, &known))
+        Ok(with_backups(status_of(applied, &known), backups))
     }
 
     /// Checks without running anything: errors when an applied migration was
@@ -548,11 +632,14 @@ fn load(source: &Source) -> Result<Vec<Known>, Error> {
         let mut down = Recorder(Vec::new());
         // A migration without down.sql reports an error here: its checksum is of "no SQL".
         let _ = m.revert(&mut down);
+        let name = m.name().to_string();
+        let risky = risky_header(&name, up.0.first().map(String::as_str).unwrap_or(""))?;
         known.push(Known {
             version: m.name().version().to_string(),
-            name: m.name().to_string(),
+            name,
             up_sha: sha_hex(&up.0),
             down_sha: sha_hex(&down.0),
+            risky,
             migration: m,
         });
     }
@@ -622,7 +709,189 @@ fn with_lock<T>(
 fn ensure_tables(c: &mut SyncConn) -> Result<(), Error> {
     c.batch_execute(diesel::migration::CREATE_MIGRATIONS_TABLE)
         .map_err(q)?;
-    c.batch_execute(CREATE_OURS).map_err(q)
+    c.batch_execute(CREATE_OURS).map_err(q)?;
+    c.batch_execute(CREATE_BACKUPS).map_err(q)
+}
+
+const CREATE_BACKUPS: &str = "CREATE TABLE IF NOT EXISTS railyard_migration_backups (
+    id BIGSERIAL PRIMARY KEY,
+    version VARCHAR(50) NOT NULL,
+    kind TEXT NOT NULL,
+    location TEXT NOT NULL,
+    bytes BIGINT,
+    duration_ms DOUBLE PRECISION NOT NULL,
+    taken_at TIMESTAMPTZ NOT NULL DEFAULT now()
+)";
+
+/// The newest backup of each version.
+const BACKUPS_SQL: &str = "SELECT DISTINCT ON (version) version::text AS version, kind, location, bytes, \
+     extract(epoch FROM taken_at)::float8 AS taken_at FROM railyard_migration_backups \
+     ORDER BY version, taken_at DESC, id DESC";
+
+#[derive(QueryableByName)]
+struct BackupRow {
+    #[diesel(sql_type = Text)]
+    version: String,
+    #[diesel(sql_type = Text)]
+    kind: String,
+    #[diesel(sql_type = Text)]
+    location: String,
+    #[diesel(sql_type = Nullable<diesel::sql_types::BigInt>)]
+    bytes: Option<i64>,
+    #[diesel(sql_type = Double)]
+    taken_at: f64,
+}
+
+fn with_backups(mut rows: Vec<MigrationStatus>, backups: Vec<BackupRow>) -> Vec<MigrationStatus> {
+    for b in backups {
+        if let Some(r) = rows.iter_mut().find(|r| r.version == b.version) {
+            r.backup = Some(MigrationBackup {
+                kind: b.kind,
+                location: b.location,
+                taken_at: chrono::DateTime::from_timestamp_micros((b.taken_at * 1e6) as i64)
+                    .unwrap_or_default(),
+                bytes: b.bytes,
+            });
+        }
+    }
+    rows
+}
+
+fn read_backups(c: &mut SyncConn) -> Result<Vec<BackupRow>, Error> {
+    let tables: Tables = diesel::sql_query(TABLES_SQL).get_result(c).map_err(q)?;
+    if !tables.backups {
+        return Ok(Vec::new());
+    }
+    diesel::sql_query(BACKUPS_SQL).load(c).map_err(q)
+}
+
+/// The marker of a risky migration: the first line of `up.sql`,
+/// `-- railyard: risky` with an optional `tables=a,b`. `None` when the
+/// line is no marker; an error when it starts like one but says something
+/// else.
+fn risky_header(name: &str, up: &str) -> Result<Option<Vec<String>>, Error> {
+    let first = up.lines().next().unwrap_or("").trim();
+    let Some(rest) = first
+        .strip_prefix("--")
+        .map(str::trim_start)
+        .and_then(|r| r.strip_prefix("railyard:"))
+    else {
+        return Ok(None);
+    };
+    let bad = |why: String| {
+        Error::Migration(MigrationError::Setting {
+            setting: format!("{name}/up.sql, first line"),
+            reason: format!(
+                "{why}; the header is `-- railyard: risky` or `-- railyard: risky tables=schema.table,other`"
+            ),
+        })
+    };
+    let mut words = rest.split_whitespace();
+    if words.next() != Some("risky") {
+        return Err(bad("a `-- railyard:` header must say `risky`".into()));
+    }
+    let mut tables = Vec::new();
+    for w in words {
+        let Some(list) = w.strip_prefix("tables=") else {
+            return Err(bad(format!(
+                "{:?} is not understood",
+                w.chars().take(40).collect::<String>()
+            )));
+        };
+        for t in list.split(',').filter(|t| !t.is_empty()) {
+            if !crate::backup::dump::valid_table(t) {
+                return Err(bad(format!(
+                    "table {:?} is not a plain name",
+                    t.chars().take(60).collect::<String>()
+                )));
+            }
+            tables.push(t.to_owned());
+        }
+    }
+    Ok(Some(tables))
+}
+
+/// What a run needs to back up before a risky migration.
+struct Backup {
+    how: Option<BeforeRisky>,
+    target: Option<ConnectTarget>,
+    handle: tokio::runtime::Handle,
+}
+
+impl Backup {
+    /// Takes the backup before `k` when it is risky, and records it. Runs on
+    /// the migration's blocking thread, under the lock.
+    fn before(&self, c: &mut SyncConn, k: &Known) -> Result<(), Error> {
+        let Some(tables) = &k.risky else {
+            return Ok(());
+        };
+        let fail = |source: Error| {
+            Error::Migration(MigrationError::BackupFailed {
+                name: k.name.clone(),
+                source: Box::new(source),
+            })
+        };
+        let started = Instant::now();
+        let (kind, location, bytes) = match &self.how {
+            None => {
+                return Err(fail(Error::Backup(format!(
+                    "no backup is configured: call Migrator::backup_before_risky or set {BACKUP_DIR_VAR} to a directory for pg_dump"
+                ))));
+            }
+            Some(BeforeRisky::PgDump { dir, timeout }) => {
+                let Some(target) = &self.target else {
+                    return Err(fail(Error::Backup(
+                        "Migrator::run_on has no connection parameters for pg_dump; use Migrator::run, or pgBackRest".into(),
+                    )));
+                };
+                let stem = format!(
+                    "{}-{}-{}",
+                    target.dbname.as_deref().unwrap_or("db"),
+                    k.version,
+                    chrono::Utc::now().format("%Y%m%dT%H%M%S%.3fZ")
+                );
+                let dump = self
+                    .handle
+                    .block_on(crate::backup::dump::pg_dump(
+                        target, dir, &stem, tables, *timeout,
+                    ))
+                    .map_err(fail)?;
+                (
+                    "pg_dump",
+                    dump.path.display().to_string(),
+                    i64::try_from(dump.bytes).ok(),
+                )
+            }
+            Some(BeforeRisky::PgBackRest { repo, kind }) => {
+                let set = self
+                    .handle
+                    .block_on(async {
+                        repo.backup(*kind).await?;
+                        repo.info().await
+                    })
+                    .map_err(fail)?
+                    .pop()
+                    .ok_or_else(|| {
+                        fail(Error::Backup(
+                            "pgBackRest lists no backup after taking one".into(),
+                        ))
+                    })?;
+                ("pgbackrest", set.label, i64::try_from(set.repo_delta).ok())
+            }
+        };
+        tracing::info!(target: "railyard::migrate", version = %k.version, kind, location = %location, "backup taken before a risky migration");
+        diesel::sql_query(
+            "INSERT INTO railyard_migration_backups (version, kind, location, bytes, duration_ms) VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind::<Text, _>(&k.version)
+        .bind::<Text, _>(kind)
+        .bind::<Text, _>(&location)
+        .bind::<Nullable<diesel::sql_types::BigInt>, _>(bytes)
+        .bind::<Double, _>(started.elapsed().as_secs_f64() * 1000.0)
+        .execute(c)
+        .map_err(q)?;
+        Ok(())
+    }
 }
 
 #[derive(QueryableByName)]
@@ -631,6 +900,8 @@ struct Tables {
     diesel: bool,
     #[diesel(sql_type = diesel::sql_types::Bool)]
     ours: bool,
+    #[diesel(sql_type = diesel::sql_types::Bool)]
+    backups: bool,
 }
 
 /// What the bookkeeping tables say.
@@ -650,7 +921,8 @@ struct VersionRow {
 }
 
 const TABLES_SQL: &str = "SELECT to_regclass('__diesel_schema_migrations') IS NOT NULL AS diesel, \
-     to_regclass('railyard_schema_migrations') IS NOT NULL AS ours";
+     to_regclass('railyard_schema_migrations') IS NOT NULL AS ours, \
+     to_regclass('railyard_migration_backups') IS NOT NULL AS backups";
 
 /// The query for versions only Railyard's table has, when it exists.
 fn orphans_sql(tables: &Tables) -> Option<&'static str> {
@@ -754,7 +1026,8 @@ fn check_history<'k>(
 }
 
 fn status(c: &mut SyncConn, known: &[Known]) -> Result<Vec<MigrationStatus>, Error> {
-    Ok(status_of(read_applied(c)?, known))
+    let rows = status_of(read_applied(c)?, known);
+    Ok(with_backups(rows, read_backups(c)?))
 }
 
 fn status_of(applied: Applied, known: &[Known]) -> Vec<MigrationStatus> {
@@ -783,6 +1056,8 @@ fn status_of(applied: Applied, known: &[Known]) -> Vec<MigrationStatus> {
             version: k.version.clone(),
             name: k.name.clone(),
             state,
+            risky: k.risky.is_some(),
+            backup: None,
         });
     }
     for a in &applied {
@@ -791,6 +1066,8 @@ fn status_of(applied: Applied, known: &[Known]) -> Vec<MigrationStatus> {
                 version: a.version.clone(),
                 name: String::new(),
                 state: MigrationState::Unknown,
+                risky: false,
+                backup: None,
             });
         }
     }
@@ -800,6 +1077,8 @@ fn status_of(applied: Applied, known: &[Known]) -> Vec<MigrationStatus> {
                 version: o.clone(),
                 name: String::new(),
                 state: MigrationState::Orphaned,
+                risky: false,
+                backup: None,
             });
         }
     }
@@ -843,6 +1122,7 @@ fn apply_pending(
     c: &mut SyncConn,
     known: &[Known],
     allow_latest: bool,
+    backup: &Backup,
 ) -> Result<MigrationReport, Error> {
     ensure_tables(c)?;
     // Re-read under the lock: another instance may have just migrated.
@@ -854,6 +1134,7 @@ fn apply_pending(
         if applied.rows.iter().any(|a| a.version == k.version) {
             continue;
         }
+        backup.before(c, k)?;
         let duration = apply_one(c, k)?;
         tracing::info!(target: "railyard::migrate", version = %k.version, name = %k.name, ?duration, "applied migration");
         report.applied.push(AppliedMigration {
@@ -882,6 +1163,7 @@ fn apply_in_transactions(
     known: &[Known],
     allow_latest: bool,
     lock_timeout: Duration,
+    backup: &Backup,
 ) -> Result<MigrationReport, Error> {
     let mut report = MigrationReport::default();
     loop {
@@ -910,6 +1192,7 @@ fn apply_in_transactions(
                     ),
                 }));
             }
+            backup.before(c, k)?;
             let duration = apply_one(c, k)?;
             Ok((
                 Step::Applied(AppliedMigration {

@@ -132,21 +132,21 @@ impl Binaries {
         &self.dir
     }
 
-    fn bin(&self, name: &str) -> PathBuf {
+    pub(crate) fn bin(&self, name: &str) -> PathBuf {
         self.dir.join(name)
     }
 }
 
 /// The unprivileged account the servers run as.
 #[derive(Debug, Clone)]
-struct RunAs {
+pub(crate) struct RunAs {
     ids: Option<(u32, u32)>,
     /// The account's name: what `initdb` names the superuser by default.
     name: String,
 }
 
 impl RunAs {
-    fn detect() -> Result<Self, Error> {
+    pub(crate) fn detect() -> Result<Self, Error> {
         let me = nix::unistd::Uid::effective();
         if !me.is_root() {
             let name = nix::unistd::User::from_uid(me)
@@ -177,7 +177,13 @@ impl RunAs {
         ))
     }
 
-    fn command(&self, program: &Path, cwd: &Path) -> Command {
+    /// The account's user and group ids, when the servers run as another
+    /// account than this process's.
+    pub(crate) fn ids(&self) -> Option<(u32, u32)> {
+        self.ids
+    }
+
+    pub(crate) fn command(&self, program: &Path, cwd: &Path) -> Command {
         let mut c = Command::new(program);
         c.current_dir(cwd).stdin(Stdio::null());
         // LANG/LC_* of the caller may name locales the server does not have.
@@ -189,7 +195,7 @@ impl RunAs {
         c
     }
 
-    fn own(&self, path: &Path) -> Result<(), Error> {
+    pub(crate) fn own(&self, path: &Path) -> Result<(), Error> {
         if let Some((uid, gid)) = self.ids {
             std::os::unix::fs::chown(path, Some(uid), Some(gid))
                 .map_err(|e| Error::io(format!("chown {}", path.display()), e))?;
@@ -591,6 +597,90 @@ impl LocalCluster {
         self.ctl(&["promote", "-w", "-t", "60", "-D", "replica"])
     }
 
+    /// Turns WAL archiving on for the primary with this `archive_command`
+    /// (`%p` is the segment's path), or off with `None`, and turns
+    /// `track_commit_timestamp` on with it (a restored copy can then say when
+    /// its last transaction committed). The settings are kept in the
+    /// cluster's directory and written at every start. When they change, the
+    /// primary is restarted (fast shutdown; `archive_mode` needs it) and this
+    /// waits until the replica streams from it again. Returns whether the
+    /// primary was restarted. Blocks: call it from a blocking thread.
+    pub fn set_archiving(&self, archive_command: Option<&str>) -> Result<bool, Error> {
+        let bins = Binaries::find()?;
+        let run_as = RunAs::detect()?;
+        let pg = self.dir.join("pg");
+        let file = pg.join(ARCHIVE_CONF);
+        let wanted = archive_command.map(|cmd| {
+            format!(
+                "# written by railyard: backups are enabled\n\
+                 archive_mode = on\n\
+                 archive_command = '{}'\n\
+                 archive_timeout = 60\n\
+                 track_commit_timestamp = on\n",
+                cmd.replace('\'', "''")
+            )
+        });
+        let current = fs::read_to_string(&file).ok();
+        if current == wanted {
+            return Ok(false);
+        }
+        let _lock = lock(&self.dir)?;
+        match &wanted {
+            Some(text) => write_file(&file, text.as_bytes(), 0o600, Some(&run_as))?,
+            None => fs::remove_file(&file)
+                .map_err(|e| Error::io(format!("removing {}", file.display()), e))?,
+        }
+        write_file(
+            &pg.join("primary/railyard.conf"),
+            primary_conf(&pg, self.state.primary_port, &bins).as_bytes(),
+            0o600,
+            Some(&run_as),
+        )?;
+        pg_ctl(
+            &bins,
+            &run_as,
+            &pg,
+            &[
+                "restart",
+                "-m",
+                "fast",
+                "-w",
+                "-t",
+                "60",
+                "-D",
+                "primary",
+                "-l",
+                "primary.log",
+            ],
+        )?;
+        if self.state.replica_port.is_some() {
+            let handle = tokio::runtime::Handle::current();
+            handle.block_on(async {
+                let client = admin_client(self, "postgres").await?;
+                let deadline = Instant::now() + Duration::from_secs(60);
+                loop {
+                    let row = client
+                        .query_one(
+                            "SELECT count(*) FROM pg_stat_replication WHERE application_name = 'railyard_replica' AND state = 'streaming'",
+                            &[],
+                        )
+                        .await
+                        .map_err(|e| Error::Local(format!("checking replication: {e}")))?;
+                    if row.get::<_, i64>(0) > 0 {
+                        return Ok(());
+                    }
+                    if Instant::now() > deadline {
+                        return Err(Error::Local(
+                            "the replica did not stream again within 60 s of the primary's restart; see pg/replica.log".into(),
+                        ));
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            })?;
+        }
+        Ok(true)
+    }
+
     /// Removes the cluster's directory after stopping it.
     pub fn destroy(&self) -> Result<(), Error> {
         let _ = self.stop();
@@ -636,7 +726,7 @@ fn lock(dir: &Path) -> Result<fs::File, Error> {
     Ok(f)
 }
 
-fn pg_running(bins: &Binaries, data: &Path) -> bool {
+pub(crate) fn pg_running(bins: &Binaries, data: &Path) -> bool {
     if !data.join("PG_VERSION").exists() {
         return false;
     }
@@ -673,7 +763,12 @@ fn run(mut c: Command, what: &str) -> Result<(), Error> {
     Ok(())
 }
 
-fn pg_ctl(bins: &Binaries, run_as: &RunAs, pg: &Path, args: &[&str]) -> Result<(), Error> {
+pub(crate) fn pg_ctl(
+    bins: &Binaries,
+    run_as: &RunAs,
+    pg: &Path,
+    args: &[&str],
+) -> Result<(), Error> {
     let mut c = run_as.command(&bins.bin("pg_ctl"), pg);
     c.args(args);
     let out = c
@@ -702,7 +797,7 @@ fn pg_ctl(bins: &Binaries, run_as: &RunAs, pg: &Path, args: &[&str]) -> Result<(
     Ok(())
 }
 
-fn free_port() -> Result<u16, Error> {
+pub(crate) fn free_port() -> Result<u16, Error> {
     let l = std::net::TcpListener::bind("127.0.0.1:0")
         .map_err(|e| Error::io("finding a free loopback port", e))?;
     Ok(l.local_addr()
@@ -714,7 +809,7 @@ fn port_free(port: u16) -> bool {
     std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
 }
 
-fn write_file(
+pub(crate) fn write_file(
     path: &Path,
     contents: &[u8],
     mode: u32,
@@ -830,6 +925,20 @@ fn server_conf(pg: &Path, port: u16, bins: &Binaries) -> String {
     )
 }
 
+/// The file holding the primary's WAL archiving settings, written by
+/// [`LocalCluster::set_archiving`] when backups are enabled.
+const ARCHIVE_CONF: &str = "archive.conf";
+
+/// The primary's settings: [`server_conf`], plus the WAL archiving settings
+/// when backups are enabled (`pg/archive.conf` exists).
+fn primary_conf(pg: &Path, port: u16, bins: &Binaries) -> String {
+    let mut conf = server_conf(pg, port, bins);
+    if let Ok(archive) = fs::read_to_string(pg.join(ARCHIVE_CONF)) {
+        conf.push_str(&archive);
+    }
+    conf
+}
+
 const HBA: &str = "# written by railyard: TLS + scram over TCP, scram over the Unix socket\n\
 local   all          all                 scram-sha-256\n\
 local   replication  all                 scram-sha-256\n\
@@ -846,7 +955,7 @@ async fn admin_client(cluster: &LocalCluster, db: &str) -> Result<tokio_postgres
     .await
 }
 
-async fn admin_client_port(
+pub(crate) async fn admin_client_port(
     dir: &Path,
     port: u16,
     password: &Secret,
@@ -995,7 +1104,7 @@ fn start_blocking(
         }
         write_file(
             &primary.join("railyard.conf"),
-            server_conf(&pg, state.primary_port, &bins).as_bytes(),
+            primary_conf(&pg, state.primary_port, &bins).as_bytes(),
             0o600,
             Some(&run_as),
         )?;

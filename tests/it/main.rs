@@ -2,6 +2,8 @@
 //! real PostgreSQL (the local cluster, or `TEST_DATABASE_URL`).
 
 mod advise;
+#[cfg(feature = "cli")]
+mod backup;
 mod changes;
 mod config;
 mod connect;

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use diesel_async::SimpleAsyncConnection;
 use diesel_migrations::{EmbeddedMigrations, embed_migrations};
+use railyard::backup::BeforeRisky;
 use railyard::error::MigrationError;
 use railyard::migrate::{ChecksumState, MigrationState};
 use railyard::{Database, Error, Migrator};
@@ -433,4 +434,140 @@ async fn the_newest_migration_may_be_edited_in_development_and_redone_or_repaire
     Migrator::new(EDITED).run(&config).await.unwrap();
     // Only the newest: with v2 applied, an edit of the second is still refused.
     Migrator::new(V2).repair_last(&config).await.unwrap_err();
+}
+
+const RISKY: EmbeddedMigrations = embed_migrations!("tests/migrations/risky");
+const SAFE: EmbeddedMigrations = embed_migrations!("tests/migrations/safe");
+
+/// A path in the system's temporary directory (a directory or a file), removed when dropped.
+struct TempDir(std::path::PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        if self.0.is_dir() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        } else {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_risky_migration_boots_after_a_pg_dump_recorded_and_shown_in_status() {
+    let fresh = support::fresh_database("mig_risky").await;
+    let dir = TempDir(std::env::temp_dir().join(support::unique("risky_dumps")));
+    let migrator = Migrator::new(RISKY).backup_before_risky(BeforeRisky::pg_dump(&dir.0));
+    let report = migrator.run(&fresh.config).await.unwrap();
+    assert_eq!(report.applied.len(), 2);
+
+    let status = migrator.status(&fresh.config).await.unwrap();
+    assert!(!status[0].risky && status[0].backup.is_none(), "{status:?}");
+    assert!(status[1].risky, "{status:?}");
+    let backup = status[1]
+        .backup
+        .clone()
+        .expect("the risky migration's backup is recorded");
+    assert_eq!(backup.kind, "pg_dump");
+    let path = std::path::PathBuf::from(&backup.location);
+    assert!(path.starts_with(&dir.0), "{path:?}");
+    assert!(backup.bytes.unwrap_or(0) > 0);
+    println!(
+        "{:<16} {} backup: {} {} at {} ({} bytes)",
+        status[1].version,
+        status[1].name,
+        backup.kind,
+        backup.location,
+        backup.taken_at,
+        backup.bytes.unwrap_or(0)
+    );
+
+    // The dump is a custom-format archive of the named table, with its data.
+    let list = std::process::Command::new("pg_restore")
+        .arg("--list")
+        .arg(&path)
+        .output()
+        .expect("pg_restore runs");
+    let toc = String::from_utf8_lossy(&list.stdout);
+    assert!(list.status.success(), "{toc}");
+    assert!(toc.contains("TABLE public notes"), "{toc}");
+    assert!(toc.contains("TABLE DATA public notes"), "{toc}");
+    assert!(
+        !toc.contains("other"),
+        "only the listed table is dumped: {toc}"
+    );
+    // Its rows come back: restore the data as SQL and count the rows.
+    let sql = std::process::Command::new("pg_restore")
+        .args(["--data-only", "--file=-"])
+        .arg(&path)
+        .output()
+        .expect("pg_restore runs");
+    let text = String::from_utf8_lossy(&sql.stdout);
+    assert_eq!(text.lines().filter(|l| l.contains("\tnote ")).count(), 100);
+}
+
+#[tokio::test]
+async fn a_failing_backup_stops_the_risky_migration_and_names_it() {
+    let fresh = support::fresh_database("mig_risky_fail").await;
+    // A directory that cannot be made, even by root: its parent is a file.
+    let file = TempDir(std::env::temp_dir().join(support::unique("risky_file")));
+    std::fs::write(&file.0, b"not a directory").unwrap();
+    let migrator =
+        Migrator::new(RISKY).backup_before_risky(BeforeRisky::pg_dump(file.0.join("dumps")));
+    let err = migrator.run(&fresh.config).await.unwrap_err();
+    let text = err.to_string();
+    assert!(
+        matches!(&err, Error::Migration(MigrationError::BackupFailed { name, .. }) if name == "2026-01-01-000002_drop_note_body"),
+        "{err:?}"
+    );
+    assert!(
+        text.contains("2026-01-01-000002_drop_note_body") && text.contains("NOT applied"),
+        "{text}"
+    );
+    assert!(
+        text.contains("backup directory"),
+        "the cause is kept: {text}"
+    );
+    if let Some(p) = fresh.config.primary().password() {
+        assert!(!text.contains(p.expose()) && !format!("{err:?}").contains(p.expose()));
+    }
+    // The first migration is applied, the risky one is not: the column is there.
+    let status = migrator.status(&fresh.config).await.unwrap();
+    assert!(matches!(status[0].state, MigrationState::Applied { .. }));
+    assert_eq!(status[1].state, MigrationState::Pending);
+    assert_eq!(
+        count(
+            &fresh.config,
+            "SELECT count(*) AS n FROM information_schema.columns WHERE table_name = 'notes' AND column_name = 'body'"
+        )
+        .await,
+        1
+    );
+    // Without any backup configured, the same refusal.
+    let err = Migrator::new(RISKY).run(&fresh.config).await.unwrap_err();
+    assert!(
+        err.to_string().contains("RAILYARD_MIGRATION_BACKUP_DIR"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn a_migration_not_marked_risky_takes_no_backup() {
+    let fresh = support::fresh_database("mig_safe").await;
+    let dir = TempDir(std::env::temp_dir().join(support::unique("safe_dumps")));
+    let migrator = Migrator::new(SAFE).backup_before_risky(BeforeRisky::pg_dump(&dir.0));
+    migrator.run(&fresh.config).await.unwrap();
+    let status = migrator.status(&fresh.config).await.unwrap();
+    assert!(
+        status.iter().all(|s| !s.risky && s.backup.is_none()),
+        "{status:?}"
+    );
+    assert_eq!(
+        count(
+            &fresh.config,
+            "SELECT count(*) AS n FROM railyard_migration_backups"
+        )
+        .await,
+        0
+    );
+    assert!(!dir.0.exists(), "no dump directory was made");
 }
