@@ -503,8 +503,9 @@ impl Retention {
             let n = bounded(
                 bound,
                 diesel::sql_query(
-                    "SELECT coalesce(sum(pg_total_relation_size(relid)), 0)::bigint AS n \
-                     FROM pg_partition_tree(to_regclass($1))",
+                    "SELECT coalesce(sum(pg_total_relation_size(c.oid)), 0)::bigint AS n FROM pg_class c \
+                     WHERE c.oid = to_regclass($1) \
+                        OR c.oid IN (SELECT relid FROM pg_partition_tree(to_regclass($1)))",
                 )
                 .bind::<Text, _>(&name)
                 .get_result::<N>(conn),
