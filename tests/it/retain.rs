@@ -368,7 +368,8 @@ async fn a_year_of_history_keeps_ninety_days_live() {
     // threshold (backdated trades waiting in the default partition, for
     // months already archived), the next size check runs it early, and it
     // cannot free them: the storage check degrades.
-    let threshold = done.after.live_bytes() + 64 * 1024;
+    // A margin above what autovacuum's maps may add meanwhile.
+    let threshold = done.after.live_bytes() + (1 << 20);
     let job = RetentionJob::spawn(
         db.clone(),
         ledger_retain::ledger(
@@ -383,13 +384,14 @@ async fn a_year_of_history_keeps_ninety_days_live() {
         assert!(tokio::time::Instant::now() < deadline, "the first run ends");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert_eq!(db.health().await.status, HealthStatus::Healthy);
+    let first_run = job.last_run().unwrap().unwrap();
+    assert!(!first_run.after.cannot_free, "{first_run:?}");
     db.primary()
         .await
         .unwrap()
         .batch_execute(&format!(
             "INSERT INTO trades (buy_order_id, sell_order_id, symbol, quantity, price_cents, executed_at) \
-             SELECT 39999, 40000, 'RTN', 10, 100, '{}'::timestamptz + interval '1 second' * i FROM generate_series(1, 5000) i",
+             SELECT 39999, 40000, 'RTN', 10, 100, '{}'::timestamptz + interval '1 second' * i FROM generate_series(1, 20000) i",
             first.format("%Y-%m-%d")
         ))
         .await
