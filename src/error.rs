@@ -149,6 +149,12 @@ pub enum Error {
     #[error("alerts: {0}")]
     Alerts(String),
 
+    /// A retention run could not make or archive a partition (a lock not
+    /// granted within its `lock_timeout`, a name already archived); what it
+    /// had begun was rolled back, and the next run tries again.
+    #[error("retention: {0}")]
+    Retention(String),
+
     /// Index advice could not be written as asked (a bad migration name,
     /// nothing verified to write, a migration that exists already).
     #[error("index advice: {0}")]
@@ -280,6 +286,7 @@ impl Error {
             | Error::Migration(_)
             | Error::Local(_)
             | Error::Advice(_)
+            | Error::Retention(_)
             | Error::Alerts(_)
             | Error::Notify(_)
             | Error::Changes(_)

@@ -87,6 +87,7 @@ pub mod http;
 pub mod local;
 pub mod migrate;
 pub mod observe;
+pub mod retain;
 pub mod route;
 #[cfg(feature = "testing")]
 pub mod testing;

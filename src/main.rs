@@ -77,6 +77,20 @@ enum Command {
         #[arg(long)]
         repair: bool,
     },
+    /// Run the ledger's retention once: make the monthly partitions of
+    /// trades ahead, move the months past the retention period (and the
+    /// closed orders only they reference) to the railyard_archive schema,
+    /// record each in railyard_retention_audit, and print the sizes before
+    /// and after. Another instance running it at the same time makes this
+    /// one skip (exit 0, said on stdout).
+    Retain {
+        /// List what would be archived; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// The retention period (`90d`); default RAILYARD_RETENTION, else 90d.
+        #[arg(long, value_name = "PERIOD")]
+        retention: Option<String>,
+    },
     /// List this application's running statements (its application_name),
     /// longest first: duration, state, wait event, blocking pids, shape.
     Queries {
@@ -382,6 +396,7 @@ async fn run(command: Command) -> Result<(), app::AppError> {
         Command::Serve { addr, alerts } => Ok(serve(addr, alerts).await?),
         Command::Load(args) => load(args).await,
         Command::Check { repair } => check(repair).await,
+        Command::Retain { dry_run, retention } => retain(dry_run, retention).await,
         Command::Queries { all } => Ok(queries(all).await?),
         Command::Advise {
             migration,
@@ -508,6 +523,127 @@ fn print_verdicts(verdicts: &[app::check::Verdict]) {
             }
         );
     }
+}
+
+/// The retention's configuration: RAILYARD_RETENTION_* with `period` (a
+/// flag) over RAILYARD_RETENTION, else 90 days.
+fn retention_config(
+    period: Option<String>,
+) -> Result<railyard::retain::RetentionConfig, app::AppError> {
+    let mut vars: Vec<(String, String)> = std::env::vars()
+        .filter(|(k, _)| k.starts_with("RAILYARD_RETENTION"))
+        .collect();
+    match period {
+        Some(p) => {
+            vars.retain(|(k, _)| k != railyard::retain::ENV_PERIOD);
+            vars.push((railyard::retain::ENV_PERIOD.into(), p));
+        }
+        None if !vars.iter().any(|(k, _)| k == railyard::retain::ENV_PERIOD) => {
+            vars.push((railyard::retain::ENV_PERIOD.into(), "90d".into()));
+        }
+        None => {}
+    }
+    railyard::retain::RetentionConfig::from_vars(vars)
+        .map_err(|mut e| {
+            if e.field == railyard::retain::ENV_PERIOD {
+                e.field = "--retention or RAILYARD_RETENTION".into();
+            }
+            app::AppError::Usage(e.to_string())
+        })?
+        .ok_or_else(|| app::AppError::Usage("--retention: no period".into()))
+}
+
+fn print_sizes(label: &str, f: &railyard::observe::StorageFigures) {
+    out!(
+        "{label:<17} database {} bytes, live history {} bytes, archive {} bytes",
+        f.database_bytes,
+        f.live_bytes(),
+        f.archived_bytes()
+    );
+    for t in &f.tables {
+        out!("  {:<32} {:>12} bytes", t.table, t.bytes);
+    }
+}
+
+async fn retain(dry_run: bool, period: Option<String>) -> Result<(), app::AppError> {
+    let config = retention_config(period)?;
+    let retention = app::retain::ledger(config)?;
+    let (db, _cluster) = ledger_db(None).await?;
+    // The read check: the trades from two months before the cutoff to now,
+    // through the history view, before and after the run.
+    let now = chrono::Utc::now();
+    let period =
+        chrono::Duration::from_std(retention.config().period).unwrap_or(chrono::Duration::days(90));
+    let (from, to) = (
+        now - period - chrono::Duration::days(62),
+        now + chrono::Duration::days(1),
+    );
+    let read_before = app::retain::digest(&db, from, to).await?;
+    let run = retention.run(&db, dry_run).await;
+    let read_after = app::retain::digest(&db, from, to).await;
+    db.close(db.config().shutdown_deadline()).await;
+    let (run, read_after) = (run?, read_after?);
+    if let Some(why) = &run.skipped {
+        out!("skipped           {why}");
+        return Ok(());
+    }
+    out!(
+        "cutoff            {} (partitions ending at or before it are archived){}",
+        run.cutoff.to_rfc3339(),
+        if dry_run {
+            "; dry run: nothing changed"
+        } else {
+            ""
+        }
+    );
+    for p in &run.created {
+        out!("made              {p}");
+    }
+    for a in &run.archived {
+        out!(
+            "{}  {} [{} .. {}) {} rows, {} bytes{}",
+            if dry_run {
+                "would archive   "
+            } else {
+                "archived        "
+            },
+            a.partition,
+            a.range_from.format("%Y-%m-%d"),
+            a.range_to.format("%Y-%m-%d"),
+            a.rows,
+            a.bytes,
+            a.moved
+                .iter()
+                .map(|(n, k)| format!(", {k} {n} moved"))
+                .collect::<String>()
+        );
+    }
+    if run.archived.is_empty() {
+        out!("archived          nothing: no partition is wholly past the retention period");
+    }
+    print_sizes("before", &run.before);
+    if !dry_run {
+        print_sizes("after", &run.after);
+    }
+    if run.after.cannot_free {
+        out!("WARNING           the live history is still over RAILYARD_RETENTION_SIZE_THRESHOLD");
+    }
+    out!(
+        "read check        trade_history [{} .. {}): {} rows md5 {} before, {} rows md5 {} after: {}",
+        from.format("%Y-%m-%d"),
+        to.format("%Y-%m-%d"),
+        read_before.n,
+        read_before.digest,
+        read_after.n,
+        read_after.digest,
+        if read_before == read_after {
+            "same"
+        } else {
+            "DIFFERENT (trades were written meanwhile, or the read path lost rows)"
+        }
+    );
+    out!("took              {:.2?}", run.took);
+    Ok(())
 }
 
 async fn check(repair: bool) -> Result<(), app::AppError> {
@@ -827,6 +963,11 @@ async fn serve(
         None => railyard::alert::AlertConfig::builtin(),
     };
     let alerts = railyard::alert::Alerts::new(rules);
+    // Retention runs inside the process when RAILYARD_RETENTION is set.
+    let retention = match railyard::retain::RetentionConfig::from_env()? {
+        Some(c) => Some(app::retain::ledger(c)?),
+        None => None,
+    };
     let stats = railyard::StatementStats::new();
     let db = Database::builder(config)
         .migrations(Migrator::new(MIGRATIONS))
@@ -858,6 +999,7 @@ async fn serve(
             source,
         })?;
     let readiness = railyard::http::Readiness::new();
+    let retention = retention.map(|r| railyard::retain::RetentionJob::spawn(db.clone(), r));
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     alerts.watch(&watcher);
     let app = railyard::http::router_with_dashboard(
@@ -902,6 +1044,10 @@ async fn serve(
         }
     }
     out!("HTTP server stopped after {:.2?}", started.elapsed());
+    if let Some(job) = retention {
+        job.shutdown(end.saturating_duration_since(tokio::time::Instant::now()) / 2)
+            .await;
+    }
     let report = db
         .close(end.saturating_duration_since(tokio::time::Instant::now()))
         .await;

@@ -10,9 +10,9 @@ use std::path::{Path, PathBuf};
 
 /// Lowest first. `main.rs` (the binary) and `schema.rs` (generated) use the
 /// crate from outside and are not layers.
-const LAYERS: [&str; 15] = [
+const LAYERS: [&str; 16] = [
     "error", "config", "local", "backup", "conn", "exec", "route", "migrate", "observe",
-    "database", "advise", "watch", "alert", "http", "testing",
+    "database", "retain", "advise", "watch", "alert", "http", "testing",
 ];
 
 fn files(module: &str, src: &Path) -> Vec<PathBuf> {

@@ -71,6 +71,9 @@ pub enum Metric {
     /// The p99 over the last minute of the statements whose text contains
     /// this (`statement`), ms; needs the rules' statement hook.
     StatementP99Ms(String),
+    /// 1 while the storage check is degraded: a retention run left the live
+    /// history over its size threshold (`RAILYARD_RETENTION_SIZE_THRESHOLD`).
+    StorageCannotFree,
 }
 
 impl Metric {
@@ -88,11 +91,12 @@ impl Metric {
             Metric::MigrationsNotCurrent => "migrations_not_current",
             Metric::QueryP99Ms => "query_p99_ms",
             Metric::StatementP99Ms(_) => "statement_p99_ms",
+            Metric::StorageCannotFree => "storage_cannot_free",
         }
     }
 
     /// Every metric name, for error messages.
-    pub(crate) const NAMES: [&'static str; 11] = [
+    pub(crate) const NAMES: [&'static str; 12] = [
         "replica_lag_bytes",
         "replica_lag_seconds",
         "replica_ejected",
@@ -104,6 +108,7 @@ impl Metric {
         "migrations_not_current",
         "query_p99_ms",
         "statement_p99_ms",
+        "storage_cannot_free",
     ];
 
     pub(crate) fn parse(name: &str, statement: Option<String>) -> Option<Metric> {
@@ -119,6 +124,7 @@ impl Metric {
             "migrations_not_current" => Metric::MigrationsNotCurrent,
             "query_p99_ms" => Metric::QueryP99Ms,
             "statement_p99_ms" => Metric::StatementP99Ms(statement?),
+            "storage_cannot_free" => Metric::StorageCannotFree,
             _ => return None,
         })
     }
@@ -202,6 +208,14 @@ pub(crate) fn series(
         Metric::StatementP99Ms(group) => statement_p99(group)
             .map(|v| vec![(one("statement", group), v)])
             .unwrap_or_default(),
+        Metric::StorageCannotFree => {
+            vec![(
+                Labels::new(),
+                flag(s.reasons.iter().any(|c| {
+                    c.name == "storage" && c.status != crate::observe::HealthStatus::Healthy
+                })),
+            )]
+        }
     }
 }
 
@@ -299,6 +313,7 @@ impl Rule {
     /// | `breaker_open` | `breaker_open` | a circuit breaker is open | at once | critical |
     /// | `migrations` | `migrations_not_current` | the schema is not the binary's | at once | critical |
     /// | `query_p99` | `query_p99_ms` | p99 of all queries above 500 ms | 60 s | warning |
+    /// | `storage` | `storage_cannot_free` | retention cannot bring the live history under its size threshold | at once | warning |
     pub fn builtin() -> Vec<Rule> {
         let s = Duration::from_secs;
         vec![
@@ -318,6 +333,7 @@ impl Rule {
             Rule::new("migrations", Metric::MigrationsNotCurrent, Op::Above(0.0))
                 .severity(Severity::Critical),
             Rule::new("query_p99", Metric::QueryP99Ms, Op::Above(500.0)).for_duration(s(60)),
+            Rule::new("storage", Metric::StorageCannotFree, Op::Above(0.0)),
         ]
     }
 }

@@ -5,6 +5,12 @@
 //! quantities, order status) from the trades in one SERIALIZABLE transaction
 //! and reports what it changed; it never touches the source of truth
 //! (deposits, trades, fees, balances).
+//!
+//! Trades and closed orders past the retention period live in the archive
+//! schema (see `railyard retain`); every invariant reads them through the
+//! views `trade_history` and `order_history`, so it holds over live and
+//! archived rows together. A repair only writes live rows: archived orders
+//! are closed and their trades archived with them.
 
 use diesel::QueryableByName;
 use diesel::sql_types::{BigInt, Text};
@@ -27,7 +33,7 @@ pub struct Invariant {
 }
 
 /// The invariants, in report order.
-pub const INVARIANTS: [Invariant; 8] = [
+pub const INVARIANTS: [Invariant; 9] = [
     Invariant {
         name: "money_conserved",
         meaning: "the sum of balances plus the fees kept equals the sum of deposits",
@@ -43,8 +49,8 @@ pub const INVARIANTS: [Invariant; 8] = [
         meaning: "each account's balance is its deposits, plus sales, minus purchases, minus fees kept",
         sql: "WITH flows AS ( \
                 SELECT account_id, amount_cents AS delta FROM deposits \
-                UNION ALL SELECT o.account_id, -t.quantity * t.price_cents FROM trades t JOIN orders o ON o.id = t.buy_order_id \
-                UNION ALL SELECT o.account_id, t.quantity * t.price_cents FROM trades t JOIN orders o ON o.id = t.sell_order_id \
+                UNION ALL SELECT o.account_id, -t.quantity * t.price_cents FROM trade_history t JOIN order_history o ON o.id = t.buy_order_id \
+                UNION ALL SELECT o.account_id, t.quantity * t.price_cents FROM trade_history t JOIN order_history o ON o.id = t.sell_order_id \
                 UNION ALL SELECT account_id, -(amount_cents - rebated_cents) FROM fees), \
               expected AS (SELECT account_id, sum(delta)::bigint AS cents FROM flows GROUP BY account_id), \
               bad AS (SELECT a.id FROM accounts a LEFT JOIN expected e ON e.account_id = a.id \
@@ -66,7 +72,7 @@ pub const INVARIANTS: [Invariant; 8] = [
         meaning: "each position equals the shares its account bought minus those it sold",
         sql: "WITH traded AS ( \
                 SELECT o.account_id, t.symbol, sum(CASE WHEN o.side = 'buy' THEN t.quantity ELSE -t.quantity END)::bigint AS q \
-                FROM trades t JOIN orders o ON o.id IN (t.buy_order_id, t.sell_order_id) \
+                FROM trade_history t JOIN order_history o ON o.id IN (t.buy_order_id, t.sell_order_id) \
                 GROUP BY o.account_id, t.symbol), \
               bad AS (SELECT coalesce(p.account_id, x.account_id) AS account_id, coalesce(p.symbol, x.symbol) AS symbol \
                       FROM positions p FULL JOIN traded x ON x.account_id = p.account_id AND x.symbol = p.symbol \
@@ -79,10 +85,10 @@ pub const INVARIANTS: [Invariant; 8] = [
         name: "fills_match_trades",
         meaning: "each order's filled quantity equals the sum of its trades",
         sql: "WITH bad AS ( \
-                SELECT o.id FROM orders o \
+                SELECT o.id FROM order_history o \
                 LEFT JOIN (SELECT order_id, sum(quantity)::bigint AS q FROM ( \
-                    SELECT buy_order_id AS order_id, quantity FROM trades \
-                    UNION ALL SELECT sell_order_id, quantity FROM trades) f GROUP BY order_id) t ON t.order_id = o.id \
+                    SELECT buy_order_id AS order_id, quantity FROM trade_history \
+                    UNION ALL SELECT sell_order_id, quantity FROM trade_history) f GROUP BY order_id) t ON t.order_id = o.id \
                 WHERE o.filled_quantity <> coalesce(t.q, 0)) \
               SELECT (SELECT count(*) FROM bad)::bigint AS violations, \
                 coalesce('orders ' || (SELECT string_agg(id::text, ', ') FROM (SELECT id FROM bad ORDER BY id LIMIT 10) b), '') AS detail",
@@ -91,7 +97,7 @@ pub const INVARIANTS: [Invariant; 8] = [
     Invariant {
         name: "fills_within_quantity",
         meaning: "no order is filled beyond its quantity, and an order is filled exactly when its fill reaches it",
-        sql: "WITH bad AS (SELECT id FROM orders \
+        sql: "WITH bad AS (SELECT id FROM order_history \
                 WHERE filled_quantity > quantity OR filled_quantity < 0 \
                    OR (status = 'filled') <> (filled_quantity = quantity)) \
               SELECT (SELECT count(*) FROM bad)::bigint AS violations, \
@@ -101,9 +107,9 @@ pub const INVARIANTS: [Invariant; 8] = [
     Invariant {
         name: "trades_have_both_orders",
         meaning: "each trade joins an existing buy order and an existing sell order of its symbol",
-        sql: "WITH bad AS (SELECT t.id FROM trades t \
-                LEFT JOIN orders b ON b.id = t.buy_order_id AND b.side = 'buy' AND b.symbol = t.symbol \
-                LEFT JOIN orders s ON s.id = t.sell_order_id AND s.side = 'sell' AND s.symbol = t.symbol \
+        sql: "WITH bad AS (SELECT t.id FROM trade_history t \
+                LEFT JOIN order_history b ON b.id = t.buy_order_id AND b.side = 'buy' AND b.symbol = t.symbol \
+                LEFT JOIN order_history s ON s.id = t.sell_order_id AND s.side = 'sell' AND s.symbol = t.symbol \
                 WHERE b.id IS NULL OR s.id IS NULL) \
               SELECT (SELECT count(*) FROM bad)::bigint AS violations, \
                 coalesce('trades ' || (SELECT string_agg(id::text, ', ') FROM (SELECT id FROM bad ORDER BY id LIMIT 10) b), '') AS detail",
@@ -112,10 +118,19 @@ pub const INVARIANTS: [Invariant; 8] = [
     Invariant {
         name: "trades_pay_two_fees",
         meaning: "each trade charged exactly one fee to each side",
-        sql: "WITH bad AS (SELECT t.id FROM trades t \
+        sql: "WITH bad AS (SELECT t.id FROM trade_history t \
                 LEFT JOIN fees f ON f.trade_id = t.id GROUP BY t.id HAVING count(f.id) <> 2) \
               SELECT (SELECT count(*) FROM bad)::bigint AS violations, \
                 coalesce('trades ' || (SELECT string_agg(id::text, ', ') FROM (SELECT id FROM bad ORDER BY id LIMIT 10) b), '') AS detail",
+        repairable: false,
+    },
+    Invariant {
+        name: "fees_name_a_trade",
+        meaning: "each fee belongs to a trade, live or archived",
+        sql: "WITH bad AS (SELECT f.id FROM fees f \
+                WHERE NOT EXISTS (SELECT 1 FROM trade_history t WHERE t.id = f.trade_id)) \
+              SELECT (SELECT count(*) FROM bad)::bigint AS violations, \
+                coalesce('fees ' || (SELECT string_agg(id::text, ', ') FROM (SELECT id FROM bad ORDER BY id LIMIT 10) b), '') AS detail",
         repairable: false,
     },
 ];
@@ -204,7 +219,7 @@ pub async fn repair(db: &Database) -> Result<Repair, Error> {
                 conn,
                 "WITH traded AS ( \
                    SELECT o.account_id, t.symbol, sum(CASE WHEN o.side = 'buy' THEN t.quantity ELSE -t.quantity END)::bigint AS q \
-                   FROM trades t JOIN orders o ON o.id IN (t.buy_order_id, t.sell_order_id) \
+                   FROM trade_history t JOIN order_history o ON o.id IN (t.buy_order_id, t.sell_order_id) \
                    GROUP BY o.account_id, t.symbol), \
                  upserted AS ( \
                    INSERT INTO positions (account_id, symbol, quantity) SELECT account_id, symbol, q FROM traded \
@@ -217,10 +232,10 @@ pub async fn repair(db: &Database) -> Result<Repair, Error> {
                  SELECT ((SELECT count(*) FROM upserted) + (SELECT count(*) FROM zeroed))::bigint AS n",
             )
             .await?;
-            let sums = "(SELECT o.id, o.quantity, coalesce(t.q, 0)::bigint AS q FROM orders o \
+            let sums = "(SELECT o.id, o.quantity, coalesce(t.q, 0)::bigint AS q FROM order_history o \
                  LEFT JOIN (SELECT order_id, sum(quantity) AS q FROM ( \
-                     SELECT buy_order_id AS order_id, quantity FROM trades \
-                     UNION ALL SELECT sell_order_id, quantity FROM trades) f GROUP BY order_id) t ON t.order_id = o.id)";
+                     SELECT buy_order_id AS order_id, quantity FROM trade_history \
+                     UNION ALL SELECT sell_order_id, quantity FROM trade_history) f GROUP BY order_id) t ON t.order_id = o.id)";
             let overfilled = n(conn, &format!("SELECT count(*)::bigint AS n FROM {sums} s WHERE s.q > s.quantity")).await?;
             let fills = n(
                 conn,

@@ -5,6 +5,7 @@
 pub mod check;
 pub mod ledger;
 pub mod load;
+pub mod retain;
 
 /// What the application's commands fail with.
 #[derive(Debug, thiserror::Error)]

@@ -302,6 +302,7 @@ impl DatabaseBuilder {
                 planner,
                 plan_store,
                 slots: Default::default(),
+                storage: Default::default(),
             }),
         })
     }
@@ -501,6 +502,8 @@ struct Inner {
     plan_store: Option<Arc<crate::observe::PlanStore>>,
     /// The change streams' slots and what they last measured.
     slots: changes::Slots,
+    /// What a retention job last measured of the database's storage.
+    storage: std::sync::Mutex<Option<crate::observe::StorageFigures>>,
 }
 
 /// How long the primary's health answer is reused ([`Database::health`] and
@@ -1243,6 +1246,9 @@ impl Database {
         {
             checks.push(health::slot(name, f.retained_bytes, f.limit, f.lost));
         }
+        if let Some(f) = self.storage() {
+            checks.push(crate::observe::storage_check(&f));
+        }
         HealthReport::of(checks)
     }
 
@@ -1319,7 +1325,27 @@ impl Database {
                 }
             }
         }
+        drop(slots);
+        if let Some(f) = self.storage() {
+            crate::observe::render_storage(&mut text, &f);
+        }
         text
+    }
+
+    /// Records what a storage measurement found (the retention job does it
+    /// each time it measures); `/health` gains a `storage` check and
+    /// `/metrics` the sizes from then on.
+    pub fn record_storage(&self, figures: crate::observe::StorageFigures) {
+        *self.inner.storage.lock().unwrap_or_else(|p| p.into_inner()) = Some(figures);
+    }
+
+    /// The storage figures last recorded with [`Database::record_storage`].
+    pub fn storage(&self) -> Option<crate::observe::StorageFigures> {
+        self.inner
+            .storage
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     // ---- The harness's pin --------------------------------------------------
@@ -1367,6 +1393,7 @@ impl Database {
                 planner: None,
                 plan_store: None,
                 slots: Default::default(),
+                storage: Default::default(),
             }),
         }
     }

@@ -22,11 +22,19 @@ mod migrations;
 mod observe;
 mod pooler;
 mod proxy;
+mod retain;
 mod route;
 mod shedding;
 mod shutdown;
 mod storm;
 mod support;
+// The reference application's retention and invariants, as the binary uses them.
+#[path = "../../src/app/check.rs"]
+#[allow(dead_code)]
+mod ledger_check;
+#[path = "../../src/app/retain.rs"]
+#[allow(dead_code)]
+mod ledger_retain;
 mod tls;
 mod tx;
 mod wire;
