@@ -73,7 +73,7 @@ async fn a_reset_of_200_connections_under_load_refills_without_a_herd_and_recove
     assert_eq!(s.failed, 0, "every read was retried on a new connection");
     assert!((s.peak_server as i64) < s.max_connections);
     let recovered = s.recovered.expect("throughput came back");
-    assert!(recovered < Duration::from_secs(3), "{recovered:?}");
+    assert!(recovered < Duration::from_secs(2), "{recovered:?}");
     assert!(
         s.reconnects <= 2 * INSTANCES * POOL as usize,
         "{} reconnects",
@@ -130,6 +130,7 @@ async fn storm(cluster: &railyard::LocalCluster, max_connecting: Option<u32>) ->
                     .fold(Config::from_url(&url).unwrap(), Config::max_connecting)
                     .application_name(format!("storm-{i}"))
                     .pool_max_size(POOL)
+                    .pool_min_idle(Some(POOL))
                     .pool_max_waiters(4 * POOL),
             )
             .await
@@ -175,7 +176,9 @@ async fn storm(cluster: &railyard::LocalCluster, max_connecting: Option<u32>) ->
                 let mut next = Instant::now() + PACE.mul_f64(rand::random_range(0.0..1.0));
                 while !AtomicBool::load(&stop, Ordering::Relaxed) {
                     tokio::time::sleep_until(next).await;
-                    next = (next + PACE).max(Instant::now());
+                    // Open loop: each worker keeps its phase, and what a
+                    // stall held back is sent as soon as it can be.
+                    next += PACE;
                     let r = db
                         .read(async |c| {
                             diesel::select(1.into_sql::<diesel::sql_types::Integer>())
