@@ -912,7 +912,10 @@ impl Database {
     /// outstanding), else on the primary. Without a [`Session`] there is no
     /// read-your-writes guarantee: use [`Database::session`] after writes.
     /// A read that fails on a replica because of the replica (its connection,
-    /// a recovery conflict) runs again on the primary.
+    /// a recovery conflict) runs again on the primary; one whose primary
+    /// connection was lost under it (reset, closed, given up as stalled)
+    /// runs again on a new connection, within the retry policy and budget.
+    /// Any other failure is returned as it is.
     pub async fn read<F: ConnWork>(&self, f: F) -> Result<F::Value, F::Error> {
         self.read_at(Floor::Any, f).await.map(|(v, _, _)| v)
     }
