@@ -49,7 +49,10 @@
 //! schema and data, when none is listed — into the directory given there or
 //! in `RAILYARD_MIGRATION_BACKUP_DIR`. The backup is recorded in
 //! `railyard_migration_backups` (version, kind, file or label, time), which
-//! [`Migrator::status`] reports. When the backup fails, or none is
+//! [`Migrator::status`] reports. The partitions of a partitioned table in
+//! `tables=` are dumped with it. Behind a transaction-mode pooler the backup
+//! is taken between the locked transactions, with none open, and its record
+//! committed before the migration's transaction begins. When the backup fails, or none is
 //! configured, the migration is not applied and the run fails with
 //! [`MigrationError::BackupFailed`] naming it. The header is an SQL comment:
 //! diesel and the server ignore it, and it is part of the checksum.
