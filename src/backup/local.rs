@@ -269,8 +269,8 @@ impl LocalBackups {
         p
     }
 
-    fn archive_command(&self) -> Result<String, Error> {
-        let program = crate::backup::tool::find("pgbackrest")?;
+    async fn archive_command(&self) -> Result<String, Error> {
+        let program = crate::backup::tool::find_async("pgbackrest").await?;
         Ok(format!(
             "{} --config={} --stanza={STANZA} archive-push %p",
             program.display(),
@@ -347,7 +347,7 @@ impl LocalBackups {
     pub async fn init(&self) -> Result<InitReport, Error> {
         let started = Instant::now();
         self.write_config().await?;
-        let command = self.archive_command()?;
+        let command = self.archive_command().await?;
         let cluster = self.cluster.clone();
         let restarted = blocking(move || cluster.set_archiving(Some(&command))).await?;
         let repo = self.pgbackrest();
@@ -631,13 +631,14 @@ impl LocalBackups {
         let mut out = checks(scratch.config(&self.database)).await?;
         if let Some(point) = point {
             let client = scratch.client(&point.database).await?;
-            client
-                .batch_execute(&format!(
+            within(
+                "SET statement_timeout",
+                client.batch_execute(&format!(
                     "SET statement_timeout = '{}ms'",
                     QUERY_DEADLINE.as_millis() - 5000
-                ))
-                .await
-                .map_err(|e| Error::Backup(format!("SET statement_timeout: {e}")))?;
+                )),
+            )
+            .await?;
             let tables: Vec<String> =
                 within("listing the restored tables", client.query(TABLES_SQL, &[]))
                     .await?
