@@ -390,6 +390,34 @@ async fn config() -> Result<(Config, Option<LocalCluster>), railyard::Error> {
     Ok((config, Some(cluster)))
 }
 
+/// The ledger's migrator. On the local cluster, a risky migration is backed
+/// up with pgBackRest once `railyard backup init` was run, else with
+/// `pg_dump` into `RAILYARD_MIGRATION_BACKUP_DIR` when set, else into the
+/// cluster's `backup/dumps`: a fresh local cluster always boots. With
+/// DATABASE_URL pointing elsewhere, `pg_dump` into
+/// `RAILYARD_MIGRATION_BACKUP_DIR`, or the risky migration is refused.
+async fn migrator(
+    config: &Config,
+    cluster: Option<&LocalCluster>,
+) -> Result<Migrator, railyard::Error> {
+    let migrator = Migrator::new(MIGRATIONS);
+    let Some(cluster) = cluster else {
+        return Ok(migrator);
+    };
+    let db = config.primary().dbname().unwrap_or("railyard").to_owned();
+    let backups = railyard::backup::local::LocalBackups::new(cluster, &db)?;
+    let how = match backups.before_risky().await? {
+        railyard::backup::BeforeRisky::PgDump { .. }
+            if std::env::var_os(railyard::migrate::BACKUP_DIR_VAR)
+                .is_some_and(|v| !v.is_empty()) =>
+        {
+            return Ok(migrator);
+        }
+        how => how,
+    };
+    Ok(migrator.backup_before_risky(how))
+}
+
 async fn run(command: Command) -> Result<(), app::AppError> {
     match command {
         Command::Boot => Ok(boot().await?),
@@ -440,7 +468,8 @@ async fn ledger_db_with(
     if let Some(n) = pool {
         config = config.pool_max_size(n);
     }
-    let mut builder = Database::builder(config).migrations(Migrator::new(MIGRATIONS));
+    let migrator = migrator(&config, cluster.as_ref()).await?;
+    let mut builder = Database::builder(config).migrations(migrator);
     if let Some(stats) = stats {
         builder = builder.hook(stats);
     }
@@ -859,8 +888,9 @@ async fn boot() -> Result<(), railyard::Error> {
         );
     }
     out!("primary           {}", config.primary());
+    let migrator = migrator(&config, cluster.as_ref()).await?;
     let db = Database::builder(config)
-        .migrations(Migrator::new(MIGRATIONS))
+        .migrations(migrator)
         .connect()
         .await?;
     let info = {
@@ -952,7 +982,7 @@ async fn serve(
     alerts: Option<std::path::PathBuf>,
 ) -> Result<(), railyard::Error> {
     use std::time::Duration;
-    let (config, _cluster) = config().await?;
+    let (config, cluster) = config().await?;
     let timeout = config.shutdown_deadline();
     // From here on, SIGTERM and SIGINT start a drain instead of killing the
     // process (later ones are ignored: the timeout bounds the drain).
@@ -969,8 +999,9 @@ async fn serve(
         None => None,
     };
     let stats = railyard::StatementStats::new();
+    let migrator = migrator(&config, cluster.as_ref()).await?;
     let db = Database::builder(config)
-        .migrations(Migrator::new(MIGRATIONS))
+        .migrations(migrator)
         .hook(railyard::SlowQueryLog::new(Duration::from_millis(100)))
         .hook(railyard::AuditLog)
         .hook(railyard::QuerySpans)
@@ -1108,7 +1139,11 @@ async fn migrate(action: MigrateAction) -> Result<(), railyard::Error> {
         }
         return Ok(());
     }
-    let (config, _cluster) = config().await?;
+    let (config, cluster) = config().await?;
+    let migrator = match action {
+        MigrateAction::Run => self::migrator(&config, cluster.as_ref()).await?,
+        _ => migrator,
+    };
     match action {
         MigrateAction::Status => {
             for row in migrator.status(&config).await? {

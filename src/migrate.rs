@@ -49,7 +49,10 @@
 //! schema and data, when none is listed — into the directory given there or
 //! in `RAILYARD_MIGRATION_BACKUP_DIR`. The backup is recorded in
 //! `railyard_migration_backups` (version, kind, file or label, time), which
-//! [`Migrator::status`] reports. When the backup fails, or none is
+//! [`Migrator::status`] reports. The partitions of a partitioned table in
+//! `tables=` are dumped with it. Behind a transaction-mode pooler the backup
+//! is taken between the locked transactions, with none open, and its record
+//! committed before the migration's transaction begins. When the backup fails, or none is
 //! configured, the migration is not applied and the run fails with
 //! [`MigrationError::BackupFailed`] naming it. The header is an SQL comment:
 //! diesel and the server ignore it, and it is part of the checksum.
@@ -103,6 +106,7 @@ pub struct Migrator {
     lock_timeout: Option<Duration>,
     allow_edited_latest: bool,
     before_risky: Option<BeforeRisky>,
+    backup_env: bool,
 }
 
 /// The environment variable naming the directory of the `pg_dump` taken
@@ -311,6 +315,7 @@ impl Migrator {
             lock_timeout: None,
             allow_edited_latest: false,
             before_risky: None,
+            backup_env: true,
         }
     }
 
@@ -323,9 +328,22 @@ impl Migrator {
         self
     }
 
+    /// Whether `RAILYARD_MIGRATION_BACKUP_DIR` is read when
+    /// [`Migrator::backup_before_risky`] was not called (the default). With
+    /// `false` and no backup configured, a risky migration is refused
+    /// whatever the environment says.
+    #[must_use]
+    pub fn backup_dir_from_env(mut self, read: bool) -> Self {
+        self.backup_env = read;
+        self
+    }
+
     /// The configured backup, or the environment's.
     fn before_risky(&self) -> Option<BeforeRisky> {
         self.before_risky.clone().or_else(|| {
+            if !self.backup_env {
+                return None;
+            }
             std::env::var_os(BACKUP_DIR_VAR)
                 .filter(|v| !v.is_empty())
                 .map(BeforeRisky::pg_dump)
@@ -818,12 +836,47 @@ struct Backup {
     handle: tokio::runtime::Handle,
 }
 
+/// A backup taken before a risky migration, to be recorded.
+struct Taken {
+    kind: &'static str,
+    location: String,
+    bytes: Option<i64>,
+    took: Duration,
+}
+
+#[derive(QueryableByName)]
+struct PartitionRow {
+    #[diesel(sql_type = Text)]
+    schema: String,
+    #[diesel(sql_type = Text)]
+    name: String,
+}
+
+/// The leaf partitions (with rows of their own) of the partitioned tables
+/// among `tables`: `pg_dump --table` of a partitioned table dumps only its
+/// definition, so they are named too.
+const PARTITIONS_SQL: &str = "SELECT n.nspname::text AS schema, c.relname::text AS name \
+     FROM unnest($1::text[]) AS t(name) \
+     CROSS JOIN LATERAL pg_partition_tree(to_regclass(t.name)) p \
+     JOIN pg_class c ON c.oid = p.relid JOIN pg_namespace n ON n.oid = c.relnamespace \
+     WHERE p.relid <> to_regclass(t.name) AND c.relkind = 'r' ORDER BY 1, 2";
+
 impl Backup {
-    /// Takes the backup before `k` when it is risky, and records it. Runs on
-    /// the migration's blocking thread, under the lock.
+    /// Takes the backup before `k` and records it (the session-lock path:
+    /// under the lock, outside any transaction, so the record is committed
+    /// before the migration begins).
     fn before(&self, c: &mut SyncConn, k: &Known) -> Result<(), Error> {
+        match self.take(c, k)? {
+            Some(t) => record_backup(c, k, &t),
+            None => Ok(()),
+        }
+    }
+
+    /// Takes the backup before `k` when it is risky (`None` otherwise). Runs
+    /// on the migration's blocking thread, with no transaction open on `c`.
+    fn take(&self, c: &mut SyncConn, k: &Known) -> Result<Option<Taken>, Error> {
         let Some(tables) = &k.risky else {
-            return Ok(());
+            return Ok(None);
         };
         let fail = |source: Error| {
             Error::Migration(MigrationError::BackupFailed {
@@ -844,6 +897,17 @@ impl Backup {
                         "Migrator::run_on has no connection parameters for pg_dump; use Migrator::run, or pgBackRest".into(),
                     )));
                 };
+                let partitions: Vec<(String, String)> = if tables.is_empty() {
+                    Vec::new()
+                } else {
+                    diesel::sql_query(PARTITIONS_SQL)
+                        .bind::<diesel::sql_types::Array<Text>, _>(tables)
+                        .load::<PartitionRow>(c)
+                        .map_err(|e| fail(q(e)))?
+                        .into_iter()
+                        .map(|r| (r.schema, r.name))
+                        .collect()
+                };
                 let stem = format!(
                     "{}-{}-{}",
                     target.dbname.as_deref().unwrap_or("db"),
@@ -852,8 +916,13 @@ impl Backup {
                 );
                 let dump = self
                     .handle
-                    .block_on(crate::backup::dump::pg_dump(
-                        target, dir, &stem, tables, *timeout,
+                    .block_on(crate::backup::dump::pg_dump_with(
+                        target,
+                        dir,
+                        &stem,
+                        tables,
+                        &partitions,
+                        *timeout,
                     ))
                     .map_err(fail)?;
                 (
@@ -880,18 +949,28 @@ impl Backup {
             }
         };
         tracing::info!(target: "railyard::migrate", version = %k.version, kind, location = %location, "backup taken before a risky migration");
-        diesel::sql_query(
-            "INSERT INTO railyard_migration_backups (version, kind, location, bytes, duration_ms) VALUES ($1, $2, $3, $4, $5)",
-        )
-        .bind::<Text, _>(&k.version)
-        .bind::<Text, _>(kind)
-        .bind::<Text, _>(&location)
-        .bind::<Nullable<diesel::sql_types::BigInt>, _>(bytes)
-        .bind::<Double, _>(started.elapsed().as_secs_f64() * 1000.0)
-        .execute(c)
-        .map_err(q)?;
-        Ok(())
+        Ok(Some(Taken {
+            kind,
+            location,
+            bytes,
+            took: started.elapsed(),
+        }))
     }
+}
+
+/// Records a backup taken before `k`.
+fn record_backup(c: &mut SyncConn, k: &Known, t: &Taken) -> Result<(), Error> {
+    diesel::sql_query(
+        "INSERT INTO railyard_migration_backups (version, kind, location, bytes, duration_ms) VALUES ($1, $2, $3, $4, $5)",
+    )
+    .bind::<Text, _>(&k.version)
+    .bind::<Text, _>(t.kind)
+    .bind::<Text, _>(&t.location)
+    .bind::<Nullable<diesel::sql_types::BigInt>, _>(t.bytes)
+    .bind::<Double, _>(t.took.as_secs_f64() * 1000.0)
+    .execute(c)
+    .map_err(q)?;
+    Ok(())
 }
 
 #[derive(QueryableByName)]
@@ -1149,7 +1228,12 @@ fn apply_pending(
 /// What one locked transaction of [`apply_in_transactions`] did.
 enum Step {
     Applied(AppliedMigration),
-    Done { already_applied: usize },
+    /// The next pending migration is risky and this run has not backed it
+    /// up yet.
+    Backup(usize),
+    Done {
+        already_applied: usize,
+    },
 }
 
 /// Behind a transaction-mode pooler: each pending migration in a transaction
@@ -1158,6 +1242,15 @@ enum Step {
 /// leak onto a server connection another client gets) and re-reads the
 /// history, so concurrent boots apply each migration once. A migration that
 /// opts out of transactions is refused: nothing could hold the lock around it.
+///
+/// A risky migration's backup is taken between transactions: the locked
+/// transaction that finds it pending ends first, the backup runs with no
+/// transaction open (none sits idle through a long dump, and the pooler's
+/// server connection is free), its record is committed in a locked
+/// transaction of its own (kept even when the migration then fails), and
+/// the next locked transaction applies the migration if it is still pending.
+/// Two instances may both back up before one of them applies it; the
+/// migration itself is still applied once, after a backup of its own run.
 fn apply_in_transactions(
     c: &mut SyncConn,
     known: &[Known],
@@ -1166,15 +1259,17 @@ fn apply_in_transactions(
     backup: &Backup,
 ) -> Result<MigrationReport, Error> {
     let mut report = MigrationReport::default();
+    let mut backed_up: Vec<usize> = Vec::new();
     loop {
         let (step, wait) = c.transaction::<_, Error, _>(|c| {
             let wait = xact_lock(c, lock_timeout)?;
             ensure_tables(c)?;
             let applied = read_applied(c)?;
             adopt_history(c, &applied, known, allow_latest, &mut report)?;
-            let Some(k) = known
+            let Some((i, k)) = known
                 .iter()
-                .find(|k| !applied.rows.iter().any(|a| a.version == k.version))
+                .enumerate()
+                .find(|(_, k)| !applied.rows.iter().any(|a| a.version == k.version))
             else {
                 return Ok((
                     Step::Done {
@@ -1192,7 +1287,9 @@ fn apply_in_transactions(
                     ),
                 }));
             }
-            backup.before(c, k)?;
+            if k.risky.is_some() && !backed_up.contains(&i) {
+                return Ok((Step::Backup(i), wait));
+            }
             let duration = apply_one(c, k)?;
             Ok((
                 Step::Applied(AppliedMigration {
@@ -1208,6 +1305,19 @@ fn apply_in_transactions(
             Step::Applied(m) => {
                 tracing::info!(target: "railyard::migrate", version = %m.version, name = %m.name, duration = ?m.duration, "applied migration (transaction-scoped lock)");
                 report.applied.push(m);
+            }
+            Step::Backup(i) => {
+                let k = &known[i];
+                if let Some(t) = backup.take(c, k)? {
+                    let wait = c.transaction::<_, Error, _>(|c| {
+                        let wait = xact_lock(c, lock_timeout)?;
+                        ensure_tables(c)?;
+                        record_backup(c, k, &t)?;
+                        Ok(wait)
+                    })?;
+                    report.lock_wait += wait;
+                }
+                backed_up.push(i);
             }
             Step::Done { already_applied } => {
                 report.already_applied = already_applied - report.applied.len();

@@ -38,11 +38,38 @@ pub(crate) fn valid_table(name: &str) -> bool {
 /// `dir/<stem>.dump`, creating `dir` when missing. The password goes to
 /// `pg_dump` in its environment (`PGPASSWORD`), never on its command line;
 /// a partial file is removed when the dump fails.
+///
+/// `pg_dump --table` of a partitioned table dumps only its definition: give
+/// its partitions as well (the migrator does, from `pg_partition_tree`).
 pub async fn pg_dump(
     target: &ConnectTarget,
     dir: &Path,
     stem: &str,
     tables: &[String],
+    deadline: Duration,
+) -> Result<Dump, Error> {
+    pg_dump_with(target, dir, stem, tables, &[], deadline).await
+}
+
+/// A `--table` pattern matching exactly this schema and name (quoted, so
+/// neither case folding nor pattern characters apply).
+fn exact_pattern(schema: &str, name: &str) -> String {
+    format!(
+        "\"{}\".\"{}\"",
+        schema.replace('"', "\"\""),
+        name.replace('"', "\"\"")
+    )
+}
+
+/// [`pg_dump`] with more tables named exactly by `(schema, name)`, as the
+/// catalogue spells them (the partitions of partitioned tables in
+/// `tables`). Dumps the whole database only when both are empty.
+pub(crate) async fn pg_dump_with(
+    target: &ConnectTarget,
+    dir: &Path,
+    stem: &str,
+    tables: &[String],
+    exact: &[(String, String)],
     deadline: Duration,
 ) -> Result<Dump, Error> {
     let started = Instant::now();
@@ -60,12 +87,15 @@ pub async fn pg_dump(
     })?;
     let path = dir.join(format!("{stem}.dump"));
     let partial = dir.join(format!("{stem}.dump.partial"));
-    let mut c = std::process::Command::new(tool::find("pg_dump")?);
+    let mut c = std::process::Command::new(tool::find_async("pg_dump").await?);
     c.args(["--format=custom", "--compress=6", "--no-password"]);
-    if !tables.is_empty() {
+    if !tables.is_empty() || !exact.is_empty() {
         c.arg("--strict-names");
         for t in tables {
             c.arg(format!("--table={t}"));
+        }
+        for (schema, name) in exact {
+            c.arg(format!("--table={}", exact_pattern(schema, name)));
         }
     }
     c.arg(format!("--file={}", partial.display()));
@@ -148,7 +178,16 @@ pub(crate) fn libpq_env(c: &mut std::process::Command, target: &ConnectTarget) {
 
 #[cfg(test)]
 mod tests {
-    use super::valid_table;
+    use super::{exact_pattern, valid_table};
+
+    #[test]
+    fn exact_names_are_quoted() {
+        assert_eq!(
+            exact_pattern("public", "trades_2026_01"),
+            r#""public"."trades_2026_01""#
+        );
+        assert_eq!(exact_pattern("a\"b", "C*"), r#""a""b"."C*""#);
+    }
 
     #[test]
     fn table_names_are_plain() {

@@ -10,6 +10,7 @@
 //! repo/                  the repository (one stanza, `railyard`)
 //! log/ lock/             pgBackRest's logs and locks
 //! points/<label>.json    the counted restore point taken after each backup
+//! dumps/                 pg_dumps before risky migrations, until `init` was run
 //! scratch/<name>/        restored instances (drills, PITR), removed after use
 //! ```
 
@@ -22,6 +23,7 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use futures_util::future::BoxFuture;
 
+use crate::backup::BeforeRisky;
 use crate::backup::pgbackrest::{BackupSet, BackupType, PgBackRest, RestoreTarget};
 use crate::config::{Config, ConnectTarget, Host, Params, Secret, SslMode};
 use crate::error::Error;
@@ -36,6 +38,28 @@ pub const STANZA: &str = "railyard";
 const RECOVERY_DEADLINE: Duration = Duration::from_secs(120);
 /// How long the archiver may take to archive a restore point's segment.
 const ARCHIVE_DEADLINE: Duration = Duration::from_secs(60);
+/// The deadline of one query to the source or a scratch instance (the
+/// counts of a restore point and of a drill have `statement_timeout` too).
+const QUERY_DEADLINE: Duration = Duration::from_secs(300);
+/// How many ports a scratch instance tries when the one it picked was
+/// taken before its postmaster could bind it.
+const START_ATTEMPTS: usize = 5;
+/// The drill's verdict on a backup without a counted restore point.
+pub const NOT_VERIFIED: &str = "not verified: no counted restore point for this backup";
+
+/// `fut` within [`QUERY_DEADLINE`]; the error names `what`.
+async fn within<T>(
+    what: &str,
+    fut: impl std::future::Future<Output = Result<T, tokio_postgres::Error>>,
+) -> Result<T, Error> {
+    match tokio::time::timeout(QUERY_DEADLINE, fut).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(Error::Backup(format!("{what}: {e}"))),
+        Err(_) => Err(Error::Backup(format!(
+            "{what}: no answer within {QUERY_DEADLINE:?}"
+        ))),
+    }
+}
 
 /// What a restore drill checks beyond the row counts: given the restored
 /// instance's configuration, the application's own invariants (for the
@@ -245,8 +269,8 @@ impl LocalBackups {
         p
     }
 
-    fn archive_command(&self) -> Result<String, Error> {
-        let program = crate::backup::tool::find("pgbackrest")?;
+    async fn archive_command(&self) -> Result<String, Error> {
+        let program = crate::backup::tool::find_async("pgbackrest").await?;
         Ok(format!(
             "{} --config={} --stanza={STANZA} archive-push %p",
             program.display(),
@@ -302,8 +326,11 @@ impl LocalBackups {
         .await
     }
 
-    fn require_enabled(&self) -> Result<(), Error> {
-        if self.enabled() {
+    async fn require_enabled(&self) -> Result<(), Error> {
+        let enabled = tokio::fs::metadata(self.config_path())
+            .await
+            .is_ok_and(|m| m.is_file());
+        if enabled {
             Ok(())
         } else {
             Err(Error::Backup(format!(
@@ -320,7 +347,7 @@ impl LocalBackups {
     pub async fn init(&self) -> Result<InitReport, Error> {
         let started = Instant::now();
         self.write_config().await?;
-        let command = self.archive_command()?;
+        let command = self.archive_command().await?;
         let cluster = self.cluster.clone();
         let restarted = blocking(move || cluster.set_archiving(Some(&command))).await?;
         let repo = self.pgbackrest();
@@ -334,9 +361,31 @@ impl LocalBackups {
         })
     }
 
+    /// The directory of the `pg_dump`s taken before risky migrations when
+    /// backups are not set up: `<cluster dir>/backup/dumps`.
+    pub fn dumps_path(&self) -> PathBuf {
+        self.dir.join("dumps")
+    }
+
+    /// How to back up before a risky migration on this cluster (what the
+    /// `railyard` binary configures its migrator with): an incremental
+    /// pgBackRest backup (a full one when the repository holds none) once
+    /// `init` was run — the configuration is rewritten first, as the
+    /// primary's port may have changed — else a `pg_dump` into
+    /// [`LocalBackups::dumps_path`], so that a risky migration never stops a
+    /// fresh local cluster from booting.
+    pub async fn before_risky(&self) -> Result<BeforeRisky, Error> {
+        if self.require_enabled().await.is_ok() {
+            self.write_config().await?;
+            Ok(BeforeRisky::pgbackrest(self.pgbackrest(), BackupType::Incr))
+        } else {
+            Ok(BeforeRisky::pg_dump(self.dumps_path()))
+        }
+    }
+
     /// The backups in the repository, oldest first.
     pub async fn list(&self) -> Result<Vec<BackupSet>, Error> {
-        self.require_enabled()?;
+        self.require_enabled().await?;
         self.write_config().await?;
         self.pgbackrest().info().await
     }
@@ -350,7 +399,7 @@ impl LocalBackups {
     /// counts. The point's WAL segment is then switched and archived, and
     /// the counts saved beside the repository.
     pub async fn run(&self, kind: BackupType) -> Result<RunReport, Error> {
-        self.require_enabled()?;
+        self.require_enabled().await?;
         self.write_config().await?;
         let repo = self.pgbackrest();
         let started = Instant::now();
@@ -381,45 +430,52 @@ impl LocalBackups {
     }
 
     async fn counted_point(&self, label: &str) -> Result<CountedPoint, Error> {
-        let pg = |what: &str, e: tokio_postgres::Error| {
-            Error::Backup(format!("counted restore point: {what}: {e}"))
-        };
+        let w = |what: &str| format!("counted restore point: {what}");
         let mut client = self.source_client(&self.database).await?;
         let name = format!("railyard-{label}");
-        let tx = client.transaction().await.map_err(|e| pg("BEGIN", e))?;
-        tx.batch_execute("SET LOCAL lock_timeout = '10s'")
-            .await
-            .map_err(|e| pg("SET lock_timeout", e))?;
-        let tables: Vec<String> = tx
-            .query(TABLES_SQL, &[])
-            .await
-            .map_err(|e| pg("listing tables", e))?
+        let tx = within(&w("BEGIN"), client.transaction()).await?;
+        // The server ends a count that runs too long (and its SHARE locks
+        // with it); the client's deadline is a little later.
+        within(
+            &w("SET lock_timeout, statement_timeout"),
+            tx.batch_execute(&format!(
+                "SET LOCAL lock_timeout = '10s'; SET LOCAL statement_timeout = '{}ms'",
+                QUERY_DEADLINE.as_millis() - 5000
+            )),
+        )
+        .await?;
+        let tables: Vec<String> = within(&w("listing tables"), tx.query(TABLES_SQL, &[]))
+            .await?
             .iter()
             .map(|r| r.get(0))
             .collect();
         let mut counts = BTreeMap::new();
         if !tables.is_empty() {
-            tx.batch_execute(&format!("LOCK TABLE {} IN SHARE MODE", tables.join(", ")))
-                .await
-                .map_err(|e| pg("locking the tables (SHARE)", e))?;
+            within(
+                &w("locking the tables (SHARE)"),
+                tx.batch_execute(&format!("LOCK TABLE {} IN SHARE MODE", tables.join(", "))),
+            )
+            .await?;
             for t in &tables {
-                let row = tx
-                    .query_one(&format!("SELECT count(*) FROM {t}"), &[])
-                    .await
-                    .map_err(|e| pg(&format!("counting {t}"), e))?;
+                let row = within(
+                    &w(&format!("counting {t}")),
+                    tx.query_one(&format!("SELECT count(*) FROM {t}"), &[]),
+                )
+                .await?;
                 counts.insert(t.clone(), row.get::<_, i64>(0));
             }
         }
-        let row = tx
-            .query_one(
+        let row = within(
+            &w("pg_create_restore_point"),
+            tx.query_one(
                 "WITH p AS (SELECT pg_create_restore_point($1) AS lsn) SELECT lsn::text, pg_walfile_name(lsn) FROM p",
                 &[&name],
-            )
-            .await
-            .map_err(|e| pg("pg_create_restore_point", e))?;
+            ),
+        )
+        .await?;
         let lsn: String = row.get(0);
         let segment: String = row.get(1);
-        tx.commit().await.map_err(|e| pg("COMMIT", e))?;
+        within(&w("COMMIT"), tx.commit()).await?;
         wait_archived(&client, &segment).await?;
         let point = CountedPoint {
             label: label.to_owned(),
@@ -437,9 +493,10 @@ impl LocalBackups {
         Ok(point)
     }
 
-    fn point_of(&self, label: &str) -> Option<CountedPoint> {
-        let text =
-            fs::read_to_string(self.dir.join("points").join(format!("{label}.json"))).ok()?;
+    async fn point_of(&self, label: &str) -> Option<CountedPoint> {
+        let text = tokio::fs::read_to_string(self.dir.join("points").join(format!("{label}.json")))
+            .await
+            .ok()?;
         serde_json::from_str(&text).ok()
     }
 
@@ -448,10 +505,13 @@ impl LocalBackups {
     /// counted restore point (or, for a backup without one, to the end of
     /// the backup), promotes it, runs `checks` and compares every table's
     /// rows with the counts at the point, then stops and removes the
-    /// instance (also when a phase fails). Errors only when the drill cannot
+    /// instance (also when a phase fails). A backup without a counted point
+    /// (one taken before a risky migration, or whose point failed) is
+    /// restored and checked, but its report fails with [`NOT_VERIFIED`]:
+    /// without the counts nothing says the copy holds the right rows. Errors only when the drill cannot
     /// begin (backups not set up); a failed phase is in the report.
     pub async fn verify(&self, set: Option<&str>, checks: Checks) -> Result<DrillReport, Error> {
-        self.require_enabled()?;
+        self.require_enabled().await?;
         self.write_config().await?;
         let mut report = DrillReport {
             label: set.map(str::to_owned),
@@ -475,7 +535,7 @@ impl LocalBackups {
             return Ok(report);
         };
         report.label = Some(label.clone());
-        let point = self.point_of(&label);
+        let point = self.point_of(&label).await;
         let target = match &point {
             Some(p) => RestoreTarget::Name(p.restore_point.clone()),
             None => RestoreTarget::Immediate,
@@ -483,7 +543,7 @@ impl LocalBackups {
         report.target = match &point {
             Some(p) => format!("restore point {} at {}", p.restore_point, p.lsn),
             None => {
-                "the end of the backup (no counted restore point recorded: rows are not compared)"
+                "the end of the backup (no counted restore point recorded: rows cannot be compared)"
                     .into()
             }
         };
@@ -506,6 +566,11 @@ impl LocalBackups {
             .await;
         if let Err(e) = outcome {
             report.error = Some(e.to_string());
+        }
+        if point.is_none() && report.error.is_none() {
+            // It restored and the application's checks held, but nothing
+            // says which rows the copy should hold: no verdict of "passed".
+            report.error = Some(NOT_VERIFIED.into());
         }
         let started = Instant::now();
         let down = scratch.remove().await;
@@ -566,20 +631,29 @@ impl LocalBackups {
         let mut out = checks(scratch.config(&self.database)).await?;
         if let Some(point) = point {
             let client = scratch.client(&point.database).await?;
-            let tables: Vec<String> = client
-                .query(TABLES_SQL, &[])
-                .await
-                .map_err(|e| Error::Backup(format!("listing the restored tables: {e}")))?
-                .iter()
-                .map(|r| r.get(0))
-                .collect();
+            within(
+                "SET statement_timeout",
+                client.batch_execute(&format!(
+                    "SET statement_timeout = '{}ms'",
+                    QUERY_DEADLINE.as_millis() - 5000
+                )),
+            )
+            .await?;
+            let tables: Vec<String> =
+                within("listing the restored tables", client.query(TABLES_SQL, &[]))
+                    .await?
+                    .iter()
+                    .map(|r| r.get(0))
+                    .collect();
             for (t, expected) in &point.counts {
                 let seen = if tables.contains(t) {
-                    client
-                        .query_one(&format!("SELECT count(*) FROM {t}"), &[])
-                        .await
-                        .map(|r| r.get::<_, i64>(0))
-                        .ok()
+                    within(
+                        "counting",
+                        client.query_one(&format!("SELECT count(*) FROM {t}"), &[]),
+                    )
+                    .await
+                    .map(|r| r.get::<_, i64>(0))
+                    .ok()
                 } else {
                     None
                 };
@@ -609,21 +683,39 @@ impl LocalBackups {
     /// promoted. The returned instance runs until [`Scratch::remove`] (or
     /// [`Scratch::keep`] to leave it running).
     pub async fn restore(&self, to: DateTime<Utc>) -> Result<(Scratch, PitrReport), Error> {
-        self.require_enabled()?;
-        if to > Utc::now() {
+        self.require_enabled().await?;
+        self.write_config().await?;
+        let client = self.source_client("postgres").await?;
+        // The server's clock decides (commit times are the server's).
+        let now: f64 = within(
+            "reading the primary's clock",
+            client.query_one("SELECT extract(epoch FROM clock_timestamp())::float8", &[]),
+        )
+        .await?
+        .get(0);
+        let now = DateTime::from_timestamp_micros((now * 1e6) as i64).unwrap_or_else(Utc::now);
+        if to >= now {
             return Err(Error::Backup(format!(
-                "--to-time {} is in the future; give a time that has passed",
-                to.format("%Y-%m-%dT%H:%M:%S%.6fZ")
+                "--to-time {} is not in the past by the server's clock (now {} there); give a time that has passed",
+                to.format("%Y-%m-%dT%H:%M:%S%.6fZ"),
+                now.format("%Y-%m-%dT%H:%M:%S%.6fZ")
             )));
         }
-        self.write_config().await?;
-        // Recovery stops at the first commit after the target, which may be
-        // in the segment being written: switch it and let it be archived.
-        let client = self.source_client("postgres").await?;
-        let row = client
-            .query_one("SELECT pg_walfile_name(pg_current_wal_lsn())", &[])
-            .await
-            .map_err(|e| Error::Backup(format!("reading the primary's WAL position: {e}")))?;
+        // Recovery to a time stops at the first commit after it, and fails
+        // when the archive holds none ("recovery ended before configured
+        // recovery target was reached"), as on a quiet cluster. A transaction
+        // with a transaction id, committed now (after `to`), is that commit;
+        // then its segment is switched and archived.
+        within(
+            "committing a marker transaction after the target",
+            client.batch_execute("BEGIN; SELECT pg_current_xact_id(); COMMIT"),
+        )
+        .await?;
+        let row = within(
+            "reading the primary's WAL position",
+            client.query_one("SELECT pg_walfile_name(pg_current_wal_lsn())", &[]),
+        )
+        .await?;
         wait_archived(&client, &row.get::<_, String>(0)).await?;
         drop(client);
         let mut scratch = self.scratch("pitr").await?;
@@ -773,20 +865,18 @@ const TABLES_SQL: &str = "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_c
      ORDER BY 1";
 
 async fn wait_archived(client: &tokio_postgres::Client, segment: &str) -> Result<(), Error> {
-    let pg = |e: tokio_postgres::Error| Error::Backup(format!("waiting for the archiver: {e}"));
-    client
-        .batch_execute("SELECT pg_switch_wal()")
-        .await
-        .map_err(pg)?;
+    let what = "waiting for the archiver";
+    within(what, client.batch_execute("SELECT pg_switch_wal()")).await?;
     let deadline = Instant::now() + ARCHIVE_DEADLINE;
     loop {
-        let row = client
-            .query_one(
+        let row = within(
+            what,
+            client.query_one(
                 "SELECT coalesce(last_archived_wal, ''), coalesce(last_failed_wal, ''), failed_count FROM pg_stat_archiver",
                 &[],
-            )
-            .await
-            .map_err(pg)?;
+            ),
+        )
+        .await?;
         let archived: String = row.get(0);
         // Segment names of one timeline sort in WAL order.
         if archived.len() == segment.len() && archived.as_str() >= segment {
@@ -896,8 +986,37 @@ impl Scratch {
 
     /// Writes its settings, starts it and waits until recovery has ended
     /// and it was promoted.
+    ///
+    /// The port is picked free, but another process (a test's cluster, say)
+    /// may bind it before the postmaster does: a start that fails on a bind
+    /// error is retried on a new port, [`START_ATTEMPTS`] times at most.
     async fn start(&mut self) -> Result<(), Error> {
-        self.port = free_port()?;
+        let mut attempt = 1;
+        loop {
+            match self.start_on(free_port()?).await {
+                Err(e) if attempt < START_ATTEMPTS && self.bind_failed().await => {
+                    tracing::info!(target: "railyard::backup", port = self.port, attempt, error = %e, "the scratch instance's port was taken; trying another");
+                    attempt += 1;
+                }
+                r => return r,
+            }
+        }
+    }
+
+    /// Whether the last start failed to bind its port (from its log).
+    async fn bind_failed(&self) -> bool {
+        tokio::fs::read_to_string(self.dir.join("data.log"))
+            .await
+            .is_ok_and(|log| {
+                let port = format!("port {}", self.port);
+                log.lines().rev().take(20).any(|l| {
+                    l.contains("could not bind") || (l.contains(&port) && l.contains("in use"))
+                })
+            })
+    }
+
+    async fn start_on(&mut self, port: u16) -> Result<(), Error> {
+        self.port = port;
         // The settings hot standby requires to be at least the source's
         // (max_connections, max_wal_senders, max_locks_per_transaction)
         // are the local cluster's.
@@ -931,6 +1050,8 @@ impl Scratch {
             self.bins.clone(),
         );
         blocking(move || {
+            // A failed attempt's log must not be read as this one's.
+            let _ = fs::remove_file(dir.join("data.log"));
             write_file(
                 &data.join("railyard.conf"),
                 conf.as_bytes(),
@@ -949,10 +1070,11 @@ impl Scratch {
         let client = self.client("postgres").await?;
         let deadline = Instant::now() + RECOVERY_DEADLINE;
         loop {
-            let row = client
-                .query_one("SELECT pg_is_in_recovery()", &[])
-                .await
-                .map_err(|e| Error::Backup(format!("waiting for the promotion: {e}")))?;
+            let row = within(
+                "waiting for the promotion",
+                client.query_one("SELECT pg_is_in_recovery()", &[]),
+            )
+            .await?;
             if !row.get::<_, bool>(0) {
                 return Ok(());
             }
@@ -988,12 +1110,28 @@ fn remove_blocking(dir: &Path, run_as: &RunAs, bins: &Binaries) -> Result<(), Er
 }
 
 impl Drop for Scratch {
+    /// Cancelled or failed before [`Scratch::remove`]: the instance is
+    /// stopped and removed all the same. `pg_ctl stop` may take up to a
+    /// minute, which must not stall a runtime's worker thread: inside a
+    /// tokio runtime the work goes to its blocking pool (`spawn_blocking`),
+    /// which a runtime being dropped waits for, so a test's or a program's
+    /// end does not leave the instance running, as a detached thread killed
+    /// by the process's exit could. Outside a runtime it runs here.
     fn drop(&mut self) {
-        if self.live {
-            // Cancelled or failed before `remove`: the last resort, blocking.
-            if let Err(e) = remove_blocking(&self.dir, &self.run_as, &self.bins) {
-                tracing::warn!(target: "railyard::backup", error = %e, dir = %self.dir.display(), "could not remove a scratch instance");
+        if !self.live {
+            return;
+        }
+        let (dir, run_as, bins) = (self.dir.clone(), self.run_as.clone(), self.bins.clone());
+        let work = move || {
+            if let Err(e) = remove_blocking(&dir, &run_as, &bins) {
+                tracing::warn!(target: "railyard::backup", error = %e, dir = %dir.display(), "could not remove a scratch instance");
             }
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(handle) => {
+                handle.spawn_blocking(work);
+            }
+            Err(_) => work(),
         }
     }
 }

@@ -194,11 +194,15 @@ impl PgBackRest {
         self
     }
 
-    fn command(&self, command: &str, options: &[String]) -> Result<std::process::Command, Error> {
+    async fn command(
+        &self,
+        command: &str,
+        options: &[String],
+    ) -> Result<std::process::Command, Error> {
         use std::os::unix::process::CommandExt;
         let program = match &self.program {
             Some(p) => p.clone(),
-            None => tool::find("pgbackrest")?,
+            None => tool::find_async("pgbackrest").await?,
         };
         let mut c = std::process::Command::new(program);
         c.arg(format!("--config={}", self.config.display()))
@@ -219,7 +223,7 @@ impl PgBackRest {
     }
 
     async fn run(&self, command: &str, options: &[String], what: &str) -> Result<String, Error> {
-        let c = self.command(command, options)?;
+        let c = self.command(command, options).await?;
         let secrets: Vec<&Secret> = self.password.iter().collect();
         Ok(tool::run(c, what, self.timeout, &secrets).await?.stdout)
     }

@@ -13,7 +13,40 @@ use crate::error::Error;
 /// How many bytes of a tool's error output an error keeps (the end of it).
 const STDERR_KEPT: usize = 2000;
 
-/// What a tool printed, when it succeeded.
+/// How much of a tool's error output is kept (its last bytes): outputs are
+/// read as they come, so a chatty tool cannot fill the memory.
+pub(crate) const STDERR_CAP: usize = 64 * 1024;
+/// How much of a tool's standard output is kept (its last bytes). Larger
+/// than [`STDERR_CAP`]: `pgbackrest info --output=json` is parsed from it
+/// (a few KiB per backup); a repository listing past it fails to parse
+/// rather than filling the memory.
+pub(crate) const STDOUT_CAP: usize = 4 * 1024 * 1024;
+
+struct Captured {
+    status: std::process::ExitStatus,
+    stdout: Vec<u8>,
+    stderr: Vec<u8>,
+}
+
+/// Reads `r` to its end, keeping its last `cap` bytes.
+async fn tail(mut r: impl tokio::io::AsyncRead + Unpin, cap: usize) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
+    let mut kept = std::collections::VecDeque::with_capacity(8192);
+    let mut buf = [0u8; 8192];
+    loop {
+        match r.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                kept.extend(&buf[..n]);
+                let over = kept.len().saturating_sub(cap);
+                kept.drain(..over);
+            }
+        }
+    }
+    kept.into()
+}
+
+/// What a tool printed, when it succeeded (the last [`STDOUT_CAP`] bytes).
 #[derive(Debug)]
 pub(crate) struct Output {
     pub(crate) stdout: String,
@@ -37,13 +70,26 @@ pub(crate) async fn run(
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
-    let child = cmd
+    let mut child = cmd
         .spawn()
         .map_err(|e| Error::io(format!("{what}: starting {tool}"), e))?;
-    // On timeout the future is dropped with the child, which kills it.
-    let out = match tokio::time::timeout(deadline, child.wait_with_output()).await {
+    let stdout = child
+        .stdout
+        .take()
+        .map(|s| tokio::spawn(tail(s, STDOUT_CAP)));
+    let stderr = child
+        .stderr
+        .take()
+        .map(|s| tokio::spawn(tail(s, STDERR_CAP)));
+    // On timeout the child is dropped, which kills it (kill_on_drop); its
+    // pipes then close and the readers end.
+    let status = match tokio::time::timeout(deadline, child.wait()).await {
         Ok(r) => r.map_err(|e| Error::io(format!("{what}: waiting for {tool}"), e))?,
         Err(_) => {
+            drop(child);
+            for t in [stdout, stderr].into_iter().flatten() {
+                t.abort();
+            }
             return Err(Error::Tool {
                 what: what.to_owned(),
                 tool,
@@ -51,6 +97,28 @@ pub(crate) async fn run(
                 stderr: String::new(),
             });
         }
+    };
+    // The child has exited; a grandchild still holding a pipe open must not
+    // hold this up past a short grace.
+    let collect = |t: Option<tokio::task::JoinHandle<Vec<u8>>>| async move {
+        match t {
+            Some(t) => {
+                let abort = t.abort_handle();
+                match tokio::time::timeout(Duration::from_secs(5), t).await {
+                    Ok(Ok(v)) => v,
+                    _ => {
+                        abort.abort();
+                        Vec::new()
+                    }
+                }
+            }
+            None => Vec::new(),
+        }
+    };
+    let out = Captured {
+        status,
+        stdout: collect(stdout).await,
+        stderr: collect(stderr).await,
     };
     let clean = |bytes: &[u8]| {
         let mut s = String::from_utf8_lossy(bytes).into_owned();
@@ -125,4 +193,38 @@ pub(crate) fn find(program: &str) -> Result<PathBuf, Error> {
                 }
             ))
         })
+}
+
+/// [`find`] on a blocking thread (it reads directories).
+pub(crate) async fn find_async(program: &str) -> Result<PathBuf, Error> {
+    let program = program.to_owned();
+    tokio::task::spawn_blocking(move || find(&program))
+        .await
+        .map_err(|e| Error::Backup(format!("a blocking task failed: {e}")))?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn only_the_tail_of_an_output_is_kept() {
+        let data: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        let kept = tail(&data[..], 65_536).await;
+        assert_eq!(kept.len(), 65_536);
+        assert_eq!(kept[..], data[data.len() - 65_536..]);
+        assert_eq!(tail(&data[..10], 65_536).await, data[..10]);
+    }
+
+    #[tokio::test]
+    async fn a_tool_past_its_deadline_is_killed() {
+        let mut c = std::process::Command::new("sh");
+        c.args(["-c", "head -c 10000000 /dev/zero; sleep 30"]);
+        let started = std::time::Instant::now();
+        let e = run(c, "testing", Duration::from_millis(500), &[])
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("timed out"), "{e}");
+        assert!(started.elapsed() < Duration::from_secs(10));
+    }
 }

@@ -542,8 +542,13 @@ async fn a_failing_backup_stops_the_risky_migration_and_names_it() {
         .await,
         1
     );
-    // Without any backup configured, the same refusal.
-    let err = Migrator::new(RISKY).run(&fresh.config).await.unwrap_err();
+    // Without any backup configured, the same refusal (whatever the
+    // environment of the test run says).
+    let err = Migrator::new(RISKY)
+        .backup_dir_from_env(false)
+        .run(&fresh.config)
+        .await
+        .unwrap_err();
     assert!(
         err.to_string().contains("RAILYARD_MIGRATION_BACKUP_DIR"),
         "{err}"
@@ -570,4 +575,79 @@ async fn a_migration_not_marked_risky_takes_no_backup() {
         0
     );
     assert!(!dir.0.exists(), "no dump directory was made");
+}
+
+const RISKY_PARTITIONED: EmbeddedMigrations =
+    embed_migrations!("tests/migrations/risky_partitioned");
+const RISKY_FAILS: EmbeddedMigrations = embed_migrations!("tests/migrations/risky_fails");
+
+/// `pg_restore --list` of a dump.
+fn toc(path: &std::path::Path) -> String {
+    let list = std::process::Command::new("pg_restore")
+        .arg("--list")
+        .arg(path)
+        .output()
+        .expect("pg_restore runs");
+    let toc = String::from_utf8_lossy(&list.stdout).into_owned();
+    assert!(list.status.success(), "{toc}");
+    toc
+}
+
+#[tokio::test]
+async fn a_risky_migration_of_a_partitioned_table_dumps_its_partitions_rows_behind_a_transaction_pooler()
+ {
+    let fresh = support::fresh_database("mig_risky_part").await;
+    let dir = TempDir(std::env::temp_dir().join(support::unique("risky_part_dumps")));
+    // One transaction per migration, under the transaction-scoped lock, as
+    // behind PgBouncer in transaction mode; the backup is taken between them.
+    let config = fresh
+        .config
+        .clone()
+        .pooler(railyard::config::Pooler::PgBouncerTransaction);
+    let migrator =
+        Migrator::new(RISKY_PARTITIONED).backup_before_risky(BeforeRisky::pg_dump(&dir.0));
+    let report = migrator.run(&config).await.unwrap();
+    assert_eq!(report.applied.len(), 2);
+    let status = migrator.status(&fresh.config).await.unwrap();
+    let backup = status[1].backup.clone().expect("the backup is recorded");
+    assert_eq!(backup.kind, "pg_dump");
+    let toc = toc(std::path::Path::new(&backup.location));
+    println!("{toc}");
+    for part in ["events_2025", "events_2026"] {
+        assert!(
+            toc.contains(&format!("TABLE DATA public {part}")),
+            "the partition's rows are dumped: {toc}"
+        );
+    }
+    assert!(toc.contains("TABLE public events"), "{toc}");
+    let sql = std::process::Command::new("pg_restore")
+        .args(["--data-only", "--file=-"])
+        .arg(&backup.location)
+        .output()
+        .expect("pg_restore runs");
+    let text = String::from_utf8_lossy(&sql.stdout);
+    assert_eq!(text.lines().filter(|l| l.contains("\tevent ")).count(), 100);
+}
+
+#[tokio::test]
+async fn behind_a_transaction_pooler_the_backup_record_outlives_a_failed_risky_migration() {
+    let fresh = support::fresh_database("mig_risky_pool_fail").await;
+    let dir = TempDir(std::env::temp_dir().join(support::unique("risky_pool_dumps")));
+    let config = fresh
+        .config
+        .clone()
+        .pooler(railyard::config::Pooler::PgBouncerTransaction);
+    let migrator = Migrator::new(RISKY_FAILS).backup_before_risky(BeforeRisky::pg_dump(&dir.0));
+    let err = migrator.run(&config).await.unwrap_err();
+    assert!(err.to_string().contains("2026-01-01-000002_fails"), "{err}");
+    // The migration rolled back, its backup's record is committed.
+    assert_eq!(
+        count(&fresh.config, "SELECT count(*) AS n FROM items").await,
+        10
+    );
+    let status = migrator.status(&fresh.config).await.unwrap();
+    assert_eq!(status[1].state, MigrationState::Pending);
+    let backup = status[1].backup.clone().expect("the record is kept");
+    assert_eq!(backup.kind, "pg_dump");
+    assert!(toc(std::path::Path::new(&backup.location)).contains("TABLE DATA public items"));
 }
