@@ -583,3 +583,43 @@ async fn a_transaction_mode_pooler_is_refused() {
     );
     db.close(Duration::from_secs(5)).await;
 }
+
+/// Without a retention job, `/health` and `/metrics` still show the
+/// database's size and its largest tables, measured on demand (cached).
+#[tokio::test]
+async fn sizes_without_retention() {
+    let fresh = support::fresh_database("retainsizes").await;
+    let db = ledger_db(&fresh).await;
+    assert!(db.storage().is_none(), "no retention job recorded figures");
+    let health = db.health().await;
+    let storage = health
+        .checks
+        .iter()
+        .find(|c| c.name == "storage")
+        .expect("a storage check without retention");
+    println!("/health storage: {:?} {}", storage.status, storage.reason);
+    assert_eq!(storage.status, HealthStatus::Healthy);
+    let metrics = db.metrics_text();
+    let lines: Vec<&str> = metrics
+        .lines()
+        .filter(|l| {
+            l.starts_with("railyard_database_size_bytes")
+                || l.starts_with("railyard_table_size_bytes")
+        })
+        .collect();
+    println!("{}", lines.join("\n"));
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("railyard_database_size_bytes ")),
+        "{metrics}"
+    );
+    assert!(
+        lines.iter().any(|l| l.contains("table=\"public.")),
+        "{metrics}"
+    );
+    let figures = db.storage_figures().await.expect("measured");
+    assert!(figures.database_bytes > 0);
+    assert!(figures.tables.len() as i64 <= railyard::database::SIZES_TOP_TABLES);
+    db.close(Duration::from_secs(5)).await;
+}
