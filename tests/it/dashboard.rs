@@ -119,7 +119,9 @@ async fn serve_shows_a_self_contained_dashboard_fed_by_compact_data() {
     if let Some(c) = support::cluster().await {
         cmd.env(
             "DATABASE_REPLICA_URLS",
-            c.replica_socket_target("railyard_it").unwrap().expose_url(),
+            c.replica_socket_target(&support::ledger_name())
+                .unwrap()
+                .expose_url(),
         );
     }
     let mut child = cmd.spawn().expect("the binary runs");
