@@ -12,7 +12,7 @@ use diesel::QueryableByName;
 use diesel::sql_types::{BigInt, Text, Timestamptz};
 use diesel_async::{RunQueryDsl, SimpleAsyncConnection};
 use railyard::retain::{RetentionConfig, RetentionJob};
-use railyard::{Config, Database, HealthStatus, Migrator};
+use railyard::{Config, Database, HealthStatus};
 
 use crate::ledger_check;
 use crate::ledger_retain;
@@ -58,8 +58,9 @@ struct N {
 }
 
 async fn ledger_db(fresh: &FreshDb) -> Database {
+    let dumps = support::Dumps::new();
     Database::builder(fresh.config.clone().pool_max_size(4))
-        .migrations(Migrator::new(support::LEDGER))
+        .migrations(dumps.migrator())
         .connect()
         .await
         .expect("the ledger boots")
@@ -591,6 +592,11 @@ async fn sizes_without_retention() {
     let fresh = support::fresh_database("retainsizes").await;
     let db = ledger_db(&fresh).await;
     assert!(db.storage().is_none(), "no retention job recorded figures");
+    // partition_history is risky: the boot took a pg_dump of trades first.
+    assert_eq!(
+        n(&db, "SELECT count(*) AS n FROM railyard_migration_backups WHERE version = '20261124000005' AND kind = 'pg_dump'").await,
+        1
+    );
     let health = db.health().await;
     let storage = health
         .checks
