@@ -63,7 +63,7 @@ diesel::table! {
 }
 
 diesel::table! {
-    trades (id) {
+    trades (id, executed_at) {
         id -> Int8,
         buy_order_id -> Int8,
         sell_order_id -> Int8,
@@ -86,7 +86,6 @@ diesel::table! {
 diesel::joinable!(accounts -> users (user_id));
 diesel::joinable!(deposits -> accounts (account_id));
 diesel::joinable!(fees -> accounts (account_id));
-diesel::joinable!(fees -> trades (trade_id));
 diesel::joinable!(orders -> accounts (account_id));
 diesel::joinable!(positions -> accounts (account_id));
 

@@ -21,10 +21,7 @@ fn railyard(args: &[&str], env: &[(&str, String)]) -> Output {
     // The ledger's partition_history is risky: a boot that applies it dumps
     // `trades` first, into a directory removed afterwards.
     let dumps = support::Dumps::new();
-    cmd.env(
-        railyard::migrate::BACKUP_DIR_VAR,
-        dumps.dir().as_os_str().to_owned(),
-    );
+    cmd.env(railyard::migrate::BACKUP_DIR_VAR, dumps.dir().as_os_str());
     for (k, v) in env {
         cmd.env(k, v);
     }
