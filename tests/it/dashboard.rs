@@ -524,10 +524,14 @@ channels = ["log", "oncall"]
         ),
     )
     .unwrap();
+    // A fresh database: the boot applies the risky partition_history, after
+    // a dump into a directory removed at the end.
+    let dumps = support::Dumps::new();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_railyard"));
     cmd.args(["serve", "--addr", "127.0.0.1:0", "--alerts"])
         .arg(&rules)
         .env_clear()
+        .env(railyard::migrate::BACKUP_DIR_VAR, dumps.dir())
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
         .env("HOME", std::env::var_os("HOME").unwrap_or_default())
         .env(
