@@ -10,15 +10,24 @@
 //!    [`premake`](RetentionConfig::premake) months after it, and of any month
 //!    whose rows sit in the default partition (moving them into it);
 //! 2. archives every partition whose upper bound is older than
-//!    [`period`](RetentionConfig::new): one transaction per partition
-//!    detaches it, drops its foreign keys, moves it to the archive schema
-//!    (`railyard_archive`) and attaches it to the archive's partitioned twin
-//!    of the table; the [row moves](Retention::move_rows) run in the same
-//!    transaction, and a row of `railyard_retention_audit` records it
-//!    (partition, range, rows, bytes, when, and which instance);
+//!    [`period`](RetentionConfig::new): one short transaction per partition
+//!    detaches it, counts its rows (exactly: detached, nothing reaches it),
+//!    drops its foreign keys, moves it to the archive schema
+//!    (`railyard_archive`), attaches it to the archive's partitioned twin of
+//!    the table and writes a row of `railyard_retention_audit` (partition,
+//!    range, rows, bytes, when, and which instance). That transaction holds
+//!    ACCESS EXCLUSIVE on the table, so it does DDL and nothing else; the
+//!    [row moves](Retention::move_rows) follow in a second transaction, with
+//!    ordinary row locks, which also marks the audit row done
+//!    (`moves_done_at`). A run that dies between the two leaves the audit
+//!    row pending, and the next run makes the moves first;
 //! 3. measures the database and the managed tables, and records the figures
 //!    on the [`Database`] (`/health` gains a `storage` check, `/metrics` the
 //!    sizes).
+//!
+//! Behind a transaction-mode pooler (`RAILYARD_POOLER=pgbouncer-transaction`)
+//! a run is refused with an error naming the setting: its session lock and
+//! session timeouts would not outlive one transaction.
 //!
 //! Every DDL statement runs with the configured `lock_timeout`, so a run never
 //! queues behind the workload for long: it fails, and the next run tries
@@ -376,7 +385,7 @@ fn parse_size(field: &str, v: &str) -> Result<Option<u64>, ConfigError> {
         })
 }
 
-/// A statement run in each archival transaction, after a partition moved:
+/// A statement run after each archival transaction, in its own:
 /// `$1` (timestamptz) is the upper bound of the archived partition. Its row
 /// count is recorded in the audit row under `name`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -447,9 +456,12 @@ impl Retention {
         Ok(self)
     }
 
-    /// A statement run after each partition is archived, in the same
-    /// transaction, with `$1` the partition's upper bound (for rows that
-    /// leave with it, such as closed orders no live trade references).
+    /// A statement run after each partition is archived, in a transaction
+    /// of its own right after the archiving one (or, if the process died in
+    /// between, at the start of the next run), with `$1` the partition's
+    /// upper bound (for rows that leave with it, such as closed orders no
+    /// live trade references). It commits together with the audit row's
+    /// mark, so it runs once per archived partition.
     #[must_use]
     pub fn move_rows(mut self, name: impl Into<String>, sql: impl Into<String>) -> Self {
         self.moves.push(RowMove {
@@ -544,6 +556,7 @@ impl Retention {
 
     async fn open(&self, db: &Database) -> Result<crate::conn::Conn, Error> {
         self.config.validate()?;
+        refuse_per_transaction(db.config().pooler)?;
         let mut conn = db.dedicated_primary().await?;
         bounded(
             self.config.statement_timeout,
@@ -622,6 +635,10 @@ impl Retention {
         if !run.dry_run {
             bounded(bound, conn.batch_execute(&audit_ddl())).await?;
             run.created = self.make_partitions(conn).await?;
+            // Row moves a run that died after archiving left undone.
+            for (name, moved, _) in self.finish_moves(conn).await? {
+                tracing::info!(partition = %name, moved = ?moved, "retention: finished the row moves of an earlier run");
+            }
         }
         for (table, column) in &self.tables {
             let parts = partitions(conn, &format!("public.{table}"), bound).await?;
@@ -650,10 +667,12 @@ impl Retention {
                         rows: c.n,
                         bytes: c.bytes,
                         moved: Vec::new(),
+                        exclusive: Duration::ZERO,
+                        moves_took: Duration::ZERO,
                     });
                     continue;
                 }
-                let a = self
+                let mut a = self
                     .archive_one(conn, table, column, &p.name, from, to, app)
                     .await?;
                 tracing::info!(
@@ -661,14 +680,26 @@ impl Retention {
                     partition = %a.partition,
                     rows = a.rows,
                     bytes = a.bytes,
+                    exclusive_ms = a.exclusive.as_millis() as u64,
                     "retention: archived"
                 );
+                for (name, moved, took) in self.finish_moves(conn).await? {
+                    if name == a.partition {
+                        a.moved = moved;
+                        a.moves_took = took;
+                    }
+                }
                 run.archived.push(a);
             }
         }
         Ok(())
     }
 
+    /// Archives one partition in a transaction of its own, which holds
+    /// ACCESS EXCLUSIVE on the managed table from its DETACH to its COMMIT:
+    /// DDL, an exact count of the detached rows and the audit row, nothing
+    /// that scans other tables. The [row moves](Retention::move_rows)
+    /// follow in [`Retention::finish_moves`].
     #[allow(clippy::too_many_arguments)]
     async fn archive_one(
         &self,
@@ -683,21 +714,24 @@ impl Retention {
         let bound = self.config.statement_timeout;
         let (t, p, c) = (quote(table), quote(part), quote(column));
         let a = quote(ARCHIVE_SCHEMA);
+        let started = Instant::now();
         bounded(bound, conn.batch_execute("BEGIN")).await?;
         let work = async {
+            bounded(
+                bound,
+                conn.batch_execute(&format!(
+                    "ALTER TABLE public.{t} DETACH PARTITION public.{p}"
+                )),
+            )
+            .await?;
+            // Detached: no row can arrive or leave until COMMIT, so the
+            // count is the partition's exact content.
             let counted: Counted = bounded(
                 bound,
                 diesel::sql_query(format!(
                     "SELECT count(*)::bigint AS n, pg_total_relation_size('public.{p}')::bigint AS bytes FROM public.{p}"
                 ))
                 .get_result(&mut **conn),
-            )
-            .await?;
-            bounded(
-                bound,
-                conn.batch_execute(&format!(
-                    "ALTER TABLE public.{t} DETACH PARTITION public.{p}"
-                )),
             )
             .await?;
             let fks: Vec<Named> = bounded(
@@ -726,30 +760,15 @@ impl Retention {
                 literal(to)
             ));
             bounded(bound, conn.batch_execute(&ddl)).await?;
-            let mut moved = Vec::new();
-            for m in &self.moves {
-                let n = bounded(
-                    bound,
-                    diesel::sql_query(&m.sql)
-                        .bind::<Timestamptz, _>(to)
-                        .execute(&mut **conn),
-                )
-                .await?;
-                moved.push((m.name.clone(), n as i64));
-            }
-            let moved_json = serde_json::to_string(
-                &moved
-                    .iter()
-                    .cloned()
-                    .collect::<std::collections::BTreeMap<String, i64>>(),
-            )
-            .unwrap_or_else(|_| "{}".into());
+            // With row moves to make, the row is pending until
+            // finish_moves records them.
             bounded(
                 bound,
                 diesel::sql_query(format!(
                     "INSERT INTO {AUDIT_TABLE} (source_table, partition_name, archived_as, range_from, range_to, \
-                       row_count, bytes, rows_moved, application_name, instance, backend_pid, client_addr) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8::jsonb, $9, $10, pg_backend_pid(), inet_client_addr()::text)"
+                       row_count, bytes, rows_moved, application_name, instance, backend_pid, client_addr, moves_done_at) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, '{{}}'::jsonb, $8, $9, pg_backend_pid(), inet_client_addr()::text, \
+                       CASE WHEN $10 THEN NULL ELSE now() END)"
                 ))
                 .bind::<Text, _>(format!("public.{table}"))
                 .bind::<Text, _>(part)
@@ -758,26 +777,28 @@ impl Retention {
                 .bind::<Timestamptz, _>(to)
                 .bind::<BigInt, _>(counted.n)
                 .bind::<BigInt, _>(counted.bytes)
-                .bind::<Text, _>(moved_json)
                 .bind::<Text, _>(app)
                 .bind::<Text, _>(instance())
+                .bind::<Bool, _>(!self.moves.is_empty())
                 .execute(&mut **conn),
             )
             .await?;
-            Ok::<_, Error>(ArchivedPartition {
-                table: table.to_owned(),
-                partition: part.to_owned(),
-                range_from: from,
-                range_to: to,
-                rows: counted.n,
-                bytes: counted.bytes,
-                moved,
-            })
+            Ok::<_, Error>(counted)
         };
         match work.await {
-            Ok(a) => {
+            Ok(counted) => {
                 bounded(bound, conn.batch_execute("COMMIT")).await?;
-                Ok(a)
+                Ok(ArchivedPartition {
+                    table: table.to_owned(),
+                    partition: part.to_owned(),
+                    range_from: from,
+                    range_to: to,
+                    rows: counted.n,
+                    bytes: counted.bytes,
+                    moved: Vec::new(),
+                    exclusive: started.elapsed(),
+                    moves_took: Duration::ZERO,
+                })
             }
             Err(e) => {
                 let _ = tokio::time::timeout(bound, conn.batch_execute("ROLLBACK")).await;
@@ -786,6 +807,86 @@ impl Retention {
                 )))
             }
         }
+    }
+
+    /// Makes the [row moves](Retention::move_rows) of every archived
+    /// partition whose audit row says they are pending (`moves_done_at`
+    /// unset), oldest first, one transaction per partition that also marks
+    /// its audit row done: a run that died between archiving a partition
+    /// and moving its rows is finished by the next. No ACCESS EXCLUSIVE
+    /// lock is taken: the moves are DML, each statement bounded by the
+    /// `statement_timeout`. Returns each partition's moves and their time.
+    async fn finish_moves(
+        &self,
+        conn: &mut crate::conn::Conn,
+    ) -> Result<Vec<(String, Vec<(String, i64)>, Duration)>, Error> {
+        let bound = self.config.statement_timeout;
+        let tables: Vec<String> = self
+            .tables
+            .iter()
+            .map(|(t, _)| format!("public.{t}"))
+            .collect();
+        let pending: Vec<Pending> = bounded(
+            bound,
+            diesel::sql_query(format!(
+                "SELECT id, partition_name AS name, range_to AS at FROM {AUDIT_TABLE} \
+                 WHERE moves_done_at IS NULL AND source_table = ANY($1) ORDER BY range_to, id"
+            ))
+            .bind::<diesel::sql_types::Array<Text>, _>(&tables)
+            .load(&mut **conn),
+        )
+        .await?;
+        let mut done = Vec::with_capacity(pending.len());
+        for row in pending {
+            let started = Instant::now();
+            bounded(bound, conn.batch_execute("BEGIN")).await?;
+            let work = async {
+                let mut moved = Vec::new();
+                for m in &self.moves {
+                    let n = bounded(
+                        bound,
+                        diesel::sql_query(&m.sql)
+                            .bind::<Timestamptz, _>(row.at)
+                            .execute(&mut **conn),
+                    )
+                    .await?;
+                    moved.push((m.name.clone(), n as i64));
+                }
+                let json = serde_json::to_string(
+                    &moved
+                        .iter()
+                        .cloned()
+                        .collect::<std::collections::BTreeMap<String, i64>>(),
+                )
+                .unwrap_or_else(|_| "{}".into());
+                bounded(
+                    bound,
+                    diesel::sql_query(format!(
+                        "UPDATE {AUDIT_TABLE} SET rows_moved = rows_moved || $1::jsonb, moves_done_at = now() WHERE id = $2"
+                    ))
+                    .bind::<Text, _>(json)
+                    .bind::<BigInt, _>(row.id)
+                    .execute(&mut **conn),
+                )
+                .await?;
+                Ok::<_, Error>(moved)
+            };
+            match work.await {
+                Ok(moved) => {
+                    bounded(bound, conn.batch_execute("COMMIT")).await?;
+                    tracing::info!(partition = %row.name, moved = ?moved, "retention: rows moved after their partition");
+                    done.push((row.name, moved, started.elapsed()));
+                }
+                Err(e) => {
+                    let _ = tokio::time::timeout(bound, conn.batch_execute("ROLLBACK")).await;
+                    return Err(Error::Retention(format!(
+                        "moving the rows that follow archived partition {} failed and was rolled back (the partition stays archived; the next run moves them): {e}",
+                        row.name
+                    )));
+                }
+            }
+        }
+        Ok(done)
     }
 
     /// Makes the missing monthly partitions: this month and `premake` ahead,
@@ -914,6 +1015,23 @@ fn instance() -> String {
     format!("{host}:{}", std::process::id())
 }
 
+/// A run holds a session advisory lock and sets `lock_timeout` and
+/// `statement_timeout` for its session; behind a transaction-mode pooler a
+/// session lasts one transaction, so neither would hold. Refused, naming the
+/// setting, rather than run without its exclusion.
+fn refuse_per_transaction(pooler: crate::config::Pooler) -> Result<(), Error> {
+    if pooler.per_transaction() {
+        return Err(Error::Config(ConfigError::new(
+            "RAILYARD_POOLER (Config::pooler)",
+            pooler.as_str(),
+            "retention needs a session of its own (a session advisory lock, session timeouts); \
+             run it through a direct connection to PostgreSQL or a session-mode pool \
+             (RAILYARD_POOLER=none or pgbouncer-session), for example from one instance or `railyard retain` configured that way",
+        )));
+    }
+    Ok(())
+}
+
 fn audit_ddl() -> String {
     format!(
         "CREATE TABLE IF NOT EXISTS {AUDIT_TABLE} (\
@@ -931,7 +1049,10 @@ fn audit_ddl() -> String {
            instance TEXT NOT NULL,\
            backend_pid INT NOT NULL,\
            client_addr TEXT,\
-           UNIQUE (source_table, partition_name))"
+           moves_done_at TIMESTAMPTZ,\
+           UNIQUE (source_table, partition_name));\
+         ALTER TABLE {AUDIT_TABLE} ADD COLUMN IF NOT EXISTS moves_done_at TIMESTAMPTZ DEFAULT now();\
+         ALTER TABLE {AUDIT_TABLE} ALTER COLUMN moves_done_at DROP DEFAULT;"
     )
 }
 
@@ -1046,6 +1167,16 @@ struct Cutoff {
 }
 
 #[derive(QueryableByName)]
+struct Pending {
+    #[diesel(sql_type = BigInt)]
+    id: i64,
+    #[diesel(sql_type = Text)]
+    name: String,
+    #[diesel(sql_type = Timestamptz)]
+    at: DateTime<Utc>,
+}
+
+#[derive(QueryableByName)]
 struct Flag {
     #[diesel(sql_type = Bool)]
     ok: bool,
@@ -1085,6 +1216,11 @@ pub struct ArchivedPartition {
     pub bytes: i64,
     /// Rows each row move took along.
     pub moved: Vec<(String, i64)>,
+    /// How long the transaction that archived it took: from its DETACH to
+    /// its COMMIT, the managed table was locked ACCESS EXCLUSIVE.
+    pub exclusive: Duration,
+    /// How long its row moves took (a transaction of their own, after).
+    pub moves_took: Duration,
 }
 
 /// What one run did.
@@ -1191,7 +1327,6 @@ impl RetentionJob {
                     continue;
                 }
                 let outcome = retention.run(&db, false).await;
-                s.runs.fetch_add(1, Ordering::Relaxed);
                 match &outcome {
                     Ok(r) if r.skipped.is_none() => cannot_free = r.after.cannot_free,
                     Ok(_) => {}
@@ -1199,8 +1334,11 @@ impl RetentionJob {
                         tracing::warn!(error = %e, "retention: run failed; the next run tries again")
                     }
                 }
+                // The report first, then the count: whoever sees `runs`
+                // change finds this run's report in `last_run`.
                 *s.last.lock().unwrap_or_else(|p| p.into_inner()) =
                     Some(outcome.map_err(|e| e.to_string()));
+                s.runs.fetch_add(1, Ordering::Release);
                 next_run = tokio::time::Instant::now() + config.every;
             }
         });
@@ -1218,7 +1356,7 @@ impl RetentionJob {
 
     /// Runs finished (done, skipped or failed).
     pub fn runs(&self) -> u64 {
-        AtomicU64::load(&self.state.runs, Ordering::Relaxed)
+        AtomicU64::load(&self.state.runs, Ordering::Acquire)
     }
 
     /// Runs started early because the live bytes were over the threshold.
@@ -1291,6 +1429,18 @@ mod tests {
         .unwrap();
         assert_eq!(c.size_threshold, None);
         assert_eq!(c.every, Duration::from_secs(600));
+    }
+
+    #[test]
+    fn a_transaction_mode_pooler_is_refused() {
+        use crate::config::Pooler;
+        let e = refuse_per_transaction(Pooler::PgBouncerTransaction).unwrap_err();
+        let Error::Config(c) = &e else {
+            panic!("{e:?}")
+        };
+        assert!(c.field.contains("RAILYARD_POOLER"), "{e}");
+        assert!(refuse_per_transaction(Pooler::PgBouncerSession).is_ok());
+        assert!(refuse_per_transaction(Pooler::None).is_ok());
     }
 
     #[test]

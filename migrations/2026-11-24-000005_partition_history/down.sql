@@ -6,6 +6,8 @@ INSERT INTO orders SELECT * FROM railyard_archive.orders;
 
 ALTER SEQUENCE trades_id_seq OWNED BY NONE;
 ALTER TABLE trades RENAME TO trades_partitioned;
+-- Free the key's name first, so the restored table's key is trades_pkey again.
+ALTER TABLE trades_partitioned RENAME CONSTRAINT trades_pkey TO trades_partitioned_pkey;
 CREATE TABLE trades (
     id            BIGINT PRIMARY KEY DEFAULT nextval('trades_id_seq'),
     buy_order_id  BIGINT NOT NULL REFERENCES orders (id),

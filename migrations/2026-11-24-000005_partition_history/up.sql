@@ -1,3 +1,4 @@
+-- railyard: risky tables=trades
 -- The ledger's history by time: trades are range-partitioned by month of
 -- execution, so that retention can retire a month with one DETACH instead of
 -- deleting its rows. Past the retention period, months move to the schema

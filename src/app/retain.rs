@@ -1,9 +1,12 @@
 //! The ledger's retention: `trades` is partitioned by month of execution
 //! (migration `partition_history`); months past the retention period move to
 //! the `railyard_archive` schema, and the closed orders that only they
-//! reference go with them, row by row (`orders` keeps its global keys: the
-//! idempotency key and the id trades reference). History is read through
-//! the views `trade_history` and `order_history` (live and archive).
+//! reference follow them, row by row, in a transaction of their own. Once an
+//! order is archived, `orders`' unique keys no longer cover it: its id stays
+//! unique (one sequence gives them all), but its idempotency key
+//! (`client_order_id`) is no longer enforced against new orders. History is
+//! read through the views `trade_history` and `order_history` (live and
+//! archive).
 //!
 //! Uses the crate's public API only (the integration tests include this file).
 

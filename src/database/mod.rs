@@ -521,7 +521,40 @@ pub const MIGRATIONS_PROBE_TTL: Duration = Duration::from_secs(5);
 struct Probes {
     primary: tokio::sync::Mutex<Option<(Instant, health::HealthCheck)>>,
     migrations: tokio::sync::Mutex<Option<(Instant, Option<health::HealthCheck>)>>,
+    sizes: tokio::sync::Mutex<Option<(Instant, Option<crate::observe::StorageFigures>)>>,
 }
+
+/// How long a measurement of the database's size and its largest tables is
+/// reused ([`Database::storage_figures`], `/health`, `/metrics`): sizes change
+/// slowly, and measuring costs a catalog scan on the primary.
+pub const SIZES_PROBE_TTL: Duration = Duration::from_secs(60);
+
+/// How many of the largest tables a size measurement reports (partitioned
+/// tables counted with their partitions).
+pub const SIZES_TOP_TABLES: i64 = 10;
+
+#[derive(QueryableByName)]
+struct MeasuredTable {
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    name: String,
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    bytes: i64,
+    #[diesel(sql_type = diesel::sql_types::Bool)]
+    archived: bool,
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    database: i64,
+}
+
+/// The database's size and its largest tables (a partitioned table with its
+/// partitions; `railyard_archive` counts as archive).
+const MEASURE_SIZES: &str = "SELECT n.nspname || '.' || c.relname AS name, \
+       (SELECT coalesce(sum(pg_total_relation_size(t.relid)), 0) FROM pg_partition_tree(c.oid) t)::bigint AS bytes, \
+       n.nspname = 'railyard_archive' AS archived, \
+       pg_database_size(current_database())::bigint AS database \
+     FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+     WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition \
+       AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg\\_%' \
+     ORDER BY bytes DESC, name LIMIT $1";
 
 async fn cached<T: Clone>(
     slot: &tokio::sync::Mutex<Option<(Instant, T)>>,
@@ -1249,7 +1282,7 @@ impl Database {
         {
             checks.push(health::slot(name, f.retained_bytes, f.limit, f.lost));
         }
-        if let Some(f) = self.storage() {
+        if let Some(f) = self.storage_figures().await {
             checks.push(crate::observe::storage_check(&f));
         }
         HealthReport::of(checks)
@@ -1329,7 +1362,7 @@ impl Database {
             }
         }
         drop(slots);
-        if let Some(f) = self.storage() {
+        if let Some(f) = self.storage().or_else(|| self.measured_sizes()) {
             crate::observe::render_storage(&mut text, &f);
         }
         text
@@ -1340,6 +1373,67 @@ impl Database {
     /// `/metrics` the sizes from then on.
     pub fn record_storage(&self, figures: crate::observe::StorageFigures) {
         *self.inner.storage.lock().unwrap_or_else(|p| p.into_inner()) = Some(figures);
+    }
+
+    /// The storage figures `/health` and `/metrics` show: the retention
+    /// job's when one recorded them (they carry its threshold and verdict),
+    /// otherwise a measurement of the database's size and its
+    /// [largest tables](SIZES_TOP_TABLES) on the primary, taken at most once
+    /// per [`SIZES_PROBE_TTL`] (concurrent callers wait for the one in
+    /// progress), bounded by 5 s. `None` when it cannot be measured. Called
+    /// by [`Database::health`] and the `/metrics` endpoint, never by queries.
+    pub async fn storage_figures(&self) -> Option<crate::observe::StorageFigures> {
+        if let Some(f) = self.storage() {
+            return Some(f);
+        }
+        const BOUND: Duration = Duration::from_secs(5);
+        cached(&self.inner.probes.sizes, SIZES_PROBE_TTL, async {
+            let read = async {
+                let mut conn = self.checkout(Want::Primary).await?;
+                diesel::sql_query(MEASURE_SIZES)
+                    .bind::<diesel::sql_types::BigInt, _>(SIZES_TOP_TABLES)
+                    .load::<MeasuredTable>(&mut **conn)
+                    .await
+                    .map_err(Error::from)
+            };
+            match tokio::time::timeout(BOUND, read).await {
+                Ok(Ok(rows)) => {
+                    let database = <[MeasuredTable]>::first(&rows).map_or(0, |r| r.database);
+                    let tables = rows
+                        .into_iter()
+                        .map(|r| {
+                            crate::observe::TableSize::new(
+                                r.name,
+                                u64::try_from(r.bytes).unwrap_or(0),
+                                r.archived,
+                            )
+                        })
+                        .collect();
+                    Some(crate::observe::StorageFigures::new(
+                        u64::try_from(database).unwrap_or(0),
+                        tables,
+                        None,
+                    ))
+                }
+                Ok(Err(e)) => {
+                    tracing::debug!(error = %e, "cannot measure the database's size");
+                    None
+                }
+                Err(_) => None,
+            }
+        })
+        .await
+    }
+
+    /// The last size measurement of [`Database::storage_figures`], if one is
+    /// cached and not being taken right now.
+    fn measured_sizes(&self) -> Option<crate::observe::StorageFigures> {
+        self.inner
+            .probes
+            .sizes
+            .try_lock()
+            .ok()
+            .and_then(|g| g.as_ref().and_then(|(_, f)| f.clone()))
     }
 
     /// The storage figures last recorded with [`Database::record_storage`].

@@ -171,6 +171,9 @@ async fn health(State(app): State<App>) -> impl IntoResponse {
 }
 
 async fn metrics(State(app): State<App>) -> impl IntoResponse {
+    // Refreshes the size figures when their cache is stale (at most once per
+    // SIZES_PROBE_TTL, bounded).
+    let _ = app.db.storage_figures().await;
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         app.db.metrics_text(),

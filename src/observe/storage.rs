@@ -1,7 +1,9 @@
 //! Storage figures: the database's size and the sizes of the tables a
 //! retention job manages, as the job last measured them, with its threshold
-//! on the live (not yet archived) bytes. The `Database` keeps the latest
-//! figures; `/health` and `/metrics` show them.
+//! on the live (not yet archived) bytes; without a retention job, the
+//! database's size and its largest tables, measured by the `Database` at
+//! most once a minute when `/health` or `/metrics` asks. The `Database`
+//! keeps the latest figures; `/health` and `/metrics` show them.
 
 use std::fmt::Write as _;
 
@@ -133,7 +135,7 @@ pub(crate) fn check(f: &StorageFigures) -> HealthCheck {
 pub(crate) fn render(out: &mut String, f: &StorageFigures) {
     out.push_str("# HELP railyard_database_size_bytes Size of the database (pg_database_size), as last measured.\n# TYPE railyard_database_size_bytes gauge\n");
     let _ = writeln!(out, "railyard_database_size_bytes {}", f.database_bytes);
-    out.push_str("# HELP railyard_table_size_bytes Size of a managed table with its indexes and partitions, as last measured.\n# TYPE railyard_table_size_bytes gauge\n");
+    out.push_str("# HELP railyard_table_size_bytes Size of a table with its indexes and partitions (the tables retention manages, or else the largest), as last measured.\n# TYPE railyard_table_size_bytes gauge\n");
     for t in &f.tables {
         let _ = writeln!(
             out,

@@ -446,7 +446,20 @@ async fn prepare(migrations: fn() -> Migrator) -> Result<Prepared, Error> {
                     .batch_execute(&format!("CREATE DATABASE {}", quote_ident(&template)))
                     .await?;
                 let config = Config::new(admin_target.with_dbname(&template));
-                if let Err(e) = migrator.run(&config).await {
+                // The template starts empty: the backup before a risky
+                // migration is a pg_dump into a directory removed after the
+                // run (never the application's pgBackRest or dump directory).
+                let dumps = std::env::temp_dir().join(format!(
+                    "railyard-tpl-dumps-{}-{fingerprint}",
+                    std::process::id()
+                ));
+                let run = migrator
+                    .clone()
+                    .backup_before_risky(crate::backup::BeforeRisky::pg_dump(&dumps))
+                    .run(&config)
+                    .await;
+                let _ = tokio::fs::remove_dir_all(&dumps).await;
+                if let Err(e) = run {
                     // No half-made template stays behind.
                     let _ = admin
                         .batch_execute(&format!(

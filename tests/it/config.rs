@@ -192,8 +192,9 @@ async fn with_no_database_url_the_development_profile_uses_the_local_cluster() {
         name: app.clone(),
         config: config.clone(),
     };
+    let dumps = support::Dumps::new();
     let db = Database::builder(config)
-        .migrations(railyard::Migrator::new(support::LEDGER))
+        .migrations(dumps.migrator())
         .connect()
         .await
         .expect("the local cluster stands in");

@@ -119,7 +119,9 @@ async fn serve_shows_a_self_contained_dashboard_fed_by_compact_data() {
     if let Some(c) = support::cluster().await {
         cmd.env(
             "DATABASE_REPLICA_URLS",
-            c.replica_socket_target("railyard_it").unwrap().expose_url(),
+            c.replica_socket_target(&support::ledger_name())
+                .unwrap()
+                .expose_url(),
         );
     }
     let mut child = cmd.spawn().expect("the binary runs");
@@ -522,10 +524,14 @@ channels = ["log", "oncall"]
         ),
     )
     .unwrap();
+    // A fresh database: the boot applies the risky partition_history, after
+    // a dump into a directory removed at the end.
+    let dumps = support::Dumps::new();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_railyard"));
     cmd.args(["serve", "--addr", "127.0.0.1:0", "--alerts"])
         .arg(&rules)
         .env_clear()
+        .env(railyard::migrate::BACKUP_DIR_VAR, dumps.dir())
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
         .env("HOME", std::env::var_os("HOME").unwrap_or_default())
         .env(

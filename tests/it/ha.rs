@@ -736,8 +736,9 @@ async fn ledger_transfers_survive_pg_auto_failover() {
         .replica_pool_max_size(8)
         .checkout_timeout(Duration::from_secs(2))
         .connect_timeout(Duration::from_secs(1));
+    let dumps = support::Dumps::new();
     let db = Database::builder(config)
-        .migrations(railyard::Migrator::new(support::LEDGER))
+        .migrations(dumps.migrator())
         .routing(
             RoutingConfig::default()
                 .check_interval(Duration::from_millis(30))

@@ -282,8 +282,9 @@ async fn health_degrades_without_the_replica_and_readiness_fails_without_the_pri
     let config = Config::new(cluster.primary_socket_target("railyard"))
         .replica(cluster.replica_socket_target("railyard").unwrap())
         .checkout_timeout(Duration::from_millis(500));
+    let dumps = support::Dumps::new();
     let db = Database::builder(config)
-        .migrations(railyard::Migrator::new(support::LEDGER))
+        .migrations(dumps.migrator())
         .routing(railyard::RoutingConfig::default().check_interval(Duration::from_millis(30)))
         .connect()
         .await
@@ -674,13 +675,14 @@ async fn a_probe_storm_rides_the_pool_and_costs_a_few_queries() {
     let (seen, hook) = recorder();
     let app = support::unique("probes");
     let base = support::ledger(|c| c).await;
+    let dumps = support::Dumps::new();
     let db = Database::builder(
         base.config()
             .clone()
             .pool_max_size(4)
             .application_name(&app),
     )
-    .migrations(railyard::Migrator::new(support::LEDGER))
+    .migrations(dumps.migrator())
     .hook(hook)
     .connect()
     .await
@@ -1224,9 +1226,11 @@ async fn the_replica_monitors_polling_is_not_the_applications_traffic() {
     let base = support::ledger(|c| c).await;
     let stats = railyard::StatementStats::new();
     let db = Database::builder(
-        base.config()
-            .clone()
-            .replica(cluster.replica_socket_target("railyard_it").unwrap()),
+        base.config().clone().replica(
+            cluster
+                .replica_socket_target(&support::ledger_name())
+                .unwrap(),
+        ),
     )
     .routing(railyard::RoutingConfig::default().check_interval(Duration::from_millis(20)))
     .hook(stats.clone())

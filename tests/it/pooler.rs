@@ -44,9 +44,10 @@ async fn behind(mode: Pooler) {
     // 8 concurrent boots, each migrating: every one succeeds, each migration
     // is applied once.
     let started = Instant::now();
+    let dumps = support::Dumps::new();
     let boots = futures_util::future::join_all((0..8).map(|_| {
         Database::builder(config())
-            .migrations(railyard::Migrator::new(support::LEDGER))
+            .migrations(dumps.migrator())
             .connect()
     }))
     .await;

@@ -12,7 +12,7 @@ use diesel::QueryableByName;
 use diesel::sql_types::{BigInt, Text, Timestamptz};
 use diesel_async::{RunQueryDsl, SimpleAsyncConnection};
 use railyard::retain::{RetentionConfig, RetentionJob};
-use railyard::{Config, Database, HealthStatus, Migrator};
+use railyard::{Config, Database, HealthStatus};
 
 use crate::ledger_check;
 use crate::ledger_retain;
@@ -58,8 +58,9 @@ struct N {
 }
 
 async fn ledger_db(fresh: &FreshDb) -> Database {
+    let dumps = support::Dumps::new();
     Database::builder(fresh.config.clone().pool_max_size(4))
-        .migrations(Migrator::new(support::LEDGER))
+        .migrations(dumps.migrator())
         .connect()
         .await
         .expect("the ledger boots")
@@ -215,11 +216,81 @@ async fn a_year_of_history_keeps_ninety_days_live() {
     let orders_before = n(&db, "SELECT count(*) AS n FROM order_history").await;
     assert_eq!(all_before.len() as i64, TRADES);
 
-    // Two instances at once: two handles, two runs.
+    // A run that dies between archiving a month and moving its orders: its
+    // row move fails after the first month's archival committed. The
+    // invariants hold at that commit point, and the audit row stays pending.
+    let crashing = railyard::retain::Retention::new(config())
+        .partitioned("trades", "executed_at")
+        .unwrap()
+        .move_rows(
+            "orders",
+            "UPDATE orders SET id = id WHERE created_at < $1 AND 1 / 0 = 1",
+        );
+    let e = crashing
+        .run(&db, false)
+        .await
+        .expect_err("the row move fails");
+    println!("a run that dies after archiving: {e}");
+    assert_eq!(
+        names(&db, "SELECT partition_name AS name FROM railyard_retention_audit WHERE moves_done_at IS NULL").await,
+        vec![expected[0].clone()],
+        "the first month is archived, its orders not yet moved"
+    );
+    assert_eq!(
+        n(&db, "SELECT count(*) AS n FROM railyard_archive.orders").await,
+        0
+    );
+    assert_invariants(&db).await;
+
+    // The lock: held by a third connection, a run skips and names its pid.
+    let mut holder = db.primary().await.unwrap();
+    let holder_pid = diesel::sql_query(
+        "SELECT pg_backend_pid()::bigint AS n FROM (SELECT pg_advisory_lock($1)) l",
+    )
+    .bind::<BigInt, _>(railyard::retain::LOCK_KEY)
+    .get_result::<N>(&mut **holder)
+    .await
+    .unwrap()
+    .n;
+    let skipped = retention.run(&db, false).await.expect("a run while locked");
+    println!(
+        "while pid {holder_pid} holds the lock: {:?}",
+        skipped.skipped
+    );
+    assert!(
+        skipped
+            .skipped
+            .as_deref()
+            .is_some_and(|why| why.contains(&format!("backend pid {holder_pid}"))),
+        "{skipped:?}"
+    );
+    assert!(skipped.archived.is_empty());
+    diesel::sql_query("SELECT pg_advisory_unlock($1) AS ok")
+        .bind::<BigInt, _>(railyard::retain::LOCK_KEY)
+        .execute(&mut **holder)
+        .await
+        .unwrap();
+    drop(holder);
+
+    // Two instances at once: two handles, started together at a barrier.
     let db2 = ledger_db(&fresh).await;
     let other = ledger_retain::ledger(config()).unwrap();
-    let (a, b) = tokio::join!(retention.run(&db, false), other.run(&db2, false));
-    let (a, b) = (a.expect("run 1"), b.expect("run 2"));
+    let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(2));
+    let spawn = |db: Database, r: railyard::retain::Retention| {
+        let barrier = barrier.clone();
+        tokio::spawn(async move {
+            barrier.wait().await;
+            r.run(&db, false).await
+        })
+    };
+    let (ta, tb) = (
+        spawn(db.clone(), retention.clone()),
+        spawn(db2.clone(), other),
+    );
+    let (a, b) = (
+        ta.await.unwrap().expect("run 1"),
+        tb.await.unwrap().expect("run 2"),
+    );
     for (i, r) in [&a, &b].into_iter().enumerate() {
         println!(
             "instance {}: skipped {:?}, archived {:?}, took {:.2?}",
@@ -232,18 +303,45 @@ async fn a_year_of_history_keeps_ninety_days_live() {
             r.took
         );
     }
-    let done = if a.skipped.is_none() && !a.archived.is_empty() {
-        &a
-    } else {
-        &b
-    };
-    let idle = if std::ptr::eq(done, &a) { &b } else { &a };
-    assert!(
-        idle.skipped.is_some() || idle.archived.is_empty(),
-        "the other instance skipped, or found nothing left"
+    assert_eq!(
+        [&a, &b].iter().filter(|r| !r.archived.is_empty()).count(),
+        1,
+        "exactly one instance archived"
     );
+    let done = if a.archived.is_empty() { &b } else { &a };
+    let idle = if std::ptr::eq(done, &a) { &b } else { &a };
+    println!(
+        "the other instance: {}",
+        idle.skipped
+            .as_deref()
+            .unwrap_or("ran after, found nothing left")
+    );
+    for p in &done.archived {
+        println!(
+            "{}: ACCESS EXCLUSIVE on trades for {:.1?} (detach, count, move to the archive, audit); its orders moved after, in {:.1?}: {:?}",
+            p.partition, p.exclusive, p.moves_took, p.moved
+        );
+    }
     let archived: Vec<String> = done.archived.iter().map(|p| p.partition.clone()).collect();
-    assert_eq!(archived, expected, "exactly the months past the period");
+    assert_eq!(
+        archived,
+        expected[1..],
+        "exactly the months past the period (the first was archived by the run that died)"
+    );
+    assert_eq!(
+        n(
+            &db,
+            "SELECT count(*) AS n FROM railyard_retention_audit WHERE moves_done_at IS NULL"
+        )
+        .await,
+        0,
+        "the dead run's order move was finished"
+    );
+    assert_eq!(
+        n(&db, "SELECT count(*) AS n FROM (SELECT partition_name FROM railyard_retention_audit GROUP BY 1 HAVING count(*) > 1) d").await,
+        0,
+        "one audit row per partition"
+    );
     let audit = names(
         &db,
         "SELECT partition_name AS name FROM railyard_retention_audit ORDER BY range_from",
@@ -291,6 +389,15 @@ async fn a_year_of_history_keeps_ninety_days_live() {
         archived_rows
     );
     assert_eq!(live + archived_rows, TRADES);
+    assert_eq!(
+        n(
+            &db,
+            "SELECT sum(row_count)::bigint AS n FROM railyard_retention_audit"
+        )
+        .await,
+        archived_rows,
+        "the audit counts are exact"
+    );
     // The old open order stays; the old cancelled one moved; the orders
     // resting across the boundary stay with their live trades.
     assert_eq!(
@@ -439,4 +546,86 @@ async fn bad_settings_name_their_variable() {
         .unwrap_err();
     assert!(e.field.contains("RetentionConfig::new"), "{e}");
     let _ = Config::new("postgres://localhost/x".parse().unwrap());
+}
+
+/// Behind a transaction-mode pooler the session lock and timeouts of a run
+/// would not hold: a run is refused, naming the setting, before it changes
+/// anything.
+#[tokio::test]
+async fn a_transaction_mode_pooler_is_refused() {
+    let fresh = support::fresh_database("retainpool").await;
+    let db = Database::connect(
+        fresh
+            .config
+            .clone()
+            .pooler(railyard::config::Pooler::PgBouncerTransaction)
+            .pool_max_size(1),
+    )
+    .await
+    .expect("connects");
+    let e = ledger_retain::ledger(config())
+        .unwrap()
+        .run(&db, false)
+        .await
+        .expect_err("refused");
+    println!("{e}");
+    assert!(
+        matches!(&e, railyard::Error::Config(c) if c.field.contains("RAILYARD_POOLER")),
+        "{e:?}"
+    );
+    assert_eq!(
+        n(
+            &db,
+            "SELECT count(*) AS n FROM pg_tables WHERE tablename = 'railyard_retention_audit'"
+        )
+        .await,
+        0,
+        "nothing was changed"
+    );
+    db.close(Duration::from_secs(5)).await;
+}
+
+/// Without a retention job, `/health` and `/metrics` still show the
+/// database's size and its largest tables, measured on demand (cached).
+#[tokio::test]
+async fn sizes_without_retention() {
+    let fresh = support::fresh_database("retainsizes").await;
+    let db = ledger_db(&fresh).await;
+    assert!(db.storage().is_none(), "no retention job recorded figures");
+    // partition_history is risky: the boot took a pg_dump of trades first.
+    assert_eq!(
+        n(&db, "SELECT count(*) AS n FROM railyard_migration_backups WHERE version = '20261124000005' AND kind = 'pg_dump'").await,
+        1
+    );
+    let health = db.health().await;
+    let storage = health
+        .checks
+        .iter()
+        .find(|c| c.name == "storage")
+        .expect("a storage check without retention");
+    println!("/health storage: {:?} {}", storage.status, storage.reason);
+    assert_eq!(storage.status, HealthStatus::Healthy);
+    let metrics = db.metrics_text();
+    let lines: Vec<&str> = metrics
+        .lines()
+        .filter(|l| {
+            l.starts_with("railyard_database_size_bytes")
+                || l.starts_with("railyard_table_size_bytes")
+        })
+        .collect();
+    println!("{}", lines.join("\n"));
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("railyard_database_size_bytes ")),
+        "{metrics}"
+    );
+    assert!(
+        lines.iter().any(|l| l.contains("table=\"public.")),
+        "{metrics}"
+    );
+    let figures = db.storage_figures().await.expect("measured");
+    assert!(figures.database_bytes > 0);
+    assert!(figures.tables.len() as i64 <= railyard::database::SIZES_TOP_TABLES);
+    db.close(Duration::from_secs(5)).await;
 }

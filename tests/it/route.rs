@@ -45,10 +45,8 @@ async fn private(name: &str) -> (LocalCluster, Config) {
     let cluster = support::private_cluster(name, true).await;
     let config = Config::new(cluster.primary_socket_target("railyard"))
         .replica(cluster.replica_socket_target("railyard").unwrap());
-    railyard::Migrator::new(support::LEDGER)
-        .run(&config)
-        .await
-        .unwrap();
+    let dumps = support::Dumps::new();
+    dumps.migrator().run(&config).await.unwrap();
     (cluster, config)
 }
 
@@ -119,8 +117,12 @@ async fn reads_go_to_a_replica_with_no_extra_round_trip() {
         return;
     };
     support::ledger(|c| c).await;
-    let config = Config::new(cluster.primary_socket_target("railyard_it"))
-        .replica(cluster.replica_socket_target("railyard_it").unwrap())
+    let config = Config::new(cluster.primary_socket_target(&support::ledger_name()))
+        .replica(
+            cluster
+                .replica_socket_target(&support::ledger_name())
+                .unwrap(),
+        )
         .replica_pool_max_size(1);
     let db = Database::builder(config)
         .routing(fast_routing())
@@ -327,8 +329,12 @@ async fn a_session_read_that_falls_back_to_the_primary_costs_the_round_trips_of_
         return;
     };
     support::ledger(|c| c).await;
-    let config = Config::new(cluster.primary_socket_target("railyard_it"))
-        .replica(cluster.replica_socket_target("railyard_it").unwrap())
+    let config = Config::new(cluster.primary_socket_target(&support::ledger_name()))
+        .replica(
+            cluster
+                .replica_socket_target(&support::ledger_name())
+                .unwrap(),
+        )
         .pool_max_size(1);
     let db = Database::builder(config)
         .routing(fast_routing())
@@ -398,8 +404,11 @@ async fn a_session_transaction_takes_the_same_options_and_records_a_token() {
         return;
     };
     support::ledger(|c| c).await;
-    let config = Config::new(cluster.primary_socket_target("railyard_it"))
-        .replica(cluster.replica_socket_target("railyard_it").unwrap());
+    let config = Config::new(cluster.primary_socket_target(&support::ledger_name())).replica(
+        cluster
+            .replica_socket_target(&support::ledger_name())
+            .unwrap(),
+    );
     let db = Database::builder(config)
         .routing(fast_routing())
         .connect()

@@ -66,7 +66,7 @@ async fn ledger_named(app: &str, pool: u32) -> Database {
         .pool_max_size(pool)
         .application_name(app);
     if let Some(c) = support::cluster().await {
-        config = config.replica(c.replica_socket_target("railyard_it").unwrap());
+        config = config.replica(c.replica_socket_target(&support::ledger_name()).unwrap());
     }
     Database::builder(config)
         .routing(railyard::RoutingConfig::default().check_interval(Duration::from_millis(50)))
@@ -357,7 +357,9 @@ mod serve {
         if let Some(c) = support::cluster().await {
             cmd.env(
                 "DATABASE_REPLICA_URLS",
-                c.replica_socket_target("railyard_it").unwrap().expose_url(),
+                c.replica_socket_target(&support::ledger_name())
+                    .unwrap()
+                    .expose_url(),
             );
         }
         let mut child = cmd.spawn().expect("the binary runs");

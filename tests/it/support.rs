@@ -165,6 +165,53 @@ pub fn ledger_migrations() -> usize {
         .len()
 }
 
+/// Where the `pg_dump` taken before the ledger's risky migration goes while a
+/// ledger database boots: a directory of its own, removed when this is
+/// dropped (a panic included). Boot the ledger with [`Dumps::migrator`] and
+/// keep this until `connect` returned.
+pub struct Dumps {
+    dir: std::path::PathBuf,
+}
+
+impl Dumps {
+    pub fn new() -> Self {
+        let dir = std::env::temp_dir().join(unique("railyard-it-dumps"));
+        std::fs::create_dir_all(&dir).expect("a directory for the risky migration's dump");
+        Dumps { dir }
+    }
+
+    /// The directory.
+    pub fn dir(&self) -> &std::path::Path {
+        &self.dir
+    }
+
+    /// The ledger's migrator, dumping before risky migrations into this
+    /// directory.
+    pub fn migrator(&self) -> railyard::Migrator {
+        railyard::Migrator::new(LEDGER)
+            .backup_before_risky(railyard::backup::BeforeRisky::pg_dump(&self.dir))
+    }
+}
+
+impl Drop for Dumps {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The name of the shared ledger database: `railyard_it_` and the fingerprint
+/// of the ledger's migrations, so that a changed migration (even a comment or
+/// its down.sql) gets a database of its own instead of the refusal an
+/// edited, already-applied migration meets at boot.
+pub fn ledger_name() -> String {
+    format!(
+        "railyard_it_{}",
+        railyard::Migrator::new(LEDGER)
+            .fingerprint()
+            .expect("the ledger's migrations")
+    )
+}
+
 static LEDGER_DB: OnceCell<ConnectTarget> = OnceCell::const_new();
 
 /// A migrated ledger database shared by the tests that commit data of their own
@@ -174,7 +221,8 @@ pub async fn ledger(config: impl FnOnce(Config) -> Config) -> Database {
     let target = LEDGER_DB
         .get_or_init(|| async {
             let server = server().await;
-            let name = "railyard_it";
+            let name = ledger_name();
+            let name = name.as_str();
             match &server.cluster {
                 Some(c) => {
                     c.create_database(name).await.expect("ledger database");
@@ -193,11 +241,14 @@ pub async fn ledger(config: impl FnOnce(Config) -> Config) -> Database {
         })
         .await
         .clone();
-    Database::builder(config(Config::new(target)))
-        .migrations(railyard::Migrator::new(LEDGER))
+    let dumps = Dumps::new();
+    let db = Database::builder(config(Config::new(target)))
+        .migrations(dumps.migrator())
         .connect()
         .await
-        .expect("ledger database boots")
+        .expect("ledger database boots");
+    drop(dumps);
+    db
 }
 
 /// Creates a user with `n` accounts holding `balance` cents each; returns the

@@ -485,7 +485,7 @@ async fn a_write_sent_to_a_standby_is_25006_reroute() {
         return;
     };
     support::ledger(|c| c).await; // the database exists and is migrated
-    let replica = cluster.replica_target("railyard_it").unwrap();
+    let replica = cluster.replica_target(&support::ledger_name()).unwrap();
     let url = format!("{}&target_session_attrs=any", replica.expose_url());
     let db = Database::connect(railyard::Config::from_url(&url).unwrap())
         .await

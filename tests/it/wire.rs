@@ -58,9 +58,10 @@ async fn through_proxy(name: &str) -> Option<(Proxy, Database, String)> {
 async fn proxy_url(proxy: &Proxy) -> String {
     let cluster = support::cluster().await.expect("the local cluster");
     format!(
-        "postgres://railyard:{}@127.0.0.1:{}/railyard_it?sslmode=disable",
+        "postgres://railyard:{}@127.0.0.1:{}/{}?sslmode=disable",
         cluster.password().expose(),
-        proxy.port
+        proxy.port,
+        support::ledger_name()
     )
 }
 
@@ -552,9 +553,10 @@ async fn through_tls_proxy() -> Option<(Proxy, String)> {
     support::ledger(|c| c).await;
     let proxy = Proxy::start_tls(([127, 0, 0, 1], cluster.primary_port()).into()).await;
     let url = format!(
-        "postgres://railyard:{}@127.0.0.1:{}/railyard_it?sslmode=verify-full&sslrootcert={}",
+        "postgres://railyard:{}@127.0.0.1:{}/{}?sslmode=verify-full&sslrootcert={}",
         cluster.password().expose(),
         proxy.port,
+        support::ledger_name(),
         cluster.ca_cert().display()
     );
     Some((proxy, url))

@@ -18,6 +18,10 @@ fn railyard(args: &[&str], env: &[(&str, String)]) -> Output {
         .env_clear()
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
         .env("HOME", std::env::var_os("HOME").unwrap_or_default());
+    // The ledger's partition_history is risky: a boot that applies it dumps
+    // `trades` first, into a directory removed afterwards.
+    let dumps = support::Dumps::new();
+    cmd.env(railyard::migrate::BACKUP_DIR_VAR, dumps.dir().as_os_str());
     for (k, v) in env {
         cmd.env(k, v);
     }
