@@ -18,14 +18,15 @@ const V2: EmbeddedMigrations = embed_migrations!("tests/migrations/v2");
 const EDITED: EmbeddedMigrations = embed_migrations!("tests/migrations/edited");
 const FAILING: EmbeddedMigrations = embed_migrations!("tests/migrations/failing");
 const SLOW: EmbeddedMigrations = embed_migrations!("tests/migrations/slow");
-const LEDGER: EmbeddedMigrations = embed_migrations!("migrations");
 
 #[tokio::test]
 async fn a_fresh_database_gets_every_migration_and_a_second_boot_applies_nothing() {
     let fresh = support::fresh_database("mig_fresh").await;
+    // The ledger's newest migration is marked risky: a backup goes first.
+    let dumps = support::Dumps::new();
     let config = fresh.config.clone();
     let db = Database::builder(config.clone())
-        .migrations(Migrator::new(LEDGER))
+        .migrations(dumps.migrator())
         .connect()
         .await
         .unwrap();
@@ -51,7 +52,7 @@ async fn a_fresh_database_gets_every_migration_and_a_second_boot_applies_nothing
     assert_eq!(count(&config, "SELECT count(*) AS n FROM users").await, 0);
 
     let again = Database::builder(config.clone())
-        .migrations(Migrator::new(LEDGER))
+        .migrations(dumps.migrator())
         .connect()
         .await
         .unwrap();
@@ -105,13 +106,15 @@ async fn refuses_to_boot_when_the_database_is_ahead_of_the_binary() {
 #[tokio::test]
 async fn eight_racing_boots_apply_each_migration_exactly_once_and_all_succeed() {
     let fresh = support::fresh_database("mig_race").await;
+    let dumps = std::sync::Arc::new(support::Dumps::new());
     let config = fresh.config.clone();
     let mut tasks = Vec::new();
     for _ in 0..8 {
         let config = config.clone();
+        let dumps = dumps.clone();
         tasks.push(tokio::spawn(async move {
             Database::builder(config)
-                .migrations(Migrator::new(LEDGER))
+                .migrations(dumps.migrator())
                 .connect()
                 .await
                 .map(|db| db.migration_report().unwrap().applied.len())
