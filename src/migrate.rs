@@ -482,6 +482,7 @@ impl Migrator {
         let backup = Backup {
             how: self.before_risky(),
             target,
+            per_transaction,
             handle: tokio::runtime::Handle::current(),
         };
         let mut report = blocking(conn, move |c| {
@@ -833,6 +834,8 @@ fn risky_header(name: &str, up: &str) -> Result<Option<Vec<String>>, Error> {
 struct Backup {
     how: Option<BeforeRisky>,
     target: Option<ConnectTarget>,
+    /// Behind a transaction-mode pooler.
+    per_transaction: bool,
     handle: tokio::runtime::Handle,
 }
 
@@ -891,8 +894,17 @@ impl Backup {
                     "no backup is configured: call Migrator::backup_before_risky or set {BACKUP_DIR_VAR} to a directory for pg_dump"
                 ))));
             }
-            Some(BeforeRisky::PgDump { dir, timeout }) => {
-                let Some(target) = &self.target else {
+            Some(BeforeRisky::PgDump {
+                dir,
+                timeout,
+                direct,
+            }) => {
+                if self.per_transaction && direct.is_none() {
+                    return Err(fail(Error::Backup(
+                        "pg_dump does not run through a transaction-mode pooler: its session settings (search_path = '', statement_timeout = 0, …) would stay on the pooled server connections other clients then get. Give it a direct connection to the primary (BeforeRisky::pg_dump(dir).direct(target)), or back up with pgBackRest".into(),
+                    )));
+                }
+                let Some(target) = direct.as_ref().or(self.target.as_ref()) else {
                     return Err(fail(Error::Backup(
                         "Migrator::run_on has no connection parameters for pg_dump; use Migrator::run, or pgBackRest".into(),
                     )));
@@ -1308,7 +1320,27 @@ fn apply_in_transactions(
             }
             Step::Backup(i) => {
                 let k = &known[i];
-                if let Some(t) = backup.take(c, k)? {
+                // No lock is held during the backup (no transaction sits
+                // open through a pooler): another instance may apply the
+                // migration meanwhile, after its own backup, and a dump
+                // racing its DDL can fail. That failure is moot once the
+                // migration is applied; any other stops the boot.
+                let taken = match backup.take(c, k) {
+                    Ok(t) => t,
+                    Err(e) => {
+                        let applied_meanwhile = c.transaction::<_, Error, _>(|c| {
+                            xact_lock(c, lock_timeout)?;
+                            ensure_tables(c)?;
+                            Ok(read_applied(c)?.rows.iter().any(|a| a.version == k.version))
+                        })?;
+                        if !applied_meanwhile {
+                            return Err(e);
+                        }
+                        tracing::info!(target: "railyard::migrate", version = %k.version, name = %k.name, error = %e, "another instance applied the risky migration while this one was backing up; this backup is not needed");
+                        None
+                    }
+                };
+                if let Some(t) = taken {
                     let wait = c.transaction::<_, Error, _>(|c| {
                         let wait = xact_lock(c, lock_timeout)?;
                         ensure_tables(c)?;

@@ -48,6 +48,12 @@ pub enum BeforeRisky {
         dir: PathBuf,
         /// The dump's deadline.
         timeout: Duration,
+        /// The server to dump from, when it is not the application's
+        /// primary target: required behind a transaction-mode pooler, where
+        /// `pg_dump`'s session settings (`search_path = ''`,
+        /// `statement_timeout = 0`, …) would stay on the pooled server
+        /// connections other clients then get.
+        direct: Option<crate::config::ConnectTarget>,
     },
     /// A pgBackRest backup of this kind.
     PgBackRest {
@@ -64,6 +70,32 @@ impl BeforeRisky {
         BeforeRisky::PgDump {
             dir: dir.into(),
             timeout: Duration::from_secs(30 * 60),
+            direct: None,
+        }
+    }
+
+    /// For `pg_dump`: dump from `target` (a direct connection to the
+    /// primary, not through a pooler) instead of the application's primary
+    /// target. Behind a transaction-mode pooler, `pg_dump` runs only so.
+    /// No effect on a pgBackRest backup.
+    ///
+    /// ```
+    /// use railyard::backup::BeforeRisky;
+    /// let direct = railyard::Config::from_url("postgres://app@db.internal:5432/app")?
+    ///     .primary()
+    ///     .clone();
+    /// let dump = BeforeRisky::pg_dump("/var/backups/app").direct(direct);
+    /// # Ok::<(), railyard::error::ConfigError>(())
+    /// ```
+    #[must_use]
+    pub fn direct(self, target: crate::config::ConnectTarget) -> Self {
+        match self {
+            BeforeRisky::PgDump { dir, timeout, .. } => BeforeRisky::PgDump {
+                dir,
+                timeout,
+                direct: Some(target),
+            },
+            other => other,
         }
     }
 

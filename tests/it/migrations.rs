@@ -607,8 +607,8 @@ async fn a_risky_migration_of_a_partitioned_table_dumps_its_partitions_rows_behi
         .config
         .clone()
         .pooler(railyard::config::Pooler::PgBouncerTransaction);
-    let migrator =
-        Migrator::new(RISKY_PARTITIONED).backup_before_risky(BeforeRisky::pg_dump(&dir.0));
+    let migrator = Migrator::new(RISKY_PARTITIONED)
+        .backup_before_risky(BeforeRisky::pg_dump(&dir.0).direct(fresh.config.primary().clone()));
     let report = migrator.run(&config).await.unwrap();
     assert_eq!(report.applied.len(), 2);
     let status = migrator.status(&fresh.config).await.unwrap();
@@ -640,7 +640,19 @@ async fn behind_a_transaction_pooler_the_backup_record_outlives_a_failed_risky_m
         .config
         .clone()
         .pooler(railyard::config::Pooler::PgBouncerTransaction);
-    let migrator = Migrator::new(RISKY_FAILS).backup_before_risky(BeforeRisky::pg_dump(&dir.0));
+    // Through the pooler's own target, pg_dump is refused: its session
+    // settings would stay on pooled server connections.
+    let refused = Migrator::new(RISKY_FAILS)
+        .backup_before_risky(BeforeRisky::pg_dump(&dir.0))
+        .run(&config)
+        .await
+        .unwrap_err();
+    assert!(
+        refused.to_string().contains("transaction-mode pooler"),
+        "{refused}"
+    );
+    let migrator = Migrator::new(RISKY_FAILS)
+        .backup_before_risky(BeforeRisky::pg_dump(&dir.0).direct(fresh.config.primary().clone()));
     let err = migrator.run(&config).await.unwrap_err();
     assert!(err.to_string().contains("2026-01-01-000002_fails"), "{err}");
     // The migration rolled back, its backup's record is committed.

@@ -45,9 +45,11 @@ async fn behind(mode: Pooler) {
     // is applied once.
     let started = Instant::now();
     let dumps = support::Dumps::new();
+    // The dump before the risky migration goes to the server directly.
+    let direct = cluster.primary_socket_target(&name);
     let boots = futures_util::future::join_all((0..8).map(|_| {
         Database::builder(config())
-            .migrations(dumps.migrator())
+            .migrations(dumps.migrator_direct(direct.clone()))
             .connect()
     }))
     .await;

@@ -191,6 +191,13 @@ impl Dumps {
         railyard::Migrator::new(LEDGER)
             .backup_before_risky(railyard::backup::BeforeRisky::pg_dump(&self.dir))
     }
+
+    /// The same, dumping from `direct` (behind a transaction-mode pooler,
+    /// pg_dump runs only on a direct connection).
+    pub fn migrator_direct(&self, direct: railyard::config::ConnectTarget) -> railyard::Migrator {
+        railyard::Migrator::new(LEDGER)
+            .backup_before_risky(railyard::backup::BeforeRisky::pg_dump(&self.dir).direct(direct))
+    }
 }
 
 impl Drop for Dumps {
