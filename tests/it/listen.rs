@@ -28,7 +28,10 @@ async fn listener_pid(admin: &Database, channel: &str) -> i32 {
             .with_primary(async |c| {
                 use diesel_async::RunQueryDsl;
                 diesel::sql_query(
-                    "SELECT pid FROM pg_stat_activity WHERE query LIKE 'LISTEN%' AND query LIKE $1",
+                    // Idle: the LISTEN has completed. It takes effect when
+                    // it commits; a notification sent while it is still
+                    // running is not delivered (that was a flaky wait).
+                    "SELECT pid FROM pg_stat_activity WHERE query LIKE 'LISTEN%' AND query LIKE $1 AND state = 'idle'",
                 )
                 .bind::<diesel::sql_types::Text, _>(format!("%{channel}%"))
                 .load(c)
