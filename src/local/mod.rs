@@ -657,25 +657,7 @@ impl LocalCluster {
             let handle = tokio::runtime::Handle::current();
             handle.block_on(async {
                 let client = admin_client(self, "postgres").await?;
-                let deadline = Instant::now() + Duration::from_secs(60);
-                loop {
-                    let row = client
-                        .query_one(
-                            "SELECT count(*) FROM pg_stat_replication WHERE application_name = 'railyard_replica' AND state = 'streaming'",
-                            &[],
-                        )
-                        .await
-                        .map_err(|e| Error::Local(format!("checking replication: {e}")))?;
-                    if row.get::<_, i64>(0) > 0 {
-                        return Ok(());
-                    }
-                    if Instant::now() > deadline {
-                        return Err(Error::Local(
-                            "the replica did not stream again within 60 s of the primary's restart; see pg/replica.log".into(),
-                        ));
-                    }
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
+                replica_streams(&client, "again after the primary's restart").await
             })?;
         }
         Ok(true)
@@ -1252,25 +1234,7 @@ fn start_blocking(
         // Wait until the replica streams.
         handle.block_on(async {
             let client = admin_client_port(dir, primary_port, &password, "postgres").await?;
-            let deadline = Instant::now() + Duration::from_secs(60);
-            loop {
-                let row = client
-                    .query_one(
-                        "SELECT count(*) FROM pg_stat_replication WHERE application_name = 'railyard_replica' AND state = 'streaming'",
-                        &[],
-                    )
-                    .await
-                    .map_err(|e| Error::Local(format!("checking replication: {e}")))?;
-                if row.get::<_, i64>(0) > 0 {
-                    return Ok(());
-                }
-                if Instant::now() > deadline {
-                    return Err(Error::Local(
-                        "the replica did not start streaming within 60 s; see pg/replica.log".into(),
-                    ));
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
+            replica_streams(&client, "after its start").await
         })?;
     } else {
         state.replica_port = None;
@@ -1286,4 +1250,28 @@ fn start_blocking(
         start_time: elapsed,
         bindir: bins.dir,
     })
+}
+
+/// Waits, up to 60 s, until the primary behind `client` streams to the
+/// local replica; `when` says which start the error is about.
+async fn replica_streams(client: &tokio_postgres::Client, when: &str) -> Result<(), Error> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let row = client
+            .query_one(
+                "SELECT count(*) FROM pg_stat_replication WHERE application_name = 'railyard_replica' AND state = 'streaming'",
+                &[],
+            )
+            .await
+            .map_err(|e| Error::Local(format!("checking replication: {e}")))?;
+        if row.get::<_, i64>(0) > 0 {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(Error::Local(format!(
+                "the replica did not stream {when} within 60 s; see pg/replica.log"
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
