@@ -243,8 +243,9 @@ async fn an_unacknowledged_slot_is_reported_over_its_limit_and_a_lost_slot_ends_
     cluster.destroy().unwrap();
 }
 
-/// `railyard changes` prints changes as JSON lines with their tokens, and
-/// starts again after a token.
+/// `railyard changes` prints changes as JSON lines with their tokens and
+/// acknowledges what it printed; it starts again after a token, and refuses
+/// a token its slot has moved past (the changes between would be skipped).
 #[cfg(feature = "cli")]
 #[tokio::test]
 async fn the_cli_prints_changes_with_tokens_and_resumes_after_one() {
@@ -318,8 +319,6 @@ async fn the_cli_prints_changes_with_tokens_and_resumes_after_one() {
                 .expect("a change")
         })
         .collect();
-    let _ = first.kill();
-    let _ = first.wait();
     let seqs: Vec<&str> = got
         .iter()
         .map(|v| v["new"]["seq"].as_str().unwrap())
@@ -327,9 +326,43 @@ async fn the_cli_prints_changes_with_tokens_and_resumes_after_one() {
     assert_eq!(seqs, ["1", "2", "3"], "{got:?}");
     assert_eq!(got[0]["op"], "insert");
     assert_eq!(got[0]["table"], "public.ev");
-    let token = got[1]["token"].as_str().unwrap().to_owned();
-    insert(4, 5).await;
-    let (mut second, lines) = spawn(&["--from", &token]);
+    let token = |v: &serde_json::Value| v["token"].as_str().unwrap().to_owned();
+    // What it printed, it acknowledged: the slot moves past the third.
+    let third_end = u64::from_str_radix(token(&got[2]).split('.').next().unwrap(), 16).unwrap();
+    let started = Instant::now();
+    loop {
+        #[derive(diesel::QueryableByName)]
+        struct At {
+            #[diesel(sql_type = diesel::sql_types::BigInt)]
+            at: i64,
+        }
+        let at: Vec<At> = db
+            .with_primary(async |c| {
+                use diesel_async::RunQueryDsl;
+                diesel::sql_query(
+                    "SELECT pg_wal_lsn_diff(confirmed_flush_lsn, '0/0')::int8 AS at \
+                     FROM pg_replication_slots WHERE slot_name = 'cli_test'",
+                )
+                .load(c)
+                .await
+                .map_err(Error::from)
+            })
+            .await
+            .unwrap();
+        if at[0].at as u64 >= third_end {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the slot did not move past the printed {}",
+            token(&got[2])
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = first.kill();
+    let _ = first.wait();
+    insert(4, 6).await;
+    let (mut second, lines) = spawn(&["--from", &token(&got[2])]);
     let again: Vec<serde_json::Value> = (0..3)
         .map(|_| {
             lines
@@ -343,7 +376,43 @@ async fn the_cli_prints_changes_with_tokens_and_resumes_after_one() {
         .iter()
         .map(|v| v["new"]["seq"].as_str().unwrap())
         .collect();
-    assert_eq!(seqs, ["3", "4", "5"], "after {token}: {again:?}");
+    assert_eq!(seqs, ["4", "5", "6"], "after {}: {again:?}", token(&got[2]));
+    // An older token is refused, naming the slot and the token: starting
+    // there would skip the third change without a word.
+    let stale = token(&got[1]);
+    let mut third = Command::new(env!("CARGO_BIN_EXE_railyard"))
+        .args([
+            "changes", "--tables", "ev", "--slot", "cli_test", "--from", &stale,
+        ])
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("DATABASE_URL", &url)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = third.try_wait().unwrap() {
+            break status;
+        }
+        if started.elapsed() > Duration::from_secs(30) {
+            let _ = third.kill();
+            let _ = third.wait();
+            panic!("a token the slot moved past was not refused");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut third.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(!status.success(), "{stderr}");
+    assert!(
+        stderr.contains("has moved past token")
+            && stderr.contains(&stale)
+            && stderr.contains("cli_test"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains(&url), "{stderr}");
     let status = Command::new(env!("CARGO_BIN_EXE_railyard"))
         .args(["changes", "--slot", "cli_test", "--drop-slot"])
         .env_clear()

@@ -158,7 +158,9 @@ pub struct ChangeStreamConfig {
     pub tables: Vec<String>,
     /// The slot's name (lowercase letters, digits, `_`).
     pub slot: String,
-    /// Start after this token (the last one acknowledged).
+    /// Start after this token (the last one acknowledged). A token the
+    /// slot has already moved past is refused with [`Error::Changes`]: the
+    /// changes between them cannot be read again.
     pub from: Option<ResumeToken>,
     /// Create the slot and its publication when missing (default true).
     pub create: bool,
@@ -193,7 +195,7 @@ impl ChangeStreamConfig {
         }
     }
 
-    /// Starts after `token`.
+    /// Starts after `token` (refused when the slot has moved past it).
     #[must_use]
     pub fn from(mut self, token: ResumeToken) -> Self {
         self.from = Some(token);
@@ -341,6 +343,43 @@ struct Retained {
     bytes: Option<i64>,
 }
 
+/// Refuses a token the slot has moved past: the changes between it and the
+/// slot were acknowledged (by an earlier consumer, or by this one before it
+/// stored the token) and the slot cannot read them again. Starting there
+/// anyway would skip them without a word.
+async fn check_token_not_behind(
+    conn: &mut crate::conn::Conn,
+    slot: &str,
+    token: ResumeToken,
+) -> Result<(), Error> {
+    let at: Vec<Exists> = diesel::sql_query(
+        "SELECT coalesce(pg_wal_lsn_diff(confirmed_flush_lsn, '0/0'), 0)::int8 AS n \
+         FROM pg_replication_slots WHERE slot_name = $1",
+    )
+    .bind::<Text, _>(slot)
+    .load(conn)
+    .await?;
+    let at = at.into_iter().next().map_or(0, |e| e.n.max(0) as u64);
+    if token_behind(token, at) {
+        return Err(Error::Changes(format!(
+            "slot {slot:?} is at {} and has moved past token {token}: the changes after the \
+             token up to there were acknowledged already and cannot be read again; start from \
+             the last token acknowledged, or without a token to go on from the slot",
+            lsn_text(at)
+        )));
+    }
+    Ok(())
+}
+
+/// Whether a slot confirmed up to `at` has consumed events after `token`.
+fn token_behind(token: ResumeToken, at: u64) -> bool {
+    if token.ends_transaction() {
+        at > token.end_lsn
+    } else {
+        at >= token.end_lsn
+    }
+}
+
 fn slot_lost(e: &Error) -> bool {
     e.sqlstate()
         .is_some_and(|s| *s == tokio_postgres::error::SqlState::UNDEFINED_OBJECT)
@@ -392,6 +431,16 @@ impl Database {
         .await?;
         let count = |v: Vec<Exists>| v.into_iter().next().map_or(0, |e| e.n);
         let (have_pub, have_slot) = (count(have_pub) > 0, count(have_slot) > 0);
+        if let (Some(token), false) = (config.from, have_slot) {
+            return Err(Error::Changes(format!(
+                "slot {:?} does not exist, so the changes after token {token} cannot be read: \
+                 take a fresh snapshot of the tables and start without a token",
+                config.slot
+            )));
+        }
+        if let (Some(token), true) = (config.from, have_slot) {
+            check_token_not_behind(&mut conn, &config.slot, token).await?;
+        }
         if (!have_pub || !have_slot) && !config.create {
             return Err(Error::Changes(format!(
                 "slot {:?} or its publication {publication:?} does not exist (and create is off)",
@@ -779,5 +828,24 @@ mod tests {
             "\"public\".\"orders\""
         );
         assert!(quote_table("a.b.c").is_err());
+    }
+
+    #[test]
+    fn a_token_the_slot_moved_past_is_behind() {
+        let last = ResumeToken {
+            end_lsn: 0x500,
+            index: 2,
+            count: 3,
+        };
+        let middle = ResumeToken { index: 1, ..last };
+        // Slot at the transaction's end: the last event was acknowledged,
+        // the middle one's successors too.
+        assert!(!token_behind(last, 0x500));
+        assert!(token_behind(middle, 0x500));
+        // Slot before it: nothing after either token was consumed.
+        assert!(!token_behind(last, 0x4FF));
+        assert!(!token_behind(middle, 0x4FF));
+        // Slot past it.
+        assert!(token_behind(last, 0x501));
     }
 }
