@@ -161,6 +161,18 @@ fn apply(config: &mut Config, setting: Setting, key: &str, value: &str) -> Resul
         }
         Setting::PoolMaxWait => config.pool.max_wait = Some(parse_duration(key, value)?),
         Setting::ShutdownTimeout => config.shutdown_timeout = parse_duration(key, value)?,
+        Setting::PingAfterIdle => config.pool.ping_after_idle = parse_duration(key, value)?,
+        Setting::MaxConnecting => {
+            let n = parse_count(key, value)?;
+            if n == 0 {
+                return Err(ConfigError::new(
+                    key,
+                    value,
+                    "at least 1 (one connection attempt at a time per target)",
+                ));
+            }
+            config.pool.max_connecting = n;
+        }
         Setting::ConnectTimeout => config.connect_timeout = parse_duration(key, value)?,
         Setting::CheckoutTimeout => config.pool.checkout_timeout = parse_duration(key, value)?,
         Setting::IdleTimeout => config.pool.idle_timeout = optional_duration(key, value)?,
@@ -549,6 +561,37 @@ mod tests {
         assert_eq!(c.pool.checkout_timeout, Duration::from_millis(1500));
         assert_eq!(c.statement_timeout, None);
         assert_eq!(c.pool.max_lifetime, None);
+    }
+
+    #[test]
+    fn reconnect_settings_are_read_and_checked() {
+        let c = Config::from_vars([("DATABASE_URL", "postgres://u@h/db")]).unwrap();
+        assert_eq!(c.pool.ping_after_idle, Duration::from_secs(30));
+        assert_eq!(c.pool.max_connecting, 8);
+        let c = Config::from_vars([
+            ("DATABASE_URL", "postgres://u@h/db"),
+            ("RAILYARD_PING_AFTER_IDLE", "0s"),
+            ("RAILYARD_MAX_CONNECTING", "2"),
+        ])
+        .unwrap();
+        assert_eq!(
+            c.pool.ping_after_idle,
+            Duration::ZERO,
+            "ping every check-out"
+        );
+        assert_eq!(c.pool.max_connecting, 2);
+        for (key, value, reason) in [
+            ("RAILYARD_MAX_CONNECTING", "0", "at least 1"),
+            ("RAILYARD_MAX_CONNECTING", "-1", "negative"),
+            ("RAILYARD_MAX_CONNECTING", "eight", "whole number"),
+            ("RAILYARD_MAX_CONNECTING", "10001", "at most 10000"),
+            ("RAILYARD_PING_AFTER_IDLE", "30", "without a unit"),
+            ("RAILYARD_PING_AFTER_IDLE", "-5s", "negative"),
+        ] {
+            let err = env_err(&[(key, value)]);
+            assert_eq!(err.field, key, "{key}={value}: {err}");
+            assert!(err.reason.contains(reason), "{key}={value}: {err}");
+        }
     }
 
     #[test]

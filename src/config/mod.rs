@@ -19,6 +19,8 @@
 //! | `RAILYARD_REPLICA_POOL_MAX_SIZE` | per-replica pool size, 1 to [`MAX_POOL_SIZE`] |
 //! | `RAILYARD_POOL_MAX_WAITERS` | check-outs that may wait for a connection at once, per pool (primary and each replica), 1 to [`MAX_POOL_WAITERS`]; beyond it a check-out is shed at once ([`crate::Error::Overloaded`]). Default: [`DEFAULT_WAITERS_PER_CONNECTION`] × the pool's size |
 //! | `RAILYARD_POOL_MAX_WAIT` | how long a check-out waits while every connection is in use before it is shed: a positive duration below the checkout timeout. Default: 1 s, or half the checkout timeout when that is shorter |
+//! | `RAILYARD_PING_AFTER_IDLE` | a connection idle in the pool this long is pinged at check-out ([`PoolConfig::ping_after_idle`]): a duration, `0s` pings every check-out; default 30 s |
+//! | `RAILYARD_MAX_CONNECTING` | connection attempts one target may have under way at once, per `Database` ([`PoolConfig::max_connecting`]): 1 to [`MAX_POOL_SIZE`], default 8 |
 //! | `RAILYARD_CONNECT_TIMEOUT`, `RAILYARD_CHECKOUT_TIMEOUT`, `RAILYARD_MIGRATION_LOCK_TIMEOUT` | positive durations with a unit, such as `5s`, `250ms`, `1.5s`, `10m`; at most ten years |
 //! | `RAILYARD_SHUTDOWN_TIMEOUT` | the deadline an application gives [`crate::Database::close`] when it stops (the reference binary's `serve` exits within it): a positive duration, default 10 s |
 //! | `RAILYARD_IDLE_TIMEOUT`, `RAILYARD_MAX_LIFETIME` | durations; `0`, `off` or `none` means no limit |
@@ -417,16 +419,20 @@ pub(crate) enum Setting {
     WatchdogCancelAfter,
     CapturePlansSlowerThan,
     DetectRepeats,
+    PingAfterIdle,
+    MaxConnecting,
 }
 
 impl Setting {
     /// Every setting, for the environment parser.
-    pub(crate) const ALL: [Setting; 22] = [
+    pub(crate) const ALL: [Setting; 24] = [
         Setting::PoolMaxSize,
         Setting::PoolMinIdle,
         Setting::ReplicaPoolMaxSize,
         Setting::PoolMaxWaiters,
         Setting::PoolMaxWait,
+        Setting::PingAfterIdle,
+        Setting::MaxConnecting,
         Setting::ShutdownTimeout,
         Setting::ConnectTimeout,
         Setting::CheckoutTimeout,
@@ -471,6 +477,8 @@ impl Setting {
             Setting::WatchdogCancelAfter => "RAILYARD_WATCHDOG_CANCEL_AFTER",
             Setting::CapturePlansSlowerThan => "RAILYARD_CAPTURE_PLANS_SLOWER_THAN",
             Setting::DetectRepeats => "RAILYARD_DETECT_REPEATS",
+            Setting::PingAfterIdle => "RAILYARD_PING_AFTER_IDLE",
+            Setting::MaxConnecting => "RAILYARD_MAX_CONNECTING",
         }
     }
 
@@ -508,6 +516,8 @@ impl Setting {
             Setting::DetectRepeats => c
                 .detect_repeats
                 .map_or_else(|| "off".to_owned(), |n| n.to_string()),
+            Setting::PingAfterIdle => d(c.pool.ping_after_idle),
+            Setting::MaxConnecting => c.pool.max_connecting.to_string(),
         }
     }
 
@@ -535,6 +545,8 @@ impl Setting {
             Setting::WatchdogCancelAfter => "Config::watchdog_cancel_after",
             Setting::CapturePlansSlowerThan => "Config::capture_plans_slower_than",
             Setting::DetectRepeats => "Config::detect_repeats",
+            Setting::PingAfterIdle => "Config::ping_after_idle",
+            Setting::MaxConnecting => "Config::max_connecting",
         }
     }
 }
@@ -1034,6 +1046,7 @@ impl Config {
     /// ```
     #[must_use]
     pub fn ping_after_idle(mut self, d: Duration) -> Self {
+        self.from_env.remove(&Setting::PingAfterIdle);
         self.pool.ping_after_idle = d;
         self
     }
@@ -1048,6 +1061,7 @@ impl Config {
     /// ```
     #[must_use]
     pub fn max_connecting(mut self, n: u32) -> Self {
+        self.from_env.remove(&Setting::MaxConnecting);
         self.pool.max_connecting = n.max(1);
         self
     }
