@@ -220,6 +220,56 @@ pub fn ledger_name() -> String {
 }
 
 static LEDGER_DB: OnceCell<ConnectTarget> = OnceCell::const_new();
+static PRUNED: OnceCell<()> = OnceCell::const_new();
+
+/// Marks this run's shared ledger as used now, and drops the ledgers of other
+/// migration fingerprints (each changed migration leaves its predecessor's
+/// behind) that no run has used for a day and nobody is connected to.
+async fn prune_old_ledgers() {
+    #[derive(diesel::QueryableByName)]
+    struct Name {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        name: String,
+    }
+    let current = ledger_name();
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_secs() as i64;
+    let db = Database::connect(Config::new(server().await.admin.clone()).pool_max_size(1))
+        .await
+        .expect("admin connection");
+    let mut conn = db.primary().await.expect("admin checkout");
+    conn.batch_execute(&format!(
+        "COMMENT ON DATABASE \"{current}\" IS 'railyard it ledger; used={now}'"
+    ))
+    .await
+    .expect("marking the shared ledger as used");
+    let stale: Vec<Name> = diesel::sql_query(
+        "SELECT d.datname::text AS name FROM pg_database d \
+         LEFT JOIN pg_shdescription s ON s.objoid = d.oid AND s.classoid = 'pg_database'::regclass \
+         WHERE d.datname LIKE 'railyard\\_it\\_%' AND d.datname <> $1 \
+         AND coalesce(substring(s.description FROM 'used=([0-9]+)')::int8, 0) < $2 \
+         AND NOT EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.datname = d.datname)",
+    )
+    .bind::<diesel::sql_types::Text, _>(&current)
+    .bind::<diesel::sql_types::BigInt, _>(now - 86_400)
+    .load(&mut conn)
+    .await
+    .expect("listing old shared ledgers");
+    for Name { name } in stale {
+        // Someone may have connected since: then it stays, for a later run.
+        if conn
+            .batch_execute(&format!("DROP DATABASE IF EXISTS \"{name}\""))
+            .await
+            .is_ok()
+        {
+            eprintln!("dropped {name}, the shared ledger of older migrations");
+        }
+    }
+    drop(conn);
+    db.close(std::time::Duration::from_secs(2)).await;
+}
 
 /// A migrated ledger database shared by the tests that commit data of their own
 /// (each uses keys no other test uses). Reached over the Unix socket when the
@@ -248,6 +298,7 @@ pub async fn ledger(config: impl FnOnce(Config) -> Config) -> Database {
         })
         .await
         .clone();
+    PRUNED.get_or_init(prune_old_ledgers).await;
     let dumps = Dumps::new();
     let db = Database::builder(config(Config::new(target)))
         .migrations(dumps.migrator())
