@@ -414,7 +414,12 @@ mod serve {
             tokio::time::sleep(Duration::from_millis(20)).await;
         };
         let exited = signalled.elapsed();
-        seen.extend(lines.try_iter());
+        // Its last lines may still be on their way through the reader
+        // thread: read until the pipe's end (the thread then drops its
+        // sender), not just what already arrived.
+        while let Ok(line) = lines.recv_timeout(Duration::from_secs(10)) {
+            seen.push(line);
+        }
         eprintln!(
             "serve: /readyz red {red_at:?} after SIGTERM, {served_while_red} requests served while red, exit {status} after {exited:.2?}\n{}",
             seen.join("\n")
