@@ -75,6 +75,33 @@ pub(crate) struct ConnLabels {
     pub(crate) operation: std::sync::atomic::AtomicU64,
     /// Statements recorded while armed (the harness's query assertions).
     pub(crate) recording: StatementRecording,
+    /// Set while Railyard runs its own statements on the connection (health
+    /// probes): the instrumentation reports none of them.
+    pub(crate) quiet: std::sync::atomic::AtomicBool,
+}
+
+/// Railyard's own statements on a connection while this lives (a health
+/// probe's): its timing hooks, statistics, spans and error rate see none of
+/// them, as they see none of the replica monitors' polling. Declare it after
+/// the connection's binding, so that it ends first.
+pub(crate) struct Quiet(Option<Arc<ConnLabels>>);
+
+impl Quiet {
+    pub(crate) fn new(conn: &Conn) -> Self {
+        let labels = conn.labels.clone();
+        if let Some(l) = &labels {
+            l.quiet.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        Quiet(labels)
+    }
+}
+
+impl Drop for Quiet {
+    fn drop(&mut self) {
+        if let Some(l) = &self.0 {
+            l.quiet.store(false, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
 }
 
 /// The statements a connection ran while recording was armed, their literals

@@ -459,6 +459,7 @@ impl Opener {
                 attempt: std::sync::atomic::AtomicU32::new(1),
                 operation: Default::default(),
                 recording: Default::default(),
+                quiet: Default::default(),
             });
             instrument
                 .clone()

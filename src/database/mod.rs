@@ -519,6 +519,10 @@ pub const MIGRATIONS_PROBE_TTL: Duration = Duration::from_secs(5);
 /// computation in progress instead of starting their own.
 #[derive(Default)]
 struct Probes {
+    /// Probes that went to the server (`railyard_health_probes_total`), each
+    /// one to a few statements: Railyard's own, not the application's
+    /// traffic, so the query metrics do not count them.
+    ran: std::sync::atomic::AtomicU64,
     primary: tokio::sync::Mutex<Option<(Instant, health::HealthCheck)>>,
     migrations: tokio::sync::Mutex<Option<(Instant, Option<health::HealthCheck>)>>,
     sizes: tokio::sync::Mutex<Option<(Instant, Option<crate::observe::StorageFigures>)>>,
@@ -1312,7 +1316,8 @@ impl Database {
         const BOUND: Duration = Duration::from_secs(2);
         let started = Instant::now();
         let probe = async {
-            let mut conn = self.checkout(Want::Primary).await?;
+            let mut conn = self.probe_checkout().await?;
+            let _quiet = crate::conn::Quiet::new(&conn);
             conn.batch_execute("SELECT 1").await?;
             Ok::<_, Error>(())
         };
@@ -1323,12 +1328,23 @@ impl Database {
         }
     }
 
+    /// A primary connection for a health probe, counted as one.
+    async fn probe_checkout(&self) -> Result<PooledConn, Error> {
+        let conn = self.checkout(Want::Primary).await?;
+        self.inner
+            .probes
+            .ran
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(conn)
+    }
+
     async fn migration_check(&self) -> Option<health::HealthCheck> {
         let migrator = self.inner.migrator.as_ref()?;
         const BOUND: Duration = Duration::from_secs(5);
         cached(&self.inner.probes.migrations, MIGRATIONS_PROBE_TTL, async {
             let read = async {
-                let mut conn = self.checkout(Want::Primary).await?;
+                let mut conn = self.probe_checkout().await?;
+                let _quiet = crate::conn::Quiet::new(&conn);
                 migrator.status_on(&mut conn).await
             };
             let rows = match tokio::time::timeout(BOUND, read).await {
@@ -1362,6 +1378,15 @@ impl Database {
             }
         }
         drop(slots);
+        text.push_str(&format!(
+            "# HELP railyard_health_probes_total Health probes that went to the primary (not counted as queries).\n\
+             # TYPE railyard_health_probes_total counter\n\
+             railyard_health_probes_total {}\n",
+            std::sync::atomic::AtomicU64::load(
+                &self.inner.probes.ran,
+                std::sync::atomic::Ordering::Relaxed
+            )
+        ));
         if let Some(f) = self.storage().or_else(|| self.measured_sizes()) {
             crate::observe::render_storage(&mut text, &f);
         }
@@ -1389,7 +1414,8 @@ impl Database {
         const BOUND: Duration = Duration::from_secs(5);
         cached(&self.inner.probes.sizes, SIZES_PROBE_TTL, async {
             let read = async {
-                let mut conn = self.checkout(Want::Primary).await?;
+                let mut conn = self.probe_checkout().await?;
+                let _quiet = crate::conn::Quiet::new(&conn);
                 diesel::sql_query(MEASURE_SIZES)
                     .bind::<diesel::sql_types::BigInt, _>(SIZES_TOP_TABLES)
                     .load::<MeasuredTable>(&mut **conn)

@@ -720,6 +720,9 @@ impl Instrumentation for ConnInstrumentation {
                 let Some((start, mark)) = self.pending.pop_front() else {
                     return;
                 };
+                if self.labels.quiet.load(Ordering::Relaxed) {
+                    return;
+                }
                 let duration = start.elapsed();
                 // The statement's text is for hooks; Railyard's own metrics
                 // need only the route, the duration and the class. Without
@@ -958,6 +961,7 @@ mod tests {
             attempt: Default::default(),
             operation: Default::default(),
             recording: Default::default(),
+            quiet: Default::default(),
         });
         let wire = Arc::new(WireState::default());
         (
