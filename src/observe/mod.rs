@@ -628,9 +628,7 @@ pub(crate) fn operation_and_table(sql: &str) -> (&'static str, Option<&str>) {
         _ => return (op, None),
     };
     let rest = &sql[first.len()..];
-    let mut it = rest
-        .split(|c: char| c.is_whitespace() || c == '(' || c == ',' || c == ';')
-        .filter(|w| !w.is_empty());
+    let mut it = words_outside_calls(rest);
     let table = if after.is_empty() || op == "COPY" {
         it.next()
     } else {
@@ -648,6 +646,10 @@ pub(crate) fn operation_and_table(sql: &str) -> (&'static str, Option<&str>) {
                         break;
                     }
                 }
+                // `FROM (SELECT …`: the subquery's own FROM names the table.
+                if t.is_some_and(|x| x.eq_ignore_ascii_case("SELECT")) {
+                    continue;
+                }
                 found = t;
                 break;
             }
@@ -658,8 +660,47 @@ pub(crate) fn operation_and_table(sql: &str) -> (&'static str, Option<&str>) {
         op,
         table
             .map(|t| t.trim_matches('"'))
-            .filter(|t| !t.starts_with('$')),
+            .filter(|t| !t.is_empty() && !t.starts_with('$')),
     )
+}
+
+/// The words of `s` (split at whitespace, parentheses, `,` and `;`), leaving out the
+/// arguments of function calls, so that `extract(epoch FROM taken_at)` is not
+/// read as a `FROM`: a `(` right after a word opens a call, skipped to its
+/// matching `)`. A `(` after a space (a subquery, a column list) is not.
+fn words_outside_calls(s: &str) -> impl Iterator<Item = &str> {
+    let b = s.as_bytes();
+    let sep = |c: u8| c.is_ascii_whitespace() || matches!(c, b'(' | b')' | b',' | b';');
+    let word = |c: u8| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'"');
+    let mut i = 0;
+    std::iter::from_fn(move || {
+        while i < b.len() && sep(b[i]) {
+            if b[i] == b'(' && i > 0 && word(b[i - 1]) {
+                let mut depth = 0usize;
+                while i < b.len() {
+                    match b[i] {
+                        b'(' => depth += 1,
+                        b')' => depth -= 1,
+                        _ => {}
+                    }
+                    i += 1;
+                    if depth == 0 {
+                        break;
+                    }
+                }
+            } else {
+                i += 1;
+            }
+        }
+        if i >= b.len() {
+            return None;
+        }
+        let start = i;
+        while i < b.len() && !sep(b[i]) {
+            i += 1;
+        }
+        Some(&s[start..i])
+    })
 }
 
 /// The SQLSTATE of a query that failed with `error` and began at `mark`, into
@@ -892,7 +933,34 @@ mod tests {
             operation_and_table("CREATE TABLE IF NOT EXISTS t (a int)"),
             ("CREATE", Some("t"))
         );
+        // A FROM among a function's arguments is not the statement's.
+        assert_eq!(
+            operation_and_table(
+                "SELECT extract(epoch FROM taken_at)::float8 AS t, substring(x FROM ?) FROM railyard_migration_backups ORDER BY 1"
+            ),
+            ("SELECT", Some("railyard_migration_backups"))
+        );
+        assert_eq!(
+            operation_and_table("SELECT count(*) FROM (SELECT 1 FROM t) s"),
+            ("SELECT", Some("t"))
+        );
+        assert_eq!(
+            operation_and_table("WITH x AS (SELECT a FROM accounts) SELECT * FROM x"),
+            ("WITH", Some("accounts"))
+        );
+        assert_eq!(
+            operation_and_table("INSERT INTO users(a) VALUES (?)"),
+            ("INSERT", Some("users"))
+        );
+        assert_eq!(operation_and_table("SELECT f(((1)) FROM"), ("SELECT", None));
         assert_eq!(operation_and_table("BEGIN"), ("BEGIN", None));
+        proptest::proptest!(|(sql in "(SELECT|WITH|INSERT INTO|UPDATE) [a-z()\"ÿ, ;]{0,40}( FROM [a-z()]{0,10})?")| {
+            let (_, table) = operation_and_table(&sql);
+            if let Some(t) = table {
+                proptest::prop_assert!(!t.is_empty() && sql.contains(t));
+                proptest::prop_assert!(!t.contains(['(', ')', ' ', ',', ';']), "{t}");
+            }
+        });
         assert_eq!(operation_and_table("SELECT 1"), ("SELECT", None));
         assert_eq!(operation_and_table("VACUUM"), ("OTHER", None));
     }
