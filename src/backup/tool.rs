@@ -168,17 +168,7 @@ pub(crate) fn find(program: &str) -> Result<PathBuf, Error> {
     if let Some(path) = std::env::var_os("PATH") {
         dirs.extend(std::env::split_paths(&path));
     }
-    let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| {
-            let v: u32 = e.file_name().to_str()?.parse().ok()?;
-            Some((v, e.path().join("bin")))
-        })
-        .collect();
-    versions.sort();
-    dirs.extend(versions.into_iter().rev().map(|(_, d)| d));
+    dirs.extend(crate::config::versioned_pg_bindirs());
     dirs.push(PathBuf::from("/usr/bin"));
     dirs.into_iter()
         .map(|d| d.join(program))

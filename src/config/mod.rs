@@ -68,6 +68,39 @@ use url::{check_name, check_path, check_time_zone};
 /// The largest pool size accepted (primary or per replica).
 pub const MAX_POOL_SIZE: u32 = 10_000;
 
+/// Debian's PostgreSQL program directories, `/usr/lib/postgresql/<major>/bin`,
+/// newest major version first (by number: 16 before 9.6). The one list that
+/// every search for PostgreSQL's programs (the server, its clients,
+/// pg_autoctl's extension, pgbench) falls back on.
+pub(crate) fn versioned_pg_bindirs() -> Vec<PathBuf> {
+    newest_first(
+        std::fs::read_dir("/usr/lib/postgresql")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path()),
+    )
+}
+
+/// The `bin` directories of the version directories among `dirs`, newest
+/// first; names that are not versions are left out.
+fn newest_first(dirs: impl Iterator<Item = PathBuf>) -> Vec<PathBuf> {
+    let mut versions: Vec<(Vec<u32>, PathBuf)> = dirs
+        .filter_map(|d| {
+            let v: Vec<u32> = d
+                .file_name()?
+                .to_str()?
+                .split('.')
+                .map(str::parse)
+                .collect::<Result<_, _>>()
+                .ok()?;
+            Some((v, d.join("bin")))
+        })
+        .collect();
+    versions.sort_by(|a, b| b.0.cmp(&a.0));
+    versions.into_iter().map(|(_, d)| d).collect()
+}
+
 /// The largest bound on a pool's waiting check-outs
 /// (`RAILYARD_POOL_MAX_WAITERS`): each waiter is a suspended task and its
 /// caller's memory, so the queue stays bounded even when configured large.
@@ -1371,6 +1404,20 @@ impl Config {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn postgresql_versions_are_ordered_by_number_newest_first() {
+        let dirs = ["9.6", "15", "common", "16", "10"]
+            .map(|v| PathBuf::from("/usr/lib/postgresql").join(v));
+        let bins: Vec<String> = newest_first(dirs.into_iter())
+            .iter()
+            .map(|d| d.display().to_string())
+            .collect();
+        assert_eq!(
+            bins,
+            ["16", "15", "10", "9.6"].map(|v| format!("/usr/lib/postgresql/{v}/bin"))
+        );
+    }
 
     #[test]
     fn parses_a_multi_host_url_with_parameters() {

@@ -89,19 +89,11 @@ impl Binaries {
                 return Ok(Binaries { dir: d });
             }
         }
-        let mut versions: Vec<(u32, PathBuf)> = fs::read_dir("/usr/lib/postgresql")
+        if let Some(dir) = crate::config::versioned_pg_bindirs()
             .into_iter()
-            .flatten()
-            .flatten()
-            .filter_map(|e| {
-                let v: u32 = e.file_name().to_str()?.parse().ok()?;
-                Some((v, e.path().join("bin")))
-            })
-            .filter(|(_, d)| has_all(d))
-            .collect();
-        versions.sort();
-        if let Some((_, d)) = versions.pop() {
-            return Ok(Binaries { dir: d });
+            .find(|d| has_all(d))
+        {
+            return Ok(Binaries { dir });
         }
         Err(Error::Local(
             "no PostgreSQL server binaries found (looked for initdb, pg_ctl, pg_basebackup and postgres in $PATH, `pg_config --bindir` and /usr/lib/postgresql/*/bin). Install them: `apt-get install postgresql` on Debian/Ubuntu, `dnf install postgresql-server` on Fedora, `brew install postgresql` on macOS; or set RAILYARD_PG_BINDIR, or point DATABASE_URL / TEST_DATABASE_URL at a running server".into(),

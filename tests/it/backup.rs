@@ -19,7 +19,7 @@ use railyard::backup::BeforeRisky;
 use railyard::backup::local::{LocalBackups, NOT_VERIFIED};
 use railyard::{LocalCluster, Migrator};
 
-use crate::support;
+use crate::support::{self, output_text};
 
 /// How long one run of the binary may take before it is killed.
 const RUN_DEADLINE: Duration = Duration::from_secs(600);
@@ -118,15 +118,6 @@ fn railyard_blocking(cluster: &LocalCluster, args: &[&str]) -> bool {
     }
 }
 
-fn text(o: &Output) -> String {
-    format!(
-        "exit {:?}\n--- stdout\n{}\n--- stderr\n{}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
 async fn ok(cluster: &LocalCluster, args: &[&str]) -> String {
     let started = Instant::now();
     let o = railyard(cluster, args).await;
@@ -134,7 +125,7 @@ async fn ok(cluster: &LocalCluster, args: &[&str]) -> String {
         o.status.success(),
         "railyard {}: {}",
         args.join(" "),
-        text(&o)
+        output_text(&o)
     );
     let out = String::from_utf8_lossy(&o.stdout).into_owned();
     println!(
@@ -256,14 +247,7 @@ async fn pitr_holds_exactly_the_transactions_before_the_target_and_the_drill_pas
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let t: String = source
-        .query_one(
-            "SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let t: String = server_now(&source).await;
     tokio::time::sleep(Duration::from_millis(20)).await;
     load(&cluster, &out).await;
     let after = keys(&source).await;
@@ -351,7 +335,7 @@ async fn a_drill_on_a_damaged_repository_fails_clearly_and_leaves_nothing() {
     )
     .unwrap();
     let o = railyard(&cluster, &["backup", "verify"]).await;
-    let all = text(&o);
+    let all = output_text(&o);
     println!("{all}");
     assert_eq!(o.status.code(), Some(1), "{all}");
     assert!(all.contains("drill FAILED"), "{all}");
@@ -376,7 +360,7 @@ async fn a_drill_on_a_damaged_repository_fails_clearly_and_leaves_nothing() {
     // The whole repository gone: a clear failure as well.
     std::fs::remove_dir_all(cluster.dir().join("backup/repo")).unwrap();
     let o = railyard(&cluster, &["backup", "verify"]).await;
-    let all = text(&o);
+    let all = output_text(&o);
     println!("{all}");
     assert_eq!(o.status.code(), Some(1), "{all}");
     assert!(all.contains("drill FAILED"), "{all}");
@@ -441,7 +425,7 @@ async fn risky_migrations_are_backed_up_as_the_binary_does_and_a_drill_without_c
     // That backup has no counted restore point: the drill restores it and
     // runs the checks, but cannot compare rows, so it does not pass.
     let o = railyard(&cluster, &["backup", "verify"]).await;
-    let all = text(&o);
+    let all = output_text(&o);
     println!("{all}");
     assert_eq!(o.status.code(), Some(1), "{all}");
     assert!(
@@ -461,14 +445,7 @@ async fn risky_migrations_are_backed_up_as_the_binary_does_and_a_drill_without_c
         cluster.password().expose(),
     )
     .await;
-    let t: String = source
-        .query_one(
-            "SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let t: String = server_now(&source).await;
     drop(source);
     tokio::time::sleep(Duration::from_millis(20)).await;
     ok(&cluster, &["backup", "restore", "--to-time", &t]).await;
@@ -478,7 +455,7 @@ async fn risky_migrations_are_backed_up_as_the_binary_does_and_a_drill_without_c
         &["backup", "restore", "--to-time", "2999-01-01T00:00:00Z"],
     )
     .await;
-    let all = text(&o);
+    let all = output_text(&o);
     assert_ne!(o.status.code(), Some(0), "{all}");
     assert!(
         all.contains("--to-time") && all.contains("server's clock"),
@@ -489,4 +466,16 @@ async fn risky_migrations_are_backed_up_as_the_binary_does_and_a_drill_without_c
         .count();
     assert_eq!(left, 0, "scratch instances are removed");
     println!("whole test {:.2?}", started.elapsed());
+}
+
+/// The server's clock now, as `railyard backup restore --to-time` takes it.
+async fn server_now(client: &tokio_postgres::Client) -> String {
+    client
+        .query_one(
+            "SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0)
 }

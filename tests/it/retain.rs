@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use chrono::{DateTime, Datelike, TimeZone, Utc};
+use chrono::{DateTime, Datelike, Utc};
 use diesel::QueryableByName;
 use diesel::sql_types::{BigInt, Text, Timestamptz};
 use diesel_async::{RunQueryDsl, SimpleAsyncConnection};
@@ -131,17 +131,15 @@ INSERT INTO positions (account_id, symbol, quantity)
   FROM accounts a;
 ";
 
-fn month_start(t: DateTime<Utc>, k: i32) -> DateTime<Utc> {
-    let total = t.year() * 12 + t.month0() as i32 + k;
-    Utc.with_ymd_and_hms(
-        total.div_euclid(12),
-        total.rem_euclid(12) as u32 + 1,
-        1,
-        0,
-        0,
-        0,
-    )
-    .unwrap()
+/// The first instant (UTC) of the month `k` months after `t`'s, by chrono's
+/// month arithmetic (the job has its own, which this checks).
+fn month_start(t: DateTime<Utc>, k: u32) -> DateTime<Utc> {
+    t.date_naive()
+        .with_day(1)
+        .and_then(|d| d.checked_add_months(chrono::Months::new(k)))
+        .and_then(|d| d.and_hms_opt(0, 0, 0))
+        .expect("a month's first day")
+        .and_utc()
 }
 
 async fn assert_invariants(db: &Database) {

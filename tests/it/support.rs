@@ -456,3 +456,13 @@ pub async fn private_cluster(name: &str, replica: bool) -> railyard::LocalCluste
         .await
         .expect("private cluster")
 }
+
+/// A finished command's exit code, stdout and stderr, for assertion messages.
+pub fn output_text(o: &std::process::Output) -> String {
+    format!(
+        "exit {:?}\n--- stdout\n{}\n--- stderr\n{}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}

@@ -16,6 +16,7 @@ use diesel_async::{RunQueryDsl, SimpleAsyncConnection};
 use railyard::{Config, Database, Error, ErrorClass};
 
 use crate::proxy::{Cut, Frame, Proxy};
+use crate::support;
 
 // The ledger's accounts, for statements diesel prepares once per connection
 // and caches (an uncached statement is closed with a request of its own).
@@ -25,7 +26,11 @@ diesel::table! {
         balance_cents -> Int8,
     }
 }
-use crate::support;
+
+/// The attempts an operation's counter recorded.
+fn attempts_made(a: &std::sync::atomic::AtomicU32) -> u32 {
+    std::sync::atomic::AtomicU32::load(a, std::sync::atomic::Ordering::SeqCst)
+}
 
 /// A database reached through a proxy to the shared cluster's primary, with
 /// a table of keyed rows; `None` without the local cluster.
@@ -137,11 +142,7 @@ async fn a_commit_whose_reply_is_lost_is_ambiguous_not_retried_and_the_row_is_th
     assert_eq!(proxy.cuts(), 1);
     assert_eq!(e.class(), ErrorClass::Ambiguous, "{e:?}");
     assert!(matches!(e, Error::Ambiguous(_)), "{e:?}");
-    assert_eq!(
-        std::sync::atomic::AtomicU32::load(&attempts, std::sync::atomic::Ordering::SeqCst),
-        1,
-        "nothing is retried"
-    );
+    assert_eq!(attempts_made(&attempts), 1, "nothing is retried");
     // The server committed: a blind retry would have written it twice.
     assert_eq!(rows(&db, &table, key).await, 1);
     // The pool did not keep the connection: the next check-out is a new one.
@@ -174,10 +175,7 @@ async fn an_autocommit_write_whose_reply_is_lost_is_ambiguous_not_retried_and_th
         .unwrap_err();
     assert_eq!(proxy.cuts(), 1);
     assert_eq!(e.class(), ErrorClass::Ambiguous, "{e:?}");
-    assert_eq!(
-        std::sync::atomic::AtomicU32::load(&attempts, std::sync::atomic::Ordering::SeqCst),
-        1
-    );
+    assert_eq!(attempts_made(&attempts), 1);
     assert_eq!(rows(&db, &table, key).await, 1, "the server committed it");
     // Not even an idempotent write is retried blindly on its own key… it is
     // the caller's key that makes re-applying safe:
@@ -221,11 +219,7 @@ async fn a_cut_before_commit_is_sent_is_retried_and_the_row_is_written_once() {
     .await
     .unwrap();
     assert_eq!(proxy.cuts(), 1);
-    assert_eq!(
-        std::sync::atomic::AtomicU32::load(&attempts, std::sync::atomic::Ordering::SeqCst),
-        2,
-        "retried once"
-    );
+    assert_eq!(attempts_made(&attempts), 2, "retried once");
     assert_eq!(rows(&db, &table, key).await, 1);
     drop_table(&db, &table).await;
     db.close(Duration::from_secs(2)).await;
@@ -311,10 +305,7 @@ async fn a_black_holed_statement_without_a_deadline_ends_at_the_statement_timeou
     eprintln!(
         "wire: a black-holed statement in a transaction was given up after {took:?} (statement timeout 300 ms + 2 s grace) and retried"
     );
-    assert_eq!(
-        std::sync::atomic::AtomicU32::load(&attempts, std::sync::atomic::Ordering::SeqCst),
-        2
-    );
+    assert_eq!(attempts_made(&attempts), 2);
     assert!(
         took >= Duration::from_millis(2300) && took < Duration::from_secs(4),
         "{took:?}"
@@ -614,11 +605,7 @@ async fn through_tls_a_commit_whose_reply_is_lost_is_ambiguous_and_the_row_is_th
         .unwrap_err();
     assert_eq!(proxy.cuts(), 1);
     assert_eq!(e.class(), ErrorClass::Ambiguous, "{e:?}");
-    assert_eq!(
-        std::sync::atomic::AtomicU32::load(&attempts, std::sync::atomic::Ordering::SeqCst),
-        1,
-        "nothing is retried"
-    );
+    assert_eq!(attempts_made(&attempts), 1, "nothing is retried");
     assert_eq!(rows(&db, &table, key).await, 1, "the server committed it");
     drop_table(&db, &table).await;
     db.close(Duration::from_secs(2)).await;
@@ -703,11 +690,7 @@ async fn a_reset_in_the_middle_of_a_result_is_retried_for_a_read() {
         .unwrap();
     assert_eq!(proxy.cuts(), 1);
     assert_eq!(n, 2000 * 2001 / 2);
-    assert_eq!(
-        std::sync::atomic::AtomicU32::load(&attempts, std::sync::atomic::Ordering::SeqCst),
-        2,
-        "retried once"
-    );
+    assert_eq!(attempts_made(&attempts), 2, "retried once");
     assert!(proxy.accepted() > before, "on a new connection");
     drop_table(&db, &table).await;
     db.close(Duration::from_secs(2)).await;

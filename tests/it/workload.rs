@@ -9,7 +9,7 @@ use std::process::{Command, Output};
 use diesel_async::SimpleAsyncConnection;
 use railyard::{Config, Database, LocalCluster};
 
-use crate::support::{self, FreshDb};
+use crate::support::{self, FreshDb, output_text};
 
 /// Runs the binary with a clean environment plus `env`.
 fn railyard(args: &[&str], env: &[(&str, String)]) -> Output {
@@ -26,15 +26,6 @@ fn railyard(args: &[&str], env: &[(&str, String)]) -> Output {
         cmd.env(k, v);
     }
     cmd.output().expect("the binary runs")
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "exit {:?}\n--- stdout\n{}\n--- stderr\n{}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
 }
 
 /// DATABASE_URL (and the replica's URL) of a fresh database.
@@ -102,14 +93,18 @@ async fn a_trading_day_runs_through_the_crate_and_leaves_the_ledger_consistent()
         ],
         &env,
     );
-    assert!(o.status.success(), "{}", text(&o));
+    assert!(o.status.success(), "{}", output_text(&o));
     let stdout = String::from_utf8_lossy(&o.stdout);
     for name in [
         "money_conserved",
         "positions_match_trades",
         "trades_have_both_orders",
     ] {
-        assert!(stdout.contains(&format!("pass {name}")), "{}", text(&o));
+        assert!(
+            stdout.contains(&format!("pass {name}")),
+            "{}",
+            output_text(&o)
+        );
     }
     let r = report(&out);
     let run = &r["railyard"];
@@ -151,7 +146,7 @@ async fn a_trading_day_runs_through_the_crate_and_leaves_the_ledger_consistent()
     let trades = support::count(&db.config, "SELECT count(*) AS n FROM trades").await;
     assert!(trades > 0, "the matcher crossed orders");
     let c = railyard(&["check"], &env);
-    assert!(c.status.success(), "{}", text(&c));
+    assert!(c.status.success(), "{}", output_text(&c));
     let _ = std::fs::remove_dir_all(&out);
 }
 
@@ -179,7 +174,7 @@ async fn each_broken_invariant_is_caught_and_derived_data_is_repaired() {
         ],
         &env,
     );
-    assert!(o.status.success(), "{}", text(&o));
+    assert!(o.status.success(), "{}", output_text(&o));
     let _ = std::fs::remove_dir_all(&out);
     assert!(support::count(&db.config, "SELECT count(*) AS n FROM trades").await > 2);
     let check = || railyard(&["check"], &env);
@@ -214,14 +209,18 @@ async fn each_broken_invariant_is_caught_and_derived_data_is_repaired() {
     for (corrupt, broken) in derived {
         sql(&db, corrupt).await;
         let c = check();
-        assert_eq!(c.status.code(), Some(1), "{corrupt}\n{}", text(&c));
-        assert_eq!(failing(&c), broken, "{corrupt}\n{}", text(&c));
+        assert_eq!(c.status.code(), Some(1), "{corrupt}\n{}", output_text(&c));
+        assert_eq!(failing(&c), broken, "{corrupt}\n{}", output_text(&c));
         let r = repair();
-        assert!(r.status.success(), "repaired: {corrupt}\n{}", text(&r));
+        assert!(
+            r.status.success(),
+            "repaired: {corrupt}\n{}",
+            output_text(&r)
+        );
         assert!(
             String::from_utf8_lossy(&r.stdout).contains("repair "),
             "{}",
-            text(&r)
+            output_text(&r)
         );
     }
     sql(&db, "ALTER TABLE orders ADD CONSTRAINT orders_fill_bounded CHECK (filled_quantity BETWEEN 0 AND quantity)").await;
@@ -268,7 +267,7 @@ async fn each_broken_invariant_is_caught_and_derived_data_is_repaired() {
     for (corrupt, broken, undo) in source {
         sql(&db, corrupt).await;
         let c = check();
-        assert_eq!(failing(&c), broken, "{corrupt}\n{}", text(&c));
+        assert_eq!(failing(&c), broken, "{corrupt}\n{}", output_text(&c));
         // Each verdict counts its offenders: one account, one trade, one fee.
         for line in String::from_utf8_lossy(&c.stdout).lines() {
             if let Some(rest) = line.strip_prefix("FAIL ")
@@ -282,17 +281,21 @@ async fn each_broken_invariant_is_caught_and_derived_data_is_repaired() {
             r.status.code(),
             Some(1),
             "not repairable: {corrupt}\n{}",
-            text(&r)
+            output_text(&r)
         );
         assert_eq!(
             failing(&r),
             broken,
             "repair left the source alone: {}",
-            text(&r)
+            output_text(&r)
         );
         sql(&db, undo).await;
         let c = check();
-        assert!(c.status.success(), "after undoing {corrupt}\n{}", text(&c));
+        assert!(
+            c.status.success(),
+            "after undoing {corrupt}\n{}",
+            output_text(&c)
+        );
     }
 }
 
@@ -334,7 +337,7 @@ async fn the_stress_flags_pause_the_replica_and_restart_the_primary_without_brea
     let r = report(&out);
     let _ = std::fs::remove_dir_all(&out);
     cluster.destroy().unwrap();
-    assert!(o.status.success(), "{}", text(&o));
+    assert!(o.status.success(), "{}", output_text(&o));
     let run = &r["railyard"];
     let events: Vec<String> = run["events"]
         .as_array()
@@ -376,17 +379,21 @@ async fn railyard_queries_lists_the_applications_running_statements_by_shape() {
     let o = tokio::task::spawn_blocking(move || railyard(&["queries"], &env))
         .await
         .unwrap();
-    assert!(o.status.success(), "{}", text(&o));
+    assert!(o.status.success(), "{}", output_text(&o));
     let stdout = String::from_utf8_lossy(&o.stdout);
     let line = stdout
         .lines()
         .find(|l| l.contains("pg_sleep"))
-        .unwrap_or_else(|| panic!("the sleeping statement is listed: {}", text(&o)));
+        .unwrap_or_else(|| panic!("the sleeping statement is listed: {}", output_text(&o)));
     assert!(
         line.contains("active") && line.contains("PgSleep"),
         "{line}"
     );
-    assert!(!stdout.contains("marker-literal-31c7"), "{}", text(&o));
+    assert!(
+        !stdout.contains("marker-literal-31c7"),
+        "{}",
+        output_text(&o)
+    );
     sleeper.await.unwrap().unwrap();
 }
 
@@ -406,7 +413,7 @@ fn bad_load_flags_are_refused_by_name_before_any_connection() {
     ] {
         let o = railyard(args, &env);
         let err = String::from_utf8_lossy(&o.stderr);
-        assert_eq!(o.status.code(), Some(1), "{args:?}: {}", text(&o));
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {}", output_text(&o));
         assert!(err.contains(flag), "{args:?} names {flag}: {err}");
         assert!(!err.contains("pw-marker-8e1f"), "{err}");
         assert!(!err.contains("connect"), "refused before connecting: {err}");

@@ -48,17 +48,7 @@ impl Tools {
             .map(PathBuf::from)
             .into_iter()
             .collect();
-        let mut versions: Vec<(u32, PathBuf)> = fs::read_dir("/usr/lib/postgresql")
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter_map(|e| {
-                let v: u32 = e.file_name().to_str()?.parse().ok()?;
-                Some((v, e.path().join("bin")))
-            })
-            .collect();
-        versions.sort_by_key(|v| std::cmp::Reverse(v.0));
-        candidates.extend(versions.into_iter().map(|(_, d)| d));
+        candidates.extend(crate::config::versioned_pg_bindirs());
         if let Ok(b) = super::super::Binaries::find() {
             candidates.push(b.dir().to_owned());
         }
