@@ -7,7 +7,8 @@
 use criterion::{Criterion, criterion_group, criterion_main};
 use diesel_async::{AsyncConnection, AsyncMigrationHarness, AsyncPgConnection};
 use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
-use railyard::{Config, LocalCluster, Migrator};
+use railyard::{Config, Migrator};
+use railyard_local::LocalCluster;
 
 const LEDGER: EmbeddedMigrations = embed_migrations!("migrations");
 

@@ -1,5 +1,5 @@
 //! The per-test isolation cost of three ways to isolate database tests:
-//! Railyard's harness (a whole `#[railyard::test]` with an empty body: its
+//! Railyard's harness (a whole `#[railyard_test::test]` with an empty body: its
 //! runtime, a reused connection, BEGIN, ROLLBACK), a database per test cloned
 //! from the migrated template (CREATE DATABASE … TEMPLATE, DROP DATABASE), and
 //! TRUNCATE of the ledger's tables between tests.
@@ -10,8 +10,9 @@
 use criterion::{Criterion, criterion_group, criterion_main};
 use diesel_async::SimpleAsyncConnection;
 use diesel_migrations::{EmbeddedMigrations, embed_migrations};
-use railyard::testing::{Isolation, TestOptions};
-use railyard::{Config, Database, LocalCluster, Migrator};
+use railyard::{Config, Database, Migrator};
+use railyard_local::LocalCluster;
+use railyard_test::{Isolation, TestOptions};
 
 const LEDGER: EmbeddedMigrations = embed_migrations!("migrations");
 
@@ -27,7 +28,7 @@ fn options() -> TestOptions {
 
 fn benches(c: &mut Criterion) {
     // Prepares the template and the shared test database.
-    railyard::testing::run(options(), async |_db: Database| {});
+    railyard_test::run(options(), async |_db: Database| {});
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -59,7 +60,7 @@ fn benches(c: &mut Criterion) {
     let mut group = c.benchmark_group("isolation_per_test");
     group.sample_size(20);
     group.bench_function("railyard_harness_empty_test", |b| {
-        b.iter(|| railyard::testing::run(options(), async |_db: Database| {}))
+        b.iter(|| railyard_test::run(options(), async |_db: Database| {}))
     });
     group.bench_function("truncate_ledger_tables", |b| {
         b.iter(|| {

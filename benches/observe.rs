@@ -12,9 +12,10 @@ use diesel::sql_types::BigInt;
 use diesel_async::RunQueryDsl;
 use diesel_migrations::{EmbeddedMigrations, embed_migrations};
 use railyard::{
-    AuditLog, Config, Database, LocalCluster, Migrator, QueryEvent, QueryHook, QuerySpans, Route,
-    SlowQueryLog, StatementStats,
+    AuditLog, Config, Database, Migrator, QueryEvent, QueryHook, QuerySpans, Route, SlowQueryLog,
+    StatementStats,
 };
+use railyard_local::LocalCluster;
 
 const LEDGER: EmbeddedMigrations = embed_migrations!("migrations");
 const LOOKUPS: u64 = 200;

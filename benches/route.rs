@@ -15,7 +15,8 @@ use diesel_async::pooled_connection::AsyncDieselConnectionManager;
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use diesel_migrations::{EmbeddedMigrations, embed_migrations};
 use railyard::route::ReplicaStatus;
-use railyard::{CausalToken, Config, Database, Error, LocalCluster, Migrator, Route};
+use railyard::{CausalToken, Config, Database, Error, Migrator, Route};
+use railyard_local::LocalCluster;
 
 const LEDGER: EmbeddedMigrations = embed_migrations!("migrations");
 const TASKS: u64 = 8;

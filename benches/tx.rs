@@ -22,7 +22,8 @@ use diesel::sql_types::{BigInt, Text};
 use diesel_async::pooled_connection::AsyncDieselConnectionManager;
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use diesel_migrations::{EmbeddedMigrations, embed_migrations};
-use railyard::{Config, Database, Error, LocalCluster, Migrator};
+use railyard::{Config, Database, Error, Migrator};
+use railyard_local::LocalCluster;
 
 const LEDGER: EmbeddedMigrations = embed_migrations!("migrations");
 const ROWS: u64 = 100_000;

@@ -1,6 +1,6 @@
 //! The reference application (a small trading ledger) and Railyard's CLI.
 //!
-//! `cargo run --features cli` with no `DATABASE_URL` starts (or joins) the local
+//! `cargo run` with no `DATABASE_URL` starts (or joins) the local
 //! cluster, boots (migrations included) and prints a boot report.
 
 use std::process::ExitCode;
@@ -11,9 +11,11 @@ use diesel::prelude::*;
 use diesel_async::RunQueryDsl;
 use diesel_migrations::{EmbeddedMigrations, embed_migrations};
 use railyard::database::ReplicaState;
-use railyard::local::{default_cluster_dir, stop_dir};
 use railyard::migrate::{ChecksumState, MigrationState};
-use railyard::{Config, Database, LocalCluster, Migrator};
+use railyard::{Config, Database, Migrator};
+use railyard_events::DatabaseEvents;
+use railyard_local::LocalCluster;
+use railyard_local::{default_cluster_dir, stop_dir};
 
 mod app;
 mod schema;
@@ -57,7 +59,7 @@ enum Command {
         /// printed on the first line).
         #[arg(long, default_value = "127.0.0.1:9187")]
         addr: std::net::SocketAddr,
-        /// Alert rules (TOML; see docs/alerts.example.toml). Default: the
+        /// Alert rules (TOML; see crates/railyard-ops/alerts.example.toml). Default: the
         /// built-in rules, notified as log events. Also RAILYARD_ALERTS.
         #[arg(long, env = "RAILYARD_ALERTS", value_name = "FILE")]
         alerts: Option<std::path::PathBuf>,
@@ -380,7 +382,7 @@ fn tracing_subscriber_init(filter: &str) -> Result<(), String> {
 /// The config from the environment; when DATABASE_URL is unset (development
 /// and test profiles), the local cluster's, started or joined here so that the
 /// report can say how.
-async fn config() -> Result<(Config, Option<LocalCluster>), railyard::Error> {
+async fn config() -> Result<(Config, Option<LocalCluster>), app::AppError> {
     let config = Config::from_env()?;
     if config.local_database().is_none() {
         return Ok((config, None));
@@ -399,15 +401,15 @@ async fn config() -> Result<(Config, Option<LocalCluster>), railyard::Error> {
 async fn migrator(
     config: &Config,
     cluster: Option<&LocalCluster>,
-) -> Result<Migrator, railyard::Error> {
+) -> Result<Migrator, app::AppError> {
     let migrator = Migrator::new(MIGRATIONS);
     let Some(cluster) = cluster else {
         return Ok(migrator);
     };
     let db = config.primary().dbname().unwrap_or("railyard").to_owned();
-    let backups = railyard::backup::local::LocalBackups::new(cluster, &db)?;
+    let backups = railyard_ops::backup::local::LocalBackups::new(cluster, &db)?;
     let how = match backups.before_risky().await? {
-        railyard::backup::BeforeRisky::PgDump { .. }
+        railyard::migrate::BeforeRisky::PgDump { .. }
             if std::env::var_os(railyard::migrate::BACKUP_DIR_VAR)
                 .is_some_and(|v| !v.is_empty()) =>
         {
@@ -455,7 +457,7 @@ async fn run(command: Command) -> Result<(), app::AppError> {
 }
 
 /// Boots the ledger database for a command that works on its data.
-async fn ledger_db(pool: Option<u32>) -> Result<(Database, Option<LocalCluster>), railyard::Error> {
+async fn ledger_db(pool: Option<u32>) -> Result<(Database, Option<LocalCluster>), app::AppError> {
     ledger_db_with(pool, None).await
 }
 
@@ -463,7 +465,7 @@ async fn ledger_db(pool: Option<u32>) -> Result<(Database, Option<LocalCluster>)
 async fn ledger_db_with(
     pool: Option<u32>,
     stats: Option<railyard::StatementStats>,
-) -> Result<(Database, Option<LocalCluster>), railyard::Error> {
+) -> Result<(Database, Option<LocalCluster>), app::AppError> {
     let (mut config, cluster) = config().await?;
     if let Some(n) = pool {
         config = config.pool_max_size(n);
@@ -558,23 +560,26 @@ fn print_verdicts(verdicts: &[app::check::Verdict]) {
 /// flag) over RAILYARD_RETENTION, else 90 days.
 fn retention_config(
     period: Option<String>,
-) -> Result<railyard::retain::RetentionConfig, app::AppError> {
+) -> Result<railyard_ops::retain::RetentionConfig, app::AppError> {
     let mut vars: Vec<(String, String)> = std::env::vars()
         .filter(|(k, _)| k.starts_with("RAILYARD_RETENTION"))
         .collect();
     match period {
         Some(p) => {
-            vars.retain(|(k, _)| k != railyard::retain::ENV_PERIOD);
-            vars.push((railyard::retain::ENV_PERIOD.into(), p));
+            vars.retain(|(k, _)| k != railyard_ops::retain::ENV_PERIOD);
+            vars.push((railyard_ops::retain::ENV_PERIOD.into(), p));
         }
-        None if !vars.iter().any(|(k, _)| k == railyard::retain::ENV_PERIOD) => {
-            vars.push((railyard::retain::ENV_PERIOD.into(), "90d".into()));
+        None if !vars
+            .iter()
+            .any(|(k, _)| k == railyard_ops::retain::ENV_PERIOD) =>
+        {
+            vars.push((railyard_ops::retain::ENV_PERIOD.into(), "90d".into()));
         }
         None => {}
     }
-    railyard::retain::RetentionConfig::from_vars(vars)
+    railyard_ops::retain::RetentionConfig::from_vars(vars)
         .map_err(|mut e| {
-            if e.field == railyard::retain::ENV_PERIOD {
+            if e.field == railyard_ops::retain::ENV_PERIOD {
                 e.field = "--retention or RAILYARD_RETENTION".into();
             }
             app::AppError::Usage(e.to_string())
@@ -711,10 +716,10 @@ async fn advise(
     min_cost_factor: f64,
     min_rows: u64,
     json: bool,
-) -> Result<(), railyard::Error> {
+) -> Result<(), app::AppError> {
     let (config, _cluster) = config().await?;
     let db = Database::connect(config.pool_max_size(2).replica_pool_max_size(1)).await?;
-    let advice = railyard::advise::Advisor::new(&db)
+    let advice = railyard_ops::advise::Advisor::new(&db)
         .min_cost_factor(min_cost_factor)
         .min_table_rows(min_rows)
         .run()
@@ -738,7 +743,7 @@ async fn changes(
     slot: String,
     from: Option<String>,
     drop_slot: bool,
-) -> Result<(), railyard::Error> {
+) -> Result<(), app::AppError> {
     use std::io::Write;
     let (config, _cluster) = config().await?;
     let db = Database::connect(config.pool_max_size(1)).await?;
@@ -751,7 +756,7 @@ async fn changes(
         db.close(std::time::Duration::from_secs(2)).await;
         return Ok(());
     }
-    let mut cfg = railyard::database::ChangeStreamConfig::new(&slot, tables);
+    let mut cfg = railyard_events::ChangeStreamConfig::new(&slot, tables);
     if let Some(t) = from {
         cfg = cfg.from(t.parse()?);
     }
@@ -777,10 +782,10 @@ async fn changes(
     };
     drop(stream);
     db.close(std::time::Duration::from_secs(2)).await;
-    result
+    result.map_err(Into::into)
 }
 
-async fn listen(channels: Vec<String>) -> Result<(), railyard::Error> {
+async fn listen(channels: Vec<String>) -> Result<(), app::AppError> {
     use std::io::Write;
     let (config, _cluster) = config().await?;
     let db = Database::connect(config.pool_max_size(1)).await?;
@@ -804,7 +809,7 @@ async fn listen(channels: Vec<String>) -> Result<(), railyard::Error> {
     Ok(())
 }
 
-async fn queries(all: bool) -> Result<(), railyard::Error> {
+async fn queries(all: bool) -> Result<(), app::AppError> {
     use diesel::sql_types::{BigInt, Integer, Text};
     #[derive(QueryableByName)]
     struct Running {
@@ -876,7 +881,7 @@ async fn queries(all: bool) -> Result<(), railyard::Error> {
     Ok(())
 }
 
-async fn boot() -> Result<(), railyard::Error> {
+async fn boot() -> Result<(), app::AppError> {
     let started = Instant::now();
     let (config, cluster) = config().await?;
     if let Some(c) = &cluster {
@@ -980,7 +985,7 @@ async fn boot() -> Result<(), railyard::Error> {
 async fn serve(
     addr: std::net::SocketAddr,
     alerts: Option<std::path::PathBuf>,
-) -> Result<(), railyard::Error> {
+) -> Result<(), app::AppError> {
     use std::time::Duration;
     let (config, cluster) = config().await?;
     let timeout = config.shutdown_deadline();
@@ -989,12 +994,12 @@ async fn serve(
     let mut signals = StopSignals::new()?;
     // The rules first: a bad file stops the start before anything connects.
     let rules = match &alerts {
-        Some(path) => railyard::alert::AlertConfig::from_file(path)?,
-        None => railyard::alert::AlertConfig::builtin(),
+        Some(path) => railyard_ops::alert::AlertConfig::from_file(path)?,
+        None => railyard_ops::alert::AlertConfig::builtin(),
     };
-    let alerts = railyard::alert::Alerts::new(rules);
+    let alerts = railyard_ops::alert::Alerts::new(rules);
     // Retention runs inside the process when RAILYARD_RETENTION is set.
-    let retention = match railyard::retain::RetentionConfig::from_env()? {
+    let retention = match railyard_ops::retain::RetentionConfig::from_env()? {
         Some(c) => Some(app::retain::ledger(c)?),
         None => None,
     };
@@ -1010,34 +1015,32 @@ async fn serve(
         .connect()
         .await?;
     // Samples every second, fifteen minutes kept: what the dashboard draws.
-    let watcher = railyard::watch::Watcher::spawn(
+    let watcher = railyard_ops::watch::Watcher::spawn(
         db.clone(),
-        railyard::watch::WatchOptions {
+        railyard_ops::watch::WatchOptions {
             statements: Some(stats),
-            ..railyard::watch::WatchOptions::default()
+            ..railyard_ops::watch::WatchOptions::default()
         },
     );
     let listener = tokio::net::TcpListener::bind(addr)
         .await
-        .map_err(|source| railyard::Error::Io {
+        .map_err(|source| app::AppError::Io {
             context: format!("cannot listen on {addr}"),
             source,
         })?;
-    let addr = listener
-        .local_addr()
-        .map_err(|source| railyard::Error::Io {
-            context: "the listener's address".into(),
-            source,
-        })?;
-    let readiness = railyard::http::Readiness::new();
-    let retention = retention.map(|r| railyard::retain::RetentionJob::spawn(db.clone(), r));
+    let addr = listener.local_addr().map_err(|source| app::AppError::Io {
+        context: "the listener's address".into(),
+        source,
+    })?;
+    let readiness = railyard_http::Readiness::new();
+    let retention = retention.map(|r| railyard_ops::retain::RetentionJob::spawn(db.clone(), r));
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     alerts.watch(&watcher);
-    let app = railyard::http::router_with_dashboard(
+    let app = railyard_http::router_with_dashboard(
         db.clone(),
         readiness.clone(),
         watcher,
-        Some(railyard::alert::router(alerts)),
+        Some(railyard_http::alerts_router(alerts)),
     );
     let mut server = tokio::spawn(
         axum::serve(listener, app)
@@ -1090,8 +1093,8 @@ async fn serve(
 /// How the HTTP server's task ended.
 fn http_ended(
     ended: Result<std::io::Result<()>, tokio::task::JoinError>,
-) -> Result<(), railyard::Error> {
-    let io = |source| railyard::Error::Io {
+) -> Result<(), app::AppError> {
+    let io = |source| app::AppError::Io {
         context: "HTTP server".into(),
         source,
     };
@@ -1108,10 +1111,10 @@ struct StopSignals {
 }
 
 impl StopSignals {
-    fn new() -> Result<Self, railyard::Error> {
+    fn new() -> Result<Self, app::AppError> {
         use tokio::signal::unix::{SignalKind, signal};
         let listen = |kind, name: &str| {
-            signal(kind).map_err(|source| railyard::Error::Io {
+            signal(kind).map_err(|source| app::AppError::Io {
                 context: format!("cannot handle {name}"),
                 source,
             })
@@ -1131,7 +1134,7 @@ impl StopSignals {
     }
 }
 
-async fn migrate(action: MigrateAction) -> Result<(), railyard::Error> {
+async fn migrate(action: MigrateAction) -> Result<(), app::AppError> {
     let migrator = Migrator::new(MIGRATIONS);
     if let MigrateAction::Embedded = action {
         for (version, name) in migrator.versions()? {
@@ -1170,7 +1173,8 @@ async fn migrate(action: MigrateAction) -> Result<(), railyard::Error> {
                         "  backup: {} {} at {}{}",
                         b.kind,
                         b.location,
-                        b.taken_at.format("%Y-%m-%d %H:%M:%S%.3f UTC"),
+                        chrono::DateTime::<chrono::Utc>::from(b.taken_at)
+                            .format("%Y-%m-%d %H:%M:%S%.3f UTC"),
                         b.bytes.map(|n| format!(" ({n} bytes)")).unwrap_or_default()
                     ),
                     (None, true) => "  risky: backup before applying".into(),
@@ -1220,7 +1224,7 @@ async fn migrate(action: MigrateAction) -> Result<(), railyard::Error> {
     Ok(())
 }
 
-async fn local(action: LocalAction) -> Result<(), railyard::Error> {
+async fn local(action: LocalAction) -> Result<(), app::AppError> {
     match action {
         LocalAction::Start => {
             let c = LocalCluster::shared().await?;
@@ -1285,11 +1289,11 @@ async fn local(action: LocalAction) -> Result<(), railyard::Error> {
     Ok(())
 }
 
-async fn ha(action: HaAction) -> Result<(), railyard::Error> {
-    use railyard::local::ha::{Formation, default_formation_dir};
+async fn ha(action: HaAction) -> Result<(), app::AppError> {
+    use railyard_local::ha::{Formation, default_formation_dir};
     let running = || async {
         Formation::running(None).await?.ok_or_else(|| {
-            railyard::Error::Local(format!(
+            railyard_local::Error::Local(format!(
                 "no formation runs in {} (start one with `scripts/ha start`)",
                 default_formation_dir().display()
             ))
@@ -1312,7 +1316,7 @@ async fn ha(action: HaAction) -> Result<(), railyard::Error> {
                     }
                 );
             }
-            Ok::<_, railyard::Error>(())
+            Ok::<_, app::AppError>(())
         }
     };
     match action {
@@ -1328,7 +1332,7 @@ async fn ha(action: HaAction) -> Result<(), railyard::Error> {
             out!("uri    {}", f.uri().await?);
         }
         HaAction::Stop => {
-            railyard::local::ha::stop_dir(&default_formation_dir())?;
+            railyard_local::ha::stop_dir(&default_formation_dir())?;
             out!("stopped");
         }
         HaAction::Status => match Formation::running(None).await? {
@@ -1354,7 +1358,7 @@ async fn ha(action: HaAction) -> Result<(), railyard::Error> {
         HaAction::Destroy => {
             let dir = default_formation_dir();
             if dir.exists() {
-                railyard::local::ha::destroy_dir(&dir)?;
+                railyard_local::ha::destroy_dir(&dir)?;
                 out!("removed {}", dir.display());
             } else {
                 out!("nothing to remove ({})", dir.display());
@@ -1365,17 +1369,23 @@ async fn ha(action: HaAction) -> Result<(), railyard::Error> {
 }
 
 /// The local cluster's backups, for the `backup` commands.
-async fn local_backups()
--> Result<(railyard::backup::local::LocalBackups, LocalCluster, Config), app::AppError> {
+async fn local_backups() -> Result<
+    (
+        railyard_ops::backup::local::LocalBackups,
+        LocalCluster,
+        Config,
+    ),
+    app::AppError,
+> {
     let (config, cluster) = config().await?;
     let Some(cluster) = cluster else {
         return Err(app::AppError::Usage(
-            "`railyard backup` drives the local cluster, and DATABASE_URL points elsewhere; unset it, or see the README's \"Backups on your own server\" for what to set up there".into(),
+            "`railyard backup` drives the local cluster, and DATABASE_URL points elsewhere; unset it, or see docs/backups.md (\"On your own server\") for what to set up there".into(),
         ));
     };
     let db = config.primary().dbname().unwrap_or("railyard").to_owned();
     Ok((
-        railyard::backup::local::LocalBackups::new(&cluster, &db)?,
+        railyard_ops::backup::local::LocalBackups::new(&cluster, &db)?,
         cluster,
         config,
     ))
@@ -1386,8 +1396,8 @@ fn mib(bytes: u64) -> String {
 }
 
 async fn backup(action: BackupAction) -> Result<(), app::AppError> {
-    use railyard::backup::local::{CheckOutcome, Checks};
-    use railyard::backup::pgbackrest::BackupType;
+    use railyard_ops::backup::local::{CheckOutcome, Checks};
+    use railyard_ops::backup::pgbackrest::BackupType;
     let (backups, _cluster, config) = local_backups().await?;
     match action {
         BackupAction::Init => {
@@ -1397,7 +1407,7 @@ async fn backup(action: BackupAction) -> Result<(), app::AppError> {
                 r.took,
                 r.config.display(),
                 r.repo.display(),
-                railyard::backup::local::STANZA,
+                railyard_ops::backup::local::STANZA,
                 if r.restarted {
                     "restarted with archive_mode=on (the replica streams again)"
                 } else {
@@ -1557,8 +1567,8 @@ async fn backup(action: BackupAction) -> Result<(), app::AppError> {
                         &[],
                     )
                     .await
-                    .map_err(|e| railyard::Error::Backup(format!("reading the restored ledger: {e}")))?;
-                Ok::<_, railyard::Error>(format!(
+                    .map_err(|e| railyard_ops::Error::Backup(format!("reading the restored ledger: {e}")))?;
+                Ok::<_, app::AppError>(format!(
                     "newest ledger rows: order created {}, deposit {}, trade {} ({} orders, {} deposits, {} trades)",
                     row.get::<_, Option<String>>(0).unwrap_or_else(|| "-".into()),
                     row.get::<_, Option<String>>(1).unwrap_or_else(|| "-".into()),

@@ -148,7 +148,7 @@ pub async fn setup(
     symbols: usize,
     seed: u64,
 ) -> Result<(Vec<i64>, Vec<Symbol>), Error> {
-    use rand::{Rng, SeedableRng};
+    use rand::{RngExt, SeedableRng};
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0x5EED_5EED);
     let names: Vec<String> = (0..symbols).map(|i| format!("S{i:03}")).collect();
     let prices: Vec<i64> = (0..symbols)

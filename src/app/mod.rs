@@ -13,14 +13,23 @@ pub enum AppError {
     /// From the database layer.
     #[error(transparent)]
     Db(#[from] railyard::Error),
+    /// From the local cluster.
+    #[error(transparent)]
+    Local(#[from] railyard_local::Error),
+    /// From an operator tool.
+    #[error(transparent)]
+    Ops(#[from] railyard_ops::Error),
+    /// From a listener or a change stream.
+    #[error(transparent)]
+    Events(#[from] railyard_events::Error),
     /// A flag or argument was wrong; the message names it.
     #[error("{0}")]
     Usage(String),
     /// A file could not be read or written.
-    #[error("{what}")]
+    #[error("{context}")]
     Io {
         /// What was being done.
-        what: String,
+        context: String,
         /// Why it failed.
         #[source]
         source: std::io::Error,
@@ -34,8 +43,20 @@ impl AppError {
     /// An I/O failure while doing `what`.
     pub fn io(what: impl Into<String>, source: std::io::Error) -> Self {
         AppError::Io {
-            what: what.into(),
+            context: what.into(),
             source,
         }
+    }
+}
+
+impl From<railyard::error::ConfigError> for AppError {
+    fn from(e: railyard::error::ConfigError) -> Self {
+        AppError::Db(e.into())
+    }
+}
+
+impl From<diesel::result::Error> for AppError {
+    fn from(e: diesel::result::Error) -> Self {
+        AppError::Db(e.into())
     }
 }

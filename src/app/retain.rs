@@ -11,7 +11,7 @@
 //! Uses the crate's public API only (the integration tests include this file).
 
 use railyard::Error;
-use railyard::retain::{Retention, RetentionConfig};
+use railyard_ops::retain::{Retention, RetentionConfig};
 
 /// Moves the closed orders created before `$1` that no live trade
 /// references (their trades are all in archived months) into the archive.
@@ -28,7 +28,7 @@ pub const TRADES_BETWEEN: &str = "SELECT id, buy_order_id, sell_order_id, symbol
      FROM trade_history WHERE executed_at >= $1 AND executed_at < $2 ORDER BY executed_at, id";
 
 /// The ledger's retention with `config`.
-pub fn ledger(config: RetentionConfig) -> Result<Retention, Error> {
+pub fn ledger(config: RetentionConfig) -> Result<Retention, railyard_ops::Error> {
     Retention::new(config)
         .partitioned("trades", "executed_at")?
         .move_rows("orders", MOVE_CLOSED_ORDERS)

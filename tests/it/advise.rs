@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use diesel::sql_types::{Integer, Text};
 use diesel_async::{RunQueryDsl, SimpleAsyncConnection};
-use railyard::advise::{Advisor, Pattern};
 use railyard::{Database, Error, Migrator, StatementStats};
+use railyard_ops::advise::{Advisor, Pattern};
 
 use crate::support;
 

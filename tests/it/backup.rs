@@ -15,9 +15,10 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use diesel_migrations::{EmbeddedMigrations, embed_migrations};
-use railyard::backup::BeforeRisky;
-use railyard::backup::local::{LocalBackups, NOT_VERIFIED};
-use railyard::{LocalCluster, Migrator};
+use railyard::Migrator;
+use railyard::migrate::BeforeRisky;
+use railyard_local::LocalCluster;
+use railyard_ops::backup::local::{LocalBackups, NOT_VERIFIED};
 
 use crate::support::{self, output_text};
 
@@ -405,7 +406,7 @@ async fn risky_migrations_are_backed_up_as_the_binary_does_and_a_drill_without_c
     cluster.create_database("risky_b").await.unwrap();
     let backups = LocalBackups::new(&cluster, "risky_b").unwrap();
     let how = backups.before_risky().await.unwrap();
-    assert!(matches!(how, BeforeRisky::PgBackRest { .. }), "{how:?}");
+    assert!(matches!(how, BeforeRisky::Tool(_)), "{how:?}");
     let config = cluster.config_for("risky_b");
     let migrator = Migrator::new(RISKY).backup_before_risky(how);
     let t0 = Instant::now();

@@ -7,8 +7,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use diesel_async::SimpleAsyncConnection;
-use railyard::database::{ChangeOp, ChangeStreamConfig, ResumeToken};
-use railyard::{Config, Database, Error, LocalCluster};
+use railyard::{Config, Database, Error};
+use railyard_events::{ChangeOp, ChangeStreamConfig, DatabaseEvents, ResumeToken};
+use railyard_local::LocalCluster;
 
 use crate::support;
 
@@ -235,7 +236,7 @@ async fn an_unacknowledged_slot_is_reported_over_its_limit_and_a_lost_slot_ends_
     };
     eprintln!("changes: {end}");
     assert!(
-        matches!(end, Error::Changes(_)) && end.to_string().contains("snapshot"),
+        matches!(end, railyard_events::Error::Changes(_)) && end.to_string().contains("snapshot"),
         "{end}"
     );
     assert!(stream.next().await.is_none());
@@ -246,7 +247,6 @@ async fn an_unacknowledged_slot_is_reported_over_its_limit_and_a_lost_slot_ends_
 /// `railyard changes` prints changes as JSON lines with their tokens and
 /// acknowledges what it printed; it starts again after a token, and refuses
 /// a token its slot has moved past (the changes between would be skipped).
-#[cfg(feature = "cli")]
 #[tokio::test]
 async fn the_cli_prints_changes_with_tokens_and_resumes_after_one() {
     use std::io::{BufRead, BufReader};

@@ -171,9 +171,10 @@ async fn the_primary_listed_as_a_replica_under_another_name_is_refused_at_boot()
     );
 }
 
-/// In the development profile, with no `DATABASE_URL`, `Config::from_env()`
-/// plus `connect()` is enough: the local cluster is joined and a database
-/// named after the application is created, with its replica.
+/// In the development profile, with no `DATABASE_URL`, the core refuses to
+/// guess (it cannot start servers: that is `railyard-local`'s job) and says
+/// what to do; `railyard_local::resolve` then joins the local cluster and
+/// creates a database named after the application, with its replica.
 #[tokio::test]
 async fn with_no_database_url_the_development_profile_uses_the_local_cluster() {
     if support::cluster().await.is_none() {
@@ -193,11 +194,24 @@ async fn with_no_database_url_the_development_profile_uses_the_local_cluster() {
         config: config.clone(),
     };
     let dumps = support::Dumps::new();
+    let refused = Database::builder(config.clone())
+        .migrations(dumps.migrator())
+        .connect()
+        .await
+        .expect_err("the core starts no cluster");
+    let text = refused.to_string();
+    assert!(
+        text.contains("DATABASE_URL") && text.contains("railyard-local"),
+        "{text}"
+    );
+    let config = railyard_local::resolve(config)
+        .await
+        .expect("the local cluster stands in");
     let db = Database::builder(config)
         .migrations(dumps.migrator())
         .connect()
         .await
-        .expect("the local cluster stands in");
+        .expect("the resolved config connects");
     assert_eq!(db.config().primary().dbname(), Some(app.as_str()));
     assert_eq!(db.config().replicas().len(), 1, "with its replica");
     assert_eq!(db.config().pool().max_size, 2, "other settings are kept");

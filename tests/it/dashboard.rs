@@ -289,7 +289,7 @@ async fn serve_shows_a_self_contained_dashboard_fed_by_compact_data() {
 #[tokio::test]
 async fn the_page_renders_alerts_from_an_extra_router_escaped_with_their_buttons() {
     use axum::routing::get;
-    use railyard::watch::{WatchOptions, Watcher};
+    use railyard_ops::watch::{WatchOptions, Watcher};
     if chromium().is_none() {
         return;
     }
@@ -324,9 +324,9 @@ async fn the_page_renders_alerts_from_an_extra_router_escaped_with_their_buttons
             async move { axum::Json(body) }
         }),
     );
-    let app = railyard::http::router_with_dashboard(
+    let app = railyard_http::router_with_dashboard(
         db.clone(),
-        railyard::http::Readiness::new(),
+        railyard_http::Readiness::new(),
         watcher,
         Some(extra),
     );

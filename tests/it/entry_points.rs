@@ -4,8 +4,8 @@
 //! database). One test per writing entry point; each reads through every
 //! reading entry point.
 
-use railyard::testing::{Isolation, TestOptions};
 use railyard::{Conn, Database, Error};
+use railyard_test::{Isolation, TestOptions};
 
 use crate::support::{count_user as count, insert_user as insert};
 
@@ -127,7 +127,7 @@ fn options(name: &'static str) -> TestOptions {
 fn written_through_is_seen_everywhere_and_rolled_back(writer: Via) {
     let email = format!("{writer:?}-{}@entry.test", std::process::id());
     let e = email.clone();
-    railyard::testing::run(options("entry_points::write"), async move |db: Database| {
+    railyard_test::run(options("entry_points::write"), async move |db: Database| {
         insert_via(&db, writer, &e)
             .await
             .unwrap_or_else(|err| panic!("writing through {writer:?}: {err}"));
@@ -145,7 +145,7 @@ fn written_through_is_seen_everywhere_and_rolled_back(writer: Via) {
         let n = count_via(&db, Via::Read, &e).await.unwrap();
         assert_eq!(n, 1, "still there after a health check");
     });
-    railyard::testing::run(options("entry_points::after"), async move |db: Database| {
+    railyard_test::run(options("entry_points::after"), async move |db: Database| {
         for reader in READERS {
             let n = count_via(&db, reader, &email).await.unwrap();
             assert_eq!(

@@ -4,8 +4,9 @@
 use std::time::{Duration, Instant};
 
 use diesel_async::SimpleAsyncConnection;
-use railyard::local::StartKind;
-use railyard::{Database, Error, ErrorClass, LocalCluster, RetryPolicy};
+use railyard::{Database, Error, ErrorClass, RetryPolicy};
+use railyard_local::LocalCluster;
+use railyard_local::StartKind;
 
 async fn select_one(db: &Database) -> Result<(), Error> {
     db.build_write()

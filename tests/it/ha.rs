@@ -26,9 +26,9 @@ use std::time::{Duration, Instant};
 
 use diesel::sql_types::{BigInt, Text};
 use diesel_async::{RunQueryDsl, SimpleAsyncConnection};
-use railyard::local::ha::{Formation, NodeState, Tunings};
 use railyard::route::{Fallback, RoutingConfig};
 use railyard::{Conn, Database, Error, ErrorClass, Route};
+use railyard_local::ha::{Formation, NodeState, Tunings};
 
 use crate::support;
 
@@ -109,7 +109,7 @@ impl Outcomes {
     }
 }
 
-fn pick(rng: &mut impl rand::Rng, ids: &[i64]) -> (i64, i64, i64) {
+fn pick(rng: &mut impl rand::RngExt, ids: &[i64]) -> (i64, i64, i64) {
     let a = rng.random_range(0..ids.len());
     let mut b = rng.random_range(0..ids.len() - 1);
     if b >= a {
@@ -326,7 +326,7 @@ impl Drop for Teardown {
         if let Some(dir) = self.0.take() {
             let _ = std::thread::spawn(move || {
                 if dir.exists()
-                    && let Err(e) = railyard::local::ha::destroy_dir(&dir)
+                    && let Err(e) = railyard_local::ha::destroy_dir(&dir)
                 {
                     eprintln!("could not remove the formation {}: {e}", dir.display());
                 }
@@ -662,12 +662,12 @@ async fn reap_as_if_killed(dir: PathBuf) {
     child.wait().unwrap();
     let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap();
     std::fs::write(
-        dir.join(railyard::local::scratch::OWNER_FILE),
+        dir.join(railyard_local::scratch::OWNER_FILE),
         format!("{}/{dead}/1", boot.trim()),
     )
     .unwrap();
     let reaped = tokio::task::spawn_blocking(|| {
-        railyard::local::scratch::reap_private_clusters(&std::env::temp_dir())
+        railyard_local::scratch::reap_private_clusters(&std::env::temp_dir())
     })
     .await
     .unwrap();
@@ -692,7 +692,7 @@ async fn reap_as_if_killed(dir: PathBuf) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn ledger_transfers_survive_pg_auto_failover() {
-    if let Err(e) = railyard::local::ha::available() {
+    if let Err(e) = railyard_local::ha::available() {
         if std::env::var("RAILYARD_REQUIRE_HA").is_ok_and(|v| v == "1") {
             panic!("pg_auto_failover is required (RAILYARD_REQUIRE_HA=1): {e}");
         }
@@ -702,7 +702,7 @@ async fn ledger_transfers_survive_pg_auto_failover() {
     let started = Instant::now();
     // What killed runs left (formations included) goes first.
     let reaped = tokio::task::spawn_blocking(|| {
-        railyard::local::scratch::reap_private_clusters(&std::env::temp_dir())
+        railyard_local::scratch::reap_private_clusters(&std::env::temp_dir())
     })
     .await
     .unwrap();

@@ -1,4 +1,4 @@
-//! The harness itself: `#[railyard::test]` isolation, parallelism, savepoints,
+//! The harness itself: `#[railyard_test::test]` isolation, parallelism, savepoints,
 //! guard rails, property tests, database isolation and stale-replica mode.
 
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use diesel::sql_types::{BigInt, Integer, Text};
 use diesel_async::{RunQueryDsl, SimpleAsyncConnection};
-use railyard::testing::{Isolation, TestOptions};
 use railyard::{Conn, Database, Error};
+use railyard_test::{Isolation, TestOptions};
 
 #[derive(diesel::QueryableByName)]
 struct N {
@@ -52,7 +52,7 @@ fn rendezvous(key: usize) {
         .unwrap();
 }
 
-#[railyard::test]
+#[railyard_test::test]
 async fn the_same_unique_email_in_two_parallel_tests_first(db: Database) {
     tokio::task::block_in_place(|| rendezvous(0));
     db.write(async |c| add_user(c, "same@parallel.test").await)
@@ -62,7 +62,7 @@ async fn the_same_unique_email_in_two_parallel_tests_first(db: Database) {
 }
 
 // The second waits (at most 20 s) for the first to end, when they meet.
-#[railyard::test(lock_timeout = "20s")]
+#[railyard_test::test(lock_timeout = "20s")]
 async fn the_same_unique_email_in_two_parallel_tests_second(db: Database) {
     tokio::task::block_in_place(|| rendezvous(0));
     db.write(async |c| add_user(c, "same@parallel.test").await)
@@ -84,7 +84,7 @@ fn a_panicking_test_leaves_nothing_behind() {
     };
     let m = marker.clone();
     let outcome = std::panic::catch_unwind(move || {
-        railyard::testing::run(options, async move |db: Database| {
+        railyard_test::run(options, async move |db: Database| {
             db.write(async |c| add_user(c, &m).await).await.unwrap();
             if !m.is_empty() {
                 panic!("deliberate");
@@ -92,7 +92,7 @@ fn a_panicking_test_leaves_nothing_behind() {
         })
     });
     assert!(outcome.is_err(), "the panic reaches the test runner");
-    railyard::testing::run(options, async move |db: Database| {
+    railyard_test::run(options, async move |db: Database| {
         assert_eq!(
             users_like(&db, &marker).await,
             0,
@@ -141,14 +141,14 @@ async fn app_flow(db: &Database, tag: &str) -> Result<Vec<String>, Error> {
 
 static APP_RESULTS: Mutex<Vec<Vec<String>>> = Mutex::new(Vec::new());
 
-#[railyard::test]
+#[railyard_test::test]
 async fn application_transactions_behave_the_same_under_the_harness(db: Database) {
     let under_harness = app_flow(&db, &crate::support::unique("h")).await.unwrap();
     assert_eq!(under_harness, vec!["inner-T@app.test", "kept-T@app.test"]);
     APP_RESULTS.lock().unwrap().push(under_harness);
 }
 
-#[railyard::test(isolation = "database")]
+#[railyard_test::test(isolation = "database")]
 async fn application_transactions_behave_the_same_when_they_really_commit(db: Database) {
     let committed = app_flow(&db, &crate::support::unique("d")).await.unwrap();
     assert_eq!(committed, vec!["inner-T@app.test", "kept-T@app.test"]);
@@ -157,7 +157,7 @@ async fn application_transactions_behave_the_same_when_they_really_commit(db: Da
     assert_eq!(users_like(&other, "%@app.test").await, 2);
 }
 
-#[railyard::test]
+#[railyard_test::test]
 async fn tasks_spawned_by_a_test_share_its_connection(db: Database) {
     let mut tasks = Vec::new();
     for i in 0..8 {
@@ -173,7 +173,7 @@ async fn tasks_spawned_by_a_test_share_its_connection(db: Database) {
     assert_eq!(users_like(&db, "%@spawn.test").await, 8);
 }
 
-#[railyard::test]
+#[railyard_test::test]
 async fn twenty_thousand_rolled_back_savepoints_in_one_test(db: Database) {
     for i in 0..20_000 {
         let r = db
@@ -187,7 +187,7 @@ async fn twenty_thousand_rolled_back_savepoints_in_one_test(db: Database) {
     assert_eq!(users_like(&db, "%@savepoint.test").await, 0);
 }
 
-#[railyard::test]
+#[railyard_test::test]
 async fn each_proptest_case_sees_only_its_own_rows(db: Database) {
     use proptest::prelude::*;
     // An expensive fixture, made once in the test's transaction.
@@ -195,7 +195,7 @@ async fn each_proptest_case_sees_only_its_own_rows(db: Database) {
         .await
         .unwrap();
     let cases = Arc::new(AtomicU32::new(0));
-    railyard::testing::proptest_cases(
+    railyard_test::proptest_cases(
         &db,
         ProptestConfig::with_cases(256),
         proptest::collection::vec(0..1_000_000i32, 1..6),
@@ -232,7 +232,7 @@ async fn each_proptest_case_sees_only_its_own_rows(db: Database) {
     assert_eq!(users_like(&db, "case-%@prop.test").await, 0);
 }
 
-#[railyard::test(stale_replica)]
+#[railyard_test::test(stale_replica)]
 async fn stale_replica_mode_catches_a_read_of_ones_own_write_without_a_session(db: Database) {
     db.write(async |c| add_user(c, "mine@stale.test").await)
         .await
@@ -276,7 +276,7 @@ fn expect_failure(
         migrations: || railyard::Migrator::new(crate::support::LEDGER),
         lock_timeout: None,
     };
-    let outcome = std::panic::catch_unwind(move || railyard::testing::run(options, body));
+    let outcome = std::panic::catch_unwind(move || railyard_test::run(options, body));
     let panic = outcome.expect_err("the harness fails the test");
     panic
         .downcast_ref::<String>()
@@ -324,7 +324,7 @@ fn deferred_constraints_are_checked_before_the_rollback() {
     assert!(message.contains("deferred_child"), "{message}");
 }
 
-#[railyard::test]
+#[railyard_test::test]
 async fn isolation_options_degrade_to_what_a_savepoint_allows(db: Database) {
     let n: i32 = db
         .build_transaction()
@@ -382,7 +382,7 @@ fn two_tests_that_lock_in_opposite_orders_both_pass() {
         let (first, second) = (keys[side].clone(), keys[1 - side].clone());
         let (barrier, attempts) = (barrier.clone(), attempts.clone());
         std::thread::spawn(move || {
-            railyard::testing::run(lock_options(name, None), async move |db: Database| {
+            railyard_test::run(lock_options(name, None), async move |db: Database| {
                 db.write(async |c| {
                     let attempt = attempts[side].fetch_add(1, Ordering::SeqCst);
                     add_user(c, &first).await?;
@@ -429,14 +429,14 @@ fn holder_and_waiter(
 ) {
     let (tx, rx) = std::sync::mpsc::channel();
     let h = std::thread::spawn(move || {
-        railyard::testing::run(
+        railyard_test::run(
             lock_options("harness::lock_holder", None),
             async move |db| holder(db, tx).await,
         )
     });
     rx.recv_timeout(Duration::from_secs(30))
         .expect("the holder took its lock");
-    railyard::testing::run(
+    railyard_test::run(
         lock_options("harness::lock_waiter", waiter_timeout),
         async move |db| waiter(db).await,
     );
@@ -556,14 +556,14 @@ async fn three_lookups(db: &Database) {
     }
 }
 
-#[railyard::test]
+#[railyard_test::test]
 async fn a_test_can_count_bound_and_list_its_statements(db: Database) {
     for i in 0..3 {
         db.write(async |c| add_user(c, &format!("n-plus-{i}@bound.test")).await)
             .await
             .unwrap();
     }
-    let ((), statements, total) = railyard::testing::count_queries(&db, three_lookups(&db)).await;
+    let ((), statements, total) = railyard_test::count_queries(&db, three_lookups(&db)).await;
     assert_eq!(total, 3, "{statements:?}");
     assert!(
         statements
@@ -572,14 +572,14 @@ async fn a_test_can_count_bound_and_list_its_statements(db: Database) {
         "{statements:?}"
     );
     // Within the bound, the macro evaluates to the block's value.
-    let seven = railyard::assert_max_queries!(db, 3, {
+    let seven = railyard_test::assert_max_queries!(db, 3, {
         three_lookups(&db).await;
         7
     });
     assert_eq!(seven, 7);
     // Beyond it, the test fails, listing what ran (never a value).
     let failed = futures_util::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(
-        railyard::testing::assert_max_queries(&db, 2, three_lookups(&db)),
+        railyard_test::assert_max_queries(&db, 2, three_lookups(&db)),
     ))
     .await
     .expect_err("3 statements where 2 are allowed fail the test");

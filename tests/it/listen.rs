@@ -3,12 +3,12 @@
 
 use std::time::{Duration, Instant};
 
-use railyard::database::ListenEvent;
 use railyard::{Config, Database, Error};
+use railyard_events::{DatabaseEvents, ListenEvent};
 
 use crate::support;
 
-async fn next(l: &mut railyard::database::Listener) -> ListenEvent {
+async fn next(l: &mut railyard_events::Listener) -> ListenEvent {
     tokio::time::timeout(Duration::from_secs(20), l.next())
         .await
         .expect("an event within 20 s")
@@ -113,12 +113,12 @@ async fn a_payload_over_the_servers_limit_is_refused_before_it_is_sent() {
     let channel = support::unique("big");
     let mut l = db.listen([channel.as_str()]).await.unwrap();
     let e = db.notify(&channel, &"x".repeat(8000)).await.unwrap_err();
-    assert!(matches!(e, Error::Notify(_)), "{e:?}");
+    assert!(matches!(e, railyard_events::Error::Notify(_)), "{e:?}");
     assert!(
         e.to_string().contains("8000 bytes") && e.to_string().contains("7999"),
         "{e}"
     );
-    let max = "y".repeat(railyard::database::MAX_PAYLOAD);
+    let max = "y".repeat(railyard_events::MAX_PAYLOAD);
     db.notify(&channel, &max).await.unwrap();
     match next(&mut l).await {
         ListenEvent::Notification(n) => assert_eq!(n.payload, max),
@@ -165,7 +165,6 @@ async fn a_restarted_server_gives_a_gap_and_listening_resumes() {
 }
 
 /// `railyard listen` prints notifications and gap markers as JSON lines.
-#[cfg(feature = "cli")]
 #[tokio::test]
 async fn the_cli_prints_notifications_and_gap_markers_as_json_lines() {
     use std::io::{BufRead, BufReader};

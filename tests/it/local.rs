@@ -5,8 +5,9 @@ use std::os::unix::fs::MetadataExt;
 use std::os::unix::process::CommandExt;
 use std::process::Command;
 
-use railyard::local::StartKind;
-use railyard::{Database, LocalCluster};
+use railyard::Database;
+use railyard_local::LocalCluster;
+use railyard_local::StartKind;
 
 /// Not a test of its own: when `RAILYARD_CHILD_DIR` is set, this process is a
 /// child started by the tests below; it starts or joins the cluster there and
@@ -79,7 +80,7 @@ fn child_report(child: std::process::Child) -> (String, u16) {
 async fn two_processes_starting_at_once_share_one_cluster() {
     let dir = std::env::temp_dir().join(crate::support::unique("shared_cluster"));
     // This test owns it (not the children): a killed run's is reclaimed.
-    railyard::local::scratch::claim_dir(&dir).unwrap();
+    railyard_local::scratch::claim_dir(&dir).unwrap();
     let a = spawn_child(&dir, true, None);
     let b = spawn_child(&dir, true, None);
     let (kind_a, port_a) = child_report(a);
@@ -95,7 +96,7 @@ async fn two_processes_starting_at_once_share_one_cluster() {
     let warm = LocalCluster::builder().dir(&dir).start().await.unwrap();
     assert_eq!(warm.started(), StartKind::Warm);
     // Statement statistics of every client, when the server has the module.
-    if railyard::local::Binaries::find()
+    if railyard_local::Binaries::find()
         .unwrap()
         .has_library("pg_stat_statements")
     {
@@ -143,12 +144,12 @@ async fn the_cluster_starts_for_an_unprivileged_user_too() {
         .map(|f| (f[2].parse().unwrap(), f[3].parse().unwrap()));
     let Some((uid, gid)) = ids else { return };
     let dir = std::env::temp_dir().join(crate::support::unique("nobody_cluster"));
-    railyard::local::scratch::claim_dir(&dir).unwrap();
+    railyard_local::scratch::claim_dir(&dir).unwrap();
     std::os::unix::fs::chown(&dir, Some(uid), Some(gid)).unwrap();
     let (kind, _) = child_report(spawn_child(&dir, false, Some((uid, gid))));
     assert_eq!(kind, "Cold");
     // Stop it as its owner.
-    let bins = railyard::local::Binaries::find().unwrap();
+    let bins = railyard_local::Binaries::find().unwrap();
     let _ = Command::new(bins.dir().join("pg_ctl"))
         .args(["stop", "-m", "immediate", "-D"])
         .arg(dir.join("pg/primary"))

@@ -2,23 +2,18 @@
 //! real PostgreSQL (the local cluster, or `TEST_DATABASE_URL`).
 
 mod advise;
-#[cfg(feature = "cli")]
 mod backup;
 mod changes;
 mod config;
 mod connect;
-#[cfg(feature = "cli")]
 mod dashboard;
-#[cfg(feature = "testing")]
 mod entry_points;
 mod faults;
 mod ha;
-#[cfg(feature = "testing")]
 mod harness;
 mod listen;
 mod local;
 mod migrations;
-#[cfg(feature = "http")]
 mod observe;
 mod pooler;
 mod proxy;
@@ -38,5 +33,4 @@ mod ledger_retain;
 mod tls;
 mod tx;
 mod wire;
-#[cfg(feature = "cli")]
 mod workload;

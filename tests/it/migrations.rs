@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use diesel_async::SimpleAsyncConnection;
 use diesel_migrations::{EmbeddedMigrations, embed_migrations};
-use railyard::backup::BeforeRisky;
 use railyard::error::MigrationError;
+use railyard::migrate::BeforeRisky;
 use railyard::migrate::{ChecksumState, MigrationState};
 use railyard::{Database, Error, Migrator};
 
@@ -480,7 +480,7 @@ async fn a_risky_migration_boots_after_a_pg_dump_recorded_and_shown_in_status() 
         status[1].name,
         backup.kind,
         backup.location,
-        backup.taken_at,
+        chrono::DateTime::<chrono::Utc>::from(backup.taken_at),
         backup.bytes.unwrap_or(0)
     );
 

@@ -7,9 +7,9 @@ use diesel::sql_types::Text;
 use diesel_async::{RunQueryDsl, SimpleAsyncConnection};
 use railyard::observe::Outcome;
 use railyard::{
-    Config, Database, Error, ErrorClass, HealthStatus, LocalCluster, QueryEvent, Route,
-    StatementStats,
+    Config, Database, Error, ErrorClass, HealthStatus, QueryEvent, Route, StatementStats,
 };
+use railyard_local::LocalCluster;
 
 use crate::support;
 
@@ -342,7 +342,7 @@ async fn health_degrades_without_the_replica_and_readiness_fails_without_the_pri
     // The HTTP endpoints, over a real socket.
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    tokio::spawn(axum::serve(listener, railyard::http::router(db.clone())).into_future());
+    tokio::spawn(axum::serve(listener, railyard_http::router(db.clone())).into_future());
     assert_eq!(http_get(addr, "/readyz").await.0, 200);
     assert_eq!(http_get(addr, "/healthz").await.0, 200);
     let (code, body) = http_get(addr, "/metrics").await;
@@ -689,7 +689,7 @@ async fn a_probe_storm_rides_the_pool_and_costs_a_few_queries() {
     .unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    tokio::spawn(axum::serve(listener, railyard::http::router(db.clone())).into_future());
+    tokio::spawn(axum::serve(listener, railyard_http::router(db.clone())).into_future());
     seen.lock().unwrap().clear();
     let started = std::time::Instant::now();
     let backends = Arc::new(std::sync::atomic::AtomicI64::new(0));

@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 use diesel::sql_types::BigInt;
 use diesel_async::RunQueryDsl;
 use railyard::config::Pooler;
-use railyard::local::pgbouncer::LocalPgBouncer;
 use railyard::{Config, Database, Error, ErrorClass, RetryPolicy};
+use railyard_local::pgbouncer::LocalPgBouncer;
 
 use crate::support;
 

@@ -11,8 +11,8 @@ use chrono::{DateTime, Datelike, Utc};
 use diesel::QueryableByName;
 use diesel::sql_types::{BigInt, Text, Timestamptz};
 use diesel_async::{RunQueryDsl, SimpleAsyncConnection};
-use railyard::retain::{RetentionConfig, RetentionJob};
 use railyard::{Config, Database, HealthStatus};
+use railyard_ops::retain::{RetentionConfig, RetentionJob};
 
 use crate::ledger_check;
 use crate::ledger_retain;
@@ -217,7 +217,7 @@ async fn a_year_of_history_keeps_ninety_days_live() {
     // A run that dies between archiving a month and moving its orders: its
     // row move fails after the first month's archival committed. The
     // invariants hold at that commit point, and the audit row stays pending.
-    let crashing = railyard::retain::Retention::new(config())
+    let crashing = railyard_ops::retain::Retention::new(config())
         .partitioned("trades", "executed_at")
         .unwrap()
         .move_rows(
@@ -245,7 +245,7 @@ async fn a_year_of_history_keeps_ninety_days_live() {
     let holder_pid = diesel::sql_query(
         "SELECT pg_backend_pid()::bigint AS n FROM (SELECT pg_advisory_lock($1)) l",
     )
-    .bind::<BigInt, _>(railyard::retain::LOCK_KEY)
+    .bind::<BigInt, _>(railyard_ops::retain::LOCK_KEY)
     .get_result::<N>(&mut **holder)
     .await
     .unwrap()
@@ -264,7 +264,7 @@ async fn a_year_of_history_keeps_ninety_days_live() {
     );
     assert!(skipped.archived.is_empty());
     diesel::sql_query("SELECT pg_advisory_unlock($1) AS ok")
-        .bind::<BigInt, _>(railyard::retain::LOCK_KEY)
+        .bind::<BigInt, _>(railyard_ops::retain::LOCK_KEY)
         .execute(&mut **holder)
         .await
         .unwrap();
@@ -274,7 +274,7 @@ async fn a_year_of_history_keeps_ninety_days_live() {
     let db2 = ledger_db(&fresh).await;
     let other = ledger_retain::ledger(config()).unwrap();
     let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(2));
-    let spawn = |db: Database, r: railyard::retain::Retention| {
+    let spawn = |db: Database, r: railyard_ops::retain::Retention| {
         let barrier = barrier.clone();
         tokio::spawn(async move {
             barrier.wait().await;
@@ -520,9 +520,10 @@ async fn a_year_of_history_keeps_ninety_days_live() {
             .contains("railyard_retention_cannot_free 1")
     );
     assert!(
-        railyard::alert::Rule::builtin()
+        railyard_ops::alert::Rule::builtin()
             .iter()
-            .any(|r| r.name == "storage" && r.metric == railyard::alert::Metric::StorageCannotFree)
+            .any(|r| r.name == "storage"
+                && r.metric == railyard_ops::alert::Metric::StorageCannotFree)
     );
     job.shutdown(Duration::from_secs(5)).await;
     db.close(Duration::from_secs(5)).await;
@@ -568,7 +569,7 @@ async fn a_transaction_mode_pooler_is_refused() {
         .expect_err("refused");
     println!("{e}");
     assert!(
-        matches!(&e, railyard::Error::Config(c) if c.field.contains("RAILYARD_POOLER")),
+        matches!(&e, railyard_ops::Error::Core(railyard::Error::Config(c)) if c.field.contains("RAILYARD_POOLER")),
         "{e:?}"
     );
     assert_eq!(

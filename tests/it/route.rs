@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 use diesel::sql_types::{BigInt, Text};
 use diesel_async::{RunQueryDsl, SimpleAsyncConnection};
 use railyard::route::ReplicaStatus;
-use railyard::{CausalToken, Config, Conn, Database, Error, LocalCluster, Route, RoutingConfig};
+use railyard::{CausalToken, Config, Conn, Database, Error, Route, RoutingConfig};
+use railyard_local::LocalCluster;
 
 use crate::support::{self, count_user, insert_user};
 

@@ -315,7 +315,6 @@ async fn work_that_fails_retryably_while_the_handle_closes_is_not_retried() {
     assert!(report.took < Duration::from_secs(2), "{report:?}");
 }
 
-#[cfg(feature = "cli")]
 mod serve {
     use std::io::{BufRead, BufReader};
     use std::process::{Command, Stdio};

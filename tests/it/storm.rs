@@ -111,7 +111,7 @@ async fn a_reset_of_200_connections_under_load_refills_without_a_herd_and_recove
 }
 
 /// The same storm with the attempts unbounded (a herd) and bounded (the
-/// default), in one run. Run: `cargo test --all-features --test it
+/// default), in one run. Run: `cargo test --test it
 /// storm::herd_against_stream -- --ignored --nocapture`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "a measurement, not a check: run it by name"]
@@ -138,7 +138,7 @@ async fn herd_against_stream() {
     cluster.destroy().unwrap();
 }
 
-async fn storm(cluster: &railyard::LocalCluster, max_connecting: Option<u32>) -> Storm {
+async fn storm(cluster: &railyard_local::LocalCluster, max_connecting: Option<u32>) -> Storm {
     let proxy = Proxy::start(
         cluster
             .socket_dir()

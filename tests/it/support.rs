@@ -6,7 +6,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use diesel_async::{RunQueryDsl, SimpleAsyncConnection};
 use railyard::config::ConnectTarget;
-use railyard::{Config, Database, LocalCluster};
+use railyard::{Config, Database};
+use railyard_local::LocalCluster;
 use tokio::sync::OnceCell;
 
 /// The server the tests run against.
@@ -113,7 +114,7 @@ pub async fn fresh_database(prefix: &str) -> FreshDb {
     admin_sql(&format!("CREATE DATABASE {name}")).await;
     admin_sql(&format!(
         "COMMENT ON DATABASE {name} IS '{}'",
-        railyard::local::scratch::scratch_comment()
+        railyard_local::scratch::scratch_comment()
     ))
     .await;
     let target = server().await.admin.with_dbname(&name);
@@ -189,14 +190,14 @@ impl Dumps {
     /// directory.
     pub fn migrator(&self) -> railyard::Migrator {
         railyard::Migrator::new(LEDGER)
-            .backup_before_risky(railyard::backup::BeforeRisky::pg_dump(&self.dir))
+            .backup_before_risky(railyard::migrate::BeforeRisky::pg_dump(&self.dir))
     }
 
     /// The same, dumping from `direct` (behind a transaction-mode pooler,
     /// pg_dump runs only on a direct connection).
     pub fn migrator_direct(&self, direct: railyard::config::ConnectTarget) -> railyard::Migrator {
         railyard::Migrator::new(LEDGER)
-            .backup_before_risky(railyard::backup::BeforeRisky::pg_dump(&self.dir).direct(direct))
+            .backup_before_risky(railyard::migrate::BeforeRisky::pg_dump(&self.dir).direct(direct))
     }
 }
 
@@ -445,10 +446,10 @@ pub async fn total_balance(db: &Database, ids: &[i64]) -> i64 {
 /// A private cluster of one test (a primary, and a streaming replica when
 /// `replica`), in a directory of its own, marked as this process's so that
 /// a killed run's is reaped by the next; the test calls `destroy` at its end.
-pub async fn private_cluster(name: &str, replica: bool) -> railyard::LocalCluster {
+pub async fn private_cluster(name: &str, replica: bool) -> railyard_local::LocalCluster {
     server().await;
     let dir = std::env::temp_dir().join(unique(name));
-    railyard::LocalCluster::builder()
+    railyard_local::LocalCluster::builder()
         .dir(&dir)
         .ephemeral(true)
         .replica(replica)

@@ -18,7 +18,12 @@ fn other_ca(dir: &std::path::Path) -> std::path::PathBuf {
     path
 }
 
-fn url(cluster: &railyard::LocalCluster, host: &str, mode: &str, ca: &std::path::Path) -> String {
+fn url(
+    cluster: &railyard_local::LocalCluster,
+    host: &str,
+    mode: &str,
+    ca: &std::path::Path,
+) -> String {
     format!(
         "postgres://railyard@{host}:{}/postgres?sslmode={mode}&sslrootcert={}",
         cluster.primary_port(),
@@ -26,7 +31,7 @@ fn url(cluster: &railyard::LocalCluster, host: &str, mode: &str, ca: &std::path:
     )
 }
 
-async fn connect(url: &str, cluster: &railyard::LocalCluster) -> Result<Database, Error> {
+async fn connect(url: &str, cluster: &railyard_local::LocalCluster) -> Result<Database, Error> {
     let t: railyard::config::ConnectTarget = url.parse().unwrap();
     let config = Config::new(t.with_password(Some(cluster.password().clone())))
         .connect_timeout(Duration::from_secs(5));

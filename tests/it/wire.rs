@@ -341,7 +341,7 @@ async fn a_black_holed_statement_without_a_deadline_ends_at_the_statement_timeou
 /// one-update transaction and then its read of the row, against raw's
 /// update transaction and read on the primary, the cheapest raw way to read
 /// one's own write).
-/// Run: `cargo test --all-features --test it wire::latency_table -- --ignored --nocapture`.
+/// Run: `cargo test --test it wire::latency_table -- --ignored --nocapture`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "a measurement, not a check: run it by name"]
 async fn latency_table() {

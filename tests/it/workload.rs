@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use diesel_async::SimpleAsyncConnection;
-use railyard::{Config, Database, LocalCluster};
+use railyard::{Config, Database};
+use railyard_local::LocalCluster;
 
 use crate::support::{self, FreshDb, output_text};
 

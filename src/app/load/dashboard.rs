@@ -3,8 +3,8 @@
 
 use std::net::SocketAddr;
 
-use railyard::watch::{WatchOptions, Watcher};
 use railyard::{Database, StatementStats};
+use railyard_ops::watch::{WatchOptions, Watcher};
 
 use crate::app::AppError;
 
@@ -48,9 +48,9 @@ pub async fn serve(
             ..WatchOptions::default()
         },
     );
-    let app = railyard::http::router_with_dashboard(
+    let app = railyard_http::router_with_dashboard(
         db.clone(),
-        railyard::http::Readiness::new(),
+        railyard_http::Readiness::new(),
         watcher,
         None,
     );

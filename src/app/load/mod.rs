@@ -22,7 +22,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use railyard::{Database, LocalCluster};
+use railyard::Database;
+use railyard_local::LocalCluster;
 use serde::Serialize;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;

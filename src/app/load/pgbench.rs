@@ -6,8 +6,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use diesel_async::SimpleAsyncConnection;
+use railyard::Database;
 use railyard::config::Host;
-use railyard::{Database, LocalCluster};
+use railyard_local::LocalCluster;
 
 use super::PgbenchFigure;
 

@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use rand::{RngExt, SeedableRng};
 
 /// What an operation does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
@@ -155,7 +155,7 @@ impl Zipf {
     }
 
     /// A rank.
-    pub fn sample(&self, rng: &mut impl Rng) -> usize {
+    pub fn sample(&self, rng: &mut impl RngExt) -> usize {
         let u: f64 = rng.random();
         self.cdf.partition_point(|&c| c < u).min(self.cdf.len() - 1)
     }

@@ -1,0 +1,88 @@
+//! The operator tools' errors.
+
+/// An operator tool failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The data layer failed (a connection, a query, a configuration); see
+    /// [`railyard::Error::class`] for what it means.
+    #[error(transparent)]
+    Core(#[from] railyard::Error),
+
+    /// The alert rules (a rules file, a silence) were refused; the message
+    /// names the rule or field, never a value from the file.
+    #[error("alerts: {0}")]
+    Alerts(String),
+
+    /// A retention run could not make or archive a partition; what it had
+    /// begun was rolled back, and the next run tries again.
+    #[error("retention: {0}")]
+    Retention(String),
+
+    /// Index advice could not be written as asked (a bad migration name,
+    /// nothing verified to write, a migration that exists already).
+    #[error("index advice: {0}")]
+    Advice(String),
+
+    /// A backup, restore or restore drill could not be done as asked (no
+    /// backup to restore, a bad target time, a repository that is not set
+    /// up); the message says what to do.
+    #[error("backup: {0}")]
+    Backup(String),
+
+    /// The local cluster a backup or drill works on failed.
+    #[error(transparent)]
+    Local(#[from] railyard_local::Error),
+
+    /// An I/O error outside a connection (files, processes).
+    #[error("{context}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+}
+
+impl Error {
+    /// A step that did not finish within `deadline`, as the data layer's
+    /// [`railyard::Error::Timeout`].
+    pub(crate) fn timeout(deadline: std::time::Duration, what: &str) -> Self {
+        Error::Core(railyard::Error::Timeout {
+            deadline,
+            attempts: 1,
+            last: Some(what.to_owned()),
+        })
+    }
+
+    pub(crate) fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        Error::Io {
+            context: context.into(),
+            source,
+        }
+    }
+}
+
+impl From<railyard::error::ConfigError> for Error {
+    fn from(e: railyard::error::ConfigError) -> Self {
+        Error::Core(e.into())
+    }
+}
+
+impl From<railyard::error::ConnectError> for Error {
+    fn from(e: railyard::error::ConnectError) -> Self {
+        Error::Core(e.into())
+    }
+}
+
+impl From<railyard::error::MigrationError> for Error {
+    fn from(e: railyard::error::MigrationError) -> Self {
+        Error::Core(e.into())
+    }
+}
+
+impl From<diesel::result::Error> for Error {
+    fn from(e: diesel::result::Error) -> Self {
+        Error::Core(e.into())
+    }
+}

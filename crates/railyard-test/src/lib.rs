@@ -1,0 +1,950 @@
+//! # railyard-test
+//!
+//! The rollback-isolated test harness for applications on [`railyard`]:
+//! `#[railyard_test::test]`, query-count assertions and proptest cases in
+//! savepoints.
+//!
+//! ```no_run
+//! # mod doc {
+//! use diesel_async::RunQueryDsl;
+//!
+//! #[railyard_test::test]
+//! async fn signs_up_a_user(db: railyard::Database) {
+//!     db.write(async |conn| {
+//!         diesel::sql_query("INSERT INTO users (email, name) VALUES ('a@example.test', 'A')")
+//!             .execute(conn)
+//!             .await
+//!             .map_err(railyard::Error::from)
+//!     })
+//!     .await
+//!     .unwrap();
+//!     // … assertions; everything is rolled back when the test ends.
+//! }
+//! # }
+//! ```
+//!
+//! How it works:
+//!
+//! - The first test of a run joins the local cluster (or `TEST_DATABASE_URL`,
+//!   a superuser URL), and under an advisory lock (safe across concurrent test
+//!   processes, `cargo test` and nextest alike) makes a template database with the
+//!   migrations applied, named by their checksums, and a shared test database
+//!   cloned from it. Later runs reuse both while the migrations are unchanged.
+//! - Each test gets one connection to the shared test database, inside `BEGIN`,
+//!   and a normal [`Database`] whose every route (primary and replicas) uses that
+//!   connection. Tests run in parallel, one connection each.
+//! - Inside the test, `db.transaction` and `db.write` become savepoints (rolled
+//!   back *and released* on error, never retried); isolation level, `READ ONLY`
+//!   and `DEFERRABLE` cannot change inside a transaction and are not applied; a
+//!   statement timeout is applied with `SET LOCAL` and lasts until the test ends.
+//!   Tasks the test spawns share the connection (one operation at a time).
+//! - At the end, deferred constraints are checked (`SET CONSTRAINTS ALL
+//!   IMMEDIATE`), then everything is rolled back, also when the test panics. Code
+//!   under test that commits or rolls back the test's transaction gets
+//!   [`Error::TestIsolation`] and fails the test.
+//! - `isolation = "database"` gives a fresh database cloned from the template,
+//!   for tests that must commit; it is dropped after success and kept (its name
+//!   printed) after a failure.
+//! - `stale_replica` sends replica reads without a causal token to a second
+//!   connection that cannot see the test's uncommitted writes, so code that reads
+//!   its own writes without a [`Session`](railyard::Session) fails here rather than in
+//!   production.
+//! - [`proptest_cases`] runs each proptest case in its own savepoint.
+//! - Tests that meet on the same rows do not fail each other. Each test's
+//!   `application_name` is its name and its `lock_timeout` is its lock bound
+//!   (`#[railyard_test::test(lock_timeout = "30s")]`, else
+//!   `RAILYARD_TEST_LOCK_TIMEOUT`, else [`DEFAULT_LOCK_TIMEOUT`], 10 s). A `db.transaction`,
+//!   `db.write`, `db.read` or `db.with_primary` that fails with 40P01
+//!   (deadlock), 40001 or 55P03 (`NOWAIT` or the lock timeout) is rolled back
+//!   to its savepoint, which releases the locks it took, and run again after a
+//!   short pause; it then waits until the other test ends. When the bound
+//!   passes it fails with [`Error::Blocked`], which names the test that held
+//!   the lock (a watchdog asks `pg_blocking_pids` while a request waits). Two
+//!   tests that insert the same two keys in opposite orders both pass.
+//!   Statements run directly on `db.primary()` are not in a savepoint and are
+//!   not retried; when such a test fails, the harness still prints who held
+//!   the lock it waited for.
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use diesel_async::{AnsiTransactionManager, SimpleAsyncConnection, TransactionManager};
+use futures_util::FutureExt;
+
+use railyard::config::{Config, ConnectTarget, TargetSessionAttrs};
+use railyard::conn::Conn;
+use railyard::conn::open::Opener;
+use railyard::conn::wire::TxStatus;
+use railyard::database::Database;
+use railyard::error::{ConfigError, Error};
+use railyard::exec::contention::{Blockers, Contention};
+use railyard::migrate::Migrator;
+use railyard_local::LocalCluster;
+
+#[doc(hidden)]
+pub use diesel_migrations as __diesel_migrations;
+pub use railyard_macros::test;
+
+/// How a test is isolated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isolation {
+    /// One transaction, rolled back at the end (the default).
+    Transaction,
+    /// A fresh database cloned from the migrated template.
+    Database,
+}
+
+/// What `#[railyard_test::test]` passes to [`run`].
+#[derive(Debug, Clone, Copy)]
+pub struct TestOptions {
+    /// The test's full name, for messages and database names.
+    pub name: &'static str,
+    /// Transaction or database isolation.
+    pub isolation: Isolation,
+    /// Untokened replica reads see only committed data.
+    pub stale_replica: bool,
+    /// The migrations the test database needs.
+    pub migrations: fn() -> Migrator,
+    /// How long the test's work may be held up by other tests' locks before
+    /// it fails naming them (`None`: `RAILYARD_TEST_LOCK_TIMEOUT`, else
+    /// [`DEFAULT_LOCK_TIMEOUT`]).
+    pub lock_timeout: Option<Duration>,
+}
+
+/// How long a test's work may be held up by other tests' locks, unless the
+/// test (`lock_timeout = "…"`) or `RAILYARD_TEST_LOCK_TIMEOUT` says otherwise.
+pub const DEFAULT_LOCK_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The test's lock bound: its own, else the environment's, else the default.
+fn lock_bound(options: &TestOptions, env: Option<String>) -> Result<Duration, String> {
+    if let Some(d) = options.lock_timeout {
+        return Ok(d);
+    }
+    match env {
+        None => Ok(DEFAULT_LOCK_TIMEOUT),
+        Some(v) => humantime::parse_duration(v.trim())
+            .ok()
+            .filter(|d| !d.is_zero() && d.as_millis() <= i32::MAX as u128)
+            .ok_or_else(|| {
+                format!(
+                    "RAILYARD_TEST_LOCK_TIMEOUT={v:?} is not a duration between 1ms and 24 days; write it like \"10s\" or \"1500ms\""
+                )
+            }),
+    }
+}
+
+/// What a test body may return: nothing, or a `Result` whose error fails the test.
+pub trait TestOutcome {
+    /// `Err` with a message when the test failed.
+    fn into_result(self) -> Result<(), String>;
+}
+
+impl TestOutcome for () {
+    fn into_result(self) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+impl<E: std::fmt::Debug> TestOutcome for Result<(), E> {
+    fn into_result(self) -> Result<(), String> {
+        self.map_err(|e| format!("{e:?}"))
+    }
+}
+
+/// A prepared server: where the template and the shared test database are.
+#[derive(Debug, Clone)]
+struct Prepared {
+    /// A superuser target on the `postgres` database.
+    admin: ConnectTarget,
+    template: String,
+    shared: String,
+}
+
+fn prepared_cache() -> &'static Mutex<HashMap<String, Arc<tokio::sync::OnceCell<Prepared>>>> {
+    static CACHE: OnceLock<Mutex<HashMap<String, Arc<tokio::sync::OnceCell<Prepared>>>>> =
+        OnceLock::new();
+    CACHE.get_or_init(Default::default)
+}
+
+/// The server the harness uses: `TEST_DATABASE_URL`, or the local cluster
+/// (over its Unix socket).
+async fn admin_target() -> Result<ConnectTarget, Error> {
+    if let Ok(url) = std::env::var("TEST_DATABASE_URL") {
+        let t: ConnectTarget = url.parse().map_err(|mut e: ConfigError| {
+            e.field = format!("TEST_DATABASE_URL ({})", e.field);
+            e
+        })?;
+        return Ok(t.with_dbname("postgres"));
+    }
+    let cluster = LocalCluster::shared().await.map_err(|e| {
+        ConfigError::hidden(
+            "TEST_DATABASE_URL",
+            format!("not set, and the local PostgreSQL cluster that stands in for it could not start: {e}"),
+        )
+    })?;
+    Ok(cluster.primary_socket_target("postgres"))
+}
+
+async fn connect(target: ConnectTarget) -> Result<Conn, Error> {
+    // Instrumented without hooks: only so that a test can count its
+    // statements (`assert_max_queries`); nothing is formatted otherwise.
+    let config = Arc::new(Config::new(target.clone()));
+    railyard::observe::recorded(Opener::new(target, config, TargetSessionAttrs::Any)?)
+        .open()
+        .await
+}
+
+/// Runs `work` and fails the test when it ran more than `max` statements on
+/// the test's connection, listing them (literals replaced by `?`; transaction
+/// control and `SET` are not counted). Returns `work`'s value. The
+/// [`assert_max_queries!`](macro@crate::assert_max_queries) macro wraps it.
+///
+/// ```no_run
+/// use diesel_async::RunQueryDsl;
+/// # async fn demo(db: railyard::Database) -> Result<(), railyard::Error> {
+/// let n = railyard_test::assert_max_queries(&db, 1, async {
+///     db.read(async |conn| {
+///         diesel::sql_query("SELECT 1").execute(conn).await.map_err(railyard::Error::from)
+///     })
+///     .await
+/// })
+/// .await?;
+/// # Ok(()) }
+/// ```
+///
+/// # Panics
+/// When more than `max` statements ran, and when `db` is not the `Database`
+/// a `#[railyard_test::test]` receives.
+pub async fn assert_max_queries<T>(
+    db: &Database,
+    max: usize,
+    work: impl std::future::Future<Output = T>,
+) -> T {
+    let (value, statements, total) = count_queries(db, work).await;
+    if total > max {
+        let listed: Vec<String> = statements
+            .iter()
+            .enumerate()
+            .map(|(i, s)| format!("  {:>3}. {s}", i + 1))
+            .collect();
+        panic!(
+            "{total} statements ran where at most {max} were allowed:\n{}{}",
+            listed.join("\n"),
+            if total > statements.len() {
+                format!("\n  … and {} more", total - statements.len())
+            } else {
+                String::new()
+            }
+        );
+    }
+    value
+}
+
+/// Runs `work` and returns its value, the statements it ran on the test's
+/// connection (literals replaced by `?`; at most 1,000 kept) and how many ran.
+///
+/// # Panics
+/// When `db` is not the `Database` a `#[railyard_test::test]` receives.
+pub async fn count_queries<T>(
+    db: &Database,
+    work: impl std::future::Future<Output = T>,
+) -> (T, Vec<String>, usize) {
+    let labels = db.pinned_recording().expect(
+        "count_queries and assert_max_queries need the Database a #[railyard_test::test] receives",
+    );
+    labels.recording.arm();
+    let value = work.await;
+    let (statements, total) = labels.recording.disarm();
+    (value, statements, total)
+}
+
+/// Fails the test when the block runs more than `max` statements on the
+/// test's connection, listing them; evaluates to the block's value. See
+/// [`assert_max_queries`](fn@crate::assert_max_queries).
+///
+/// ```no_run
+/// # async fn demo(db: railyard::Database) {
+/// railyard_test::assert_max_queries!(db, 2, {
+///     // … the code under test
+/// });
+/// # }
+/// ```
+#[macro_export]
+macro_rules! assert_max_queries {
+    ($db:expr, $max:expr, $body:block) => {
+        $crate::assert_max_queries(&$db, $max, async { $body }).await
+    };
+}
+
+/// A runtime that drives the harness's connections, so that a connection can
+/// outlive the test (and the per-test runtime) that opened it and serve the
+/// next test: no connect, TLS or authentication per test.
+fn background() -> &'static tokio::runtime::Runtime {
+    static BG: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+    BG.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("railyard-harness")
+            .enable_all()
+            .build()
+            .expect("the harness's background runtime")
+    })
+}
+
+fn idle() -> &'static Mutex<HashMap<String, Vec<Conn>>> {
+    static IDLE: OnceLock<Mutex<HashMap<String, Vec<Conn>>>> = OnceLock::new();
+    IDLE.get_or_init(Default::default)
+}
+
+/// A connection to `target` that is idle and outside any transaction: reused
+/// from an earlier test, or opened on the background runtime.
+async fn checkout(target: &ConnectTarget) -> Result<Conn, Error> {
+    let key = target.to_string();
+    loop {
+        let reused = idle()
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_mut(&key)
+            .and_then(Vec::pop);
+        match reused {
+            Some(mut c) => {
+                if c.wire().is_settled_idle() && c.transaction_depth() == 0 {
+                    return Ok(c);
+                }
+            }
+            None => break,
+        }
+    }
+    let t = target.clone();
+    background()
+        .spawn(connect(t))
+        .await
+        .map_err(|e| Error::TestIsolation(format!("the harness's connect task failed: {e}")))?
+}
+
+fn checkin(target: &ConnectTarget, mut conn: Conn) {
+    if conn.wire().is_settled_idle() && conn.transaction_depth() == 0 {
+        idle()
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(target.to_string())
+            .or_default()
+            .push(conn);
+    }
+}
+
+fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// Serialises database creation across processes (CREATE DATABASE … TEMPLATE
+/// needs the template idle, and two processes must not both make it), and
+/// with `railyard local gc`.
+use railyard_local::scratch::{HARNESS_LOCK, TEMPLATE_READY};
+
+async fn with_harness_lock<T>(
+    admin: &mut Conn,
+    f: impl AsyncFnOnce(&mut Conn) -> Result<T, Error>,
+) -> Result<T, Error> {
+    admin
+        .batch_execute(&format!("SELECT pg_advisory_lock({HARNESS_LOCK})"))
+        .await?;
+    let r = f(admin).await;
+    let _ = admin
+        .batch_execute(&format!("SELECT pg_advisory_unlock({HARNESS_LOCK})"))
+        .await;
+    r
+}
+
+#[derive(diesel::QueryableByName)]
+struct Flag {
+    #[diesel(sql_type = diesel::sql_types::Bool)]
+    ok: bool,
+}
+
+async fn database_exists(admin: &mut Conn, name: &str, ready_only: bool) -> Result<bool, Error> {
+    use diesel_async::RunQueryDsl;
+    let sql = if ready_only {
+        "SELECT EXISTS (SELECT 1 FROM pg_database d JOIN pg_shdescription s ON s.objoid = d.oid \
+         AND s.classoid = 'pg_database'::regclass WHERE d.datname = $1 AND s.description LIKE 'railyard template ready%') AS ok"
+    } else {
+        "SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1) AS ok"
+    };
+    let f: Flag = diesel::sql_query(sql)
+        .bind::<diesel::sql_types::Text, _>(name)
+        .get_result(admin)
+        .await?;
+    Ok(f.ok)
+}
+
+/// Ends the sessions still connected to the template, so that `CREATE
+/// DATABASE … TEMPLATE` can copy it. Under the harness lock nobody uses the
+/// template, but a pooler in front of the server (PgBouncer in session mode)
+/// keeps the migration run's server connection open after it ended.
+async fn release_template(admin: &mut Conn, template: &str) -> Result<(), Error> {
+    use diesel_async::RunQueryDsl;
+    diesel::sql_query(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+         WHERE datname = $1 AND pid <> pg_backend_pid()",
+    )
+    .bind::<diesel::sql_types::Text, _>(template)
+    .execute(admin)
+    .await?;
+    Ok(())
+}
+
+/// Once per process, on the local cluster: reclaims what dead runs left
+/// (their scratch databases and private clusters) and templates not prepared
+/// for an hour.
+async fn reap_once() {
+    static STARTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if std::env::var_os("TEST_DATABASE_URL").is_some()
+        || STARTED.swap(true, std::sync::atomic::Ordering::SeqCst)
+    {
+        return;
+    }
+    let Ok(cluster) = LocalCluster::shared().await else {
+        return;
+    };
+    match cluster.gc(std::time::Duration::from_secs(3600)).await {
+        Ok(r) if r.bytes() > 0 => eprintln!(
+            "railyard test harness: reclaimed {} MB left by earlier runs ({} databases, {} templates, {} clusters)",
+            r.bytes() / 1_000_000,
+            r.databases.len(),
+            r.templates.len(),
+            r.clusters.len()
+        ),
+        Ok(_) => {}
+        Err(e) => {
+            tracing::warn!(target: "railyard::test", error = %e, "could not reclaim earlier runs' leftovers")
+        }
+    }
+}
+
+/// Creates (once per migration set, across processes) the migrated template and
+/// the shared test database cloned from it.
+async fn prepare(migrations: fn() -> Migrator) -> Result<Prepared, Error> {
+    let migrator = migrations();
+    let fingerprint = migrator.fingerprint()?;
+    let cell = {
+        let mut cache = prepared_cache().lock().unwrap_or_else(|p| p.into_inner());
+        cache.entry(fingerprint.clone()).or_default().clone()
+    };
+    cell.get_or_try_init(|| async {
+        let admin_target = admin_target().await?;
+        let template = format!("railyard_tpl_{fingerprint}");
+        let shared = format!("railyard_test_{fingerprint}");
+        reap_once().await;
+        let mut admin = connect(admin_target.clone()).await?;
+        with_harness_lock(&mut admin, async |admin| {
+            if !database_exists(admin, &template, true).await? {
+                admin
+                    .batch_execute(&format!(
+                        "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                        quote_ident(&template)
+                    ))
+                    .await?;
+                admin
+                    .batch_execute(&format!("CREATE DATABASE {}", quote_ident(&template)))
+                    .await?;
+                let config = Config::new(admin_target.with_dbname(&template));
+                // The template starts empty: the backup before a risky
+                // migration is a pg_dump into a directory removed after the
+                // run (never the application's pgBackRest or dump directory).
+                let dumps = std::env::temp_dir().join(format!(
+                    "railyard-tpl-dumps-{}-{fingerprint}",
+                    std::process::id()
+                ));
+                let run = migrator
+                    .clone()
+                    .backup_before_risky(railyard::migrate::BeforeRisky::pg_dump(&dumps))
+                    .run(&config)
+                    .await;
+                let _ = tokio::fs::remove_dir_all(&dumps).await;
+                if let Err(e) = run {
+                    // No half-made template stays behind.
+                    let _ = admin
+                        .batch_execute(&format!(
+                            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                            quote_ident(&template)
+                        ))
+                        .await;
+                    return Err(e);
+                }
+            }
+            // When it was last prepared: `railyard local gc` keeps recent ones.
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs();
+            admin
+                .batch_execute(&format!(
+                    "COMMENT ON DATABASE {} IS '{TEMPLATE_READY}; prepared={now}'",
+                    quote_ident(&template)
+                ))
+                .await?;
+            if !database_exists(admin, &shared, false).await? {
+                release_template(admin, &template).await?;
+                admin
+                    .batch_execute(&format!(
+                        "CREATE DATABASE {} TEMPLATE {}",
+                        quote_ident(&shared),
+                        quote_ident(&template)
+                    ))
+                    .await?;
+            }
+            Ok(())
+        })
+        .await?;
+        Ok::<_, Error>(Prepared {
+            admin: admin_target,
+            template,
+            shared,
+        })
+    })
+    .await
+    .cloned()
+}
+
+/// Runs one test: what `#[railyard_test::test]` expands to.
+///
+/// # Panics
+///
+/// When the test fails (panics or returns an error), when isolation was broken,
+/// or when the harness cannot reach a server (the message says what to install
+/// or set).
+pub fn run<F, Fut>(options: TestOptions, test: F)
+where
+    F: FnOnce(Database) -> Fut,
+    Fut: Future,
+    Fut::Output: TestOutcome,
+{
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("a tokio runtime for the test");
+    let outcome = rt.block_on(async move {
+        let prepared = match prepare(options.migrations).await {
+            Ok(p) => p,
+            Err(e) => {
+                return Err(format!(
+                    "the test harness could not prepare a database: {e}"
+                ));
+            }
+        };
+        match options.isolation {
+            Isolation::Transaction => in_transaction(&prepared, options, test).await,
+            Isolation::Database => in_database(&prepared, options, test).await,
+        }
+    });
+    drop(rt);
+    if let Err(message) = outcome {
+        panic!("{}: {message}", options.name);
+    }
+}
+
+async fn in_transaction<F, Fut>(
+    prepared: &Prepared,
+    options: TestOptions,
+    test: F,
+) -> Result<(), String>
+where
+    F: FnOnce(Database) -> Fut,
+    Fut: Future,
+    Fut::Output: TestOutcome,
+{
+    let bound = lock_bound(&options, std::env::var("RAILYARD_TEST_LOCK_TIMEOUT").ok())?;
+    let target = prepared.admin.with_dbname(&prepared.shared);
+    let mut conn = checkout(&target).await.map_err(|e| e.to_string())?;
+    AnsiTransactionManager::begin_transaction(conn.pg())
+        .await
+        .map_err(|e| format!("BEGIN failed: {e}"))?;
+    conn.batch_execute(&contention_settings(options.name, bound))
+        .await
+        .map_err(|e| format!("setting the test's application_name and lock_timeout failed: {e}"))?;
+    let stale = if options.stale_replica {
+        Some(checkout(&target).await.map_err(|e| e.to_string())?)
+    } else {
+        None
+    };
+    let contention = Arc::new(Contention::new(bound));
+    let seen = Arc::new(Blockers::default());
+    let watchdog = tokio::spawn(watch_locks(
+        prepared.admin.clone(),
+        conn.info().backend_pid,
+        conn.wire_arc(),
+        contention.clone(),
+        seen.clone(),
+    ));
+    let db = Database::pinned_to(
+        Config::new(target.clone()),
+        conn,
+        stale,
+        Some(contention),
+        (options.migrations)(),
+    );
+    let result = AssertUnwindSafe(test(db.clone())).catch_unwind().await;
+    watchdog.abort();
+    let blocked_note = seen
+        .last()
+        .map(|who| format!("while it ran, it waited for locks held by {who}"));
+    // Whatever happened, end the transaction: deferred constraints first.
+    let mut conn = db.primary().await.map_err(|e| e.to_string())?;
+    conn.wire().quiesce(Duration::from_millis(200)).await;
+    let still_open = conn.wire().tx_status() != TxStatus::Idle;
+    let deferred = if still_open && conn.wire().tx_status() != TxStatus::Failed {
+        conn.batch_execute("SET CONSTRAINTS ALL IMMEDIATE")
+            .await
+            .err()
+    } else {
+        None
+    };
+    if still_open {
+        AnsiTransactionManager::rollback_transaction(conn.pg())
+            .await
+            .map_err(|e| format!("ROLLBACK failed: {e}"))?;
+    }
+    drop(conn);
+    let (conn, stale) = db.unpin().await;
+    for conn in conn.into_iter().chain(stale) {
+        checkin(&target, conn);
+    }
+    match result {
+        Err(panic) => {
+            if let Some(note) = &blocked_note {
+                eprintln!("{}: {note}", options.name);
+            }
+            std::panic::resume_unwind(panic)
+        }
+        Ok(out) => out.into_result().map_err(|message| match &blocked_note {
+            Some(note) => format!("{message} ({note})"),
+            None => message,
+        })?,
+    }
+    if !still_open {
+        return Err(Error::TestIsolation(
+            "the code under test ended the test's transaction (COMMIT or ROLLBACK); what it wrote may have been committed".into(),
+        )
+        .to_string());
+    }
+    if let Some(e) = deferred {
+        return Err(format!(
+            "a deferred constraint does not hold at the end of the test (it would fail at COMMIT): {e}"
+        ));
+    }
+    Ok(())
+}
+
+/// What the harness sets at the start of each test's transaction (`SET
+/// LOCAL`, so the reused connection is clean for the next test):
+/// `application_name` = the test's name, so that a test held up by this one
+/// can name it; `lock_timeout` = the lock bound, so that no wait outlasts it;
+/// and, for a superuser, a short `deadlock_timeout`, so that two tests that
+/// deadlock find out in a fifth of a second rather than a second.
+fn contention_settings(name: &str, bound: Duration) -> String {
+    // application_name keeps 63 bytes: keep the end of a long path, where the
+    // test's own name is.
+    let mut start = name.len().saturating_sub(63);
+    while !name.is_char_boundary(start) {
+        start += 1;
+    }
+    let app = name[start..].replace('\'', "''");
+    format!(
+        "SET LOCAL application_name = '{app}'; SET LOCAL lock_timeout = {}; \
+         SELECT set_config('deadlock_timeout', '200ms', true) FROM pg_roles \
+         WHERE rolname = current_user AND rolsuper",
+        bound.as_millis().clamp(1, i32::MAX as u128)
+    )
+}
+
+/// Who blocks backend `$1`: each blocker's `application_name` (a test's name,
+/// under the harness), pid and how long its transaction has been open.
+const BLOCKERS_SQL: &str = "SELECT string_agg(format('%s (pid %s, its transaction open for %s s)', \
+     CASE WHEN application_name = '' THEN 'a session without an application_name' ELSE application_name END, \
+     pid, COALESCE(round(extract(epoch FROM now() - xact_start)::numeric, 1)::text, '?')), '; ' ORDER BY pid) AS who \
+     FROM pg_stat_activity WHERE pid = ANY(pg_blocking_pids($1))";
+
+#[derive(diesel::QueryableByName)]
+struct Who {
+    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Text>)]
+    who: Option<String>,
+}
+
+/// The connection the lock watchdogs ask on: one per process, opened when a
+/// test first waits, reopened after a failure.
+fn observer() -> &'static tokio::sync::Mutex<Option<Conn>> {
+    static OBSERVER: OnceLock<tokio::sync::Mutex<Option<Conn>>> = OnceLock::new();
+    OBSERVER.get_or_init(Default::default)
+}
+
+async fn blockers_of(admin: &ConnectTarget, pid: i32) -> Result<Option<String>, Error> {
+    use diesel_async::RunQueryDsl;
+    let mut slot = observer().lock().await;
+    let conn = match &mut *slot {
+        Some(c) => c,
+        empty => {
+            let t = admin.clone();
+            let c = background().spawn(connect(t)).await.map_err(|e| {
+                Error::TestIsolation(format!("the harness's connect task failed: {e}"))
+            })??;
+            empty.insert(c)
+        }
+    };
+    let r = diesel::sql_query(BLOCKERS_SQL)
+        .bind::<diesel::sql_types::Integer, _>(pid)
+        .get_result::<Who>(conn)
+        .await;
+    match r {
+        Ok(w) => Ok(w.who),
+        Err(e) => {
+            *slot = None;
+            Err(e.into())
+        }
+    }
+}
+
+/// How often the watchdog looks at the test's connection, and how long a
+/// request must have been waiting before it asks the server who blocks it.
+const WATCH_EVERY: Duration = Duration::from_millis(100);
+const ASK_AFTER: Duration = Duration::from_millis(200);
+
+/// Runs beside a test: while one of the test's requests has been waiting for
+/// longer than [`ASK_AFTER`], asks the server (on the observer connection)
+/// who blocks the test's backend, and records it for the error the test gets
+/// if it gives up, and for the failure message. Costs nothing while the
+/// test's requests are answered promptly.
+async fn watch_locks(
+    admin: ConnectTarget,
+    pid: i32,
+    wire: Arc<railyard::conn::wire::WireState>,
+    contention: Arc<Contention>,
+    seen: Arc<Blockers>,
+) {
+    let mut waiting: Option<(u64, tokio::time::Instant)> = None;
+    loop {
+        tokio::time::sleep(WATCH_EVERY).await;
+        if wire.is_closed() {
+            return;
+        }
+        if wire.in_flight() == 0 {
+            waiting = None;
+            continue;
+        }
+        let ready = wire.ready_count();
+        let since = match waiting {
+            Some((r, since)) if r == ready => since,
+            _ => {
+                waiting = Some((ready, tokio::time::Instant::now()));
+                continue;
+            }
+        };
+        if since.elapsed() < ASK_AFTER {
+            continue;
+        }
+        match tokio::time::timeout(Duration::from_secs(2), blockers_of(&admin, pid)).await {
+            Ok(Ok(Some(who))) => {
+                contention.blockers.saw(who.clone());
+                seen.saw(who);
+            }
+            Ok(Ok(None)) => {}
+            Ok(Err(e)) => {
+                tracing::debug!(target: "railyard::test", error = %e, "the lock watchdog could not ask who blocks the test")
+            }
+            Err(_) => {
+                tracing::debug!(target: "railyard::test", "the lock watchdog's question timed out")
+            }
+        }
+    }
+}
+
+async fn in_database<F, Fut>(
+    prepared: &Prepared,
+    options: TestOptions,
+    test: F,
+) -> Result<(), String>
+where
+    F: FnOnce(Database) -> Fut,
+    Fut: Future,
+    Fut::Output: TestOutcome,
+{
+    let short: String = options
+        .name
+        .rsplit("::")
+        .next()
+        .unwrap_or("test")
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '_')
+        .take(30)
+        .collect();
+    let name = format!("rt_{short}_{:08x}", rand::random::<u32>());
+    let mut admin = connect(prepared.admin.clone())
+        .await
+        .map_err(|e| e.to_string())?;
+    with_harness_lock(&mut admin, async |admin| {
+        release_template(admin, &prepared.template).await?;
+        admin
+            .batch_execute(&format!(
+                "CREATE DATABASE {} TEMPLATE {}",
+                quote_ident(&name),
+                quote_ident(&prepared.template),
+            ))
+            .await?;
+        // A killed run's database is dropped by a later run.
+        admin
+            .batch_execute(&format!(
+                "COMMENT ON DATABASE {} IS '{}'",
+                quote_ident(&name),
+                railyard_local::scratch::scratch_comment(),
+            ))
+            .await
+            .map_err(Error::from)
+    })
+    .await
+    .map_err(|e| e.to_string())?;
+    let mut config = Config::new(prepared.admin.with_dbname(&name));
+    if std::env::var_os("TEST_DATABASE_URL").is_none()
+        && let Ok(cluster) = LocalCluster::shared().await
+        && let Some(r) = cluster.replica_socket_target(&name)
+    {
+        config = config.replica(r);
+    }
+    let db = Database::builder(config)
+        .connect()
+        .await
+        .map_err(|e| e.to_string())?;
+    let result = AssertUnwindSafe(test(db.clone())).catch_unwind().await;
+    drop(db);
+    let failed = result.is_err();
+    let outcome = match result {
+        Err(panic) => {
+            eprintln!("{}: kept database {name} for inspection", options.name);
+            std::panic::resume_unwind(panic)
+        }
+        Ok(out) => out.into_result(),
+    };
+    if outcome.is_err() || failed {
+        eprintln!("{}: kept database {name} for inspection", options.name);
+    } else {
+        let _ = admin
+            .batch_execute(&format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                quote_ident(&name)
+            ))
+            .await;
+    }
+    outcome
+}
+
+/// Runs a proptest inside a harness test: each case runs in its own savepoint
+/// of the test's transaction, rolled back after the case (shrinking included),
+/// so fixtures made before the call are shared and cases never see each other's
+/// rows. Needs the harness's multi-threaded runtime (as `#[railyard_test::test]`
+/// gives).
+///
+/// ```no_run
+/// use proptest::prelude::*;
+/// # async fn demo(db: railyard::Database) {
+/// railyard_test::proptest_cases(&db, ProptestConfig::with_cases(64), 0..100i64, async |db, n| {
+///     // … use db; return Err(TestCaseError::fail("…")) to fail the case …
+///     Ok(())
+/// })
+/// .await
+/// .unwrap();
+/// # }
+/// ```
+pub async fn proptest_cases<S, F>(
+    db: &Database,
+    config: proptest::test_runner::Config,
+    strategy: S,
+    case: F,
+) -> Result<(), proptest::test_runner::TestError<S::Value>>
+where
+    S: proptest::strategy::Strategy,
+    F: AsyncFn(Database, S::Value) -> Result<(), proptest::test_runner::TestCaseError>,
+{
+    use proptest::test_runner::{TestCaseError, TestRunner};
+    let handle = tokio::runtime::Handle::current();
+    tokio::task::block_in_place(|| {
+        let mut runner = TestRunner::new(config);
+        runner.run(&strategy, |value| {
+            handle.block_on(async {
+                let begin = {
+                    let mut conn = db.primary().await.map_err(|e| TestCaseError::fail(e.to_string()))?;
+                    AnsiTransactionManager::begin_transaction(conn.pg())
+                        .await
+                        .map_err(|e| TestCaseError::fail(e.to_string()))?;
+                    conn.transaction_depth()
+                };
+                let result = AssertUnwindSafe(case(db.clone(), value)).catch_unwind().await;
+                let mut conn = db.primary().await.map_err(|e| TestCaseError::fail(e.to_string()))?;
+                if conn.transaction_depth() != begin {
+                    return Err(TestCaseError::fail(
+                        "the case left a transaction open (a connection from `db.primary()` kept past the case?)",
+                    ));
+                }
+                conn.rollback_and_release()
+                    .await
+                    .map_err(|e| TestCaseError::fail(format!("rolling back the case: {e}")))?;
+                match result {
+                    Ok(r) => r,
+                    Err(panic) => std::panic::resume_unwind(panic),
+                }
+            })
+        })
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn options(lock_timeout: Option<Duration>) -> TestOptions {
+        TestOptions {
+            name: "unit",
+            isolation: Isolation::Transaction,
+            stale_replica: false,
+            migrations: || unreachable!("not prepared in unit tests"),
+            lock_timeout,
+        }
+    }
+
+    #[::core::prelude::v1::test]
+    fn the_lock_bound_comes_from_the_test_then_the_environment_then_the_default() {
+        let own = Some(Duration::from_secs(3));
+        assert_eq!(
+            lock_bound(&options(own), Some("1s".into())),
+            Ok(Duration::from_secs(3))
+        );
+        assert_eq!(
+            lock_bound(&options(None), Some(" 1500ms ".into())),
+            Ok(Duration::from_millis(1500))
+        );
+        assert_eq!(lock_bound(&options(None), None), Ok(DEFAULT_LOCK_TIMEOUT));
+        for bad in ["", "0s", "ten", "-1s", "100days"] {
+            let e = lock_bound(&options(None), Some(bad.into())).unwrap_err();
+            assert!(e.contains("RAILYARD_TEST_LOCK_TIMEOUT"), "{e}");
+            assert!(e.contains(&format!("{bad:?}")), "{e}");
+        }
+    }
+
+    #[::core::prelude::v1::test]
+    fn the_settings_name_the_test_and_bound_its_waits() {
+        let sql = contention_settings("it::harness::o'brien", Duration::from_millis(1500));
+        assert!(
+            sql.contains("application_name = 'it::harness::o''brien'"),
+            "{sql}"
+        );
+        assert!(sql.contains("lock_timeout = 1500"), "{sql}");
+        let long = format!("{}::the_test_itself", "m".repeat(80));
+        let sql = contention_settings(&long, Duration::from_secs(1));
+        let app = sql.split('\'').nth(1).unwrap();
+        assert!(app.len() <= 63 && app.ends_with("the_test_itself"), "{app}");
+    }
+}
