@@ -87,10 +87,15 @@ use railyard::exec::contention::{Blockers, Contention};
 use railyard::migrate::Migrator;
 use railyard_local::LocalCluster;
 
+mod pinned;
+
 #[doc(hidden)]
 pub use diesel_migrations as __diesel_migrations;
 pub use railyard_macros::test;
 
+// The attribute's plumbing: what `#[railyard_test::test]` expands to,
+// public only so that the expansion can name it.
+#[doc(hidden)]
 /// How a test is isolated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Isolation {
@@ -100,6 +105,9 @@ pub enum Isolation {
     Database,
 }
 
+// The attribute's plumbing: what `#[railyard_test::test]` expands to,
+// public only so that the expansion can name it.
+#[doc(hidden)]
 /// What `#[railyard_test::test]` passes to [`run`].
 #[derive(Debug, Clone, Copy)]
 pub struct TestOptions {
@@ -139,6 +147,9 @@ fn lock_bound(options: &TestOptions, env: Option<String>) -> Result<Duration, St
     }
 }
 
+// The attribute's plumbing: what `#[railyard_test::test]` expands to,
+// public only so that the expansion can name it.
+#[doc(hidden)]
 /// What a test body may return: nothing, or a `Result` whose error fails the test.
 pub trait TestOutcome {
     /// `Err` with a message when the test failed.
@@ -255,7 +266,7 @@ pub async fn count_queries<T>(
     db: &Database,
     work: impl std::future::Future<Output = T>,
 ) -> (T, Vec<String>, usize) {
-    let labels = db.pinned_recording().expect(
+    let labels = pinned::Pinned::of(db).and_then(|p| p.labels()).expect(
         "count_queries and assert_max_queries need the Database a #[railyard_test::test] receives",
     );
     labels.recording.arm();
@@ -512,6 +523,9 @@ async fn prepare(migrations: fn() -> Migrator) -> Result<Prepared, Error> {
     .cloned()
 }
 
+// The attribute's plumbing: what `#[railyard_test::test]` expands to,
+// public only so that the expansion can name it.
+#[doc(hidden)]
 /// Runs one test: what `#[railyard_test::test]` expands to.
 ///
 /// # Panics
@@ -583,11 +597,11 @@ where
         contention.clone(),
         seen.clone(),
     ));
-    let db = Database::pinned_to(
+    let db = pinned::Pinned::database(
         Config::new(target.clone()),
         conn,
         stale,
-        Some(contention),
+        contention,
         (options.migrations)(),
     );
     let result = AssertUnwindSafe(test(db.clone())).catch_unwind().await;
@@ -612,7 +626,10 @@ where
             .map_err(|e| format!("ROLLBACK failed: {e}"))?;
     }
     drop(conn);
-    let (conn, stale) = db.unpin().await;
+    let (conn, stale) = match pinned::Pinned::of(&db) {
+        Some(p) => p.take_back().await,
+        None => (None, None),
+    };
     for conn in conn.into_iter().chain(stale) {
         checkin(&target, conn);
     }

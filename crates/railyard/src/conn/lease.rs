@@ -1,20 +1,24 @@
-//! What a check-out hands out: a pooled connection, or exclusive use of a
-//! connection that several handles share.
+//! What a check-out hands out: a pooled connection, or a connection lent by
+//! another source (the test harness lends its test's connection).
 
 use std::fmt;
 use std::ops::{Deref, DerefMut};
 use std::sync::Arc;
-use std::time::Duration;
 
 use super::Conn;
 use super::gate::{Gate, LeaseMark};
 use super::pool::Manager;
-use crate::error::Error;
 
-/// A connection that several handles share, one user at a time (the test
-/// harness pins every route of a `Database` to one such connection). `None`
-/// once its owner has taken it back.
-pub(crate) type SharedConn = Arc<tokio::sync::Mutex<Option<Conn>>>;
+/// A connection lent to a [`PooledConn`] by a source other than the pools
+/// (see `database::ConnSource`): it goes back to its lender when dropped.
+/// Workspace-internal: the test harness implements it.
+#[doc(hidden)]
+pub trait LentConn: Send {
+    /// The connection.
+    fn conn(&self) -> &Conn;
+    /// The connection, to work on.
+    fn conn_mut(&mut self) -> &mut Conn;
+}
 
 /// A connection checked out of one of the [`Database`](crate::Database)'s pools.
 /// It goes back to the pool when dropped (or is discarded, when it is no longer
@@ -29,14 +33,12 @@ pub struct PooledConn {
 }
 
 // The pooled variant is as large as before this enum existed; boxing it would
-// add an allocation to every check-out for the sake of the shared variant.
+// add an allocation to every check-out for the sake of the lent variant.
 #[allow(clippy::large_enum_variant)]
 enum Held {
     Pool(bb8::PooledConnection<'static, Manager>),
-    Shared(tokio::sync::OwnedMutexGuard<Option<Conn>>),
+    Lent(Box<dyn LentConn>),
 }
-
-const SHARED_GONE: &str = "a shared connection is handed out only while its owner holds it";
 
 impl PooledConn {
     pub(crate) fn pooled(c: bb8::PooledConnection<'static, Manager>) -> Self {
@@ -51,39 +53,26 @@ impl PooledConn {
     }
 
     /// Counts this lease with `gate` until it is dropped. A pooled connection's
-    /// lease may be cancelled or severed by a closing `Database`; the shared
-    /// connection of the test harness is only counted.
+    /// lease may be cancelled or severed by a closing `Database`; a lent
+    /// connection (the test harness's) is only counted.
     pub(crate) fn marked(mut self, gate: &Arc<Gate>) -> Self {
         let wire = match &self.held {
             Held::Pool(c) => Some(c.wire_arc()),
-            Held::Shared(_) => None,
+            Held::Lent(_) => None,
         };
         self.mark = Some(gate.lease(wire));
         self
     }
 
-    /// Waits up to `patience` for exclusive use of a shared connection. The
-    /// lease is *enclosed*: the connection is inside a transaction that its
-    /// holder does not own, so work on it runs in savepoints and is never
-    /// retried.
-    pub(crate) async fn shared(
-        slot: &SharedConn,
-        patience: Duration,
-        enclosed: bool,
-    ) -> Result<Self, Error> {
-        match tokio::time::timeout(patience, slot.clone().lock_owned()).await {
-            Ok(guard) if guard.is_none() => Err(Error::TestIsolation(
-                "the test has ended: its connection was handed back (a task outlived the test?)"
-                    .into(),
-            )),
-            Ok(guard) => Ok(PooledConn {
-                held: Held::Shared(guard),
-                enclosed,
-                mark: None,
-            }),
-            Err(_) => Err(Error::TestIsolation(format!(
-                "the test's connection stayed busy for {patience:?}: a connection from `db.primary()` is probably still held while another operation waits for it (drop it first)"
-            ))),
+    /// A lease on a lent connection. An *enclosed* one is inside a
+    /// transaction that its holder does not own (the test's), so work on it
+    /// runs in savepoints and is never retried. Workspace-internal.
+    #[doc(hidden)]
+    pub fn lent(conn: Box<dyn LentConn>, enclosed: bool) -> Self {
+        PooledConn {
+            held: Held::Lent(conn),
+            enclosed,
+            mark: None,
         }
     }
 
@@ -105,7 +94,7 @@ impl Deref for PooledConn {
     fn deref(&self) -> &Conn {
         match &self.held {
             Held::Pool(c) => c,
-            Held::Shared(c) => c.as_ref().expect(SHARED_GONE),
+            Held::Lent(c) => c.conn(),
         }
     }
 }
@@ -114,7 +103,7 @@ impl DerefMut for PooledConn {
     fn deref_mut(&mut self) -> &mut Conn {
         match &mut self.held {
             Held::Pool(c) => c,
-            Held::Shared(c) => c.as_mut().expect(SHARED_GONE),
+            Held::Lent(c) => c.conn_mut(),
         }
     }
 }

@@ -24,6 +24,9 @@ pub(crate) mod pool;
 pub(crate) mod queue;
 pub(crate) mod tls;
 pub(crate) mod unnamed;
+// The protocol tap's state: the executor, the test harness and the
+// product crates read it; applications do not.
+#[doc(hidden)]
 pub mod wire;
 
 use std::fmt;
@@ -41,6 +44,8 @@ use crate::error::{ConnectError, ConnectStage, Error};
 use tls::Connector;
 use wire::{Socket, Tapped, WireState};
 
+#[doc(hidden)]
+pub use lease::LentConn;
 pub use lease::PooledConn;
 pub use pool::PoolStatus;
 pub(crate) use wire::Captured;
@@ -232,8 +237,9 @@ impl Conn {
         }
     }
 
-    /// The connection's labels, when it is instrumented.
-    pub(crate) fn labels(&self) -> Option<&Arc<ConnLabels>> {
+    /// The connection's labels, when it is instrumented. Workspace-internal.
+    #[doc(hidden)]
+    pub fn labels(&self) -> Option<&Arc<ConnLabels>> {
         self.labels.as_ref()
     }
 

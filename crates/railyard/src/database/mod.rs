@@ -1,22 +1,24 @@
 //! [`Database`]: the handle applications keep, and the one place connections
 //! are handed out.
 //!
-//! A `Database` gets its connections from one of two sources: a pool per
-//! target with a router over the replicas (production), or the test harness's
-//! pinned connection. Every way it hands out a connection (`primary`,
-//! `replica`, `with_primary`, `read`, `write`, `transaction`, sessions,
-//! builders, health) goes through one function, `Database::checkout` (reads
-//! through its routed sibling `checkout_read`), the only code that looks at
-//! the source. A pinned source hands out the test's connection *enclosed* in
-//! the test's transaction, and the work runs in savepoints. A new entry point
-//! cannot leak past the harness by forgetting a branch: there is no branch to
-//! forget. The same function is where a closed handle refuses new work (see
+//! A `Database` gets its connections from its pools (a pool per target with
+//! a router over the replicas), or from another [`ConnSource`]: the test
+//! harness (`railyard-test`) lends the test's connection through that seam,
+//! and none of its code is in this crate. Every way the handle gives out a
+//! connection (`primary`, `replica`, `with_primary`, `read`, `write`,
+//! `transaction`, sessions, builders, health) goes through one function,
+//! `Database::checkout` (reads through its routed sibling `checkout_read`),
+//! the only code that looks at where connections come from. A lent
+//! connection that is *enclosed* in a transaction its holder does not own
+//! runs the work in savepoints. A new entry point cannot leak past the
+//! harness by forgetting a branch: there is no branch to forget. The same function is where a closed handle refuses new work (see
 //! [`Database::close`], in `close.rs`).
 
 mod attach;
 mod builders;
 mod close;
 mod session;
+mod source;
 
 use std::fmt;
 use std::future::Future;
@@ -29,7 +31,6 @@ use tokio_postgres::types::PgLsn;
 
 use crate::config::{Config, ConnectTarget, TargetSessionAttrs};
 use crate::conn::gate::{Gate, Lifecycle};
-use crate::conn::lease::SharedConn;
 use crate::conn::open::Opener;
 use crate::conn::pool::TargetPool;
 use crate::conn::{PoolStatus, PooledConn, Route, ServerRole};
@@ -48,6 +49,8 @@ pub use attach::Attachment;
 pub use builders::{TransactionBuilder, WriteBuilder};
 pub use close::{CLOSE_GRACE, CloseReport};
 pub use session::Session;
+#[doc(hidden)]
+pub use source::{ConnSource, SourceFuture};
 
 /// Builds a [`Database`]: pools, and migrations at boot.
 #[must_use = "a builder does nothing until `connect` is called"]
@@ -448,21 +451,9 @@ enum Connections {
         primary: Box<TargetPool>,
         router: Arc<Router>,
     },
-    /// The test harness's: every route uses `conn` (inside the test's
-    /// transaction); in stale-replica mode, reads without a causal token use
-    /// `stale`, which cannot see the test's uncommitted writes.
-    Pinned {
-        conn: SharedConn,
-        stale: Option<SharedConn>,
-        /// How enclosed work copes with other tests' locks.
-        contention: Option<Arc<Contention>>,
-        /// The pinned connection's labels (its statement recording).
-        labels: Option<Arc<crate::conn::ConnLabels>>,
-    },
+    /// Another source's (see [`ConnSource`]): the test harness's.
+    Lent(Arc<dyn ConnSource>),
 }
-
-/// How long a check-out of the harness's shared connection waits for it.
-const PIN_PATIENCE: Duration = Duration::from_secs(30);
 
 struct Inner {
     retries: Retries,
@@ -675,21 +666,16 @@ impl Database {
 
     // ---- The one check-out path -------------------------------------------
 
-    /// Hands out a connection for `want`. The only function that knows about
-    /// the harness's pin: a pinned handle gives its shared connection, enclosed
-    /// in the test's transaction, whatever was asked for.
-    /// A closed handle ([`Database::close`]) refuses at once.
+    /// Hands out a connection for `want`: from the pools, or from the
+    /// handle's [`ConnSource`] whatever was asked for. A closed handle
+    /// ([`Database::close`]) refuses at once.
     pub(crate) async fn checkout(&self, want: Want) -> Result<PooledConn, Error> {
         let gate = &self.inner.gate;
         if gate.is_closed() {
             return Err(Error::Closed { source: None });
         }
         let (primary, router) = match &self.inner.connections {
-            Connections::Pinned { conn, .. } => {
-                return Ok(PooledConn::shared(conn, PIN_PATIENCE, true)
-                    .await?
-                    .marked(gate));
-            }
+            Connections::Lent(source) => return Ok(source.checkout().await?.marked(gate)),
             Connections::Pooled { primary, router } => (&**primary, router),
         };
         let pool = match want {
@@ -744,16 +730,23 @@ impl Database {
     }
 
     /// A connection for a read at or past `floor`: a caught-up replica, else
-    /// the primary (per the routing config's [`Fallback`]). Goes through the
-    /// same pin check as [`Database::checkout`].
+    /// the primary (per the routing config's [`Fallback`]); a lent handle's
+    /// source decides for itself.
     async fn checkout_read(&self, floor: Floor) -> Result<ReadLease, Error> {
         if self.inner.gate.is_closed() {
             return Err(Error::Closed { source: None });
         }
         let router = match &self.inner.connections {
             Connections::Pooled { router, .. } => router,
-            Connections::Pinned { conn, stale, .. } => {
-                return Self::pinned_read(conn, stale.as_ref(), floor).await;
+            Connections::Lent(source) => {
+                let (conn, route) = source.checkout_read(floor != Floor::Any).await?;
+                return Ok(ReadLease {
+                    conn,
+                    route,
+                    node: None,
+                    seen: floor,
+                    _outstanding: None,
+                });
             }
         };
         let mut floor = router.resolve(floor);
@@ -805,37 +798,11 @@ impl Database {
         })
     }
 
-    /// A read on the harness's connections: the test's own connection
-    /// (enclosed), or, in stale-replica mode without a token, the connection
-    /// that sees only committed data.
-    async fn pinned_read(
-        conn: &SharedConn,
-        stale: Option<&SharedConn>,
-        floor: Floor,
-    ) -> Result<ReadLease, Error> {
-        if let (Floor::Any, Some(stale)) = (floor, stale) {
-            return Ok(ReadLease {
-                conn: PooledConn::shared(stale, PIN_PATIENCE, false).await?,
-                route: Route::Replica("stale-replica".into()),
-                node: None,
-                seen: Floor::Any,
-                _outstanding: None,
-            });
-        }
-        Ok(ReadLease {
-            conn: PooledConn::shared(conn, PIN_PATIENCE, true).await?,
-            route: Route::Replica("test-connection".into()),
-            node: None,
-            seen: floor,
-            _outstanding: None,
-        })
-    }
-
     /// The replicas, when the handle has pools.
     fn replicas(&self) -> &[Arc<ReplicaNode>] {
         match &self.inner.connections {
             Connections::Pooled { router, .. } => &router.replicas,
-            Connections::Pinned { .. } => &[],
+            Connections::Lent(_) => &[],
         }
     }
 
@@ -1041,45 +1008,14 @@ impl Database {
         }
     }
 
-    /// Runs a read on a primary connection. A read whose connection was
-    /// lost (reset, closed, given up by the stall watch) changed nothing: it
-    /// runs again on a new connection, within the retry policy's attempts
-    /// and the retry budget, after its backoff. Any other failure is the
-    /// caller's.
+    /// Runs a read on a primary connection, again on a new one when the
+    /// connection was lost (see `exec::read_primary`).
     async fn read_on_primary<F: ConnWork>(
         &self,
-        mut conn: PooledConn,
+        conn: PooledConn,
         f: F,
     ) -> Result<F::Value, F::Error> {
-        let retries = &self.inner.retries;
-        retries.budget.deposit();
-        let mut attempt = 1;
-        loop {
-            let wire = conn.wire_arc();
-            let mark = wire.mark();
-            let e = match f.clone()(&mut conn).await {
-                Ok(v) => return Ok(v),
-                Err(e) => e,
-            };
-            drop(conn);
-            let class = match wire.error_since(mark) {
-                Some(s) => s.class(wire.is_closed()),
-                None => classify(None, wire.is_closed()),
-            };
-            let lost = wire.is_closed() && class == ErrorClass::Reconnect;
-            if !lost
-                || attempt >= retries.policy.attempts()
-                || self.lifecycle() != Lifecycle::Open
-                || !retries.budget.withdraw()
-            {
-                return Err(e);
-            }
-            retries.note(class);
-            tracing::debug!(target: "railyard::retry", attempt, "a read lost its primary connection: running it again on a new one");
-            tokio::time::sleep(retries.policy.backoff(attempt)).await;
-            attempt += 1;
-            conn = self.checkout(Want::Primary).await?;
-        }
+        exec::read_primary(self, conn, f).await
     }
 
     /// The floor after a read on the primary, which just ended. The primary's
@@ -1096,7 +1032,7 @@ impl Database {
     fn after_primary_read(&self, floor: Floor) -> Floor {
         match &self.inner.connections {
             Connections::Pooled { router, .. } => router.after_primary_read(floor),
-            Connections::Pinned { .. } => floor,
+            Connections::Lent(_) => floor,
         }
     }
 
@@ -1105,7 +1041,7 @@ impl Database {
     pub(crate) fn resolve_floor(&self, floor: Floor) -> Floor {
         match &self.inner.connections {
             Connections::Pooled { router, .. } => router.resolve(floor),
-            Connections::Pinned { .. } => floor,
+            Connections::Lent(_) => floor,
         }
     }
 
@@ -1445,40 +1381,18 @@ impl Database {
             .find_map(|a| a.storage())
     }
 
-    // ---- The harness's pin --------------------------------------------------
+    // ---- Another source's connections -----------------------------------------
 
+    /// A `Database` whose every route takes its connections from `source`
+    /// (the test harness's), with no retries, pools or monitors.
+    /// Workspace-internal.
     #[doc(hidden)]
-    /// The pinned connection's statement recording (the harness's query
-    /// assertions); `None` for a pooled `Database`.
-    pub fn pinned_recording(&self) -> Option<Arc<crate::conn::ConnLabels>> {
-        match &self.inner.connections {
-            Connections::Pinned { labels, .. } => labels.clone(),
-            Connections::Pooled { .. } => None,
-        }
-    }
-
-    #[doc(hidden)]
-    /// A `Database` whose every route uses `conn` (already inside the test's
-    /// transaction), and, in stale-replica mode, `stale` for untokened reads.
-    pub fn pinned_to(
-        config: Config,
-        conn: crate::conn::Conn,
-        stale: Option<crate::conn::Conn>,
-        contention: Option<Arc<Contention>>,
-        migrator: Migrator,
-    ) -> Self {
-        let shared = |c| Arc::new(tokio::sync::Mutex::new(Some(c)));
-        let labels = conn.labels().cloned();
+    pub fn with_source(config: Config, source: Arc<dyn ConnSource>, migrator: Migrator) -> Self {
         Database {
             inner: Arc::new(Inner {
                 retries: Retries::new(RetryPolicy::never(), RetryBudget::default()),
                 config: Arc::new(config),
-                connections: Connections::Pinned {
-                    conn: shared(conn),
-                    stale: stale.map(shared),
-                    contention,
-                    labels,
-                },
+                connections: Connections::Lent(source),
                 observer: Arc::new(Observer::default()),
                 migrator: Some(migrator),
                 migrations: None,
@@ -1494,19 +1408,14 @@ impl Database {
         }
     }
 
+    /// The source of a handle made with [`Database::with_source`].
+    /// Workspace-internal.
     #[doc(hidden)]
-    /// Takes the test's connections back from a harness-made `Database`: the
-    /// pinned one and the stale-replica one.
-    pub async fn unpin(&self) -> (Option<crate::conn::Conn>, Option<crate::conn::Conn>) {
-        let Connections::Pinned { conn, stale, .. } = &self.inner.connections else {
-            return (None, None);
-        };
-        let conn = conn.lock().await.take();
-        let stale = match stale {
-            Some(s) => s.lock().await.take(),
-            None => None,
-        };
-        (conn, stale)
+    pub fn source(&self) -> Option<&dyn ConnSource> {
+        match &self.inner.connections {
+            Connections::Lent(source) => Some(&**source),
+            Connections::Pooled { .. } => None,
+        }
     }
 }
 
@@ -1551,7 +1460,7 @@ impl Source for Database {
 
     fn contention(&self) -> Option<&Contention> {
         match &self.inner.connections {
-            Connections::Pinned { contention, .. } => contention.as_deref(),
+            Connections::Lent(source) => source.contention(),
             Connections::Pooled { .. } => None,
         }
     }

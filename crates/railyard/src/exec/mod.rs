@@ -223,6 +223,8 @@ struct Failure {
     class: ErrorClass,
     phase: Phase,
     sent: bool,
+    /// The connection was gone when the failure was judged.
+    lost: bool,
     server: Option<ServerError>,
     host: String,
 }
@@ -247,6 +249,7 @@ impl Failure {
             class,
             phase,
             sent,
+            lost,
             server,
             host,
         }
@@ -257,6 +260,7 @@ impl Failure {
             class: e.class(),
             phase: Phase::Connect,
             sent: false,
+            lost: false,
             server: None,
             host: String::new(),
         }
@@ -527,7 +531,8 @@ pub(crate) async fn transaction<S: Source, F: ConnWork>(
     let attempts = AtomicU32::new(0);
     let cancel = CancelSlot::default();
     let first = std::sync::Mutex::new(Some(first));
-    let work = retrying(src, policy, false, "transaction", &attempts, |attempt| {
+    let when = RetryWhen::Safe { idempotent: false };
+    let work = retrying(src, policy, when, "transaction", &attempts, |attempt| {
         let lease = first.lock().unwrap_or_else(|p| p.into_inner()).take();
         let read_only = opts.read_only;
         let (begin, f, cancel) = (&begin, f.clone(), &cancel);
@@ -575,7 +580,8 @@ pub(crate) async fn write<S: Source, F: ConnWork>(
     let attempts = AtomicU32::new(0);
     let cancel = CancelSlot::default();
     let first = std::sync::Mutex::new(Some(first));
-    let work = retrying(src, policy, idempotent, "write", &attempts, |attempt| {
+    let when = RetryWhen::Safe { idempotent };
+    let work = retrying(src, policy, when, "write", &attempts, |attempt| {
         let lease = first.lock().unwrap_or_else(|p| p.into_inner()).take();
         let f = f.clone();
         let cancel = &cancel;
@@ -610,6 +616,47 @@ pub(crate) async fn write<S: Source, F: ConnWork>(
     });
     let span = tracing::info_span!(target: "railyard::tx", "railyard.write", otel.kind = "client", db.system.name = "postgresql", railyard.idempotent = idempotent);
     tracing::Instrument::instrument(with_deadline(deadline, work, &attempts, &cancel), span).await
+}
+
+/// Runs a read on `conn`, a primary connection. A read whose connection was
+/// lost (reset, closed, given up by the stall watch) changed nothing: it runs
+/// again on a new connection, through the retry loop of transactions and
+/// writes, within the retry policy's attempts and the budget. Any other
+/// failure is the caller's.
+pub(crate) async fn read_primary<S: Source, F: ConnWork>(
+    src: &S,
+    conn: PooledConn,
+    f: F,
+) -> Result<F::Value, F::Error> {
+    let attempts = AtomicU32::new(0);
+    let first = std::sync::Mutex::new(Some(conn));
+    let policy = &src.retries().policy;
+    retrying(src, policy, RetryWhen::Lost, "read", &attempts, |_| {
+        let lease = first.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let f = f.clone();
+        async move {
+            let mut conn = match lease {
+                Some(c) => c,
+                None => src.checkout_primary().await.map_err(|e| {
+                    let failure = Failure::connect(&e);
+                    (F::Error::from(e), failure)
+                })?,
+            };
+            let wire = conn.wire_arc();
+            let mark = wire.mark();
+            match f(&mut conn).await {
+                Ok(v) => Ok(v),
+                Err(e) => {
+                    let host = host_of(&conn);
+                    drop(conn);
+                    let failure = Failure::from_wire(&wire, mark, Phase::InFlight, host).await;
+                    Err((e, failure))
+                }
+            }
+        }
+    })
+    .await
+    .map_err(Failed::into_error)
 }
 
 /// An operation's deadline: how long it was given, and when it passes.
@@ -713,12 +760,34 @@ async fn start_attempt<S: Source, E: From<Error>>(
     })
 }
 
-/// Runs attempts until one succeeds or retrying is not safe, not allowed by the
-/// policy, or not affordable from the budget; backs off between attempts.
+/// Which failures an operation runs again after.
+#[derive(Debug, Clone, Copy)]
+enum RetryWhen {
+    /// Those after which running the work again is safe (see `retryable`).
+    Safe { idempotent: bool },
+    /// Only the loss of the connection: a read on the primary, which changed
+    /// nothing, runs again on a new connection; any other failure (a
+    /// serialization failure included) is the caller's.
+    Lost,
+}
+
+impl RetryWhen {
+    fn allows(self, f: &Failure) -> bool {
+        match self {
+            RetryWhen::Safe { idempotent } => retryable(f.class, f.phase, idempotent, f.sent),
+            RetryWhen::Lost => f.lost && f.class == ErrorClass::Reconnect,
+        }
+    }
+}
+
+/// The one retry loop: transactions, autocommit writes and primary reads.
+/// Runs attempts until one succeeds or retrying is not safe (`when`), not
+/// allowed by the policy, or not affordable from the budget; backs off
+/// between attempts.
 async fn retrying<S: Source, T, E, Fut>(
     src: &S,
     policy: &RetryPolicy,
-    idempotent: bool,
+    when: RetryWhen,
     what: &'static str,
     attempts: &AtomicU32,
     mut attempt_fn: impl FnMut(u32) -> Fut,
@@ -746,7 +815,7 @@ where
             failed.class = Some(ErrorClass::Permanent);
             return Err(failed);
         }
-        if !retryable(failure.class, failure.phase, idempotent, failure.sent) {
+        if !when.allows(&failure) {
             return Err(Failed::of(
                 enrich(e, &failure, attempt, None),
                 &failure,
