@@ -26,10 +26,16 @@ fn boot(c: &mut Criterion) {
             .expect("database");
         let target = cluster.primary_socket_target("bench_boot");
         let config = Config::new(target.clone());
+        // The ledger's newest migration is risky: its backup is a pg_dump into a
+        // directory removed after (a fresh machine has no backup set up).
+        let dumps =
+            std::env::temp_dir().join(format!("railyard-bench-dumps-{}", std::process::id()));
         Migrator::new(LEDGER)
+            .backup_before_risky(railyard::migrate::BeforeRisky::pg_dump(&dumps))
             .run(&config)
             .await
-            .expect("first migration run");
+            .expect("migrations");
+        let _ = std::fs::remove_dir_all(&dumps);
         (config, target.expose_url())
     });
 

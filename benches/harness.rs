@@ -50,10 +50,16 @@ fn benches(c: &mut Criterion) {
             .await
             .expect("database");
         let config = Config::new(cluster.primary_socket_target("bench_truncate")).pool_max_size(1);
+        // The ledger's newest migration is risky: its backup is a pg_dump into a
+        // directory removed after (a fresh machine has no backup set up).
+        let dumps =
+            std::env::temp_dir().join(format!("railyard-bench-dumps-{}", std::process::id()));
         Migrator::new(LEDGER)
+            .backup_before_risky(railyard::migrate::BeforeRisky::pg_dump(&dumps))
             .run(&config)
             .await
             .expect("migrations");
+        let _ = std::fs::remove_dir_all(&dumps);
         (admin, Database::connect(config).await.expect("connect"))
     });
 

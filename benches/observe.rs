@@ -41,10 +41,16 @@ fn benches(c: &mut Criterion) {
             .await
             .expect("database");
         let config = Config::new(cluster.primary_socket_target("bench_observe")).pool_max_size(1);
+        // The ledger's newest migration is risky: its backup is a pg_dump into a
+        // directory removed after (a fresh machine has no backup set up).
+        let dumps =
+            std::env::temp_dir().join(format!("railyard-bench-dumps-{}", std::process::id()));
         Migrator::new(LEDGER)
+            .backup_before_risky(railyard::migrate::BeforeRisky::pg_dump(&dumps))
             .run(&config)
             .await
             .expect("migrations");
+        let _ = std::fs::remove_dir_all(&dumps);
         let plain = Database::connect(config.clone()).await.expect("connect");
         let hooked = Database::builder(config)
             .hook(SlowQueryLog::new(Duration::from_millis(100)))

@@ -153,7 +153,15 @@ fn benches(c: &mut Criterion) {
         let config = Config::new(primary)
             .replica(replica.clone())
             .replica_pool_max_size(TASKS as u32);
-        Migrator::new(LEDGER).run(&config).await.expect("migrations");
+        // The ledger's newest migration is risky: its backup is a pg_dump into a
+        // directory removed after (a fresh machine has no backup set up).
+        let dumps = std::env::temp_dir().join(format!("railyard-bench-dumps-{}", std::process::id()));
+        Migrator::new(LEDGER)
+            .backup_before_risky(railyard::migrate::BeforeRisky::pg_dump(&dumps))
+            .run(&config)
+            .await
+            .expect("migrations");
+        let _ = std::fs::remove_dir_all(&dumps);
         let db = Database::connect(config).await.expect("connect");
         let session = db.session();
         session

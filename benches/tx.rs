@@ -73,7 +73,15 @@ fn benches(c: &mut Criterion) {
         cluster.create_database("bench_tx").await.expect("database");
         let target = cluster.primary_socket_target("bench_tx");
         let config = Config::new(target.clone()).pool_max_size(TASKS as u32);
-        Migrator::new(LEDGER).run(&config).await.expect("migrations");
+        // The ledger's newest migration is risky: its backup is a pg_dump into a
+        // directory removed after (a fresh machine has no backup set up).
+        let dumps = std::env::temp_dir().join(format!("railyard-bench-dumps-{}", std::process::id()));
+        Migrator::new(LEDGER)
+            .backup_before_risky(railyard::migrate::BeforeRisky::pg_dump(&dumps))
+            .run(&config)
+            .await
+            .expect("migrations");
+        let _ = std::fs::remove_dir_all(&dumps);
         let db = Database::connect(config.clone()).await.expect("connect");
         let mut conn = db.primary().await.expect("checkout");
         diesel::sql_query(
