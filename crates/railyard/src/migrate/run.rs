@@ -211,36 +211,7 @@ pub(super) fn apply_in_transactions(
                 report.applied.push(m);
             }
             Step::Backup(i) => {
-                let k = &known[i];
-                // No lock is held during the backup (no transaction sits
-                // open through a pooler): another instance may apply the
-                // migration meanwhile, after its own backup, and a dump
-                // racing its DDL can fail. That failure is moot once the
-                // migration is applied; any other stops the boot.
-                let taken = match backup.take(c, k) {
-                    Ok(t) => t,
-                    Err(e) => {
-                        let applied_meanwhile = c.transaction::<_, Error, _>(|c| {
-                            xact_lock(c, lock_timeout)?;
-                            ensure_tables(c)?;
-                            Ok(read_applied(c)?.rows.iter().any(|a| a.version == k.version))
-                        })?;
-                        if !applied_meanwhile {
-                            return Err(e);
-                        }
-                        tracing::info!(target: "railyard::migrate", version = %k.version, name = %k.name, error = %e, "another instance applied the risky migration while this one was backing up; this backup is not needed");
-                        None
-                    }
-                };
-                if let Some(t) = taken {
-                    let wait = c.transaction::<_, Error, _>(|c| {
-                        let wait = xact_lock(c, lock_timeout)?;
-                        ensure_tables(c)?;
-                        record_backup(c, k, &t)?;
-                        Ok(wait)
-                    })?;
-                    report.lock_wait += wait;
-                }
+                report.lock_wait += backup_between(c, &known[i], backup, lock_timeout)?;
                 backed_up.push(i);
             }
             Step::Done { already_applied } => {
@@ -249,6 +220,46 @@ pub(super) fn apply_in_transactions(
             }
         }
     }
+}
+
+/// A risky migration's backup, taken with no transaction open, and its
+/// record, committed in a locked transaction of its own: how long that
+/// transaction waited for the lock.
+fn backup_between(
+    c: &mut SyncConn,
+    k: &Known,
+    backup: &Backup,
+    lock_timeout: Duration,
+) -> Result<Duration, Error> {
+    // No lock is held during the backup (no transaction sits
+    // open through a pooler): another instance may apply the
+    // migration meanwhile, after its own backup, and a dump
+    // racing its DDL can fail. That failure is moot once the
+    // migration is applied; any other stops the boot.
+    let taken = match backup.take(c, k) {
+        Ok(t) => t,
+        Err(e) => {
+            let applied_meanwhile = c.transaction::<_, Error, _>(|c| {
+                xact_lock(c, lock_timeout)?;
+                ensure_tables(c)?;
+                Ok(read_applied(c)?.rows.iter().any(|a| a.version == k.version))
+            })?;
+            if !applied_meanwhile {
+                return Err(e);
+            }
+            tracing::info!(target: "railyard::migrate", version = %k.version, name = %k.name, error = %e, "another instance applied the risky migration while this one was backing up; this backup is not needed");
+            None
+        }
+    };
+    let Some(t) = taken else {
+        return Ok(Duration::ZERO);
+    };
+    c.transaction::<_, Error, _>(|c| {
+        let wait = xact_lock(c, lock_timeout)?;
+        ensure_tables(c)?;
+        record_backup(c, k, &t)?;
+        Ok(wait)
+    })
 }
 
 /// Takes the migration lock for the current transaction, waiting at most

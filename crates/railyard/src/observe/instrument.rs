@@ -196,6 +196,162 @@ pub(super) fn sqlstate_of(
     true
 }
 
+impl ConnInstrumentation {
+    /// One statement done: its event, to the metrics, the plan store, the
+    /// recording, the repeat detector and the hooks.
+    fn finish_query(
+        &mut self,
+        query: &dyn diesel::connection::DebugQuery,
+        error: Option<&diesel::result::Error>,
+    ) {
+        let Some((start, mark)) = self.pending.pop_front() else {
+            return;
+        };
+        if self.labels.quiet.load(Ordering::Relaxed) {
+            return;
+        }
+        let duration = start.elapsed();
+        let (class, coded) = self.error_class(mark, error);
+        // The statement's text is for hooks; Railyard's own metrics
+        // need only the route, the duration and the class. Without
+        // hooks, the text is never formatted.
+        let repeats = self.observer.repeats;
+        let recording = self.labels.recording.armed();
+        let slow_plan = self
+            .observer
+            .plans
+            .as_ref()
+            .filter(|p| duration >= p.settings.threshold());
+        let hooked = !self.observer.hooks.is_empty()
+            || repeats.is_some()
+            || recording
+            || slow_plan.is_some();
+        statement_text(&mut self.raw, &mut self.sql, query, hooked);
+        let (operation, table) = if hooked {
+            operation_and_table(&self.sql)
+        } else {
+            ("", None)
+        };
+        let event = QueryEvent {
+            sql: &self.sql,
+            operation,
+            table,
+            duration,
+            host: &self.labels.host,
+            port: self.labels.port,
+            database: &self.labels.database,
+            route: &self.labels.route,
+            depth: self.depth,
+            attempt: self.labels.attempt.load(Ordering::Relaxed).max(1),
+            outcome: if error.is_some() {
+                Outcome::Error
+            } else {
+                Outcome::Ok
+            },
+            class,
+            sqlstate: coded.then_some(self.code.as_str()),
+        };
+        self.observer.metrics.record(&event);
+        if let Some(store) = slow_plan
+            && error.is_none()
+        {
+            offer_plan(store, operation, &self.sql, duration);
+        }
+        let own = matches!(
+            operation,
+            "BEGIN" | "COMMIT" | "ROLLBACK" | "SAVEPOINT" | "RELEASE" | "SET"
+        );
+        if recording && !own {
+            self.labels.recording.record(&self.sql);
+        }
+        if let Some(threshold) = repeats
+            && !own
+        {
+            warn_repeats(
+                &mut self.repeats,
+                &self.sql,
+                &self.labels,
+                event.attempt,
+                threshold,
+            );
+        }
+        for hook in &self.observer.hooks {
+            hook.on_query(&event);
+        }
+    }
+
+    /// The class of a failed statement, and whether its SQLSTATE is in
+    /// `self.code`; none for a statement that succeeded.
+    fn error_class(
+        &mut self,
+        mark: WireMark,
+        error: Option<&diesel::result::Error>,
+    ) -> (Option<ErrorClass>, bool) {
+        self.code.clear();
+        match error {
+            None => (None, false),
+            Some(error) => {
+                let mut tap_class = None;
+                let coded = sqlstate_of(&self.wire, mark, error, &mut self.code, &mut tap_class);
+                // A known code is a constant: no allocation.
+                let state = coded.then(|| SqlState::from_code(&self.code));
+                let class =
+                    tap_class.unwrap_or_else(|| classify(state.as_ref(), self.wire.is_closed()));
+                (Some(class), coded)
+            }
+        }
+    }
+}
+
+/// The statement's text for hooks, in `sql` (its literals hidden), when
+/// something will read it; `raw` is the reused buffer it is formatted into.
+fn statement_text(
+    raw: &mut String,
+    sql: &mut String,
+    query: &dyn diesel::connection::DebugQuery,
+    hooked: bool,
+) {
+    raw.clear();
+    sql.clear();
+    if hooked {
+        let _ = write!(UntilBinds(raw, false), "{query}");
+        sanitize_into(raw.trim(), sql);
+    }
+}
+
+/// Offers a slow statement's plan to the store, when it can be explained.
+fn offer_plan(store: &PlanStore, operation: &str, sql: &str, duration: Duration) {
+    if plans::explainable(operation, sql) {
+        let mut shape = String::with_capacity(sql.len());
+        stats::normalize_into(sql, &mut shape);
+        store.offer(sql, &shape, duration);
+    }
+}
+
+/// Warns when `sql` reached `threshold` runs in the current operation.
+fn warn_repeats(
+    repeats: &mut Repeats,
+    sql: &str,
+    labels: &ConnLabels,
+    attempt: u32,
+    threshold: u32,
+) {
+    if let Some(n) = repeats.count(
+        sql,
+        labels.operation.load(Ordering::Relaxed),
+        attempt,
+        threshold,
+    ) {
+        tracing::warn!(
+            target: "railyard::n_plus_one",
+            statement = %repeats.shape,
+            count = n,
+            route = %labels.route,
+            "the same statement ran {n} times in one operation (an N+1 pattern?): fetch the rows in one query"
+        );
+    }
+}
+
 impl Instrumentation for ConnInstrumentation {
     fn on_connection_event(&mut self, event: InstrumentationEvent<'_>) {
         match event {
@@ -203,111 +359,7 @@ impl Instrumentation for ConnInstrumentation {
                 self.pending.push_back((Instant::now(), self.wire.mark()))
             }
             InstrumentationEvent::FinishQuery { query, error, .. } => {
-                let Some((start, mark)) = self.pending.pop_front() else {
-                    return;
-                };
-                if self.labels.quiet.load(Ordering::Relaxed) {
-                    return;
-                }
-                let duration = start.elapsed();
-                // The statement's text is for hooks; Railyard's own metrics
-                // need only the route, the duration and the class. Without
-                // hooks, the text is never formatted.
-                let repeats = self.observer.repeats;
-                let recording = self.labels.recording.armed();
-                let slow_plan = self
-                    .observer
-                    .plans
-                    .as_ref()
-                    .filter(|p| duration >= p.settings.threshold());
-                let hooked = !self.observer.hooks.is_empty()
-                    || repeats.is_some()
-                    || recording
-                    || slow_plan.is_some();
-                self.raw.clear();
-                self.sql.clear();
-                if hooked {
-                    let _ = write!(UntilBinds(&mut self.raw, false), "{query}");
-                    sanitize_into(self.raw.trim(), &mut self.sql);
-                }
-                let (operation, table) = if hooked {
-                    operation_and_table(&self.sql)
-                } else {
-                    ("", None)
-                };
-                self.code.clear();
-                let (class, coded) = match error {
-                    None => (None, false),
-                    Some(error) => {
-                        let mut tap_class = None;
-                        let coded =
-                            sqlstate_of(&self.wire, mark, error, &mut self.code, &mut tap_class);
-                        // A known code is a constant: no allocation.
-                        let state = coded.then(|| SqlState::from_code(&self.code));
-                        let class = tap_class
-                            .unwrap_or_else(|| classify(state.as_ref(), self.wire.is_closed()));
-                        (Some(class), coded)
-                    }
-                };
-                let event = QueryEvent {
-                    sql: &self.sql,
-                    operation,
-                    table,
-                    duration,
-                    host: &self.labels.host,
-                    port: self.labels.port,
-                    database: &self.labels.database,
-                    route: &self.labels.route,
-                    depth: self.depth,
-                    attempt: self.labels.attempt.load(Ordering::Relaxed).max(1),
-                    outcome: if error.is_some() {
-                        Outcome::Error
-                    } else {
-                        Outcome::Ok
-                    },
-                    class,
-                    sqlstate: coded.then_some(self.code.as_str()),
-                };
-                self.observer.metrics.record(&event);
-                if let Some(store) = slow_plan
-                    && error.is_none()
-                    && plans::explainable(operation, &self.sql)
-                {
-                    let mut shape = String::with_capacity(self.sql.len());
-                    stats::normalize_into(&self.sql, &mut shape);
-                    store.offer(&self.sql, &shape, duration);
-                }
-                if recording
-                    && !matches!(
-                        operation,
-                        "BEGIN" | "COMMIT" | "ROLLBACK" | "SAVEPOINT" | "RELEASE" | "SET"
-                    )
-                {
-                    self.labels.recording.record(&self.sql);
-                }
-                if let Some(threshold) = repeats
-                    && !matches!(
-                        operation,
-                        "BEGIN" | "COMMIT" | "ROLLBACK" | "SAVEPOINT" | "RELEASE" | "SET"
-                    )
-                    && let Some(n) = self.repeats.count(
-                        &self.sql,
-                        self.labels.operation.load(Ordering::Relaxed),
-                        event.attempt,
-                        threshold,
-                    )
-                {
-                    tracing::warn!(
-                        target: "railyard::n_plus_one",
-                        statement = %self.repeats.shape,
-                        count = n,
-                        route = %self.labels.route,
-                        "the same statement ran {n} times in one operation (an N+1 pattern?): fetch the rows in one query"
-                    );
-                }
-                for hook in &self.observer.hooks {
-                    hook.on_query(&event);
-                }
+                self.finish_query(query, error)
             }
             InstrumentationEvent::BeginTransaction { depth, .. } => {
                 self.depth = depth.get();

@@ -154,6 +154,39 @@ impl KeyOut<'_> {
     }
 }
 
+/// A word at `i` (an identifier or keyword, or a prefixed string such as
+/// `E'…'`) into the key: where the next token starts, and what came last.
+/// `IN (…)` and `ARRAY[…]` of constants and placeholders collapse.
+fn word(o: &mut KeyOut<'_>, sql: &str, i: usize) -> (usize, Last) {
+    let b = sql.as_bytes();
+    if matches!(b.get(i + 1), Some(b'\'' | b'&'))
+        && let Some((end, prefix)) = string_at(b, i)
+    {
+        o.string(&sql[i..i + prefix]);
+        return (end, Last::Operand);
+    }
+    let end = ident_end(b, i);
+    let word = &sql[i..end];
+    let list = match end - i {
+        2 if word.eq_ignore_ascii_case("IN") => {
+            constant_list_end(b, end, b'(', b')').map(|e| (e, true, "(...)"))
+        }
+        5 if word.eq_ignore_ascii_case("ARRAY") => {
+            constant_list_end(b, end, b'[', b']').map(|e| (e, false, "[...]"))
+        }
+        _ => None,
+    };
+    o.verbatim(i, end);
+    match list {
+        Some((after, space, collapsed)) => {
+            o.space = space;
+            o.push(collapsed);
+            (after, Last::Operand)
+        }
+        None => (end, Last::Word(i, end)),
+    }
+}
+
 /// Writes the key of `sql` to `out`: see [`StatementStats`] for the rules.
 pub(in crate::observe) fn normalize_into(sql: &str, out: &mut String) {
     let b = sql.as_bytes();
@@ -177,38 +210,7 @@ pub(in crate::observe) fn normalize_into(sql: &str, out: &mut String) {
         }
         // Most tokens are words: they come first.
         if is_ident_start(c) {
-            if matches!(b.get(i + 1), Some(b'\'' | b'&'))
-                && let Some((end, prefix)) = string_at(b, i)
-            {
-                o.string(&sql[i..i + prefix]);
-                last = Last::Operand;
-                i = end;
-                continue;
-            }
-            let end = ident_end(b, i);
-            let word = &sql[i..end];
-            let list = match end - i {
-                2 if word.eq_ignore_ascii_case("IN") => {
-                    constant_list_end(b, end, b'(', b')').map(|e| (e, true, "(...)"))
-                }
-                5 if word.eq_ignore_ascii_case("ARRAY") => {
-                    constant_list_end(b, end, b'[', b']').map(|e| (e, false, "[...]"))
-                }
-                _ => None,
-            };
-            o.verbatim(i, end);
-            match list {
-                Some((after, space, collapsed)) => {
-                    o.space = space;
-                    o.push(collapsed);
-                    last = Last::Operand;
-                    i = after;
-                }
-                None => {
-                    last = Last::Word(i, end);
-                    i = end;
-                }
-            }
+            (i, last) = word(&mut o, sql, i);
             continue;
         }
         if let Some(end) = comment_at(b, i) {
