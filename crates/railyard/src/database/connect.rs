@@ -200,26 +200,7 @@ impl DatabaseBuilder {
         .gated(gate.clone());
         let opener = monitor.clone().observed(observer.clone(), Route::Primary);
         let mut first = opener.open().await?;
-        let mut replicas = Vec::new();
-        let mut openers = Vec::new();
-        for target in &config.replicas {
-            let name: Arc<str> = replica_name(target).into();
-            let route = Route::Replica(name.clone());
-            // The monitor's opener shares the pool's breaker but not its
-            // instrumentation: its polling is not the application's traffic
-            // (statistics, hooks, the error rate, the dashboard).
-            let watching = Opener::new(target.clone(), config.clone(), TargetSessionAttrs::Any)?
-                .gated(gate.clone());
-            let replica = watching.clone().observed(observer.clone(), route.clone());
-            let pool = TargetPool::build(
-                route,
-                replica.clone(),
-                config.replica_pool_max_size,
-                &config,
-            );
-            openers.push(replica.clone());
-            replicas.push(Arc::new(ReplicaNode::new(name, pool, watching)));
-        }
+        let (replicas, openers) = replica_nodes(&config, &observer, &gate)?;
         check_replicas_at_boot(&config, &mut first, &replicas, &openers).await?;
         let primary = TargetPool::build(Route::Primary, opener, config.pool.max_size, &config);
         primary.add(first);
@@ -277,6 +258,31 @@ impl DatabaseBuilder {
             }),
         }
     }
+}
+
+/// A node per replica (its pool, and its monitor's opener, which shares the
+/// pool's breaker), and the pools' openers for the boot check.
+fn replica_nodes(
+    config: &Arc<Config>,
+    observer: &Arc<Observer>,
+    gate: &Arc<Gate>,
+) -> Result<(Vec<Arc<ReplicaNode>>, Vec<Opener>), Error> {
+    let mut replicas = Vec::new();
+    let mut openers = Vec::new();
+    for target in &config.replicas {
+        let name: Arc<str> = replica_name(target).into();
+        let route = Route::Replica(name.clone());
+        // The monitor's opener shares the pool's breaker but not its
+        // instrumentation: its polling is not the application's traffic
+        // (statistics, hooks, the error rate, the dashboard).
+        let watching = Opener::new(target.clone(), config.clone(), TargetSessionAttrs::Any)?
+            .gated(gate.clone());
+        let replica = watching.clone().observed(observer.clone(), route.clone());
+        let pool = TargetPool::build(route, replica.clone(), config.replica_pool_max_size, config);
+        openers.push(replica.clone());
+        replicas.push(Arc::new(ReplicaNode::new(name, pool, watching)));
+    }
+    Ok((replicas, openers))
 }
 
 /// The query-insight features a [`DatabaseBuilder`] starts.

@@ -183,17 +183,7 @@ impl Backup {
                         "Migrator::run_on has no connection parameters for pg_dump; use Migrator::run, or pgBackRest".into(),
                     )));
                 };
-                let partitions: Vec<(String, String)> = if tables.is_empty() {
-                    Vec::new()
-                } else {
-                    diesel::sql_query(PARTITIONS_SQL)
-                        .bind::<diesel::sql_types::Array<Text>, _>(tables)
-                        .load::<PartitionRow>(c)
-                        .map_err(|e| fail(q(e)))?
-                        .into_iter()
-                        .map(|r| (r.schema, r.name))
-                        .collect()
-                };
+                let partitions = partitions_of(c, tables).map_err(|e| fail(q(e)))?;
                 let stem = format!(
                     "{}-{}-{}",
                     target.dbname.as_deref().unwrap_or("db"),
@@ -237,6 +227,23 @@ impl Backup {
             took: started.elapsed(),
         }))
     }
+}
+
+/// The partitions of `tables` (schema and name), which `pg_dump` is asked
+/// for with them; none asked, none read.
+fn partitions_of(
+    c: &mut SyncConn,
+    tables: &[String],
+) -> diesel::QueryResult<Vec<(String, String)>> {
+    if tables.is_empty() {
+        return Ok(Vec::new());
+    }
+    Ok(diesel::sql_query(PARTITIONS_SQL)
+        .bind::<diesel::sql_types::Array<Text>, _>(tables)
+        .load::<PartitionRow>(c)?
+        .into_iter()
+        .map(|r| (r.schema, r.name))
+        .collect())
 }
 
 /// Records a backup taken before `k`.

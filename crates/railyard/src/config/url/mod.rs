@@ -232,6 +232,7 @@ impl ConnectTarget {
         Ok(())
     }
 
+    // Over 80 lines: the URL part by part, in the order the parser reads it.
     fn render(&self, with_password: bool) -> String {
         let mut s = String::from("postgres://");
         if let Some(user) = &self.user {
