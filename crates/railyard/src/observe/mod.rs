@@ -48,7 +48,9 @@ mod hist;
 pub use health::{HealthCheck, HealthReport, HealthStatus};
 mod plans;
 pub(crate) mod prometheus;
-mod sql;
+// Workspace-internal: railyard-ops' plan advisor lexes SQL with it too.
+#[doc(hidden)]
+pub mod sql;
 mod stats;
 mod storage;
 pub use storage::{StorageFigures, TableSize};

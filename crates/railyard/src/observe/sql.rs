@@ -1,7 +1,8 @@
 //! Lexing SQL text, byte-wise: every byte that matters is ASCII, and the
 //! bytes of a multi-byte UTF-8 character are all >= 0x80, which (as in
 //! PostgreSQL's own lexer) continue identifiers; so every cut falls on a char
-//! boundary. Where identifiers, numbers, quoted runs, strings and comments end.
+//! boundary. Where identifiers, numbers, quoted runs, strings and comments end,
+//! and [`tokens`]: the text as a sequence of [`Token`]s.
 
 /// Byte classes, looked up once per byte (the lexer's inner loops).
 pub(super) const SPACE: u8 = 1;
@@ -270,6 +271,161 @@ pub(super) fn constant_list_end(b: &[u8], i: usize, open: u8, close: u8) -> Opti
             Some(&b',') => j += 1,
             Some(&c) if c == close => return Some(j + 1),
             _ => return None,
+        }
+    }
+}
+
+/// What a [`Token`] is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenKind {
+    /// A run of whitespace.
+    Space,
+    /// A `-- …` or `/* … */` comment (block comments nest).
+    Comment,
+    /// An identifier or keyword (bytes >= 0x80 continue it, as in PostgreSQL).
+    Ident,
+    /// A `"quoted identifier"` (`""` stays inside).
+    QuotedIdent,
+    /// A string constant: `'…'`, `E'…'`, `B'…'`, `X'…'`, `N'…'`, `U&'…'`,
+    /// `$$…$$` or `$tag$…$tag$`.
+    String,
+    /// A numeric constant (`42`, `1.5e3`, `0x1F`, `1_000`), without its sign.
+    Number,
+    /// A positional parameter, `$1`.
+    Param,
+    /// Any other single (ASCII) byte: operators, parentheses, commas.
+    Punct,
+}
+
+/// One token of SQL text: its kind and where it is (`sql[span]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Token {
+    /// What it is.
+    pub kind: TokenKind,
+    /// Its bytes in the text; the spans of a text's tokens follow each other
+    /// and cover it all, each on char boundaries.
+    pub span: std::ops::Range<usize>,
+}
+
+/// The tokens of `sql`, whitespace and comments included. Never panics; an
+/// unterminated string, quoted identifier or comment runs to the end.
+pub fn tokens(sql: &str) -> impl Iterator<Item = Token> + '_ {
+    let mut i = 0;
+    std::iter::from_fn(move || {
+        if i >= sql.len() {
+            return None;
+        }
+        let (kind, mut end) = token_at(sql.as_bytes(), i);
+        // Every token moves on, to a char boundary.
+        end = end.clamp(i + 1, sql.len());
+        while !sql.is_char_boundary(end) {
+            end += 1;
+        }
+        let span = i..end;
+        i = end;
+        Some(Token { kind, span })
+    })
+}
+
+/// The kind and end of the token starting at `i`.
+fn token_at(b: &[u8], i: usize) -> (TokenKind, usize) {
+    let c = b[i];
+    if is_space(c) {
+        let mut j = i;
+        while j < b.len() && is_space(b[j]) {
+            j += 1;
+        }
+        return (TokenKind::Space, j);
+    }
+    if let Some(end) = comment_at(b, i) {
+        return (TokenKind::Comment, end);
+    }
+    if (is_ident_start(c) && matches!(b.get(i + 1), Some(b'\'' | b'&'))
+        || matches!(c, b'\'' | b'$'))
+        && let Some((end, _)) = string_at(b, i)
+    {
+        return (TokenKind::String, end);
+    }
+    if is_ident_start(c) {
+        return (TokenKind::Ident, ident_end(b, i));
+    }
+    if c == b'"' {
+        return (TokenKind::QuotedIdent, quoted_end(b, i, b'"', false));
+    }
+    if starts_number(b, i) {
+        return (TokenKind::Number, number_end(b, i));
+    }
+    if c == b'$' && is_digit_at(b, i + 1) {
+        return (TokenKind::Param, digits_end(b, i + 1));
+    }
+    (TokenKind::Punct, i + 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn kinds(sql: &str) -> Vec<(TokenKind, &str)> {
+        tokens(sql).map(|t| (t.kind, &sql[t.span])).collect()
+    }
+
+    #[test]
+    fn each_kind_of_token_is_named() {
+        use TokenKind::*;
+        assert_eq!(
+            kinds("SELECT \"a b\", E'x\\'y', $t$q$t$, 1.5e3 FROM t1 -- c\nWHERE id = $1"),
+            vec![
+                (Ident, "SELECT"),
+                (Space, " "),
+                (QuotedIdent, "\"a b\""),
+                (Punct, ","),
+                (Space, " "),
+                (String, "E'x\\'y'"),
+                (Punct, ","),
+                (Space, " "),
+                (String, "$t$q$t$"),
+                (Punct, ","),
+                (Space, " "),
+                (Number, "1.5e3"),
+                (Space, " "),
+                (Ident, "FROM"),
+                (Space, " "),
+                (Ident, "t1"),
+                (Space, " "),
+                (Comment, "-- c"),
+                (Space, "\n"),
+                (Ident, "WHERE"),
+                (Space, " "),
+                (Ident, "id"),
+                (Space, " "),
+                (Punct, "="),
+                (Space, " "),
+                (Param, "$1"),
+            ]
+        );
+    }
+
+    fn sqlish() -> impl Strategy<Value = String> {
+        let piece = prop::sample::select(vec![
+            "'", "''", "\"", "$", "$$", "$a$", "$1", "E'", "U&'", "\\", "--", "/*", "*/", "\n",
+            " ", "-", ".", "1", "2.5", "e3", "0x", "(", ")", ",", "x", "é", "€", "SELECT",
+        ]);
+        prop::collection::vec(piece, 0..40).prop_map(|v| v.concat())
+    }
+
+    proptest! {
+        #[test]
+        fn the_spans_give_back_the_text(sql in prop_oneof![any::<String>(), sqlish()]) {
+            let mut joined = String::new();
+            let mut at = 0;
+            for t in tokens(&sql) {
+                prop_assert_eq!(t.span.start, at);
+                prop_assert!(t.span.end > t.span.start);
+                joined.push_str(&sql[t.span.clone()]);
+                at = t.span.end;
+            }
+            prop_assert_eq!(joined, sql);
         }
     }
 }
