@@ -247,48 +247,81 @@ impl Opener {
         password: Option<&str>,
         tls: Option<&Arc<rustls::ClientConfig>>,
     ) -> Result<Conn, ConnectError> {
-        let fail = |stage, sqlstate: Option<SqlState>, message: String| ConnectError {
-            host: host.to_string(),
-            port,
-            stage,
-            sqlstate,
-            message,
-            source: None,
-        };
-        let socket = match host {
-            Host::Tcp(h) => {
-                let s = tokio::net::TcpStream::connect((h.as_str(), port))
-                    .await
-                    .map_err(|e| fail(ConnectStage::Socket, None, e.to_string()))?;
-                let _ = s.set_nodelay(true);
-                // A peer that died without a word (a crashed host, a dead
-                // switch) is found within about 30 s even when no request is
-                // in flight (an idle pooled connection, a listener).
-                let sock = socket2::SockRef::from(&s);
-                let _ = sock.set_tcp_keepalive(&KEEPALIVE);
-                // Keepalives probe only an idle link: with a request in
-                // flight, the kernel retransmits for up to about 15 min.
-                // This bounds unacknowledged data to the same 30 s.
-                #[cfg(any(target_os = "linux", target_os = "android"))]
-                let _ = sock.set_tcp_user_timeout(Some(TCP_USER_TIMEOUT));
-                Socket::Tcp(s)
-            }
-            Host::Unix(dir) => {
-                let path = dir.join(format!(".s.PGSQL.{port}"));
-                let s = tokio::net::UnixStream::connect(&path).await.map_err(|e| {
-                    fail(
-                        ConnectStage::Socket,
-                        None,
-                        format!("{}: {e}", path.display()),
-                    )
-                })?;
-                Socket::Unix(s)
-            }
-        };
+        let fail = |stage, sqlstate, message| connect_error(host, port, stage, sqlstate, message);
+        let socket = open_socket(host, port).await?;
         let wire = Arc::new(WireState::default());
         let tapped =
             Tapped::new(socket, wire.clone(), true).unnamed(self.config.pooler.per_transaction());
+        let (pg, setup_sets) = self.startup(host, password);
+        let unix = matches!(host, Host::Unix(_));
+        let server_name = match host {
+            Host::Tcp(h) => h.clone(),
+            Host::Unix(_) => "localhost".to_owned(),
+        };
+        let connector = Connector::new(if unix { None } else { tls }, &server_name, wire.clone())
+            .map(|c| c.unnamed(self.config.pooler.per_transaction()))
+            .map_err(|e| fail(ConnectStage::Tls, None, e.to_string()))?;
 
+        let (client, connection) = match pg.connect_raw(tapped, connector).await {
+            Ok(pair) => pair,
+            Err(e) => return Err(self.classify_connect_error(host, port, &wire, e)),
+        };
+        let driver_wire = wire.clone();
+        let forward = self.forward.clone();
+        // The server's statement timeout cannot reach the client through a
+        // dead link (a black hole: a crashed host, a dead switch, a proxy
+        // that stopped relaying); the connection's own watch does.
+        let stall_bound = self.config.statement_timeout.map(|t| t + STALL_GRACE);
+        tokio::spawn(async move {
+            // A severed connection (a closing `Database`'s last resort) drops
+            // its socket here, whoever holds the client.
+            let reason = tokio::select! {
+                result = drive(connection, forward) => result.err().map(|e| e.to_string()),
+                bound = stalled(&driver_wire, stall_bound) => Some(format!(
+                    "no reply from the server for {bound:?} while a request was in flight (the statement timeout plus {STALL_GRACE:?}): the server or the network is gone"
+                )),
+                () = driver_wire.severed() => Some(
+                    "closed by Database::close: the connection was still held after the close's deadline".to_owned(),
+                ),
+            };
+            driver_wire.mark_closed(reason);
+        });
+
+        let reached = self.probe_session(&client, host, port, &setup_sets).await?;
+        let cancel = CancelHandle {
+            token: client.cancel_token(),
+            host: host.clone(),
+            port,
+            tls: if unix { None } else { tls.cloned() },
+        };
+        let mut pg_conn = AsyncPgConnection::try_from(client)
+            .await
+            .map_err(|e| fail(ConnectStage::Setup, None, e.to_string()))?;
+        self.restore_time_zone(&mut pg_conn, host, port).await?;
+        let labels = self.install_labels(&mut pg_conn, host, port, &wire);
+        let now = Instant::now();
+        Ok(Conn {
+            labels,
+            pg: pg_conn,
+            cancel,
+            info: ConnInfo {
+                host: host.clone(),
+                port,
+                role: reached.role,
+                backend_pid: reached.backend_pid,
+                server_version: reached.server_version,
+                tls: wire.is_tls(),
+            },
+            wire,
+            created: now,
+            last_returned: now,
+            generation: 0,
+        })
+    }
+
+    /// The startup parameters for `host`, and the `SET`s the setup round trip
+    /// runs first (behind a session-mode pooler).
+    fn startup(&self, host: &Host, password: Option<&str>) -> (tokio_postgres::Config, String) {
         let mut pg = tokio_postgres::Config::new();
         if let Some(u) = &self.target.user {
             pg.user(u);
@@ -331,40 +364,19 @@ impl Opener {
             (SslMode::Prefer, _) => tokio_postgres::config::SslMode::Prefer,
             _ => tokio_postgres::config::SslMode::Require,
         });
-        let server_name = match host {
-            Host::Tcp(h) => h.clone(),
-            Host::Unix(_) => "localhost".to_owned(),
-        };
-        let connector = Connector::new(if unix { None } else { tls }, &server_name, wire.clone())
-            .map(|c| c.unnamed(pooler.per_transaction()))
-            .map_err(|e| fail(ConnectStage::Tls, None, e.to_string()))?;
+        (pg, setup_sets)
+    }
 
-        let (client, connection) = match pg.connect_raw(tapped, connector).await {
-            Ok(pair) => pair,
-            Err(e) => return Err(self.classify_connect_error(host, port, &wire, e)),
-        };
-        let driver_wire = wire.clone();
-        let forward = self.forward.clone();
-        // The server's statement timeout cannot reach the client through a
-        // dead link (a black hole: a crashed host, a dead switch, a proxy
-        // that stopped relaying); the connection's own watch does.
-        let stall_bound = self.config.statement_timeout.map(|t| t + STALL_GRACE);
-        tokio::spawn(async move {
-            // A severed connection (a closing `Database`'s last resort) drops
-            // its socket here, whoever holds the client.
-            let reason = tokio::select! {
-                result = drive(connection, forward) => result.err().map(|e| e.to_string()),
-                bound = stalled(&driver_wire, stall_bound) => Some(format!(
-                    "no reply from the server for {bound:?} while a request was in flight (the statement timeout plus {STALL_GRACE:?}): the server or the network is gone"
-                )),
-                () = driver_wire.severed() => Some(
-                    "closed by Database::close: the connection was still held after the close's deadline".to_owned(),
-                ),
-            };
-            driver_wire.mark_closed(reason);
-        });
-
-        // One round trip: time zone, then who we reached.
+    /// One round trip: time zone, then who we reached; refused when it is not
+    /// what `target_session_attrs` asked for.
+    async fn probe_session(
+        &self,
+        client: &tokio_postgres::Client,
+        host: &Host,
+        port: u16,
+        setup_sets: &str,
+    ) -> Result<Reached, ConnectError> {
+        let fail = |stage, sqlstate, message| connect_error(host, port, stage, sqlstate, message);
         let tz = self.config.time_zone.replace('\'', "''");
         let probe = format!(
             "{setup_sets}SET TIME ZONE '{tz}'; SELECT pg_backend_pid()::text, pg_is_in_recovery()::text, current_setting('server_version'), current_setting('transaction_read_only')"
@@ -421,31 +433,50 @@ impl Opener {
                 ),
             ));
         }
-        let cancel = CancelHandle {
-            token: client.cancel_token(),
-            host: host.clone(),
-            port,
-            tls: if unix { None } else { tls.cloned() },
-        };
-        let mut pg_conn = AsyncPgConnection::try_from(client)
-            .await
-            .map_err(|e| fail(ConnectStage::Setup, None, e.to_string()))?;
-        if self.config.time_zone != "UTC" {
-            // diesel-async's setup forces UTC; put the configured zone back.
-            use diesel_async::SimpleAsyncConnection;
-            pg_conn
-                .batch_execute(&format!("SET TIME ZONE '{tz}'"))
-                .await
-                .map_err(|e| ConnectError {
-                    source: Some(Box::new(e)),
-                    ..fail(
-                        ConnectStage::Setup,
-                        None,
-                        "setting the time zone failed".into(),
-                    )
-                })?;
+        Ok(Reached {
+            role,
+            backend_pid,
+            server_version: col(2),
+        })
+    }
+
+    /// diesel-async's setup forces UTC; puts the configured zone back.
+    async fn restore_time_zone(
+        &self,
+        pg_conn: &mut AsyncPgConnection,
+        host: &Host,
+        port: u16,
+    ) -> Result<(), ConnectError> {
+        if self.config.time_zone == "UTC" {
+            return Ok(());
         }
-        let labels = self.instrument.as_ref().map(|(instrument, route)| {
+        use diesel_async::SimpleAsyncConnection;
+        let tz = self.config.time_zone.replace('\'', "''");
+        pg_conn
+            .batch_execute(&format!("SET TIME ZONE '{tz}'"))
+            .await
+            .map_err(|e| ConnectError {
+                source: Some(Box::new(e)),
+                ..connect_error(
+                    host,
+                    port,
+                    ConnectStage::Setup,
+                    None,
+                    "setting the time zone failed".into(),
+                )
+            })
+    }
+
+    /// The connection's labels, with the instrumentation installed on it,
+    /// when this opener records.
+    fn install_labels(
+        &self,
+        pg_conn: &mut AsyncPgConnection,
+        host: &Host,
+        port: u16,
+        wire: &Arc<WireState>,
+    ) -> Option<Arc<ConnLabels>> {
+        self.instrument.as_ref().map(|(instrument, route)| {
             let labels = Arc::new(ConnLabels {
                 host: host.to_string(),
                 port,
@@ -463,26 +494,8 @@ impl Opener {
             });
             instrument
                 .clone()
-                .install(&mut pg_conn, labels.clone(), wire.clone());
+                .install(pg_conn, labels.clone(), wire.clone());
             labels
-        });
-        let now = Instant::now();
-        Ok(Conn {
-            labels,
-            pg: pg_conn,
-            cancel,
-            info: ConnInfo {
-                host: host.clone(),
-                port,
-                role,
-                backend_pid,
-                server_version: col(2),
-                tls: wire.is_tls(),
-            },
-            wire,
-            created: now,
-            last_returned: now,
-            generation: 0,
         })
     }
 
@@ -551,6 +564,63 @@ impl Opener {
             source: Some(Box::new(e)),
         }
     }
+}
+
+/// Who the setup round trip reached.
+struct Reached {
+    role: ServerRole,
+    backend_pid: i32,
+    server_version: String,
+}
+
+/// A failure to open a connection to `host:port` at `stage`.
+fn connect_error(
+    host: &Host,
+    port: u16,
+    stage: ConnectStage,
+    sqlstate: Option<SqlState>,
+    message: String,
+) -> ConnectError {
+    ConnectError {
+        host: host.to_string(),
+        port,
+        stage,
+        sqlstate,
+        message,
+        source: None,
+    }
+}
+
+/// The socket to `host:port`: TCP (no delay, keepalives, a bound on
+/// unacknowledged data) or a Unix socket in the host's directory.
+async fn open_socket(host: &Host, port: u16) -> Result<Socket, ConnectError> {
+    let fail = |message| connect_error(host, port, ConnectStage::Socket, None, message);
+    Ok(match host {
+        Host::Tcp(h) => {
+            let s = tokio::net::TcpStream::connect((h.as_str(), port))
+                .await
+                .map_err(|e| fail(e.to_string()))?;
+            let _ = s.set_nodelay(true);
+            // A peer that died without a word (a crashed host, a dead
+            // switch) is found within about 30 s even when no request is
+            // in flight (an idle pooled connection, a listener).
+            let sock = socket2::SockRef::from(&s);
+            let _ = sock.set_tcp_keepalive(&KEEPALIVE);
+            // Keepalives probe only an idle link: with a request in
+            // flight, the kernel retransmits for up to about 15 min.
+            // This bounds unacknowledged data to the same 30 s.
+            #[cfg(any(target_os = "linux", target_os = "android"))]
+            let _ = sock.set_tcp_user_timeout(Some(TCP_USER_TIMEOUT));
+            Socket::Tcp(s)
+        }
+        Host::Unix(dir) => {
+            let path = dir.join(format!(".s.PGSQL.{port}"));
+            let s = tokio::net::UnixStream::connect(&path)
+                .await
+                .map_err(|e| fail(format!("{}: {e}", path.display())))?;
+            Socket::Unix(s)
+        }
+    })
 }
 
 /// Runs a connection: as tokio-postgres does (notifications dropped), or
