@@ -525,10 +525,15 @@ fn a_flood_of_distinct_statements_keeps_memory_flat_and_the_hot_ones_intact() {
             .find(|s| s.sql == StatementStats::OTHER)
             .unwrap();
         assert_eq!(other.calls, (distinct - kept) as u64);
+        // The overflow reaches the estimator. Its accuracy is tested with
+        // fixed hashes in store.rs (rms 3.2 % over 120 sets); here the hashes
+        // are the process's random SipHash keys, and a 10 % bound (3 standard
+        // errors) failed once in CI at 12.8 %: 5 standard errors (16 %) never
+        // fails by chance (p ≈ 6e-7) and still catches a lost or doubled count.
         let estimate = stats.overflowed() as f64;
         let exact = (distinct - kept) as f64;
         assert!(
-            (estimate - exact).abs() < exact * 0.1,
+            (estimate - exact).abs() < exact * 0.163,
             "{estimate} vs {exact}"
         );
     }
