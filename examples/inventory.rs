@@ -59,8 +59,14 @@ impl IntoResponse for ApiError {
                 _ => StatusCode::INTERNAL_SERVER_ERROR,
             }
         };
-        // The error's text names hosts and constraints, never a password.
-        (status, self.0.to_string()).into_response()
+        if status == StatusCode::CONFLICT {
+            // The client's own mistake: say which constraint it broke.
+            let constraint = self.0.violation().and_then(|v| v.constraint);
+            return (status, constraint.unwrap_or_default()).into_response();
+        }
+        // The rest is ours to read: hosts and SQLSTATEs stay in the log.
+        eprintln!("request failed: {}", self.0);
+        (status, "the database could not answer; try again").into_response()
     }
 }
 

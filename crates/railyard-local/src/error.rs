@@ -33,26 +33,4 @@ impl Error {
     }
 }
 
-impl From<railyard::error::ConfigError> for Error {
-    fn from(e: railyard::error::ConfigError) -> Self {
-        Error::Core(e.into())
-    }
-}
-
-impl From<railyard::error::ConnectError> for Error {
-    fn from(e: railyard::error::ConnectError) -> Self {
-        Error::Core(e.into())
-    }
-}
-
-impl From<railyard::error::MigrationError> for Error {
-    fn from(e: railyard::error::MigrationError) -> Self {
-        Error::Core(e.into())
-    }
-}
-
-impl From<diesel::result::Error> for Error {
-    fn from(e: diesel::result::Error) -> Self {
-        Error::Core(e.into())
-    }
-}
+railyard::wraps_core_errors!(Error);

@@ -4,7 +4,7 @@
 use std::fs;
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use railyard::config::Secret;
@@ -224,37 +224,18 @@ impl Start<'_> {
     /// Starts the primary, on its saved port when still free.
     fn start_primary(&self, state: &mut State) -> Result<(), Error> {
         let Start {
-            pg,
-            primary,
-            bins,
-            run_as,
-            ..
+            pg, bins, run_as, ..
         } = self;
         if state.primary_port == 0 || !port_free(state.primary_port) {
             state.primary_port = free_port()?;
         }
-        write_file(
-            &primary.join("railyard.conf"),
-            primary_conf(pg, state.primary_port, bins).as_bytes(),
-            0o600,
-            Some(run_as),
-        )?;
-        pg_ctl(
+        start_server(
             bins,
             run_as,
             pg,
-            &[
-                "start",
-                "-w",
-                "-t",
-                "60",
-                "-D",
-                "primary",
-                "-l",
-                "primary.log",
-            ],
-        )?;
-        Ok(())
+            "primary",
+            &primary_conf(pg, state.primary_port, bins),
+        )
     }
 
     /// The query-insight extensions, and on a cold start the application's
@@ -387,7 +368,6 @@ impl Start<'_> {
         let Start {
             dir,
             pg,
-            replica,
             bins,
             run_as,
             ..
@@ -411,27 +391,30 @@ impl Start<'_> {
             server_conf(pg, port, bins),
             conninfo.replace('\'', "''")
         );
-        write_file(
-            &replica.join("railyard.conf"),
-            conf.as_bytes(),
-            0o600,
-            Some(run_as),
-        )?;
-        pg_ctl(
-            bins,
-            run_as,
-            pg,
-            &[
-                "start",
-                "-w",
-                "-t",
-                "60",
-                "-D",
-                "replica",
-                "-l",
-                "replica.log",
-            ],
-        )?;
-        Ok(())
+        start_server(bins, run_as, pg, "replica", &conf)
     }
+}
+
+/// Writes a server's `railyard.conf` into `pg/<name>` and starts it, its log
+/// in `pg/<name>.log`, waiting up to 60 s.
+fn start_server(
+    bins: &Binaries,
+    run_as: &RunAs,
+    pg: &Path,
+    name: &str,
+    conf: &str,
+) -> Result<(), Error> {
+    write_file(
+        &pg.join(name).join("railyard.conf"),
+        conf.as_bytes(),
+        0o600,
+        Some(run_as),
+    )?;
+    let log = format!("{name}.log");
+    pg_ctl(
+        bins,
+        run_as,
+        pg,
+        &["start", "-w", "-t", "60", "-D", name, "-l", &log],
+    )
 }

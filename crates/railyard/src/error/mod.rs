@@ -352,3 +352,34 @@ impl Error {
         }
     }
 }
+
+/// Implements `From` for the core's error and its parts (configuration,
+/// connection, migration and diesel errors) on another crate's error enum
+/// that wraps the core's as `Core(railyard::Error)`, so that `?` works on
+/// all of them there. Workspace-internal: the product crates' errors use it.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! wraps_core_errors {
+    ($error:ident) => {
+        impl From<$crate::error::ConfigError> for $error {
+            fn from(e: $crate::error::ConfigError) -> Self {
+                $error::Core(e.into())
+            }
+        }
+        impl From<$crate::error::ConnectError> for $error {
+            fn from(e: $crate::error::ConnectError) -> Self {
+                $error::Core(e.into())
+            }
+        }
+        impl From<$crate::error::MigrationError> for $error {
+            fn from(e: $crate::error::MigrationError) -> Self {
+                $error::Core(e.into())
+            }
+        }
+        impl From<diesel::result::Error> for $error {
+            fn from(e: diesel::result::Error) -> Self {
+                $error::Core(e.into())
+            }
+        }
+    };
+}
