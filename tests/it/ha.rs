@@ -386,7 +386,16 @@ impl Run {
         });
         let f = self.figures.last().unwrap();
         f.print();
-        assert_eq!(f.lost, 0, "{fault_name}: no acknowledged transfer is lost");
+        if f.lost > 0 {
+            // What the monitor decided is what explains a loss: print it last,
+            // where a truncated CI log still shows it.
+            let events = self.formation.events(40).await.unwrap_or_default();
+            panic!(
+                "{fault_name}: {} acknowledged transfer(s) lost; the monitor's last events:\n{}",
+                f.lost,
+                events.join("\n")
+            );
+        }
         f
     }
 

@@ -40,8 +40,8 @@ struct Tally {
 struct Storm {
     cut: usize,
     reconnects: usize,
-    /// Reconnects after the cut: first, median, last.
-    spread: [Duration; 3],
+    /// Reconnects after the cut: first, median, last, 80th percentile.
+    spread: [Duration; 4],
     before: u64,
     recovered: Option<Duration>,
     lost_s: f64,
@@ -95,7 +95,20 @@ async fn a_reset_of_200_connections_under_load_refills_without_a_herd_and_recove
     }
     assert!((s.peak_server as i64) < s.max_connections);
     let recovered = s.recovered.expect("throughput came back");
-    assert!(recovered < Duration::from_secs(2), "{recovered:?}");
+    // 80 % of the rate needs about 80 % of the connections back: once they
+    // are, throughput follows within a second. How fast they come back is
+    // the machine's (a busy CI runner pays for each connection's fork and
+    // SCRAM); a pool that stalls is bounded separately.
+    assert!(
+        recovered < s.spread[3] + Duration::from_secs(1),
+        "back to 80 % after {recovered:?}, though 80 % of the reconnects were done after {:?}",
+        s.spread[3]
+    );
+    assert!(
+        s.spread[2] < Duration::from_secs(10),
+        "the last reconnect came {:?} after the cut",
+        s.spread[2]
+    );
     // Spread, not a herd: unbounded, the 200 attempts land within tens of
     // milliseconds (see `herd_against_stream`); bounded, over hundreds.
     assert!(
@@ -367,7 +380,7 @@ async fn storm(cluster: &railyard_local::LocalCluster, max_connecting: Option<u3
     Storm {
         cut,
         reconnects: offsets.len(),
-        spread: [spread(0.0), spread(0.5), spread(1.0)],
+        spread: [spread(0.0), spread(0.5), spread(1.0), spread(0.8)],
         before,
         recovered,
         lost_s,

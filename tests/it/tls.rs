@@ -177,3 +177,81 @@ async fn a_missing_root_certificate_file_is_named_in_the_error() {
         "the I/O error is kept as the cause: {err:?}"
     );
 }
+
+/// A host on the path (or a server set up with `password`/`md5` in
+/// pg_hba.conf) asks for the password in clear or as MD5 on a plain TCP
+/// stream: the connect fails before the password is written, with
+/// `sslmode=disable` and with `prefer` when the server declines TLS.
+#[tokio::test]
+async fn a_request_for_the_password_in_clear_over_plain_tcp_is_refused_before_it_is_sent() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    for (mode, code) in [
+        ("disable", 3u32),
+        ("disable", 5),
+        ("prefer", 3),
+        ("prefer", 5),
+    ] {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        // The impostor: declines TLS, asks for the password, records what follows.
+        let impostor = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut got = Vec::new();
+            let mut buf = [0u8; 4096];
+            let read_one = async |s: &mut tokio::net::TcpStream, got: &mut Vec<u8>| {
+                let mut b = [0u8; 4096];
+                match tokio::time::timeout(Duration::from_secs(2), s.read(&mut b)).await {
+                    Ok(Ok(n)) if n > 0 => {
+                        got.extend_from_slice(&b[..n]);
+                        n
+                    }
+                    _ => 0,
+                }
+            };
+            let n = read_one(&mut s, &mut got).await;
+            // An SSLRequest (length 8, code 80877103) gets 'N', then the startup.
+            if n == 8 && got[4..8] == 80877103u32.to_be_bytes() {
+                s.write_all(b"N").await.unwrap();
+                got.clear();
+                read_one(&mut s, &mut got).await;
+            }
+            let mut msg = vec![b'R', 0, 0, 0, 0];
+            msg.extend_from_slice(&code.to_be_bytes());
+            if code == 5 {
+                msg.extend_from_slice(&[1, 2, 3, 4]);
+            }
+            let len = (msg.len() - 1) as u32;
+            msg[1..5].copy_from_slice(&len.to_be_bytes());
+            s.write_all(&msg).await.unwrap();
+            // Whatever the client sends next, until it hangs up.
+            let mut after = Vec::new();
+            while let Ok(Ok(n)) =
+                tokio::time::timeout(Duration::from_secs(2), s.read(&mut buf)).await
+            {
+                if n == 0 {
+                    break;
+                }
+                after.extend_from_slice(&buf[..n]);
+            }
+            after
+        });
+        let secret = railyard::config::Secret::new("hunter2-never-sent".to_owned());
+        let t: railyard::config::ConnectTarget =
+            format!("postgres://railyard@127.0.0.1:{port}/postgres?sslmode={mode}")
+                .parse()
+                .unwrap();
+        let config =
+            Config::new(t.with_password(Some(secret))).connect_timeout(Duration::from_secs(5));
+        let err = Database::connect(config).await.unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("asked for the password in clear or as MD5"),
+            "sslmode={mode}, code {code}: {text}"
+        );
+        let after = impostor.await.unwrap();
+        assert!(
+            !after.windows(7).any(|w| w == b"hunter2") && !after.contains(&b'p'),
+            "sslmode={mode}, code {code}: the client answered the request: {after:?}"
+        );
+    }
+}

@@ -296,6 +296,17 @@ impl LocalCluster {
     }
 
     fn target(&self, port: u16, dbname: &str) -> ConnectTarget {
+        // The cluster takes passwords over TCP only with TLS: a core built
+        // without its `tls` feature reaches it through the Unix socket.
+        if !railyard::config::tls_available() {
+            return ConnectTarget::unix_socket(
+                self.socket_dir(),
+                port,
+                USER,
+                Some(self.state.password.clone()),
+                dbname,
+            );
+        }
         let url = format!(
             "postgres://{USER}@localhost:{port}/{dbname}?sslmode=verify-full&sslrootcert={}",
             self.ca_cert().display()
@@ -305,7 +316,8 @@ impl LocalCluster {
             .with_password(Some(self.state.password.clone()))
     }
 
-    /// The primary's URL (TLS verify-full against the cluster's CA) for a database.
+    /// The primary's URL (TLS verify-full against the cluster's CA) for a
+    /// database; its Unix socket when the core is built without TLS.
     pub fn primary_target(&self, dbname: &str) -> ConnectTarget {
         self.target(self.state.primary_port, dbname)
     }

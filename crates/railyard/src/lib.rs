@@ -5,8 +5,8 @@
 //!
 //! One call takes an application from `main()` to a database handle: typed
 //! configuration from a URL or the environment (secrets never printed), a bb8
-//! pool of diesel-async connections over rustls TLS, and embedded migrations run
-//! at boot under an advisory lock with checksums.
+//! pool of diesel-async connections (over rustls TLS with the `tls` feature),
+//! and embedded migrations run at boot under an advisory lock with checksums.
 //!
 //! ```no_run
 //! use diesel_async::RunQueryDsl;

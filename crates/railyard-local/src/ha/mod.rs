@@ -1,4 +1,4 @@
-//! A [pg_auto_failover] formation on loopback: a monitor and
+//! A pg_auto_failover formation on loopback: a monitor and
 //! two PostgreSQL nodes, a primary and its synchronous standby, run by the
 //! machine's `pg_autoctl`, for failover tests and demonstrations.
 //!
@@ -42,8 +42,6 @@
 //! formation.perform_failover(std::time::Duration::from_secs(60)).await?;
 //! # Ok(()) }
 //! ```
-//!
-//! [pg_auto_failover]: https://github.com/hapostgres/pg_auto_failover
 
 mod create;
 mod process;

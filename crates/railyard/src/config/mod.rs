@@ -70,6 +70,7 @@ mod validate;
 
 pub use modes::{Host, Pooler, SslMode, TargetSessionAttrs};
 pub use profile::{PROFILE_VAR, Profile};
+#[cfg(feature = "tls")]
 pub(crate) use secret::read_small_file;
 pub use secret::{Credentials, MAX_PASSWORD_FILE_LEN, Secret};
 pub(crate) use setting::Setting;
@@ -155,6 +156,18 @@ pub const MIN_WATCHDOG_LIMIT: Duration = Duration::from_millis(10);
 /// operation running a statement that many times is far past any N+1 worth
 /// naming, and a larger value is a typing mistake.
 pub const MAX_DETECT_REPEATS: u32 = 100_000;
+
+/// Whether this build has TLS (the `tls` feature). Without it `sslmode=prefer`
+/// connects in plain text and the modes that require TLS are refused by
+/// [`Config::validate`].
+///
+/// ```
+/// let url = if railyard::config::tls_available() { "sslmode=verify-full" } else { "sslmode=disable" };
+/// assert!(url.starts_with("sslmode="));
+/// ```
+pub const fn tls_available() -> bool {
+    cfg!(feature = "tls")
+}
 
 /// The longest `statement_timeout`, in milliseconds: the server's limit.
 pub(crate) const MAX_STATEMENT_TIMEOUT_MS: u128 = i32::MAX as u128;

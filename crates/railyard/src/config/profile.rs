@@ -20,6 +20,9 @@ use crate::error::ConfigError;
 /// assert_eq!("production".parse::<Profile>()?, Profile::Production);
 /// let config = railyard::Config::from_vars([
 ///     ("RAILYARD_ENV", "production"),
+///     // production defaults to sslmode=verify-full, which needs the `tls`
+///     // feature; a build without it must say what it runs instead.
+///     ("RAILYARD_SSLMODE", if railyard::config::tls_available() { "verify-full" } else { "disable" }),
 ///     ("DATABASE_URL", "postgres://app@db.internal/ledger"),
 /// ])?;
 /// assert_eq!(config.profile(), Profile::Production);

@@ -301,8 +301,30 @@ impl Config {
                 .map_err(|e| prefix_field(&self.target_field(i), e))?;
             self.check_not_repeated(&targets, i)?;
             self.check_socket_tls(t, i)?;
+            self.check_tls_built(t, i)?;
         }
         Ok(())
+    }
+
+    /// A target over TCP that requires TLS needs a build with the `tls` feature.
+    fn check_tls_built(&self, t: &ConnectTarget, i: usize) -> Result<(), ConfigError> {
+        let mode = self.effective_ssl_mode(t);
+        if super::tls_available()
+            || matches!(mode, SslMode::Disable | SslMode::Prefer)
+            || !t.hosts.iter().any(|(h, _)| matches!(h, Host::Tcp(_)))
+        {
+            return Ok(());
+        }
+        let field = if t.params.ssl_mode.is_some() {
+            format!("{} (sslmode)", self.target_field(i))
+        } else {
+            self.field(S::SslMode).to_owned()
+        };
+        Err(ConfigError::new(
+            field,
+            mode.as_str(),
+            "this build of railyard has no TLS: enable its `tls` feature (railyard = { version = \"…\", features = [\"tls\"] }), or use sslmode=disable or prefer",
+        ))
     }
 
     /// Target `i` is not the same place as a target before it.

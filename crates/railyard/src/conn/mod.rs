@@ -2,7 +2,7 @@
 //!
 //! Railyard opens every connection itself (`open`): the socket (TCP or Unix)
 //! is wrapped in the protocol tap ([`wire`]), TLS comes from our rustls
-//! connector (`tls`), the password is read from the
+//! connector (`tls`, with the `tls` feature; `plain.rs` stands in without it), the password is read from the
 //! [`Credentials`](crate::config::Credentials) provider at every connect (so a
 //! rotated password is used without a restart), several hosts are walked in
 //! order and `target_session_attrs` is checked by us. Connect errors keep the
@@ -15,6 +15,7 @@
 //! installed through the `Instrument` seam, which `observe` implements.
 
 pub(crate) mod breaker;
+#[cfg(feature = "tls")]
 mod endpoint;
 pub(crate) mod gate;
 pub(crate) mod lease;
@@ -22,6 +23,11 @@ pub(crate) mod lease;
 pub mod open;
 pub(crate) mod pool;
 pub(crate) mod queue;
+#[cfg(feature = "tls")]
+pub(crate) mod tls;
+// Without the `tls` feature: the same seam, plain sockets only.
+#[cfg(not(feature = "tls"))]
+#[path = "plain.rs"]
 pub(crate) mod tls;
 pub(crate) mod unnamed;
 // The protocol tap's state: the executor, the test harness and the
@@ -352,7 +358,7 @@ pub struct CancelHandle {
     token: tokio_postgres::CancelToken,
     host: Host,
     port: u16,
-    tls: Option<Arc<rustls::ClientConfig>>,
+    tls: Option<Arc<tls::ClientConfig>>,
 }
 
 impl fmt::Debug for CancelHandle {

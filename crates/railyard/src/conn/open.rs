@@ -24,7 +24,7 @@ pub struct Opener {
     config: Arc<Config>,
     /// The TLS client configuration: settled at construction when no CA file is
     /// read, else built on the blocking pool at the first connection.
-    tls: Arc<tokio::sync::OnceCell<Option<Arc<rustls::ClientConfig>>>>,
+    tls: Arc<tokio::sync::OnceCell<Option<Arc<super::tls::ClientConfig>>>>,
     ssl_mode: SslMode,
     attrs: TargetSessionAttrs,
     pub(crate) breaker: Arc<Breaker>,
@@ -157,7 +157,7 @@ impl Opener {
 
     /// The TLS client configuration, reading the CA file (on the blocking pool,
     /// not on the caller's task) the first time it is needed.
-    async fn tls(&self) -> Result<Option<Arc<rustls::ClientConfig>>, Error> {
+    async fn tls(&self) -> Result<Option<Arc<super::tls::ClientConfig>>, Error> {
         self.tls
             .get_or_try_init(|| async {
                 let mode = self.ssl_mode;
@@ -245,15 +245,16 @@ impl Opener {
         host: &Host,
         port: u16,
         password: Option<&str>,
-        tls: Option<&Arc<rustls::ClientConfig>>,
+        tls: Option<&Arc<super::tls::ClientConfig>>,
     ) -> Result<Conn, ConnectError> {
         let fail = |stage, sqlstate, message| connect_error(host, port, stage, sqlstate, message);
         let socket = open_socket(host, port).await?;
         let wire = Arc::new(WireState::default());
-        let tapped =
-            Tapped::new(socket, wire.clone(), true).unnamed(self.config.pooler.per_transaction());
-        let (pg, setup_sets) = self.startup(host, password);
         let unix = matches!(host, Host::Unix(_));
+        let tapped = Tapped::new(socket, wire.clone(), true)
+            .unnamed(self.config.pooler.per_transaction())
+            .refuse_weak_auth(!unix);
+        let (pg, setup_sets) = self.startup(host, password);
         let server_name = match host {
             Host::Tcp(h) => h.clone(),
             Host::Unix(_) => "localhost".to_owned(),
@@ -361,6 +362,10 @@ impl Opener {
         let unix = matches!(host, Host::Unix(_));
         pg.ssl_mode(match (self.ssl_mode, unix) {
             (_, true) | (SslMode::Disable, _) => tokio_postgres::config::SslMode::Disable,
+            // A build without TLS does what a libpq built without SSL does.
+            (SslMode::Prefer, _) if !cfg!(feature = "tls") => {
+                tokio_postgres::config::SslMode::Disable
+            }
             (SslMode::Prefer, _) => tokio_postgres::config::SslMode::Prefer,
             _ => tokio_postgres::config::SslMode::Require,
         });
@@ -536,6 +541,12 @@ impl Opener {
                 ConnectStage::Startup,
                 Some(db.code().clone()),
                 format!("{}: {}", db.severity(), db.message()),
+            )
+        } else if wire.weak_auth_asked() && !wire.is_tls() {
+            (
+                ConnectStage::Startup,
+                None,
+                super::wire::WEAK_AUTH_REFUSED.to_owned(),
             )
         } else if wire.tls_failed() || e.to_string().contains("TLS") {
             let detail = std::error::Error::source(&e)

@@ -60,7 +60,13 @@ impl bb8::ManageConnection for Manager {
                 source: None,
             }));
         }
-        if !conn.wire.settle(Duration::from_millis(50)).await {
+        // A reply still owed (a statement close tokio-postgres sends without
+        // waiting) comes as soon as the driver task runs: on a starved machine
+        // that can be hundreds of milliseconds, and discarding a healthy
+        // connection then costs a reconnect. `settle` gives up at once on a
+        // connection that is closed or idle in a transaction; otherwise it
+        // waits as long as a ping may (a dead link is bounded the same way).
+        if !conn.wire.settle(self.opener.connect_timeout()).await {
             return Err(Error::Connect(ConnectError {
                 host: conn.info.host.to_string(),
                 port: conn.info.port,

@@ -30,6 +30,10 @@ fn env_errors_name_the_variable() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "tls"),
+    ignore = "validation refuses the modes that need TLS in a build without it"
+)]
 fn profiles_pick_defaults_and_explicit_values_win() {
     let c = Config::from_vars([
         ("RAILYARD_ENV", "production"),
@@ -280,6 +284,10 @@ fn queue_bounds_and_the_shutdown_timeout_are_read_and_checked() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "tls"),
+    ignore = "validation refuses the modes that need TLS in a build without it"
+)]
 fn query_insight_settings_are_read_off_by_default_and_checked() {
     let url = ("DATABASE_URL", "postgres://u@h/db");
     for profile in ["development", "test", "production"] {
@@ -521,6 +529,10 @@ fn min_idle_may_not_exceed_the_replica_pool_size() {
 }
 
 #[test]
+#[cfg_attr(
+    not(feature = "tls"),
+    ignore = "validation refuses the modes that need TLS in a build without it"
+)]
 fn env_reads_every_setting() {
     let c = Config::from_vars([
         ("DATABASE_URL", "postgres://u:pw@h/db"),
@@ -585,4 +597,29 @@ proptest! {
         };
         prop_assert_eq!(parse_duration("x", &text).unwrap(), d);
     }
+}
+
+#[test]
+#[cfg(not(feature = "tls"))]
+fn without_tls_the_production_profile_is_refused_naming_the_variable_and_the_feature() {
+    let err = Config::from_vars([
+        ("RAILYARD_ENV", "production"),
+        ("DATABASE_URL", "postgres://u:hunter2@h/db"),
+    ])
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("RAILYARD_SSLMODE") && err.contains("`tls` feature"),
+        "{err}"
+    );
+    assert!(!err.contains("hunter2"), "{err}");
+    let err = Config::from_vars([("DATABASE_URL", "postgres://u@h/db?sslmode=require")])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("DATABASE_URL") && err.contains("require"),
+        "{err}"
+    );
+    // prefer (the default) runs without TLS, as a libpq built without SSL does.
+    Config::from_vars([("DATABASE_URL", "postgres://u@h/db")]).unwrap();
 }

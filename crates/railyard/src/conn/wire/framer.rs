@@ -130,7 +130,7 @@ impl Framer {
                 self.remaining = len as usize - 4;
                 // Rows and command tags are copied only while a capture is armed.
                 self.capture = self.remaining <= CAPTURE_LIMIT
-                    && (matches!(self.kind, b'E' | b'S' | b'Z')
+                    && (matches!(self.kind, b'E' | b'S' | b'Z' | b'R')
                         || (matches!(self.kind, b'C' | b'D') && wire.capturing()));
                 self.body.clear();
                 if self.remaining == 0 {

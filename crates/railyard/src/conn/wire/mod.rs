@@ -36,7 +36,7 @@ mod stream;
 mod tests;
 
 pub(crate) use framer::Framer;
-pub(crate) use stream::{Socket, Tapped};
+pub(crate) use stream::{Socket, Tapped, WEAK_AUTH_REFUSED};
 
 /// The transaction status from the latest `ReadyForQuery`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,6 +59,9 @@ pub struct WireState {
     bytes_read: AtomicU64,
     bytes_written: AtomicU64,
     tls: AtomicBool,
+    /// The server asked for the password in clear or as MD5 (see
+    /// [`Tapped::refuse_weak_auth`]).
+    weak_auth_asked: AtomicBool,
     tls_failed: AtomicBool,
     closed: AtomicBool,
     close_reason: Mutex<Option<String>>,
@@ -357,9 +360,13 @@ impl WireState {
             .as_ref()
             .map(read)
     }
+    pub(crate) fn weak_auth_asked(&self) -> bool {
+        self.weak_auth_asked.load(Ordering::Acquire)
+    }
     pub(crate) fn tls_failed(&self) -> bool {
         self.tls_failed.load(Ordering::Relaxed)
     }
+    #[cfg(feature = "tls")]
     pub(crate) fn note_tls(&self) {
         self.tls.store(true, Ordering::Relaxed);
     }
@@ -437,6 +444,16 @@ impl WireState {
                 let e = parse_error(body);
                 *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
                 self.error_count.fetch_add(1, Ordering::Release);
+            }
+            b'R' => {
+                // 3: the password in clear; 5: its MD5 hash (both replayable
+                // by whoever reads a plain TCP stream). SCRAM is 10.
+                if let Some(code) = body.get(..4) {
+                    let code = u32::from_be_bytes([code[0], code[1], code[2], code[3]]);
+                    if code == 3 || code == 5 {
+                        self.weak_auth_asked.store(true, Ordering::Release);
+                    }
+                }
             }
             b'S' => {
                 let mut parts = body.split(|&b| b == 0);

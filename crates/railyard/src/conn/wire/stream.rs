@@ -16,6 +16,9 @@ pub(crate) struct Tapped<S> {
     pub(super) observing: bool,
     pub(super) framer: Framer,
     pub(super) rewrite: Option<Box<Rewrite>>,
+    /// Fail the read that brings a request for the password in clear or as
+    /// MD5: set on a plain TCP stream, where anyone on the path reads it.
+    pub(super) refuse_weak_auth: bool,
 }
 
 /// The rewriter and its buffers: rewritten bytes not yet written, filtered
@@ -30,6 +33,12 @@ pub(super) struct Rewrite {
     pub(super) scratch: Vec<u8>,
 }
 
+/// Why a connect ended when the server asked for a weak password exchange.
+pub(crate) const WEAK_AUTH_REFUSED: &str = "the server asked for the password in clear or as MD5 \
+     over a connection without TLS; Railyard sends a password over plain TCP only by SCRAM: use TLS \
+     (sslmode=require or verify-full, the core's `tls` feature) or store the role's password with \
+     scram-sha-256";
+
 /// Rewritten bytes that may wait unwritten before a write waits too.
 pub(super) const REWRITE_HIGH_WATER: usize = 256 * 1024;
 
@@ -41,7 +50,22 @@ impl<S> Tapped<S> {
             observing,
             framer: Framer::default(),
             rewrite: None,
+            refuse_weak_auth: false,
         }
+    }
+
+    /// Refuses to go on when the server asks for the password in clear or as
+    /// MD5 on this stream (as libpq's `require_auth=scram-sha-256` does): for
+    /// a TCP socket, whose tap stays on only while TLS is not negotiated.
+    /// tokio-postgres then fails the connect before it writes the password.
+    pub(crate) fn refuse_weak_auth(mut self, on: bool) -> Self {
+        self.refuse_weak_auth = on;
+        self
+    }
+
+    fn weak_auth_refused(&self) -> Option<io::Error> {
+        (self.refuse_weak_auth && self.observing && self.wire.weak_auth_asked())
+            .then(|| io::Error::new(io::ErrorKind::PermissionDenied, WEAK_AUTH_REFUSED))
     }
 
     /// Rewrites named statements into unnamed ones (see [`super::super::unnamed`]).
@@ -50,6 +74,7 @@ impl<S> Tapped<S> {
         self
     }
 
+    #[cfg(feature = "tls")]
     pub(crate) fn set_observing(&mut self, on: bool) {
         self.observing = on;
         if !on {
@@ -101,6 +126,9 @@ impl<S: AsyncRead + Unpin> Tapped<S> {
                     rw.back.clear();
                     rw.back_at = 0;
                 }
+                if let Some(e) = self.weak_auth_refused() {
+                    return Poll::Ready(Err(e));
+                }
                 return Poll::Ready(Ok(()));
             }
             rw.scratch.resize(16 * 1024, 0);
@@ -142,6 +170,9 @@ impl<S: AsyncRead + Unpin> AsyncRead for Tapped<S> {
                 this.wire.bytes_read.fetch_add(n as u64, Ordering::Relaxed);
                 let filled = buf.filled();
                 this.framer.on_read(&filled[filled.len() - n..], &this.wire);
+                if let Some(e) = this.weak_auth_refused() {
+                    return Poll::Ready(Err(e));
+                }
             }
         }
         r
