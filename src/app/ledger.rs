@@ -384,6 +384,7 @@ struct TradeRow {
 /// 40P01). Inside, a savepoint tries to rebate `rebate_pct`% of the buyer's
 /// fee; over 100% the `fees_rebate_bounded` CHECK refuses it, the savepoint
 /// is rolled back, and the trade stands.
+// Long by design: one order match is one transaction, read top to bottom.
 pub async fn match_once(
     session: &Session,
     symbol: &str,

@@ -40,10 +40,7 @@ pub(crate) async fn serve(
     // Samples every second, fifteen minutes kept: what the dashboard draws.
     let watcher = railyard_ops::watch::Watcher::spawn(
         db.clone(),
-        railyard_ops::watch::WatchOptions {
-            statements: Some(stats),
-            ..railyard_ops::watch::WatchOptions::default()
-        },
+        railyard_ops::watch::WatchOptions::default().statements(stats),
     );
     let (listener, addr) = bind(addr).await?;
     let readiness = railyard_http::Readiness::new();

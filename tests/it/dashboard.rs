@@ -296,10 +296,7 @@ async fn the_page_renders_alerts_from_an_extra_router_escaped_with_their_buttons
     let db = support::ledger(|c| c).await;
     let watcher = Watcher::spawn(
         db.clone(),
-        WatchOptions {
-            every: Duration::from_millis(200),
-            ..WatchOptions::default()
-        },
+        WatchOptions::default().every(Duration::from_millis(200)),
     );
     let alert = |rule: &str, severity: &str, state: &str, summary: &str| {
         serde_json::json!({

@@ -20,7 +20,7 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 
 use railyard::database::Database;
-use railyard::observe::health::{self, HealthReport, HealthStatus};
+use railyard::observe::{self as health, HealthReport, HealthStatus};
 use railyard_ops::watch::Watcher;
 
 mod alerts;
@@ -122,7 +122,7 @@ pub fn router_with(db: Database, readiness: Readiness) -> Router {
 /// let db = railyard::Database::builder(config).hook(stats.clone()).connect().await?;
 /// let watcher = Watcher::spawn(
 ///     db.clone(),
-///     WatchOptions { statements: Some(stats), ..WatchOptions::default() },
+///     WatchOptions::default().statements(stats),
 /// );
 /// let app = railyard_http::router_with_dashboard(
 ///     db,

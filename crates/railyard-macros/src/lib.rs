@@ -30,6 +30,7 @@ pub fn test(args: TokenStream, item: TokenStream) -> TokenStream {
     }
 }
 
+// Long by design: the options are parsed and the test emitted in one `quote!`, so the generated code reads in one place.
 fn expand(
     args: proc_macro2::TokenStream,
     item: TokenStream,

@@ -34,6 +34,16 @@ pub enum Error {
     #[error(transparent)]
     Local(#[from] railyard_local::Error),
 
+    /// A step (an advisor's, a retention run's) did not finish within its
+    /// deadline; nothing it began was kept.
+    #[error("{what}: not done within {deadline:?}")]
+    Timeout {
+        /// The step.
+        what: String,
+        /// Its deadline.
+        deadline: std::time::Duration,
+    },
+
     /// An I/O error outside a connection (files, processes).
     #[error("{context}")]
     Io {
@@ -45,14 +55,12 @@ pub enum Error {
 }
 
 impl Error {
-    /// A step that did not finish within `deadline`, as the data layer's
-    /// [`railyard::Error::Timeout`].
+    /// A step that did not finish within `deadline`.
     pub(crate) fn timeout(deadline: std::time::Duration, what: &str) -> Self {
-        Error::Core(railyard::Error::Timeout {
+        Error::Timeout {
+            what: what.to_owned(),
             deadline,
-            attempts: 1,
-            last: Some(what.to_owned()),
-        })
+        }
     }
 
     pub(crate) fn io(context: impl Into<String>, source: std::io::Error) -> Self {

@@ -41,13 +41,7 @@ pub async fn serve(
     let addr = listener
         .local_addr()
         .map_err(|e| AppError::io("--dashboard: the listener's address", e))?;
-    let watcher = Watcher::spawn(
-        db.clone(),
-        WatchOptions {
-            statements: Some(stats),
-            ..WatchOptions::default()
-        },
-    );
+    let watcher = Watcher::spawn(db.clone(), WatchOptions::default().statements(stats));
     let app = railyard_http::router_with_dashboard(
         db.clone(),
         railyard_http::Readiness::new(),

@@ -17,6 +17,7 @@ use crate::app::ledger::{self, Symbol, Trader};
 /// Runs planned operations; the Railyard run and the raw baseline each have one.
 pub trait Engine: Send + Sync + 'static {
     /// Runs one operation and reports its steps.
+    // Long by design: the load loop: workers, faults and the clock, in one place.
     fn run(self: Arc<Self>, op: Planned) -> impl Future<Output = Vec<Step>> + Send + 'static;
 }
 

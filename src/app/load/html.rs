@@ -45,6 +45,7 @@ struct Series<'a> {
 }
 
 /// A line chart over seconds, with vertical markers for events.
+// Long by design: one SVG chart: axes, series and labels drawn in order.
 fn chart(title: &str, unit: &str, series: &[Series<'_>], events: &[(f64, String)]) -> String {
     // Latencies of ten seconds and more read better in seconds.
     let peak = series
@@ -196,6 +197,7 @@ fn table(run: &RunReport) -> String {
 }
 
 /// The page.
+// Long by design: the report page is one template, top to bottom.
 pub fn render(r: &LoadReport) -> String {
     let runs = runs(r);
     let events: Vec<(f64, String)> = r

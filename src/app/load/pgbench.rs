@@ -61,6 +61,7 @@ pub async fn run(
     result
 }
 
+// Long by design: pgbench's run, its parse and its figures, in order.
 async fn bench(
     db: &Database,
     bin: &std::path::Path,

@@ -342,6 +342,7 @@ async fn match_raw(
 }
 
 impl Engine for RawEngine {
+    // Long by design: the raw baseline mirrors the engine's loop line for line, so the two compare.
     async fn run(self: Arc<Self>, op: Planned) -> Vec<Step> {
         let t = op.trader % self.accounts.len();
         let account = self.accounts[t];

@@ -270,6 +270,7 @@ impl Recorder {
     }
 
     /// The report, for a run of `elapsed`.
+    // Long by design: every figure of the run report, in the order it prints.
     pub fn report(&self, engine: &str, elapsed: Duration) -> RunReport {
         let inner = self.lock();
         let secs = elapsed.as_secs_f64().max(1e-9);

@@ -34,9 +34,7 @@ impl Attachment for SlotBoard {
         let slots = self.0.lock().unwrap_or_else(|p| p.into_inner());
         slots
             .iter()
-            .map(|(name, f)| {
-                railyard::observe::health::slot(name, f.retained_bytes, f.limit, f.lost)
-            })
+            .map(|(name, f)| railyard::observe::slot(name, f.retained_bytes, f.limit, f.lost))
             .collect()
     }
 

@@ -116,6 +116,7 @@ impl FromStr for ResumeToken {
 /// What happened to the row.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
+#[non_exhaustive]
 pub enum ChangeOp {
     /// A new row.
     Insert,

@@ -123,6 +123,7 @@ impl<'a> Reader<'a> {
 }
 
 /// Decodes one message.
+// Long by design: one arm per pgoutput message.
 pub(crate) fn decode(b: &[u8]) -> Res<Message> {
     let mut r = Reader { b, at: 0 };
     let kind = r.u8()?;

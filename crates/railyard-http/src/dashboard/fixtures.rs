@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 
-use railyard::observe::health::HealthStatus;
+use railyard::observe::HealthStatus;
 use railyard::observe::{CapturedPlan, CostNode};
 use railyard_ops::watch::{PoolSample, ReplicaSample, Sample, TopStatement};
 

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use railyard::observe::health::HealthStatus;
+use railyard::observe::HealthStatus;
 use railyard_ops::watch::Sample;
 use serde::Serialize;
 

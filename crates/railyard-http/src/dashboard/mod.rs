@@ -22,7 +22,7 @@ use serde::Serialize;
 
 use railyard::database::Database;
 use railyard::observe::HealthCheck;
-use railyard::observe::health::HealthStatus;
+use railyard::observe::HealthStatus;
 use railyard_ops::watch::{PoolSample, ReplicaSample, Sample, Watcher};
 
 #[cfg(test)]

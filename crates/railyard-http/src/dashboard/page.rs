@@ -1,7 +1,7 @@
 //! The page: `dashboard.html`, compiled in, with the verdict and its reasons
 //! written in.
 
-use railyard::observe::health::HealthStatus;
+use railyard::observe::HealthStatus;
 use railyard_ops::watch::Sample;
 
 /// The page, with its CSS and JS inline.

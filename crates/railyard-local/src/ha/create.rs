@@ -70,6 +70,7 @@ fn private_dir(path: &Path, run_as: &RunAs) -> Result<(), Error> {
     run_as.own(path)
 }
 
+// Long by design: start or join, in the order the states on disk call for.
 pub(super) fn start_blocking(
     b: &FormationBuilder,
     handle: &tokio::runtime::Handle,
@@ -237,6 +238,7 @@ fn autoctl_create(f: &Formation, name: &str, args: &[String]) -> Result<(), Erro
     )
 }
 
+// Long by design: the formation's steps in the order pg_autoctl needs them, each a call and its wait.
 fn create(
     f: &Formation,
     tunings: &Tunings,

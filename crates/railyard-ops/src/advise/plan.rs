@@ -3,6 +3,7 @@
 //! sorts, by which columns. Pure: the plan is `EXPLAIN (FORMAT JSON)` output
 //! and the relations' columns come from the caller.
 
+use railyard::observe::sql::{self, TokenKind as K};
 use std::collections::HashMap;
 
 use serde_json::Value;
@@ -293,98 +294,70 @@ enum Token {
     Other,
 }
 
-/// Splits a plan condition into names, operators and the rest; constants and
-/// casts' type names are kept as `Other`/`Name`, which the reader skips.
+/// Splits a plan condition into names, operators and the rest, on the core's
+/// SQL lexer; constants are `Other`, and a cast's type name is skipped.
 fn tokens(expr: &str) -> Vec<Token> {
-    let b = expr.as_bytes();
+    let all: Vec<sql::Token> = sql::tokens(expr).collect();
+    let text = |t: &sql::Token| &expr[t.span.clone()];
+    let is_op = |s: &str| matches!(s, "=" | "<" | ">" | "!" | "~");
     let mut out = Vec::new();
     let mut i = 0;
-    while i < b.len() {
-        let c = b[i];
-        if c.is_ascii_whitespace() || c == b',' {
-            i += 1;
-        } else if c == b'\'' {
-            // A string constant, '' escapes included.
-            i += 1;
-            while i < b.len() {
-                if b[i] == b'\'' {
-                    if b.get(i + 1) == Some(&b'\'') {
-                        i += 2;
-                        continue;
+    while i < all.len() {
+        let t = &all[i];
+        let s = text(t);
+        i += 1;
+        match t.kind {
+            K::Space | K::Comment => {}
+            K::Ident => out.push(Token::Name(s.to_owned())),
+            K::QuotedIdent => {
+                let inner = s.strip_prefix('"').unwrap_or(s);
+                let inner = inner.strip_suffix('"').unwrap_or(inner);
+                out.push(Token::Name(inner.replace("\"\"", "\"")));
+            }
+            K::String | K::Number | K::Param => out.push(Token::Other),
+            K::Punct => match s {
+                "," => {}
+                "." => out.push(Token::Dot),
+                "(" | "[" => out.push(Token::Open),
+                ")" | "]" => out.push(Token::Close),
+                ":" if all.get(i).is_some_and(|n| text(n) == ":") => {
+                    i = skip_cast(expr, &all, i + 1);
+                }
+                _ if is_op(s) => {
+                    let mut op = s.to_owned();
+                    while let Some(n) = all.get(i).filter(|n| is_op(text(n))) {
+                        op.push_str(text(n));
+                        i += 1;
                     }
-                    break;
+                    out.push(Token::Op(op));
                 }
-                i += 1;
-            }
-            i += 1;
-            out.push(Token::Other);
-        } else if c == b'"' {
-            let start = i + 1;
-            i += 1;
-            while i < b.len() {
-                if b[i] == b'"' {
-                    if b.get(i + 1) == Some(&b'"') {
-                        i += 2;
-                        continue;
-                    }
-                    break;
-                }
-                i += 1;
-            }
-            out.push(Token::Name(
-                expr[start..i.min(b.len())].replace("\"\"", "\""),
-            ));
-            i += 1;
-        } else if c.is_ascii_alphabetic() || c == b'_' {
-            let start = i;
-            while i < b.len() && (b[i].is_ascii_alphanumeric() || b[i] == b'_' || b[i] == b'$') {
-                i += 1;
-            }
-            out.push(Token::Name(expr[start..i].to_owned()));
-        } else if c == b'.' {
-            out.push(Token::Dot);
-            i += 1;
-        } else if c == b'(' || c == b'[' {
-            out.push(Token::Open);
-            i += 1;
-        } else if c == b')' || c == b']' {
-            out.push(Token::Close);
-            i += 1;
-        } else if b"=<>!~".contains(&c) {
-            let start = i;
-            while i < b.len() && b"=<>!~".contains(&b[i]) {
-                i += 1;
-            }
-            out.push(Token::Op(expr[start..i].to_owned()));
-        } else if c == b':' && b.get(i + 1) == Some(&b':') {
-            // A cast: `::type`, its name skipped with it (`::text[]`,
-            // `::double precision`, `::timestamp with time zone`).
-            i += 2;
-            loop {
-                while i < b.len() && (b[i].is_ascii_alphanumeric() || b"_[]\"".contains(&b[i])) {
-                    i += 1;
-                }
-                let rest = &expr[i..];
-                match ["precision", "varying", "with", "without", "time", "zone"]
-                    .iter()
-                    .find(|w| rest.strip_prefix(' ').is_some_and(|r| r.starts_with(**w)))
-                {
-                    Some(w) => i += 1 + w.len(),
-                    None => break,
-                }
-            }
-        } else {
-            // Digits, `$n`, arithmetic.
-            i += 1;
-            if c.is_ascii_digit() || c == b'$' {
-                while i < b.len() && (b[i].is_ascii_alphanumeric() || b[i] == b'.') {
-                    i += 1;
-                }
-            }
-            out.push(Token::Other);
+                _ => out.push(Token::Other),
+            },
         }
     }
     out
+}
+
+/// Skips the type name of a cast whose `::` ends before `i` (`text[]`,
+/// `double precision`, `timestamp with time zone`): the index after it.
+fn skip_cast(expr: &str, all: &[sql::Token], mut i: usize) -> usize {
+    const WORDS: [&str; 6] = ["precision", "varying", "with", "without", "time", "zone"];
+    let text = |t: &sql::Token| &expr[t.span.clone()];
+    loop {
+        match all.get(i) {
+            Some(t) if matches!(t.kind, K::Ident | K::QuotedIdent) => i += 1,
+            Some(t) if matches!(text(t), "[" | "]") => i += 1,
+            Some(t)
+                if t.kind == K::Space
+                    && all.get(i + 1).is_some_and(|n| {
+                        n.kind == K::Ident && WORDS.contains(&text(n).to_ascii_lowercase().as_str())
+                    }) =>
+            {
+                i += 2
+            }
+            _ => return i,
+        }
+    }
 }
 
 /// The relation's columns a condition compares, with how. A column is a name

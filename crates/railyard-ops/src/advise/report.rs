@@ -127,6 +127,30 @@ fn bytes(n: i64) -> String {
 
 impl fmt::Display for Advice {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.fmt_header(f)?;
+        self.fmt_indexes(f)?;
+        self.fmt_findings(f)?;
+        self.fmt_patterns(f)?;
+        if !self.skipped.is_empty() {
+            writeln!(f, "Not explained ({}):", self.skipped.len())?;
+            for s in &self.skipped {
+                writeln!(f, "  {}: {}", s.statement, s.reason)?;
+            }
+        }
+        for n in &self.notes {
+            writeln!(f, "note: {n}")?;
+        }
+        Ok(())
+    }
+}
+
+/// A section's heading, with ` none` when it has nothing under it.
+fn heading(f: &mut fmt::Formatter<'_>, title: &str, empty: bool) -> fmt::Result {
+    writeln!(f, "{title}:{}", if empty { " none" } else { "" })
+}
+
+impl Advice {
+    fn fmt_header(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let sources = if self.sources.is_empty() {
             "no statement source".to_owned()
         } else {
@@ -142,7 +166,10 @@ impl fmt::Display for Advice {
                 "candidates NOT verified (no hypopg)"
             }
         )?;
-        writeln!(f)?;
+        writeln!(f)
+    }
+
+    fn fmt_indexes(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.indexes.is_empty() {
             writeln!(f, "Indexes to create: none")?;
         } else {
@@ -170,51 +197,46 @@ impl fmt::Display for Advice {
                 }
             }
         }
+        Ok(())
+    }
+
+    /// Unused and redundant indexes, and tables read by sequential scans.
+    fn fmt_findings(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let since = self.stats_since.as_deref().map_or_else(
             || "since the statistics began".to_owned(),
             |s| format!("since {s}"),
         );
         writeln!(f)?;
-        writeln!(
+        heading(
             f,
-            "Unused indexes (no scans {since}, replicas included; unique and primary keys excepted):{}",
-            if self.unused.is_empty() { " none" } else { "" }
+            &format!(
+                "Unused indexes (no scans {since}, replicas included; unique and primary keys excepted)"
+            ),
+            self.unused.is_empty(),
         )?;
         for u in &self.unused {
             writeln!(f, "  {} on {} ({})", u.index, u.table, bytes(u.bytes))?;
         }
-        writeln!(
-            f,
-            "Redundant indexes:{}",
-            if self.redundant.is_empty() {
-                " none"
-            } else {
-                ""
-            }
-        )?;
+        heading(f, "Redundant indexes", self.redundant.is_empty())?;
         for r in &self.redundant {
+            let how = if r.duplicate {
+                "duplicates"
+            } else {
+                "is a leading prefix of"
+            };
             writeln!(
                 f,
-                "  {} on {} ({}): {} {}",
+                "  {} on {} ({}): {how} {}",
                 r.index,
                 r.table,
                 bytes(r.bytes),
-                if r.duplicate {
-                    "duplicates"
-                } else {
-                    "is a leading prefix of"
-                },
                 r.covered_by
             )?;
         }
-        writeln!(
+        heading(
             f,
-            "Tables read mostly by sequential scans:{}",
-            if self.seq_scans.is_empty() {
-                " none"
-            } else {
-                ""
-            }
+            "Tables read mostly by sequential scans",
+            self.seq_scans.is_empty(),
         )?;
         for t in &self.seq_scans {
             writeln!(
@@ -226,15 +248,11 @@ impl fmt::Display for Advice {
                 t.seq_scans + t.idx_scans
             )?;
         }
-        writeln!(
-            f,
-            "Anti-patterns:{}",
-            if self.patterns.is_empty() {
-                " none"
-            } else {
-                ""
-            }
-        )?;
+        Ok(())
+    }
+
+    fn fmt_patterns(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        heading(f, "Anti-patterns", self.patterns.is_empty())?;
         for p in &self.patterns {
             match &p.pattern {
                 Pattern::SelectStar { table, columns } => writeln!(
@@ -248,15 +266,6 @@ impl fmt::Display for Advice {
                     p.statement
                 )?,
             }
-        }
-        if !self.skipped.is_empty() {
-            writeln!(f, "Not explained ({}):", self.skipped.len())?;
-            for s in &self.skipped {
-                writeln!(f, "  {}: {}", s.statement, s.reason)?;
-            }
-        }
-        for n in &self.notes {
-            writeln!(f, "note: {n}")?;
         }
         Ok(())
     }

@@ -302,184 +302,216 @@ fn name_ok(n: &str) -> bool {
 
 impl File {
     fn into_config(self) -> Result<AlertConfig, Error> {
-        let mut rules = if self.builtin {
-            Rule::builtin()
-        } else {
-            Vec::new()
-        };
-        if self.rule.len() > MAX_RULES {
-            return Err(Error::Alerts(format!(
-                "{} rules; at most {MAX_RULES}",
-                self.rule.len()
-            )));
-        }
-        for (i, r) in self.rule.into_iter().enumerate() {
-            if !name_ok(&r.name) {
-                return Err(Error::Alerts(format!(
-                    "rule {}: name: use 1 to 64 letters, digits, _ or -",
-                    i + 1
-                )));
-            }
-            let what = format!("rule {:?}", r.name);
-            let metric = Metric::parse(&r.metric, r.statement.clone()).ok_or_else(|| {
-                Error::Alerts(if r.metric == "statement_p99_ms" {
-                    format!(
-                        "{what}: statement_p99_ms needs `statement`, a part of the statements' text"
-                    )
-                } else {
-                    format!(
-                        "{what}: metric: unknown; one of {}",
-                        Metric::NAMES.join(", ")
-                    )
-                })
-            })?;
-            if r.statement.is_some() && !matches!(metric, Metric::StatementP99Ms(_)) {
-                return Err(Error::Alerts(format!(
-                    "{what}: `statement` is for statement_p99_ms only"
-                )));
-            }
-            let op = match (r.above, r.below) {
-                (Some(t), None) if t.is_finite() => Op::Above(t),
-                (None, Some(t)) if t.is_finite() => Op::Below(t),
-                (Some(_), Some(_)) => {
-                    return Err(Error::Alerts(format!(
-                        "{what}: give `above` or `below`, not both"
-                    )));
-                }
-                _ => {
-                    return Err(Error::Alerts(format!(
-                        "{what}: give a finite threshold as `above = …` or `below = …`"
-                    )));
-                }
-            };
-            let rule = Rule {
-                for_: duration(&format!("{what}: for"), r.for_.as_deref(), Duration::ZERO)?,
-                severity: match &r.severity {
-                    Some(s) => severity(&what, s)?,
-                    None => Severity::Warning,
-                },
-                labels: r.labels,
-                ..Rule::new(r.name.clone(), metric, op)
-            };
-            // A rule of a built-in's name replaces it.
-            rules.retain(|b| b.name != rule.name);
-            rules.push(rule);
-        }
-        let grouping = match self.grouping {
-            None => Grouping::default(),
-            Some(g) => {
-                let d = Grouping::default();
-                Grouping {
-                    by: g.by.unwrap_or(d.by),
-                    wait: duration("grouping: wait", g.wait.as_deref(), d.wait)?,
-                    interval: duration("grouping: interval", g.interval.as_deref(), d.interval)?,
-                    repeat: duration("grouping: repeat", g.repeat.as_deref(), d.repeat)?,
-                    send_resolved: g.send_resolved.unwrap_or(d.send_resolved),
-                }
-            }
-        };
-        let mut inhibits = if self.builtin_inhibit {
-            Inhibit::builtin()
-        } else {
-            Vec::new()
-        };
-        for (i, inh) in self.inhibit.into_iter().enumerate() {
-            if inh.source.is_empty() || inh.target.is_empty() {
-                return Err(Error::Alerts(format!(
-                    "inhibit {}: source and target need at least one label each",
-                    i + 1
-                )));
-            }
-            inhibits.push(Inhibit {
-                source: inh.source,
-                target: inh.target,
-                equal: inh.equal,
-            });
-        }
-        if self.channel.len() > MAX_CHANNELS {
-            return Err(Error::Alerts(format!(
-                "{} channels; at most {MAX_CHANNELS}",
-                self.channel.len()
-            )));
-        }
-        let mut channels = BTreeMap::new();
-        for (name, c) in self.channel {
-            if !name_ok(&name) || name == "log" {
-                return Err(Error::Alerts(
-                    "a channel's name: use 1 to 64 letters, digits, _ or - (and not `log`, the built-in one)"
-                        .to_owned(),
-                ));
-            }
-            let what = format!("channel {name:?}");
-            let c = match c {
-                ChannelFile::Webhook {
-                    url,
-                    timeout,
-                    attempts,
-                } => {
-                    super::channels::parse_url(&url)
-                        .map_err(|why| Error::Alerts(format!("{what}: url: {why}")))?;
-                    ChannelConfig::Webhook {
-                        url,
-                        timeout: duration(
-                            &format!("{what}: timeout"),
-                            timeout.as_deref(),
-                            Duration::from_secs(5),
-                        )?,
-                        attempts: attempts.unwrap_or(5).clamp(1, 20),
-                    }
-                }
-                ChannelFile::Command {
-                    program,
-                    args,
-                    timeout,
-                } => ChannelConfig::Command {
-                    program,
-                    args,
-                    timeout: duration(
-                        &format!("{what}: timeout"),
-                        timeout.as_deref(),
-                        Duration::from_secs(10),
-                    )?,
-                },
-            };
-            channels.insert(name, c);
-        }
-        let known = |what: &str, list: &[String]| -> Result<(), Error> {
-            for c in list {
-                if c != "log" && !channels.contains_key(c) {
-                    return Err(Error::Alerts(format!(
-                        "{what}: no channel named {c:?}; define it under [channel.NAME] or use `log`"
-                    )));
-                }
-            }
-            Ok(())
-        };
-        let mut routes = BTreeMap::new();
-        for r in self.route {
-            let s = severity("route", &r.severity)?;
-            known(&format!("route {:?}", r.severity), &r.channels)?;
-            routes.insert(s, r.channels);
-        }
-        let escalation = match self.escalation {
-            None => None,
-            Some(e) => {
-                known("escalation", &e.channels)?;
-                Some((
-                    duration("escalation: after", Some(&e.after), Duration::ZERO)?,
-                    e.channels,
-                ))
-            }
-        };
+        let channels = channels(self.channel)?;
+        let (routes, escalation) = routes(self.route, self.escalation, &channels)?;
         Ok(AlertConfig {
-            rules,
-            grouping,
-            inhibits,
+            rules: rules(self.builtin, self.rule)?,
+            grouping: grouping(self.grouping)?,
+            inhibits: inhibits(self.builtin_inhibit, self.inhibit)?,
             routes,
             escalation,
             channels,
         })
     }
+}
+
+/// The built-in rules (unless turned off) with the file's, which replace built-ins of their name.
+fn rules(builtin: bool, file: Vec<RuleFile>) -> Result<Vec<Rule>, Error> {
+    let mut rules = if builtin { Rule::builtin() } else { Vec::new() };
+    if file.len() > MAX_RULES {
+        return Err(Error::Alerts(format!(
+            "{} rules; at most {MAX_RULES}",
+            file.len()
+        )));
+    }
+    for (i, r) in file.into_iter().enumerate() {
+        if !name_ok(&r.name) {
+            return Err(Error::Alerts(format!(
+                "rule {}: name: use 1 to 64 letters, digits, _ or -",
+                i + 1
+            )));
+        }
+        let what = format!("rule {:?}", r.name);
+        let metric = Metric::parse(&r.metric, r.statement.clone()).ok_or_else(|| {
+            Error::Alerts(if r.metric == "statement_p99_ms" {
+                format!(
+                    "{what}: statement_p99_ms needs `statement`, a part of the statements' text"
+                )
+            } else {
+                format!(
+                    "{what}: metric: unknown; one of {}",
+                    Metric::NAMES.join(", ")
+                )
+            })
+        })?;
+        if r.statement.is_some() && !matches!(metric, Metric::StatementP99Ms(_)) {
+            return Err(Error::Alerts(format!(
+                "{what}: `statement` is for statement_p99_ms only"
+            )));
+        }
+        let op = match (r.above, r.below) {
+            (Some(t), None) if t.is_finite() => Op::Above(t),
+            (None, Some(t)) if t.is_finite() => Op::Below(t),
+            (Some(_), Some(_)) => {
+                return Err(Error::Alerts(format!(
+                    "{what}: give `above` or `below`, not both"
+                )));
+            }
+            _ => {
+                return Err(Error::Alerts(format!(
+                    "{what}: give a finite threshold as `above = …` or `below = …`"
+                )));
+            }
+        };
+        let rule = Rule {
+            for_: duration(&format!("{what}: for"), r.for_.as_deref(), Duration::ZERO)?,
+            severity: match &r.severity {
+                Some(s) => severity(&what, s)?,
+                None => Severity::Warning,
+            },
+            labels: r.labels,
+            ..Rule::new(r.name.clone(), metric, op)
+        };
+        // A rule of a built-in's name replaces it.
+        rules.retain(|b| b.name != rule.name);
+        rules.push(rule);
+    }
+    Ok(rules)
+}
+
+/// How notifications are grouped: the defaults, with what the file sets.
+fn grouping(file: Option<GroupingFile>) -> Result<Grouping, Error> {
+    let grouping = match file {
+        None => Grouping::default(),
+        Some(g) => {
+            let d = Grouping::default();
+            Grouping {
+                by: g.by.unwrap_or(d.by),
+                wait: duration("grouping: wait", g.wait.as_deref(), d.wait)?,
+                interval: duration("grouping: interval", g.interval.as_deref(), d.interval)?,
+                repeat: duration("grouping: repeat", g.repeat.as_deref(), d.repeat)?,
+                send_resolved: g.send_resolved.unwrap_or(d.send_resolved),
+            }
+        }
+    };
+    Ok(grouping)
+}
+
+/// The built-in inhibitions (unless turned off) and the file's.
+fn inhibits(builtin: bool, file: Vec<InhibitFile>) -> Result<Vec<Inhibit>, Error> {
+    let mut inhibits = if builtin {
+        Inhibit::builtin()
+    } else {
+        Vec::new()
+    };
+    for (i, inh) in file.into_iter().enumerate() {
+        if inh.source.is_empty() || inh.target.is_empty() {
+            return Err(Error::Alerts(format!(
+                "inhibit {}: source and target need at least one label each",
+                i + 1
+            )));
+        }
+        inhibits.push(Inhibit {
+            source: inh.source,
+            target: inh.target,
+            equal: inh.equal,
+        });
+    }
+    Ok(inhibits)
+}
+
+/// The named channels, each checked (`log` is built in).
+fn channels(file: BTreeMap<String, ChannelFile>) -> Result<BTreeMap<String, ChannelConfig>, Error> {
+    if file.len() > MAX_CHANNELS {
+        return Err(Error::Alerts(format!(
+            "{} channels; at most {MAX_CHANNELS}",
+            file.len()
+        )));
+    }
+    let mut channels = BTreeMap::new();
+    for (name, c) in file {
+        if !name_ok(&name) || name == "log" {
+            return Err(Error::Alerts(
+                "a channel's name: use 1 to 64 letters, digits, _ or - (and not `log`, the built-in one)"
+                    .to_owned(),
+            ));
+        }
+        let what = format!("channel {name:?}");
+        let c = match c {
+            ChannelFile::Webhook {
+                url,
+                timeout,
+                attempts,
+            } => {
+                super::channels::parse_url(&url)
+                    .map_err(|why| Error::Alerts(format!("{what}: url: {why}")))?;
+                ChannelConfig::Webhook {
+                    url,
+                    timeout: duration(
+                        &format!("{what}: timeout"),
+                        timeout.as_deref(),
+                        Duration::from_secs(5),
+                    )?,
+                    attempts: attempts.unwrap_or(5).clamp(1, 20),
+                }
+            }
+            ChannelFile::Command {
+                program,
+                args,
+                timeout,
+            } => ChannelConfig::Command {
+                program,
+                args,
+                timeout: duration(
+                    &format!("{what}: timeout"),
+                    timeout.as_deref(),
+                    Duration::from_secs(10),
+                )?,
+            },
+        };
+        channels.insert(name, c);
+    }
+    Ok(channels)
+}
+
+/// Channels by severity.
+type Routes = BTreeMap<Severity, Vec<String>>;
+/// How long an alert fires before it escalates, and to which channels.
+type Escalation = Option<(Duration, Vec<String>)>;
+
+/// Routes by severity and the escalation, naming only channels that exist.
+fn routes(
+    route: Vec<RouteFile>,
+    escalation: Option<EscalationFile>,
+    channels: &BTreeMap<String, ChannelConfig>,
+) -> Result<(Routes, Escalation), Error> {
+    let known = |what: &str, list: &[String]| -> Result<(), Error> {
+        for c in list {
+            if c != "log" && !channels.contains_key(c) {
+                return Err(Error::Alerts(format!(
+                    "{what}: no channel named {c:?}; define it under [channel.NAME] or use `log`"
+                )));
+            }
+        }
+        Ok(())
+    };
+    let mut routes = BTreeMap::new();
+    for r in route {
+        let s = severity("route", &r.severity)?;
+        known(&format!("route {:?}", r.severity), &r.channels)?;
+        routes.insert(s, r.channels);
+    }
+    let escalation = match escalation {
+        None => None,
+        Some(e) => {
+            known("escalation", &e.channels)?;
+            Some((
+                duration("escalation: after", Some(&e.after), Duration::ZERO)?,
+                e.channels,
+            ))
+        }
+    };
+    Ok((routes, escalation))
 }
 
 #[cfg(test)]

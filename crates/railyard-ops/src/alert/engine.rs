@@ -21,6 +21,7 @@ const KEEP_RESOLVED_MS: u64 = 15 * 60 * 1000;
 /// An alert's state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
+#[non_exhaustive]
 pub enum AlertState {
     /// The rule holds, not yet for its `for` duration.
     Pending,
@@ -32,6 +33,7 @@ pub enum AlertState {
 
 /// Which alerts share a notification, and how often groups are notified.
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct Grouping {
     /// Alerts with the same values of these labels form one group (`rule`
     /// and `severity` are labels of every alert). Default: `["rule"]`.
@@ -62,6 +64,7 @@ impl Default for Grouping {
 /// While an alert matching `source` fires, alerts matching `target` (and
 /// equal to it in the `equal` labels) are inhibited: shown, not notified.
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct Inhibit {
     /// Labels the inhibiting alert has.
     pub source: Labels,
@@ -373,6 +376,7 @@ impl Engine {
             .collect()
     }
 
+    // Long by design: grouping, inhibition and repeat are one pass over the firing set.
     fn group_notifications(&mut self, now: u64) -> Vec<Notification> {
         // Each group's content: firing alerts, and resolved ones not yet
         // notified; silenced and inhibited ones stay out.

@@ -12,6 +12,7 @@ use crate::watch::Sample;
 /// How urgent an alert is; routes choose channels by it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 #[serde(rename_all = "lowercase")]
+#[non_exhaustive]
 pub enum Severity {
     /// Worth seeing on the page.
     Info,
@@ -221,6 +222,7 @@ pub(crate) fn series(
 
 /// When a value breaks the threshold.
 #[derive(Debug, Clone, Copy, PartialEq)]
+#[non_exhaustive]
 pub enum Op {
     /// Strictly above.
     Above(f64),

@@ -30,16 +30,33 @@ use railyard::database::Database;
 use railyard::observe::{Activity, HealthCheck, HealthStatus, StatementStats};
 use railyard::route::ReplicaStatus;
 
-/// How often and how much.
+/// How often and how much: `WatchOptions::default().every(…).statements(…)`.
 #[derive(Debug, Clone)]
 pub struct WatchOptions {
+    every: Duration,
+    keep: usize,
+    statements: Option<StatementStats>,
+}
+
+impl WatchOptions {
     /// Between samples (default 1 s; at least 100 ms).
-    pub every: Duration,
+    pub fn every(mut self, d: Duration) -> Self {
+        self.every = d;
+        self
+    }
+
     /// Samples kept (default 900; at least 1, at most 86,400).
-    pub keep: usize,
+    pub fn keep(mut self, n: usize) -> Self {
+        self.keep = n;
+        self
+    }
+
     /// Statement statistics to show top statements from (register the same
     /// [`StatementStats`] as a hook on the database).
-    pub statements: Option<StatementStats>,
+    pub fn statements(mut self, stats: StatementStats) -> Self {
+        self.statements = Some(stats);
+        self
+    }
 }
 
 impl Default for WatchOptions {
@@ -377,6 +394,7 @@ impl Sampler {
         }
     }
 
+    // Long by design: one sample reads every figure of the page at one moment.
     async fn take(&mut self, db: &Database) -> Sample {
         let report = db.health().await;
         let now = db.activity();

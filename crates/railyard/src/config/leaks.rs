@@ -127,6 +127,7 @@ fn tail() -> impl Strategy<Value = String> {
 }
 
 /// A URL with the marker somewhere a password ends up.
+// Long by design: one strategy per place a password is put by mistake, listed together.
 fn url_with(marker: String) -> impl Strategy<Value = (String, Option<String>)> {
     let m = marker;
     let user = "[a-z]{1,6}";

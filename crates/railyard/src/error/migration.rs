@@ -81,9 +81,7 @@ pub enum MigrationError {
     },
     /// A migration marked risky was not applied because the backup that must
     /// precede it could not be taken.
-    #[error(
-        "migration {name} is marked risky and was NOT applied: the backup before it failed: {source}"
-    )]
+    #[error("migration {name} is marked risky and was NOT applied: the backup before it failed")]
     BackupFailed {
         /// The migration's directory name (version and name).
         name: String,
@@ -95,7 +93,7 @@ pub enum MigrationError {
     #[error("cannot revert: {0}")]
     CannotRevert(String),
     /// Reading or writing migration bookkeeping failed.
-    #[error("migration bookkeeping: {context}: {source}")]
+    #[error("migration bookkeeping: {context}")]
     Bookkeeping {
         /// What was being done.
         context: String,

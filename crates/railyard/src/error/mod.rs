@@ -99,7 +99,7 @@ pub enum Error {
     /// A query failed, as diesel reported it. Inside Railyard's `transaction` and
     /// `write`, such errors are replaced by [`Error::Database`], which adds what
     /// the protocol tap saw.
-    #[error("query failed: {0}")]
+    #[error(transparent)]
     Query(#[from] diesel::result::Error),
 
     /// A query failed; the SQLSTATE and fields come from the protocol tap.
@@ -113,14 +113,15 @@ pub enum Error {
     Ambiguous(Box<DbError>),
 
     /// The operation's deadline passed (all attempts and waits included).
-    #[error("deadline of {deadline:?} passed after {attempts} attempt(s){}", last.as_ref().map(|l| format!("; last failure: {l}")).unwrap_or_default())]
+    #[error("deadline of {deadline:?} passed after {attempts} attempt(s)")]
     Timeout {
         /// The deadline that passed.
         deadline: Duration,
         /// Attempts started.
         attempts: u32,
         /// The last failure before the deadline, if an attempt had failed.
-        last: Option<String>,
+        #[source]
+        last: Option<Box<Error>>,
     },
 
     /// The circuit breaker for a host is open after repeated connect failures;
@@ -200,7 +201,7 @@ pub enum Error {
     BackupTool(#[source] Box<dyn std::error::Error + Send + Sync>),
 
     /// An I/O error outside a connection (files, processes).
-    #[error("{context}: {source}")]
+    #[error("{context}")]
     Io {
         /// What was being done.
         context: String,

@@ -111,6 +111,7 @@ impl RetryWhen {
 /// allowed by the policy, or not affordable from the budget; backs off
 /// between attempts.
 // Over 80 lines: the one retry loop, kept whole so that every exit is in sight.
+// Long by design: the one retry loop: attempt, classify, back off, in one place.
 pub(super) async fn retrying<S: Source, T, E, Fut>(
     src: &S,
     policy: &RetryPolicy,

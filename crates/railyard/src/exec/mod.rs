@@ -36,8 +36,10 @@ pub mod contention;
 mod deadline;
 mod failure;
 mod prepared;
-pub mod retry;
+pub(crate) mod retry;
 mod savepoint;
+
+pub use retry::{RetryBudget, RetryPolicy};
 
 use std::any::Any;
 use std::future::Future;
@@ -58,7 +60,7 @@ use crate::conn::{CancelHandle, Conn, PooledConn, position_of};
 use crate::error::{DbError, Error, ErrorClass, Phase, RetriesExhausted, ServerError, classify};
 use contention::Contention;
 pub use prepared::{Prepared, prepared};
-use retry::{Retries, RetryPolicy, retryable};
+use retry::{Retries, retryable};
 
 use attempt::*;
 use commit::*;

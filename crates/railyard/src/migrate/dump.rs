@@ -23,7 +23,7 @@ pub struct Dump {
 
 /// Whether `name` can be given to `pg_dump --table` as a plain name
 /// (`table` or `schema.table`: letters, digits, `_`, `$`, at most one dot).
-pub fn valid_table(name: &str) -> bool {
+pub(crate) fn valid_table(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 127
         && name.split('.').count() <= 2
@@ -32,23 +32,6 @@ pub fn valid_table(name: &str) -> bool {
                 && p.chars()
                     .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '$')
         })
-}
-
-/// Dumps the database of `target` (only `tables` when not empty) into
-/// `dir/<stem>.dump`, creating `dir` when missing. The password goes to
-/// `pg_dump` in its environment (`PGPASSWORD`), never on its command line;
-/// a partial file is removed when the dump fails.
-///
-/// `pg_dump --table` of a partitioned table dumps only its definition: give
-/// its partitions as well (the migrator does, from `pg_partition_tree`).
-pub async fn pg_dump(
-    target: &ConnectTarget,
-    dir: &Path,
-    stem: &str,
-    tables: &[String],
-    deadline: Duration,
-) -> Result<Dump, Error> {
-    pg_dump_with(target, dir, stem, tables, &[], deadline).await
 }
 
 /// A `--table` pattern matching exactly this schema and name (quoted, so
@@ -128,7 +111,7 @@ pub(crate) async fn pg_dump_with(
 
 /// Sets libpq's variables for `target` on a command, replacing any the
 /// process has (a `PGSERVICE` of the caller must not redirect the dump).
-pub fn libpq_env(c: &mut std::process::Command, target: &ConnectTarget) {
+pub(crate) fn libpq_env(c: &mut std::process::Command, target: &ConnectTarget) {
     for v in [
         "PGSERVICE",
         "PGSERVICEFILE",

@@ -84,7 +84,7 @@ use crate::error::{Error, MigrationError};
 
 mod backup;
 mod before;
-pub mod dump;
+pub(crate) mod dump;
 #[doc(hidden)]
 pub mod tool;
 

@@ -48,13 +48,16 @@ async fn tail(mut r: impl tokio::io::AsyncRead + Unpin, cap: usize) -> Vec<u8> {
 
 /// What a tool printed, when it succeeded (the last [`STDOUT_CAP`] bytes).
 #[derive(Debug)]
+#[non_exhaustive]
 pub struct Output {
+    /// The end of its standard output.
     pub stdout: String,
 }
 
 /// Runs `cmd` to its end within `deadline`; on failure or timeout the error
 /// names `what`, the program and how it ended, with its error output.
 /// Every text in `secrets` is replaced by `***` in what is kept.
+// Long by design: spawn, both pipes and the deadline are one state machine; split, each part would need all of it.
 pub async fn run(
     cmd: std::process::Command,
     what: &str,

@@ -43,9 +43,12 @@ mod tests;
 #[doc(hidden)]
 pub use activity::LatencyBuckets;
 pub use activity::{Activity, LATENCY_BUCKETS, LatencyCounts};
-pub mod health;
+pub(crate) mod health;
 mod hist;
-pub use health::{HealthCheck, HealthReport, HealthStatus};
+pub use health::{HealthCheck, HealthReport, HealthStatus, PLAN_CHANGE_WINDOW};
+// Workspace-internal: the HTTP endpoints and the change streams build checks.
+#[doc(hidden)]
+pub use health::{shutting_down, slot};
 mod plans;
 pub(crate) mod prometheus;
 // Workspace-internal: railyard-ops' plan advisor lexes SQL with it too.

@@ -19,6 +19,7 @@ pub(crate) struct Figures<'a> {
     pub(crate) replicas: Vec<ReplicaHealth>,
 }
 
+// Long by design: one block per metric family, in the order the exposition prints them.
 pub(crate) fn render(f: &Figures<'_>) -> String {
     let mut out = String::with_capacity(4096);
     let m = f.metrics;

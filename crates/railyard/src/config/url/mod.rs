@@ -233,6 +233,7 @@ impl ConnectTarget {
     }
 
     // Over 80 lines: the URL part by part, in the order the parser reads it.
+    // Long by design: each parameter written back in the order libpq documents them.
     fn render(&self, with_password: bool) -> String {
         let mut s = String::from("postgres://");
         if let Some(user) = &self.user {

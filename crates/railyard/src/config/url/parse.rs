@@ -63,6 +63,7 @@ pub(super) fn parse_host_port(part: &str) -> Result<(Option<Host>, Option<u16>),
 
 /// A parameter's decoded value, with the checks its name calls for.
 // Over 80 lines: one arm per URL parameter, the grammar in one place.
+// Long by design: one arm per connection parameter.
 pub(super) fn known_param(
     key: &str,
     value: String,

@@ -156,6 +156,25 @@ impl<S: AsyncRead + Unpin> AsyncRead for Tapped<S> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        let r = this.read_observed(cx, buf);
+        if let Poll::Ready(Err(e)) = &r {
+            // The connection is dead from this moment: said before tokio-postgres
+            // fails the request in flight, so that the failure is judged a lost
+            // connection however late the driver task runs.
+            this.wire
+                .mark_closed(Some(format!("reading from the server failed: {e}")));
+        }
+        r
+    }
+}
+
+impl<S: AsyncRead + Unpin> Tapped<S> {
+    fn read_observed(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self;
         if this.rewrite.is_some() {
             return this.poll_read_rewritten(cx, buf);
         }
@@ -179,13 +198,9 @@ impl<S: AsyncRead + Unpin> AsyncRead for Tapped<S> {
     }
 }
 
-impl<S: AsyncWrite + Unpin> AsyncWrite for Tapped<S> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
+impl<S: AsyncWrite + Unpin> Tapped<S> {
+    fn write_observed(&mut self, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let this = self;
         if this.rewrite.is_some() {
             if let Poll::Ready(Err(e)) = this.drain(cx) {
                 return Poll::Ready(Err(e));
@@ -217,6 +232,22 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Tapped<S> {
             this.wire
                 .bytes_written
                 .fetch_add(*n as u64, Ordering::Relaxed);
+        }
+        r
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Tapped<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let r = this.write_observed(cx, buf);
+        if let Poll::Ready(Err(e)) = &r {
+            this.wire
+                .mark_closed(Some(format!("writing to the server failed: {e}")));
         }
         r
     }
