@@ -517,7 +517,7 @@ async fn a_failing_backup_stops_the_risky_migration_and_names_it() {
     let migrator =
         Migrator::new(RISKY).backup_before_risky(BeforeRisky::pg_dump(file.0.join("dumps")));
     let err = migrator.run(&fresh.config).await.unwrap_err();
-    let text = err.to_string();
+    let text = support::chain(&err);
     assert!(
         matches!(&err, Error::Migration(MigrationError::BackupFailed { name, .. }) if name == "2026-01-01-000002_drop_note_body"),
         "{err:?}"
@@ -648,7 +648,7 @@ async fn behind_a_transaction_pooler_the_backup_record_outlives_a_failed_risky_m
         .await
         .unwrap_err();
     assert!(
-        refused.to_string().contains("transaction-mode pooler"),
+        support::chain(&refused).contains("transaction-mode pooler"),
         "{refused}"
     );
     let migrator = Migrator::new(RISKY_FAILS)

@@ -467,3 +467,16 @@ pub fn output_text(o: &std::process::Output) -> String {
         String::from_utf8_lossy(&o.stderr)
     )
 }
+
+/// An error and its causes, one per line, as the CLI prints them (each
+/// layer's `Display` names its own step; its cause is `source()`).
+pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str("\ncaused by: ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}

@@ -2,7 +2,6 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Instant;
 
 use railyard::observe::HealthStatus;
 use railyard::observe::{CapturedPlan, CostNode};
@@ -79,22 +78,22 @@ pub(super) fn replica(
 }
 
 pub(super) fn plan(statement: &str, nodes: usize, duration_ms: f64) -> CapturedPlan {
-    CapturedPlan {
-        statement: statement.into(),
-        fingerprint: 1,
-        nodes: (0..nodes).map(|i| format!("Node {i}")).collect(),
-        total_cost: 12.345678,
-        plan_rows: 10.4,
-        top: (0..5)
-            .map(|i| CostNode {
-                node_type: "Seq Scan".into(),
-                relation: Some(format!("t{i}")),
-                self_cost: 1.0,
-                plan_rows: 1.0,
-            })
-            .collect(),
-        plan: serde_json::json!([{"Plan": {}}]),
-        duration_ms,
-        captured_at: Instant::now(),
-    }
+    let mut p = CapturedPlan::empty(statement);
+    p.fingerprint = 1;
+    p.nodes = (0..nodes).map(|i| format!("Node {i}")).collect();
+    p.total_cost = 12.345678;
+    p.plan_rows = 10.4;
+    p.top = (0..5)
+        .map(|i| {
+            let mut n = CostNode::default();
+            n.node_type = "Seq Scan".into();
+            n.relation = Some(format!("t{i}"));
+            n.self_cost = 1.0;
+            n.plan_rows = 1.0;
+            n
+        })
+        .collect();
+    p.plan = serde_json::json!([{"Plan": {}}]);
+    p.duration_ms = duration_ms;
+    p
 }

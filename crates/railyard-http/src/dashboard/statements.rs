@@ -85,11 +85,12 @@ impl StatementsBlock {
                 .top
                 .into_iter()
                 .take(3)
-                .map(|n| CostNode {
-                    node_type: cut(&n.node_type, 60),
-                    relation: n.relation.map(|r| cut(&r, 128)),
-                    self_cost: round(n.self_cost, 2),
-                    plan_rows: round(n.plan_rows, 0),
+                .map(|mut n| {
+                    n.node_type = cut(&n.node_type, 60);
+                    n.relation = n.relation.map(|r| cut(&r, 128));
+                    n.self_cost = round(n.self_cost, 2);
+                    n.plan_rows = round(n.plan_rows, 0);
+                    n
                 })
                 .collect(),
             duration_ms: round(p.duration_ms, 3),
@@ -145,7 +146,6 @@ impl StatementsBlock {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Instant;
 
     use super::*;
     use crate::dashboard::fixtures::{plan, top};
@@ -156,17 +156,17 @@ mod tests {
         let mut plans = vec![plan(&tops[1].statement, 40, 5.0)];
         plans.extend((0..20).map(|i| plan(&format!("SELECT {i}"), 2, i as f64)));
         let changes: Vec<_> = (0..30)
-            .map(|i| PlanChange {
-                statement: if i == 29 {
+            .map(|i| {
+                let mut c = PlanChange::empty(if i == 29 {
                     tops[1].statement.clone()
                 } else {
                     format!("x{i}")
-                },
-                before: vec!["Index Scan".into(); 40],
-                after: vec!["Seq Scan".into()],
-                before_ms: 1.0,
-                after_ms: 3.0,
-                seen_at: Instant::now(),
+                });
+                c.before = vec!["Index Scan".into(); 40];
+                c.after = vec!["Seq Scan".into()];
+                c.before_ms = 1.0;
+                c.after_ms = 3.0;
+                c
             })
             .collect();
         let b = StatementsBlock::of(tops, plans, changes, 7);

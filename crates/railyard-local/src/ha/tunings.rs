@@ -18,18 +18,22 @@ pub struct Tunings {
 
 impl Tunings {
     /// For tests and demonstrations on one machine: the monitor checks each
-    /// node every second (1 s connect timeout, one retry after 500 ms), takes
-    /// a node whose keeper has not reported for 3 s and whose checks fail for
-    /// dead, and gives a dead primary 3 s to notice its demotion before the
-    /// standby is promoted; standbys retry a lost WAL stream after 500 ms.
+    /// node every second (2 s connect timeout, two retries 500 ms apart),
+    /// takes a node whose keeper has not reported for 5 s and whose checks
+    /// fail for dead, and gives a dead primary 5 s to notice its demotion
+    /// before the standby is promoted; standbys retry a lost WAL stream after
+    /// 500 ms. (With 1 s and 3 s, a busy two-core machine made the monitor
+    /// judge a live standby unhealthy: the primary then runs without
+    /// synchronous replication, and a failover in that window loses what it
+    /// acknowledged alone.)
     pub fn fast() -> Self {
         Tunings {
             health_check_period: Duration::from_secs(1),
-            health_check_timeout: Duration::from_secs(1),
+            health_check_timeout: Duration::from_secs(2),
             health_check_retry_delay: Duration::from_millis(500),
-            health_check_max_retries: 1,
-            unhealthy_timeout: Duration::from_secs(3),
-            demote_timeout: Duration::from_secs(3),
+            health_check_max_retries: 2,
+            unhealthy_timeout: Duration::from_secs(5),
+            demote_timeout: Duration::from_secs(5),
             wal_retrieve_retry_interval: Duration::from_millis(500),
         }
     }

@@ -94,7 +94,8 @@ impl PlanCapture {
 }
 
 /// One node of a captured plan, by its own cost (its total minus its children's).
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize)]
+#[non_exhaustive]
 pub struct CostNode {
     /// `Seq Scan`, `Index Scan`, `Hash Join`, …
     pub node_type: String,
@@ -108,6 +109,7 @@ pub struct CostNode {
 
 /// The newest plan of one statement shape.
 #[derive(Debug, Clone, Serialize)]
+#[non_exhaustive]
 pub struct CapturedPlan {
     /// The statement's shape (constants replaced by `?`).
     pub statement: String,
@@ -134,6 +136,7 @@ pub struct CapturedPlan {
 /// A statement whose plan changed and which got slower with it (the "slow
 /// after ANALYZE", or after an index was dropped, case).
 #[derive(Debug, Clone, Serialize)]
+#[non_exhaustive]
 pub struct PlanChange {
     /// The statement's shape.
     pub statement: String,
@@ -148,6 +151,40 @@ pub struct PlanChange {
     /// When it was seen.
     #[serde(skip)]
     pub seen_at: Instant,
+}
+
+impl CapturedPlan {
+    /// A plan of `statement` with nothing in it, captured now: for tests of
+    /// what shows plans (the dashboard's).
+    #[doc(hidden)]
+    pub fn empty(statement: impl Into<String>) -> Self {
+        CapturedPlan {
+            statement: statement.into(),
+            fingerprint: 0,
+            nodes: Vec::new(),
+            total_cost: 0.0,
+            plan_rows: 0.0,
+            top: Vec::new(),
+            plan: serde_json::Value::Null,
+            duration_ms: 0.0,
+            captured_at: Instant::now(),
+        }
+    }
+}
+
+impl PlanChange {
+    /// A change of `statement`'s plan with nothing in it, seen now: for tests.
+    #[doc(hidden)]
+    pub fn empty(statement: impl Into<String>) -> Self {
+        PlanChange {
+            statement: statement.into(),
+            before: Vec::new(),
+            after: Vec::new(),
+            before_ms: 0.0,
+            after_ms: 0.0,
+            seen_at: Instant::now(),
+        }
+    }
 }
 
 /// A function called with each plan change, on the capture task (never on
