@@ -553,7 +553,7 @@ async fn a_failing_backup_stops_the_risky_migration_and_names_it() {
         .await
         .unwrap_err();
     assert!(
-        err.to_string().contains("RAILYARD_MIGRATION_BACKUP_DIR"),
+        support::chain(&err).contains("RAILYARD_MIGRATION_BACKUP_DIR"),
         "{err}"
     );
 }
@@ -583,6 +583,57 @@ async fn a_migration_not_marked_risky_takes_no_backup() {
 const RISKY_PARTITIONED: EmbeddedMigrations =
     embed_migrations!("tests/migrations/risky_partitioned");
 const RISKY_FAILS: EmbeddedMigrations = embed_migrations!("tests/migrations/risky_fails");
+const RISKY_EMPTY: EmbeddedMigrations = embed_migrations!("tests/migrations/risky_empty");
+
+/// A first boot on an empty database: a risky migration whose tables have no
+/// row needs no backup setting and records that none was needed; once the
+/// table has a row, the same migration without a backup is refused.
+#[tokio::test]
+async fn a_risky_migration_of_empty_tables_needs_no_backup_and_one_of_a_filled_table_does() {
+    let fresh = support::fresh_database("mig_risky_empty").await;
+    let report = Migrator::new(RISKY_EMPTY).run(&fresh.config).await.unwrap();
+    assert_eq!(report.applied.len(), 2);
+    let status = Migrator::new(RISKY_EMPTY)
+        .status(&fresh.config)
+        .await
+        .unwrap();
+    let backup = status[1]
+        .backup
+        .as_ref()
+        .expect("the record says no backup was needed");
+    assert_eq!(backup.kind, "none", "{status:?}");
+    assert!(backup.location.contains("drafts"), "{status:?}");
+
+    // The same migration over a row: refused, naming the migration.
+    let filled = &fresh;
+    Migrator::new(RISKY_EMPTY)
+        .revert_last(&filled.config)
+        .await
+        .unwrap()
+        .expect("the risky migration is reverted");
+    let db = Database::connect(filled.config.clone()).await.unwrap();
+    db.with_primary(async |c| {
+        diesel_async::SimpleAsyncConnection::batch_execute(
+            c,
+            "INSERT INTO drafts (body) VALUES ('kept')",
+        )
+        .await?;
+        Ok::<_, Error>(())
+    })
+    .await
+    .unwrap();
+    db.close(Duration::from_secs(5)).await;
+    let err = Migrator::new(RISKY_EMPTY)
+        .run(&filled.config)
+        .await
+        .unwrap_err();
+    let text = support::chain(&err);
+    assert!(
+        text.contains("2026-01-01-000002_drop_draft_body")
+            && text.contains("no backup is configured"),
+        "{text}"
+    );
+}
 
 /// `pg_restore --list` of a dump.
 fn toc(path: &std::path::Path) -> String {
@@ -665,4 +716,49 @@ async fn behind_a_transaction_pooler_the_backup_record_outlives_a_failed_risky_m
     let backup = status[1].backup.clone().expect("the record is kept");
     assert_eq!(backup.kind, "pg_dump");
     assert!(toc(std::path::Path::new(&backup.location)).contains("TABLE DATA public items"));
+}
+
+/// Eight instances of the reference app boot at once on a fresh, empty
+/// database with no backup setting: one migrates (its risky migration finds
+/// nothing to back up), the others wait for the lock and find it done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eight_concurrent_boots_of_the_reference_app_on_an_empty_database_all_succeed() {
+    let fresh = support::fresh_database("boot_empty").await;
+    let url = fresh.config.primary().expose_url();
+    let boots = (0..8).map(|_| {
+        let mut c = tokio::process::Command::new(env!("CARGO_BIN_EXE_railyard"));
+        c.arg("boot")
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("RAILYARD_ENV", "development")
+            .env("DATABASE_URL", &url)
+            .kill_on_drop(true);
+        async move {
+            tokio::time::timeout(Duration::from_secs(120), c.output())
+                .await
+                .expect("a boot ends within 120 s")
+                .expect("the binary runs")
+        }
+    });
+    let outputs = futures_util::future::join_all(boots).await;
+    for (i, o) in outputs.iter().enumerate() {
+        assert!(
+            o.status.success(),
+            "boot {i} failed: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    let status = railyard::Migrator::new(support::LEDGER)
+        .status(&fresh.config)
+        .await
+        .unwrap();
+    let risky: Vec<_> = status.iter().filter(|s| s.risky).collect();
+    assert!(!risky.is_empty());
+    for s in risky {
+        assert_eq!(
+            s.backup.as_ref().map(|b| b.kind.as_str()),
+            Some("none"),
+            "{s:?}"
+        );
+    }
 }

@@ -849,6 +849,7 @@ async fn the_watchdog_cancels_statements_over_its_limit_and_logs_only_their_shap
     })
     .await
     .expect("a statement under the limit runs to its end");
+    the_watchdog_leaves_other_programs_of_its_name_alone(&db, &app).await;
     db.close(Duration::from_secs(5)).await;
 
     let logs = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
@@ -862,6 +863,53 @@ async fn the_watchdog_cancels_statements_over_its_limit_and_logs_only_their_shap
             !logs.contains(needle),
             "{needle:?} reached the logs: {line}"
         );
+    }
+}
+
+/// Another program with the same `application_name` — in the same database
+/// under the same user, and in another database — runs statements past the
+/// watchdog's limit: neither is touched; `ours`'s own is cancelled. (Run from
+/// the test that captures the audit log: tracing's per-callsite interest
+/// makes a second test that fires the same callsite on a thread without
+/// that subscriber lose the first test's event.)
+async fn the_watchdog_leaves_other_programs_of_its_name_alone(ours: &Database, app: &str) {
+    let Some(cluster) = support::cluster().await else {
+        return;
+    };
+    let base = ours;
+    // The same name, database and user: another program (no watchdog).
+    let neighbour = Database::connect(base.config().clone()).await.unwrap();
+    // The same name in another database of the server.
+    let elsewhere = Database::connect(
+        railyard::Config::new(cluster.primary_target("postgres")).application_name(app),
+    )
+    .await
+    .unwrap();
+    let sleep = async |db: &Database, secs: f64| {
+        let started = std::time::Instant::now();
+        let r = db
+            .with_primary(async |c| {
+                diesel::sql_query(format!("SELECT pg_sleep({secs})"))
+                    .execute(c)
+                    .await?;
+                Ok::<_, Error>(())
+            })
+            .await;
+        (r, started.elapsed())
+    };
+    let (own, same_db, other_db) = tokio::join!(
+        sleep(ours, 10.0),
+        sleep(&neighbour, 1.5),
+        sleep(&elsewhere, 1.5)
+    );
+    let e = own.0.expect_err("this handle's statement is cancelled");
+    assert_eq!(e.sqlstate().map(|s| s.code()), Some("57014"), "{e}");
+    for (who, (r, took)) in [("same database", same_db), ("another database", other_db)] {
+        r.unwrap_or_else(|e| panic!("{who}: the other program's statement was touched: {e}"));
+        assert!(took >= Duration::from_millis(1500), "{who}: ran {took:?}");
+    }
+    for db in [neighbour, elsewhere] {
+        db.close(Duration::from_secs(5)).await;
     }
 }
 

@@ -30,7 +30,7 @@
 //! | `RAILYARD_PASSWORD_FILE`, `RAILYARD_PASSWORD_ENV` | read the password for every new connection from a file (a regular file of at most [`MAX_PASSWORD_FILE_LEN`] bytes) or a variable; set one of them, not both |
 //! | `RAILYARD_TIME_ZONE` | session `TimeZone` (default `UTC`); checked by the server at the first connection |
 //! | `RAILYARD_POOLER` | `none` (default), `pgbouncer-session` or `pgbouncer-transaction`: the [`Pooler`] in front of the servers |
-//! | `RAILYARD_WATCHDOG_CANCEL_AFTER` | runs the long-running statement watchdog ([`crate::observe::Watchdog::cancel_after`]): this application's statements running longer are cancelled. A duration of at least [`MIN_WATCHDOG_LIMIT`] (10 ms); `0`, `off` or `none` (the default) runs none. [`crate::DatabaseBuilder::watchdog`] wins when called |
+//! | `RAILYARD_WATCHDOG_CANCEL_AFTER` | runs the long-running statement watchdog ([`crate::observe::Watchdog::cancel_after`]): the statements of this handle's own connections running longer are cancelled (never another program's, whatever its `application_name`). A duration of at least [`MIN_WATCHDOG_LIMIT`] (10 ms); `0`, `off` or `none` (the default) runs none. [`crate::DatabaseBuilder::watchdog`] wins when called |
 //! | `RAILYARD_CAPTURE_PLANS_SLOWER_THAN` | captures the plans of statements slower than this ([`crate::observe::PlanCapture::slower_than`]): a positive duration; `0`, `off` or `none` (the default) captures none. [`crate::DatabaseBuilder::capture_plans`] wins when called |
 //! | `RAILYARD_DETECT_REPEATS` | warns when one statement runs this many times in one operation ([`crate::DatabaseBuilder::detect_repeats`]): 2 to [`MAX_DETECT_REPEATS`]; `off` or `none` (the default) disables. The builder's call wins when made |
 //!

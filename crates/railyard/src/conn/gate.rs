@@ -53,7 +53,8 @@ pub(crate) struct Gate {
 /// The connections the gate's openers made and that may still be open.
 #[derive(Debug, Default)]
 struct Registry {
-    live: Vec<(Weak<WireState>, CancelHandle)>,
+    /// Each connection's wire, how to cancel its query, and its backend pid.
+    live: Vec<(Weak<WireState>, CancelHandle, i32)>,
     /// Dead entries are dropped when the list reaches this length.
     prune_at: usize,
 }
@@ -166,13 +167,24 @@ impl Gate {
     }
 
     /// Remembers a connection an opener made.
-    pub(crate) fn register(&self, wire: &Arc<WireState>, cancel: CancelHandle) {
+    pub(crate) fn register(&self, wire: &Arc<WireState>, cancel: CancelHandle, pid: i32) {
         let mut r = self.conns.lock().unwrap_or_else(|p| p.into_inner());
         if r.live.len() >= r.prune_at {
-            r.live.retain(|(w, _)| w.strong_count() > 0);
+            r.live.retain(|(w, _, _)| w.strong_count() > 0);
             r.prune_at = (r.live.len() * 2).max(16);
         }
-        r.live.push((Arc::downgrade(wire), cancel));
+        r.live.push((Arc::downgrade(wire), cancel, pid));
+    }
+
+    /// The backend pids of the registered connections still open: what the
+    /// watchdog may cancel, and nothing else.
+    pub(crate) fn backend_pids(&self) -> Vec<i32> {
+        let r = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        r.live
+            .iter()
+            .filter(|(w, _, _)| w.upgrade().is_some_and(|w| !w.is_closed()))
+            .map(|(_, _, pid)| *pid)
+            .collect()
     }
 
     /// The registered connections still open, with how to cancel their queries.
@@ -180,7 +192,7 @@ impl Gate {
         let r = self.conns.lock().unwrap_or_else(|p| p.into_inner());
         r.live
             .iter()
-            .filter_map(|(w, c)| w.upgrade().map(|w| (w, c.clone())))
+            .filter_map(|(w, c, _)| w.upgrade().map(|w| (w, c.clone())))
             .filter(|(w, _)| !w.is_closed())
             .collect()
     }

@@ -137,7 +137,7 @@ impl Opener {
             Ok(conn) => {
                 self.breaker.success();
                 if let Some(g) = &self.gate {
-                    g.register(&conn.wire, conn.cancel.clone());
+                    g.register(&conn.wire, conn.cancel.clone(), conn.info.backend_pid);
                 }
             }
             // One of the hosts answered, as a standby where a primary was asked

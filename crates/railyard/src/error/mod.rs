@@ -24,7 +24,11 @@ pub use db::{DbError, RetriesExhausted, Violation, ViolationKind};
 pub use migration::MigrationError;
 
 /// Everything that can go wrong in Railyard.
-#[derive(Debug, thiserror::Error)]
+///
+/// Its `Debug` is what `main` prints when it returns one: the message, then
+/// each cause on a line of its own, never a struct dump. Match the variants
+/// to look inside.
+#[derive(thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
     /// A configuration value is missing or malformed. Returned by [`crate::Config`]
@@ -210,6 +214,21 @@ pub enum Error {
     },
 }
 
+impl fmt::Debug for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{self}")?;
+        let mut source = std::error::Error::source(self);
+        if source.is_some() {
+            f.write_str("\n\nCaused by:")?;
+        }
+        while let Some(s) = source {
+            write!(f, "\n    {s}")?;
+            source = s.source();
+        }
+        Ok(())
+    }
+}
+
 impl Error {
     /// The SQLSTATE behind this error, when the server sent one.
     ///
@@ -383,4 +402,25 @@ macro_rules! wraps_core_errors {
             }
         }
     };
+}
+
+#[cfg(test)]
+mod debug_tests {
+    use super::*;
+
+    #[test]
+    fn debug_prints_the_message_and_each_cause_once_never_a_struct() {
+        let e = Error::Io {
+            context: "reading the dump directory".into(),
+            source: std::io::Error::other("permission denied"),
+        };
+        assert_eq!(e.to_string(), "reading the dump directory");
+        assert_eq!(
+            format!("{e:?}"),
+            "reading the dump directory\n\nCaused by:\n    permission denied"
+        );
+        let closed = Error::Closed { source: None };
+        assert!(!format!("{closed:?}").contains("Caused by"));
+        assert!(!format!("{closed:?}").contains("Closed {"));
+    }
 }

@@ -138,7 +138,8 @@ pub const BACKUP_DIR_VAR: &str = "RAILYARD_MIGRATION_BACKUP_DIR";
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct MigrationBackup {
-    /// `pg_dump` or `pgbackrest`.
+    /// `pg_dump`, `pgbackrest`, or `none` when every table the migration
+    /// names was empty or absent (a first boot: nothing to back up).
     pub kind: String,
     /// The dump's path, or the pgBackRest backup's label.
     pub location: String,

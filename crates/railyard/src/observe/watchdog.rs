@@ -1,8 +1,13 @@
 //! The long-running statement watchdog: on a dedicated connection, every
-//! interval, it finds this application's backends (same `application_name`)
-//! running one statement for longer than the limit, sends each a cancel
-//! request (`pg_cancel_backend`, allowed for one's own role without
-//! superuser), and logs the statement's shape on the audit target.
+//! interval, it finds this handle's own backends running one statement for
+//! longer than the limit, sends each a cancel request (`pg_cancel_backend`,
+//! allowed for one's own role without superuser), and logs the statement's
+//! shape on the audit target.
+//!
+//! Its own backends: the pids of the connections this `Database` opened (its
+//! gate's registry), in the same database, under the same user and with the
+//! same `application_name`. A name alone is no owner: every program that
+//! keeps the default name, in any database of the server, shares it.
 //!
 //! The shape is the statement text as `pg_stat_activity` shows it, normalised:
 //! string and numeric constants become `?`. Bind parameters never appear there
@@ -11,7 +16,7 @@
 use std::time::Duration;
 
 use diesel::QueryableByName;
-use diesel::sql_types::{BigInt, Bool, Double, Integer, Text};
+use diesel::sql_types::{Array, BigInt, Bool, Double, Integer, Text};
 use diesel_async::RunQueryDsl;
 
 use crate::conn::open::Opener;
@@ -89,17 +94,18 @@ struct Cancelled {
     cancelled: bool,
 }
 
-/// Finds this application's statements over the limit and cancels them, in
-/// one statement (`clock_timestamp`: `now()` would be the transaction's start).
+/// Finds this handle's statements over the limit and cancels them, in one
+/// statement (`clock_timestamp`: `now()` would be the transaction's start).
 const SWEEP: &str = "SELECT pid, (extract(epoch FROM clock_timestamp() - query_start) * 1000)::bigint AS running_ms, \
      coalesce(query, '') AS query, pg_cancel_backend(pid) AS cancelled \
      FROM pg_stat_activity \
-     WHERE application_name = $1 AND state = 'active' AND backend_type = 'client backend' \
+     WHERE pid = ANY($3) AND datname = current_database() AND usename = current_user \
+       AND application_name = $1 AND state = 'active' AND backend_type = 'client backend' \
        AND pid <> pg_backend_pid() \
        AND query_start < clock_timestamp() - make_interval(secs => $2)";
 
-/// Starts the watchdog on connections from `opener`, for backends named
-/// `application_name`.
+/// Starts the watchdog on connections from `opener`, for the backends its
+/// gate registered and named `application_name`.
 pub(crate) fn spawn(w: Watchdog, opener: Opener, application_name: String) -> Running {
     Running::new(tokio::spawn(async move {
         let mut conn = None;
@@ -109,11 +115,16 @@ pub(crate) fn spawn(w: Watchdog, opener: Opener, application_name: String) -> Ru
                 conn = opener.open().await.ok();
             }
             let Some(c) = conn.as_mut() else { continue };
+            let ours = opener.gate().map(|g| g.backend_pids()).unwrap_or_default();
+            if ours.is_empty() {
+                continue;
+            }
             let swept = tokio::time::timeout(
                 w.interval.max(Duration::from_secs(1)),
                 diesel::sql_query(SWEEP)
                     .bind::<Text, _>(&application_name)
                     .bind::<Double, _>(w.limit.as_secs_f64())
+                    .bind::<Array<Integer>, _>(&ours)
                     .load::<Cancelled>(c),
             )
             .await;
