@@ -644,16 +644,28 @@ where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
-    let Some(tx) = forward else {
-        return connection.await;
-    };
+    // Driven message by message rather than awaited whole: tokio-postgres
+    // logs each server notice at INFO (every `CREATE … IF NOT EXISTS` at
+    // boot); here they are DEBUG, on `railyard::notice`.
+    let mut forward = forward;
     loop {
         match std::future::poll_fn(|cx| connection.poll_message(cx)).await {
             Some(Ok(tokio_postgres::AsyncMessage::Notification(n))) => {
-                if tx.send(n).await.is_err() {
-                    // Nobody listens any more: run on, dropping them.
-                    return connection.await;
+                if let Some(tx) = &forward
+                    && tx.send(n).await.is_err()
+                {
+                    // Nobody listens any more: drop them from now on.
+                    forward = None;
                 }
+            }
+            Some(Ok(tokio_postgres::AsyncMessage::Notice(n))) => {
+                tracing::debug!(
+                    target: "railyard::notice",
+                    severity = n.severity(),
+                    sqlstate = n.code().code(),
+                    "{}",
+                    n.message()
+                );
             }
             Some(Ok(_)) => {}
             Some(Err(e)) => return Err(e),

@@ -182,7 +182,8 @@ where
         if failure.class == ErrorClass::Reroute {
             src.reroute_primary();
         }
-        tracing::info!(
+        // Each retry is DEBUG; a run that gives up says so at WARN (above).
+        tracing::debug!(
             target: "railyard::retry",
             class = %failure.class,
             sqlstate = failure.server.as_ref().map(|s| s.code.as_str()).unwrap_or(""),
