@@ -1,6 +1,6 @@
 //! What the data layer sees: per-query timing through diesel's
 //! `Instrumentation`, hooks, statement statistics, Railyard's own metrics, the
-//! health verdict ([`health`]) and the Prometheus text (`prometheus`).
+//! health verdict ([`HealthReport`]) and the Prometheus text (`prometheus`).
 //!
 //! Every connection gets an instrumentation that pairs `StartQuery` with
 //! `FinishQuery` in order (a FIFO, since pipelined queries interleave), and hands
