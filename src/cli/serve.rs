@@ -51,7 +51,10 @@ pub(crate) async fn serve(
         db.clone(),
         readiness.clone(),
         watcher,
-        Some(railyard_http::alerts_router(alerts)),
+        Some(railyard_http::alerts_router(
+            alerts,
+            railyard_http::ControlToken::from_env()?,
+        )),
     );
     let mut server = tokio::spawn(
         axum::serve(listener, app)

@@ -421,12 +421,28 @@ async fn receiver() -> (String, std::sync::Arc<std::sync::Mutex<Vec<Value>>>) {
 }
 
 /// One HTTP/1.1 request with a JSON body: status, head, body.
+/// The alert controls' token in the tests that use them.
+const CONTROL_TOKEN: &str = "test-control-token-6f1d2a";
+
 async fn request(addr: &str, method: &str, path: &str, body: &str) -> (u16, String, String) {
+    let auth = format!("Authorization: Bearer {CONTROL_TOKEN}\r\n");
+    request_as(addr, method, path, body, "localhost", &auth).await
+}
+
+/// A request naming `host`, with `headers` (each ending in CRLF).
+async fn request_as(
+    addr: &str,
+    method: &str,
+    path: &str,
+    body: &str,
+    host: &str,
+    headers: &str,
+) -> (u16, String, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
     s.write_all(
         format!(
-            "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            "{method} {path} HTTP/1.1\r\nHost: {host}\r\n{headers}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
             body.len()
         )
         .as_bytes(),
@@ -524,10 +540,13 @@ channels = ["log", "oncall"]
     // A fresh database: the boot applies the risky partition_history, after
     // a dump into a directory removed at the end.
     let dumps = support::Dumps::new();
+    let token_file = dir.join("control-token");
+    std::fs::write(&token_file, format!("{CONTROL_TOKEN}\n")).unwrap();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_railyard"));
     cmd.args(["serve", "--addr", "127.0.0.1:0", "--alerts"])
         .arg(&rules)
         .env_clear()
+        .env(railyard_http::TOKEN_FILE_VAR, &token_file)
         .env(railyard::migrate::BACKUP_DIR_VAR, dumps.dir())
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
         .env("HOME", std::env::var_os("HOME").unwrap_or_default())
@@ -700,6 +719,71 @@ channels = ["log", "oncall"]
         assert_eq!(firing[0]["alerts"][0]["labels"]["severity"], "warning");
         eprintln!("dashboard: the webhook got {}", firing[0]);
     }
+
+    // The controls refuse a page on another name (DNS rebinding), and a
+    // request without the token or with a wrong one; nothing changes.
+    let silence_all = r#"{"matchers":{"severity":"warning"},"for_s":2592000,"comment":"x"}"#;
+    for (host, headers, expected) in [
+        (
+            "evil.example",
+            format!("Authorization: Bearer {CONTROL_TOKEN}\r\n"),
+            421,
+        ),
+        ("evil.example:9187", String::new(), 421),
+        ("localhost", String::new(), 401),
+        (
+            "localhost",
+            "Authorization: Bearer test-control-token-6f1d2b\r\n".to_owned(),
+            401,
+        ),
+        (
+            "127.0.0.1",
+            "Authorization: Basic dGVzdA==\r\n".to_owned(),
+            401,
+        ),
+    ] {
+        for (method, path, body) in [
+            ("POST", "/alerts/silences", silence_all),
+            ("POST", "/alerts/ack", "{}"),
+            ("DELETE", "/alerts/silences/s1", ""),
+        ] {
+            let (status, _, _) = request_as(&addr, method, path, body, host, &headers).await;
+            assert_eq!(
+                status, expected,
+                "{method} {path} as {host} with {headers:?}"
+            );
+        }
+    }
+    // Bounded in bytes: a body over 16 KiB is refused unread, a matcher
+    // value over 256 bytes by the alerting (the 1.5 MB x 255 silences that
+    // took the process to 1.1 GB).
+    let big = format!(
+        r#"{{"matchers":{{"rule":"{}"}},"for_s":60}}"#,
+        "x".repeat(20_000)
+    );
+    assert_eq!(
+        request(&addr, "POST", "/alerts/silences", &big).await.0,
+        413
+    );
+    let long = format!(
+        r#"{{"matchers":{{"rule":"{}"}},"for_s":60}}"#,
+        "x".repeat(300)
+    );
+    assert_eq!(
+        request(&addr, "POST", "/alerts/silences", &long).await.0,
+        400
+    );
+    let (status, _, _) = request_as(&addr, "GET", "/alerts", "", "evil.example", "").await;
+    assert_eq!(
+        status, 421,
+        "the alerts' view is not readable by a rebinding page"
+    );
+    let view = alerts_of(&addr).await;
+    assert!(
+        view["silences"].as_array().is_none_or(|s| s.is_empty())
+            && view["alerts"][0]["acknowledged"] == false,
+        "nothing changed: {view}"
+    );
 
     // Acknowledged and silenced over HTTP, as the page's buttons do; the
     // silence is ended again so that the resolution is notified.

@@ -12,6 +12,8 @@ use serde::Deserialize;
 
 use railyard_ops::alert::{Alerts, Labels};
 
+use crate::ControlToken;
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct SilenceRequest {
@@ -32,23 +34,37 @@ struct AckRequest {
 
 /// The alerting's routes, to merge into an application's router:
 /// `GET /alerts` (the [`AlertsView`](railyard_ops::alert::AlertsView) as JSON),
-/// `POST /alerts/silences` (`{"matchers": {"rule": "replica_lag"},
-/// "for_s": 3600, "comment": "…"}` → `{"id": "s1"}`),
-/// `DELETE /alerts/silences/{id}`, and `POST /alerts/ack`
+/// and the controls, which need `Authorization: Bearer <token>` (401
+/// without it; 403 when `token` is `None`): `POST /alerts/silences`
+/// (`{"matchers": {"rule": "replica_lag"}, "for_s": 3600, "comment": "…"}` →
+/// `{"id": "s1"}`), `DELETE /alerts/silences/{id}`, and `POST /alerts/ack`
 /// (`{"rule": "replica_lag", "labels": {…}}` → `{"acknowledged": n}`).
+/// Every route answers only to the host names the crate allows (421
+/// otherwise; see [`HOSTS_VAR`](crate::HOSTS_VAR)).
 ///
 /// ```no_run
-/// # fn demo(db: railyard::Database, alerts: railyard_ops::alert::Alerts) {
-/// let app = railyard_http::router(db).merge(railyard_http::alerts_router(alerts));
-/// # }
+/// # fn demo(db: railyard::Database, alerts: railyard_ops::alert::Alerts) -> Result<(), railyard::error::ConfigError> {
+/// let token = railyard_http::ControlToken::from_env()?; // RAILYARD_HTTP_TOKEN_FILE
+/// let app = railyard_http::router(db).merge(railyard_http::alerts_router(alerts, token));
+/// # Ok(()) }
 /// ```
-pub fn router(alerts: Alerts) -> Router {
-    Router::new()
-        .route("/alerts", get(view))
+pub fn router(alerts: Alerts, token: Option<ControlToken>) -> Router {
+    let controls = Router::new()
         .route("/alerts/silences", post(silence))
         .route("/alerts/silences/{id}", delete(unsilence))
         .route("/alerts/ack", post(ack))
-        .with_state(alerts)
+        .route_layer(axum::middleware::from_fn_with_state(
+            token,
+            crate::guard::require_token,
+        ));
+    crate::host_checked(
+        Router::new()
+            .route("/alerts", get(view))
+            .merge(controls)
+            .with_state(alerts)
+            // A silence or an acknowledgement is a few hundred bytes.
+            .layer(axum::extract::DefaultBodyLimit::max(16 * 1024)),
+    )
 }
 
 async fn view(State(a): State<Alerts>) -> impl IntoResponse {

@@ -25,8 +25,18 @@ use railyard_ops::watch::Watcher;
 
 mod alerts;
 mod dashboard;
+mod guard;
 
 pub use alerts::router as alerts_router;
+pub use guard::{ControlToken, HOSTS_VAR, MIN_TOKEN_LEN, TOKEN_FILE_VAR};
+
+/// The Host check every router of this crate ends with (see `guard`).
+fn host_checked(router: Router) -> Router {
+    router.layer(axum::middleware::from_fn_with_state(
+        guard::Hosts::from_env(),
+        guard::check_host,
+    ))
+}
 
 /// Whether the process still takes traffic, beside what its database says.
 /// A process that is stopping calls [`Readiness::drain`] first: `/readyz`
@@ -98,7 +108,16 @@ pub fn router_with(db: Database, readiness: Readiness) -> Router {
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .with_state(App { db, readiness })
+        .pipe(host_checked)
 }
+
+/// `router.pipe(f)` for `f(router)`, to end a builder chain.
+trait Pipe: Sized {
+    fn pipe(self, f: impl FnOnce(Self) -> Self) -> Self {
+        f(self)
+    }
+}
+impl Pipe for Router {}
 
 /// The router of [`router_with`], plus the live dashboard: `GET /` (one HTML
 /// page with its CSS and JS inline, nothing fetched from elsewhere, which
@@ -140,9 +159,10 @@ pub fn router_with_dashboard(
     watcher: Watcher,
     extra: Option<Router>,
 ) -> Router {
-    let app = router_with(db.clone(), readiness).merge(dashboard::routes(db, watcher));
+    let app =
+        router_with(db.clone(), readiness).merge(host_checked(dashboard::routes(db, watcher)));
     match extra {
-        Some(extra) => app.merge(extra),
+        Some(extra) => app.merge(host_checked(extra)),
         None => app,
     }
 }

@@ -15,6 +15,12 @@ use crate::watch::Sample;
 pub const MAX_ALERTS: usize = 1000;
 /// Silences kept at most.
 pub const MAX_SILENCES: usize = 256;
+/// Matchers one silence may have.
+pub const MAX_MATCHERS: usize = 16;
+/// Bytes of a matcher's label name.
+pub const MAX_LABEL_NAME: usize = 64;
+/// Bytes of a matcher's value.
+pub const MAX_LABEL_VALUE: usize = 256;
 /// How long a resolved alert stays on the page.
 const KEEP_RESOLVED_MS: u64 = 15 * 60 * 1000;
 

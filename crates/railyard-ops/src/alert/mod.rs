@@ -38,7 +38,8 @@ use serde::Serialize;
 
 pub use config::{AlertConfig, ChannelConfig, MAX_CHANNELS, MAX_FILE_LEN, MAX_RULES};
 pub use engine::{
-    AlertState, AlertView, Grouping, Inhibit, MAX_ALERTS, MAX_SILENCES, Notification, Silence,
+    AlertState, AlertView, Grouping, Inhibit, MAX_ALERTS, MAX_LABEL_NAME, MAX_LABEL_VALUE,
+    MAX_MATCHERS, MAX_SILENCES, Notification, Silence,
 };
 pub use rules::{Labels, Metric, Op, Rule, Severity};
 
@@ -290,6 +291,16 @@ impl Alerts {
                 "a silence lasts from a second to 30 days".into(),
             ));
         }
+        // Every silence is kept and shown in every view: bounded in bytes too.
+        if matchers.len() > MAX_MATCHERS
+            || matchers
+                .iter()
+                .any(|(k, v)| k.len() > MAX_LABEL_NAME || v.len() > MAX_LABEL_VALUE)
+        {
+            return Err(Error::Alerts(format!(
+                "a silence has at most {MAX_MATCHERS} matchers, names of at most {MAX_LABEL_NAME} bytes and values of at most {MAX_LABEL_VALUE}"
+            )));
+        }
         let comment: String = comment.chars().take(200).collect();
         self.engine()
             .silence(now_ms(), matchers, for_, comment)
@@ -301,6 +312,9 @@ impl Alerts {
     }
 
     /// Ends a silence; whether it was in force.
+    ///
+    /// (The matcher bounds: [`MAX_MATCHERS`], [`MAX_LABEL_NAME`],
+    /// [`MAX_LABEL_VALUE`].)
     pub fn unsilence(&self, id: &str) -> bool {
         self.engine().unsilence(id)
     }
