@@ -8,11 +8,17 @@ use super::*;
 pub enum MigrationError {
     /// An applied migration's SQL differs from the one embedded in this binary.
     #[error(
-        "migration {version} was edited after it was applied (recorded checksum {recorded}, embedded {embedded}); restore the original file and add a new migration instead"
+        "migration {name} was edited after it was applied (recorded checksum {recorded}, embedded {embedded}); restore the original file and add a new migration instead{}",
+        if *newest { "; or, in development, set RAILYARD_MIGRATIONS_ALLOW_EDITED=latest: the newest migration may then be edited, and `migrate redo` applies the edit" } else { "" }
     )]
     Edited {
         /// The migration version.
         version: String,
+        /// The migration's directory name (version and name).
+        name: String,
+        /// It is the newest migration, applied and embedded: the one
+        /// development may edit.
+        newest: bool,
         /// Checksum stored when it was applied.
         recorded: String,
         /// Checksum of the embedded migration.
@@ -37,7 +43,7 @@ pub enum MigrationError {
     },
     /// The connection was lost while a migration ran.
     #[error(
-        "the connection was lost while migration {name} was running{}: {source}",
+        "the connection was lost while migration {name} was running{}",
         if *in_transaction { " (its transaction was rolled back by the server unless the loss came during COMMIT: run `migrate status` to see whether it is recorded)" } else { " (it runs outside a transaction and may be partly applied: inspect the schema before running it again)" }
     )]
     Interrupted {

@@ -410,6 +410,8 @@ pub(super) fn revert_last(c: &mut SyncConn, known: &[Known]) -> Result<Option<St
     {
         return Err(Error::Migration(MigrationError::Edited {
             version: k.version.clone(),
+            name: k.name.clone(),
+            newest: true,
             recorded: short(up).to_owned(),
             embedded: short(&k.up_sha).to_owned(),
         }));

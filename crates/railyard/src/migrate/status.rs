@@ -203,6 +203,9 @@ pub(super) fn check_history<'k>(
                 }
                 return Err(Error::Migration(MigrationError::Edited {
                     version: a.version.clone(),
+                    name: k.name.clone(),
+                    newest: newest_applied == Some(a.version.as_str())
+                        && newest_known == Some(a.version.as_str()),
                     recorded: format!("{which}.sql {}", short(recorded)),
                     embedded: format!("{which}.sql {}", short(embedded)),
                 }));
