@@ -160,6 +160,10 @@ async fn a_failing_migration_leaves_nothing_behind_and_frees_the_lock() {
         }
         other => panic!("expected Failed, got {other}"),
     }
+    assert!(
+        err.to_string().contains("2020-01-01-000002_"),
+        "named by its directory: {err}"
+    );
     // The first migration committed; the broken one left no table and no record.
     assert_eq!(count(&config, "SELECT count(*) AS n FROM widgets").await, 0);
     assert_eq!(

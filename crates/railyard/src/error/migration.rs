@@ -76,10 +76,12 @@ pub enum MigrationError {
         holder_pid: Option<i32>,
     },
     /// A migration's SQL failed; its transaction was rolled back.
-    #[error("migration {version} failed and was rolled back: {message}")]
+    #[error("migration {name} failed and was rolled back: {message}")]
     Failed {
         /// The migration version.
         version: String,
+        /// The migration's directory name (version and name).
+        name: String,
         /// The server's SQLSTATE when there was one.
         sqlstate: Option<SqlState>,
         /// The error message.

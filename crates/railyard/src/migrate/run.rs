@@ -319,6 +319,7 @@ pub(super) fn failed(
 ) -> Error {
     Error::Migration(MigrationError::Failed {
         version: k.version.clone(),
+        name: k.name.clone(),
         sqlstate,
         message,
     })
