@@ -787,7 +787,16 @@ channels = ["log", "oncall"]
 
     // Acknowledged and silenced over HTTP, as the page's buttons do; the
     // silence is ended again so that the resolution is notified.
-    let ack = post(&addr, "/alerts/ack", r#"{"rule":"replica_lag"}"#).await;
+    let ack = request_as(
+        &addr,
+        "POST",
+        "/alerts/ack",
+        r#"{"rule":"replica_lag"}"#,
+        "localhost",
+        &format!("Authorization: bearer {CONTROL_TOKEN}\r\n"),
+    )
+    .await;
+    let ack = (ack.0, ack.2);
     assert_eq!(ack.0, 200, "{ack:?}");
     assert_eq!(
         serde_json::from_str::<Value>(&ack.1).unwrap()["acknowledged"],

@@ -166,7 +166,12 @@ pub(crate) async fn require_token(
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|h| h.to_str().ok())
-        .and_then(|h| h.strip_prefix("Bearer "))
+        // The scheme's name is case-insensitive (RFC 9110 §11.1).
+        .and_then(|h| {
+            h.get(..7)
+                .filter(|s| s.eq_ignore_ascii_case("bearer "))
+                .map(|_| &h[7..])
+        })
         .map(str::trim);
     match presented {
         Some(p) if token.matches(p.as_bytes()) => next.run(request).await,
